@@ -1,0 +1,41 @@
+"""Mesh arrays: one tile per core, stored per rank as one numpy array ``(block_rows, block_cols, *tile)``.
+
+In a dry run ``data`` is ``None``: the array still has its shape, dtype and memory charge,
+so every transfer and allocation is accounted exactly as in a numeric run.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class MeshArray:
+    def __init__(self, mesh, name: str, tile_shape: tuple, dtype: np.dtype):
+        self.mesh = mesh
+        self.name = name
+        self.tile_shape = tuple(tile_shape)
+        self.dtype = np.dtype(dtype)
+        self.data: np.ndarray | None = None
+
+    @property
+    def tile_elements(self) -> int:
+        return math.prod(self.tile_shape)
+
+    @property
+    def tile_bytes(self) -> int:
+        """Bytes per core at the wafer's storage type (the profile's ``element_bytes``)."""
+        return self.tile_elements * self.mesh.hardware.element_bytes
+
+    @property
+    def shape(self) -> tuple:
+        return self.mesh.block_shape + self.tile_shape
+
+    def free(self) -> None:
+        """Release the buffer's memory on every core."""
+        self.mesh.memory.release(self.name)
+        self.data = None
+
+    def __repr__(self) -> str:
+        kind = "dry" if self.data is None else "numeric"
+        return f"MeshArray({self.name!r}, tile={self.tile_shape}, {self.dtype}, {kind})"

@@ -1,0 +1,30 @@
+"""Errors raised by the emulator. Each one maps to a one-line message and a non-zero exit."""
+
+
+class MeshmpiError(Exception):
+    """Base class. ``collective`` is True when every rank raises the same error at once,
+    so the job can end cleanly (rank 0 prints, all exit) instead of aborting."""
+
+    collective = False
+
+
+class UsageError(MeshmpiError):
+    """Bad input from the user: arguments, files, shapes. Raised identically on every rank."""
+
+    collective = True
+
+
+class LocalityError(MeshmpiError):
+    """A rank tried to talk to a rank that is not its Cartesian neighbour (PLMR: L)."""
+
+
+class CoreMemoryError(MeshmpiError):
+    """A core's resident bytes exceeded the profile's SRAM (PLMR: M)."""
+
+    collective = True
+
+
+class RoutingError(MeshmpiError):
+    """A router needs more routes than the profile allows (PLMR: R)."""
+
+    collective = True

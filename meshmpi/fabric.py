@@ -1,0 +1,350 @@
+"""The fabric: the only way data moves between cores.
+
+A *line pattern* is a set of deliveries ``src -> dst`` between positions along one axis,
+applied to every line (row for ``x``, column for ``y``) at once. Shifts, ring steps, chain
+steps and multicasts are all line patterns. A pattern is planned once — its hops, relays,
+link loads and routes are closed-form functions of the positions — and started many times:
+``start`` moves the tiles (forwarded rank by rank through Cartesian neighbours) and returns a
+:class:`Transfer` whose ``wait`` advances the receivers' modeled clocks.
+
+Cost model (PAPER.md §1): a delivery arrives at ``t_send + alpha*hops + beta*relays +
+bytes/link_bandwidth * load``, where ``load`` is the most messages of this pattern sharing
+one directed link on the delivery's path (1 when no link is shared). A receive sets the
+receiver's clock to ``max(own, arrival)``. Senders are not delayed (transfers are
+asynchronous, as on the wafer).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+from .array import MeshArray
+from .errors import UsageError
+
+_DATA_TAG, _CLOCK_TAG = 11, 12
+
+
+def _pos_first(arr: np.ndarray, axis: str) -> np.ndarray:
+    """View of a block array with the pattern's position axis first, the line axis second."""
+    return np.swapaxes(arr, 0, 1) if axis == "x" else arr
+
+
+def _link_loads(n: int, spans_right: list, spans_left: list) -> tuple[np.ndarray, np.ndarray]:
+    """Messages on each directed link: index i is the link between positions i and i+1."""
+    right, left = np.zeros(n + 1, np.int64), np.zeros(n + 1, np.int64)
+    for lo, hi in spans_right:
+        right[lo] += 1
+        right[hi] -= 1
+    for lo, hi in spans_left:
+        left[lo] += 1
+        left[hi] -= 1
+    return np.cumsum(right)[: max(n - 1, 0)], np.cumsum(left)[: max(n - 1, 0)]
+
+
+def _pick(sources: np.ndarray, local: np.ndarray, held: dict, slot: int, first: int) -> np.ndarray:
+    """Contiguous rows for ``sources``: from this block when it owns them, else from ``held``."""
+    if sources.size == 0:
+        return np.empty((0,) + local.shape[1:], local.dtype)
+    if sources[0] >= first and sources[-1] < first + local.shape[0]:
+        return np.ascontiguousarray(local[sources - first])
+    return np.ascontiguousarray(np.stack([held[int(s)][slot] for s in sources]))
+
+
+class LinePattern:
+    """Deliveries ``src[i] -> dst[i]`` along ``axis`` on every line; see the module docstring.
+
+    ``multicast``: deliveries sharing a source are one message on a pass-through route that
+    drops a copy at every destination. ``relay``: unicasts are forwarded in software by every
+    intermediate core (beta each) instead of on a pass-through route. ``group``: patterns of
+    one group reuse the same routes (steps of one schedule).
+    """
+
+    def __init__(self, fabric: "Fabric", name: str, axis: str, src, dst, *,
+                 multicast: bool = False, relay: bool = False, group: str | None = None):
+        mesh = fabric.mesh
+        if axis not in ("x", "y"):
+            raise ValueError(f"axis must be 'x' or 'y', not {axis!r}")
+        n = mesh.axis_length(axis)
+        src, dst = np.asarray(src, np.int64).ravel(), np.asarray(dst, np.int64).ravel()
+        if src.shape != dst.shape:
+            raise ValueError("src and dst must have the same length")
+        if src.size and (src.min() < 0 or dst.min() < 0 or src.max() >= n or dst.max() >= n):
+            raise UsageError(f"pattern {name!r}: positions outside a line of {n} cores")
+        if np.any(src == dst):
+            raise ValueError(f"pattern {name!r}: a core cannot send to itself")
+        if np.unique(dst).size != dst.size:
+            raise ValueError(f"pattern {name!r}: a core may receive at most one delivery")
+        if multicast and relay:
+            raise ValueError("a multicast uses a pass-through route, it cannot be relayed")
+        self.fabric, self.mesh, self.name, self.axis, self.n = fabric, mesh, name, axis, n
+        self.src, self.dst, self.multicast, self.relay = src, dst, multicast, relay
+        self.group = group or name
+        self.hops = np.abs(dst - src)
+        self.relays = np.maximum(self.hops - 1, 0) if relay else np.zeros_like(self.hops)
+        self.max_hops = int(self.hops.max()) if self.hops.size else 0
+        self._count_closed_forms()
+        self._plan_transport()
+        mesh.routes.declare(axis, self.group, id(self), self.routes)
+        self.live = True
+
+    # ---------------------------------------------------------------- closed forms
+    def _count_closed_forms(self) -> None:
+        n = self.n
+        self.messages_sent = np.zeros(n, np.int64)   # messages each position sends
+        self.hops_sent = np.zeros(n, np.int64)       # links each position's messages use
+        self.received = np.zeros(n, np.int64)
+        self.relays_at = np.zeros(n, np.int64)       # software relays done by each position
+        self.routes = np.zeros(n, np.int64)          # routes configured on each router
+        np.add.at(self.received, self.dst, 1)
+        spans_right, spans_left = [], []
+        if self.multicast:
+            for s in np.unique(self.src):
+                targets = self.dst[self.src == s]
+                lo, hi = min(int(targets.min()), int(s)), max(int(targets.max()), int(s))
+                self.messages_sent[s] += 1
+                self.hops_sent[s] += hi - lo
+                self.routes[lo:hi + 1] += 1
+                if hi > s:
+                    spans_right.append((int(s), hi))
+                if lo < s:
+                    spans_left.append((lo, int(s)))
+        else:
+            np.add.at(self.messages_sent, self.src, 1)
+            np.add.at(self.hops_sent, self.src, self.hops)
+            for s, d in zip(self.src.tolist(), self.dst.tolist()):
+                lo, hi = min(s, d), max(s, d)
+                self.routes[lo:hi + 1] += 1
+                self.relays_at[lo + 1:hi] += int(self.relay)
+                (spans_right if d > s else spans_left).append((lo, hi))
+        right, left = _link_loads(n, spans_right, spans_left)
+        self.link_load = {"right": right, "left": left}
+        self.load = np.ones(self.src.size, np.int64)
+        if max(right.max(initial=0), left.max(initial=0)) > 1:
+            for i, (s, d) in enumerate(zip(self.src.tolist(), self.dst.tolist())):
+                path = right[s:d] if d > s else left[d:s]
+                self.load[i] = path.max()
+        hw = self.mesh.hardware
+        self.fixed_cycles = hw.alpha_cycles_per_hop * self.hops + hw.beta_cycles_per_relay * self.relays
+        self.cycles_per_byte = self.load / hw.link_bytes_per_cycle
+
+    # ---------------------------------------------------------------- transport plan
+    def _plan_transport(self) -> None:
+        """Which sources this rank sends/receives in each forwarding round, per direction."""
+        mesh, axis = self.mesh, self.axis
+        offsets, q = mesh.offsets[axis], mesh.rank_coord(axis)
+        owner = lambda pos: np.searchsorted(offsets, pos, side="right") - 1  # noqa: E731
+        sources = np.unique(self.src)
+        reach_hi = np.array([self.dst[self.src == s].max() for s in sources], np.int64)
+        reach_lo = np.array([self.dst[self.src == s].min() for s in sources], np.int64)
+        q_src, q_hi, q_lo = owner(sources), owner(reach_hi), owner(reach_lo)
+        self.rounds = []  # (direction, send sources, recv sources)
+        right = int(np.max(q_hi - q_src, initial=0))
+        for k in range(1, right + 1):
+            send = sources[(q_src == q - k + 1) & (q_hi >= q + 1)]
+            recv = sources[(q_src == q - k) & (q_hi >= q)]
+            self.rounds.append((+1, send, recv))
+        left = int(np.max(q_src - q_lo, initial=0))
+        for k in range(1, left + 1):
+            send = sources[(q_src == q + k - 1) & (q_lo <= q - 1)]
+            recv = sources[(q_src == q + k) & (q_lo <= q)]
+            self.rounds.append((-1, send, recv))
+        start, stop = offsets[q], offsets[q + 1]
+        mine = (self.dst >= start) & (self.dst < stop)
+        self.local_deliveries = np.flatnonzero(mine)
+        local_src = (self.src >= start) & (self.src < stop)
+        self.from_block = np.flatnonzero(mine & local_src)
+        self.from_pool = np.flatnonzero(mine & ~local_src)
+        self.block_start = int(start)
+
+    # ---------------------------------------------------------------- execution
+    def start(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> "Transfer":
+        """Begin delivering ``src`` tiles into ``dst`` (default: into ``src``) on the given
+        lines (global indices; default all). Returns a :class:`Transfer` to ``wait`` on."""
+        if not self.live:
+            raise RuntimeError(f"pattern {self.name!r} was freed")
+        dst = src if dst is None else dst
+        if dst.tile_shape != src.tile_shape:
+            raise ValueError(f"{self.name}: tile shapes differ ({src.tile_shape} vs {dst.tile_shape})")
+        mesh, axis = self.mesh, self.axis
+        line_mask = self.fabric.line_mask(axis, lines)
+        payload = None if mesh.dry_run else _pos_first(src.data, axis)
+        send_clock = _pos_first(mesh.clock, axis)
+        pool_data, pool_clock, pool_src = self._exchange(payload, send_clock)
+        nbytes = src.tile_bytes
+        self._account(line_mask, nbytes)
+        # Deliveries whose destination is in this block: source tile and source clock.
+        first = self.block_start
+        lookup = np.full(self.n, -1, np.int64)
+        lookup[pool_src] = np.arange(pool_src.size)
+        d_block = self.dst[self.from_block] - first
+        s_block = self.src[self.from_block] - first
+        d_pool = self.dst[self.from_pool] - first
+        s_pool = lookup[self.src[self.from_pool]]
+        lines_idx = np.flatnonzero(line_mask)
+        if not mesh.dry_run and lines_idx.size:
+            out = _pos_first(dst.data, axis)
+            sel = lines_idx[None, :]
+            if d_block.size:
+                out[d_block[:, None], sel] = payload[s_block[:, None], sel]
+            if d_pool.size:
+                out[d_pool[:, None], sel] = pool_data[s_pool[:, None], sel]
+        arrivals = []
+        for dests, clocks, which in ((d_block, send_clock[s_block], self.from_block),
+                                     (d_pool, pool_clock[s_pool], self.from_pool)):
+            if dests.size:
+                cost = self.fixed_cycles[which] + self.cycles_per_byte[which] * nbytes
+                arrivals.append((dests, clocks + cost[:, None]))
+        return Transfer(self, arrivals, line_mask)
+
+    def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:
+        """``start`` and ``wait`` at once."""
+        self.start(src, dst, lines).wait()
+
+    def _exchange(self, payload, send_clock):
+        """Forward source tiles and clocks rank by rank; returns what arrived here."""
+        links, axis, first = self.mesh.links, self.axis, self.block_start
+        held = {}  # source position -> (tile rows, clock row) received in an earlier round
+        got_data, got_clock, got_src = [], [], []
+        for direction, send, recv in self.rounds:
+            dest, source = links.neighbour(axis, direction), links.neighbour(axis, -direction)
+            if payload is not None:
+                data_in = np.empty((recv.size,) + payload.shape[1:], payload.dtype)
+                links.sendrecv(_pick(send, payload, held, 0, first), dest, data_in, source, _DATA_TAG)
+                got_data.append(data_in)
+            clock_in = np.empty((recv.size,) + send_clock.shape[1:], np.float64)
+            links.sendrecv(_pick(send, send_clock, held, 1, first), dest, clock_in, source, _CLOCK_TAG)
+            got_clock.append(clock_in)
+            got_src.append(recv)
+            for i, s in enumerate(recv.tolist()):
+                held[s] = (None if payload is None else data_in[i], clock_in[i])
+        if not got_src:
+            return None, np.empty((0,) + send_clock.shape[1:]), np.empty(0, np.int64)
+        return (np.concatenate(got_data) if got_data else None,
+                np.concatenate(got_clock), np.concatenate(got_src))
+
+    def _account(self, line_mask: np.ndarray, nbytes: int) -> None:
+        mesh = self.mesh
+        if not line_mask.any():
+            return
+        add = self.fabric.add_along
+        add("messages_sent", self.axis, self.messages_sent, line_mask)
+        add("bytes_sent", self.axis, self.messages_sent * nbytes, line_mask)
+        add("bytes_recv", self.axis, self.received * nbytes, line_mask)
+        add("hops", self.axis, self.hops_sent, line_mask)
+        if self.relay:
+            add("relays", self.axis, self.relays_at, line_mask)
+        mesh.max_hops = max(mesh.max_hops, self.max_hops)
+        mesh.timeline.note_transfer(self.max_hops)
+
+    def free(self) -> None:
+        """Release this pattern's routes."""
+        if self.live:
+            self.mesh.routes.release(self.axis, self.group, id(self))
+            self.fabric.forget(self)
+            self.live = False
+
+
+class Transfer:
+    """An in-flight pattern: ``wait`` moves each receiver's clock to max(own, arrival)."""
+
+    def __init__(self, pattern: LinePattern, arrivals, line_mask):
+        self.pattern, self.arrivals, self.line_mask = pattern, arrivals, line_mask
+        self.done = False
+
+    def wait(self) -> None:
+        if self.done:
+            return
+        clock = _pos_first(self.pattern.mesh.clock, self.pattern.axis)
+        for dests, arrival in self.arrivals:
+            current = clock[dests]
+            clock[dests] = np.where(self.line_mask[None, :], np.maximum(current, arrival), current)
+        self.done = True
+
+
+class Fabric:
+    """Plans line patterns (cached by shape) and keeps the routes they declare."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+        self._plans: dict[tuple, LinePattern] = {}
+
+    def line_mask(self, axis: str, lines) -> np.ndarray:
+        """Boolean mask over this block's lines (rows for ``x``, columns for ``y``)."""
+        mesh = self.mesh
+        local = mesh.global_rows() if axis == "x" else mesh.global_cols()
+        if lines is None:
+            return np.ones(local.size, bool)
+        return np.isin(local, np.asarray(lines, np.int64))
+
+    def add_along(self, counter: str, axis: str, per_position: np.ndarray, line_mask) -> None:
+        """Add a per-position vector to a per-core counter on the active lines."""
+        mesh = self.mesh
+        target = mesh.counters[counter]
+        start = mesh.axis_start(axis)
+        vec = per_position[start:start + (target.shape[1] if axis == "x" else target.shape[0])]
+        if axis == "x":
+            target[line_mask, :] += vec[None, :]
+        else:
+            target[:, line_mask] += vec[:, None]
+
+    def plan(self, name: str, axis: str, src, dst, *, multicast: bool = False,
+             relay: bool = False, group: str | None = None) -> LinePattern:
+        src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
+        key = (name, axis, src.tobytes(), dst.tobytes(), multicast, relay, group)
+        pattern = self._plans.get(key)
+        if pattern is None:
+            pattern = LinePattern(self, name, axis, src, dst, multicast=multicast,
+                                  relay=relay, group=group)
+            pattern.key = key
+            self._plans[key] = pattern
+        return pattern
+
+    def forget(self, pattern: LinePattern) -> None:
+        self._plans.pop(getattr(pattern, "key", None), None)
+
+    # ---------------------------------------------------------------- named patterns
+    def shift(self, name: str, axis: str, offset: int, *, lo: int = 0, hi: int | None = None,
+              relay: bool = False, group: str | None = None) -> LinePattern:
+        """Every core in positions ``[lo, hi)`` sends to the core ``offset`` further on
+        (cores whose target falls outside ``[lo, hi)`` send nothing)."""
+        hi = self.mesh.axis_length(axis) if hi is None else hi
+        src = np.arange(lo, hi)
+        dst = src + offset
+        keep = (dst >= lo) & (dst < hi)
+        return self.plan(name, axis, src[keep], dst[keep], relay=relay, group=group)
+
+    def permutation(self, name: str, axis: str, dest, *, relay: bool = False,
+                    group: str | None = None) -> LinePattern:
+        """Position ``i`` sends to ``dest[i]`` (a ring step, a rotation, ...); ``dest[i] == i``
+        or ``dest[i] < 0`` means no message."""
+        dest = np.asarray(dest, np.int64)
+        src = np.arange(dest.size)
+        keep = (dest >= 0) & (dest != src)
+        return self.plan(name, axis, src[keep], dest[keep], relay=relay, group=group)
+
+    def multicast(self, name: str, axis: str, root: int, lo: int = 0, hi: int | None = None,
+                  group: str | None = None) -> LinePattern:
+        """``root`` sends one message that drops a copy on every core of ``[lo, hi)``."""
+        hi = self.mesh.axis_length(axis) if hi is None else hi
+        dst = np.array([p for p in range(lo, hi) if p != root], np.int64)
+        return self.plan(name, axis, np.full(dst.size, root), dst, multicast=True, group=group)
+
+    def multicasts(self, name: str, axis: str, roots, segments, group: str | None = None) -> LinePattern:
+        """Several disjoint multicasts at once: ``roots[i]`` covers ``segments[i] = (lo, hi)``."""
+        src, dst = [], []
+        for root, (lo, hi) in zip(roots, segments):
+            targets = [p for p in range(lo, hi) if p != root]
+            src += [root] * len(targets)
+            dst += targets
+        return self.plan(name, axis, src, dst, multicast=True, group=group)
+
+    @contextmanager
+    def scope(self):
+        """Free every pattern planned inside the block when it ends (routes are released)."""
+        before = set(self._plans)
+        try:
+            yield self
+        finally:
+            for key in [k for k in self._plans if k not in before]:
+                self._plans[key].free()

@@ -1,0 +1,59 @@
+"""Per-core memory accounting (PLMR: M): named resident buffers against the profile's SRAM."""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import CoreMemoryError
+
+
+class MemoryLedger:
+    """Resident bytes per core of one rank's block, with the peak, by buffer name.
+
+    Every charge is agreed across ranks, so an over-full core anywhere raises the same
+    :class:`CoreMemoryError` on every rank (``policy="strict"``) or is recorded once
+    (``policy="warn"``).
+    """
+
+    def __init__(self, mesh, sram_bytes: int, policy: str = "strict"):
+        if policy not in ("strict", "warn"):
+            raise ValueError(f"memory policy must be strict or warn, not {policy!r}")
+        self.mesh = mesh
+        self.sram_bytes = int(sram_bytes)
+        self.policy = policy
+        shape = mesh.block_shape
+        self.buffers: dict[str, np.ndarray] = {}
+        self.resident = np.zeros(shape, np.int64)
+        self.peak = np.zeros(shape, np.int64)
+        self.warnings: list[str] = []
+
+    def charge(self, name: str, bytes_per_core) -> None:
+        """Make ``name`` hold ``bytes_per_core`` (a scalar or a block-shaped array) on every core."""
+        new = np.broadcast_to(np.asarray(bytes_per_core, np.int64), self.resident.shape)
+        old = self.buffers.get(name)
+        self.resident += new if old is None else new - old
+        self.buffers[name] = np.array(new)
+        self._check(name)
+        np.maximum(self.peak, self.resident, out=self.peak)
+
+    def release(self, name: str) -> None:
+        old = self.buffers.pop(name, None)
+        if old is not None:
+            self.resident -= old
+
+    def _check(self, name: str) -> None:
+        over = self.resident > self.sram_bytes
+        core = self.mesh.first_core_where(over)
+        if core is None:
+            return
+        here = self.mesh.owns(core)
+        local = self.mesh.to_local(core) if here else None
+        resident, need = self.mesh.value_at(core, lambda: (
+            int(self.resident[local]), int(self.buffers[name][local])))
+        message = (f"core ({core[0]}, {core[1]}) is out of memory: buffer {name!r} needs "
+                   f"{need} B, resident {resident} B > SRAM {self.sram_bytes} B")
+        if self.policy == "strict":
+            self.release(name)
+            raise CoreMemoryError(message)
+        if not any(w.startswith(f"{name}:") for w in self.warnings):
+            self.warnings.append(f"{name}: {message}")
+            self.mesh.say(f"warning: {message}")

@@ -1,0 +1,223 @@
+"""The emulated wafer: a ``rows x cols`` grid of cores laid over a 2-D Cartesian communicator.
+
+Each rank owns one rectangular block of cores. Blocks may be uneven: the first
+``rows % ranks_y`` rank rows own one more row than the rest (likewise for columns); a rank
+grid with more ranks than cores along an axis is an error. Per-core state (modeled clock,
+counters, resident memory) is one numpy array per rank of the block's shape, so an operation
+on all cores is one vectorised call. No result or modeled number depends on the split.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+from mpi4py import MPI
+
+from .array import MeshArray
+from .errors import UsageError
+from .hardware import Hardware, load_hardware
+from .links import NeighbourLinks
+from .memory import MemoryLedger
+from .routes import RouteTable
+from .timeline import Timeline
+
+COUNTERS = ("bytes_sent", "bytes_recv", "messages_sent", "hops", "relays", "flops")
+
+
+def block_offsets(length: int, parts: int) -> np.ndarray:
+    """Start of each of ``parts`` blocks over ``length`` cores, plus the end (uneven split)."""
+    sizes = np.full(parts, length // parts, np.int64)
+    sizes[: length % parts] += 1
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+def choose_rank_grid(size: int, rows: int, cols: int) -> tuple[int, int]:
+    """The factorisation ``ry * rx == size`` that fits the mesh with the squarest blocks."""
+    best = None
+    for ry in range(1, size + 1):
+        if size % ry:
+            continue
+        rx = size // ry
+        if ry > rows or rx > cols:
+            continue
+        block_y, block_x = -(-rows // ry), -(-cols // rx)
+        score = (block_y + block_x, abs(block_y - block_x))  # halo perimeter, then squareness
+        if best is None or score < best[0]:
+            best = (score, (ry, rx))
+    if best is None:
+        raise UsageError(f"{size} ranks cannot be laid over a {rows}x{cols} mesh "
+                         f"(at most one rank per core along each axis)")
+    return best[1]
+
+
+def parse_grid(text: str, what: str = "mesh") -> tuple[int, int]:
+    """Parse ``ROWSxCOLS``."""
+    parts = str(text).lower().split("x")
+    try:
+        rows, cols = (int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--{what} expects ROWSxCOLS like 4x4, got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise UsageError(f"--{what} needs positive sizes, got {text!r}")
+    return rows, cols
+
+
+class Mesh:
+    """A virtual core grid over MPI ranks, with modeled clocks and PLMR accounting.
+
+    Parameters mirror the command-line options: ``dry_run`` drops payloads (shapes only);
+    ``memory`` and ``routes`` are ``"strict"`` (raise) or ``"warn"`` (record, continue).
+    """
+
+    def __init__(self, rows: int, cols: int, hardware: Hardware | None = None, *,
+                 comm: MPI.Comm | None = None, rank_grid: tuple[int, int] | None = None,
+                 dry_run: bool = False, memory: str = "strict", routes: str = "strict"):
+        self.rows, self.cols = int(rows), int(cols)
+        if self.rows < 1 or self.cols < 1:
+            raise UsageError(f"mesh must be at least 1x1, got {rows}x{cols}")
+        self.hardware = hardware or load_hardware("wse2")
+        self.dry_run = bool(dry_run)
+        world = comm or MPI.COMM_WORLD
+        if rank_grid is None:
+            rank_grid = choose_rank_grid(world.Get_size(), self.rows, self.cols)
+        ry, rx = rank_grid
+        if ry * rx != world.Get_size():
+            raise UsageError(f"rank grid {ry}x{rx} needs {ry * rx} ranks, the job has {world.Get_size()}")
+        if ry > self.rows or rx > self.cols:
+            raise UsageError(f"rank grid {ry}x{rx} has more ranks than cores along an axis of the "
+                             f"{self.rows}x{self.cols} mesh")
+        self.rank_grid = (ry, rx)
+        self.cart = world.Create_cart([ry, rx], periods=[False, False], reorder=False)
+        self.rank, self.size = self.cart.Get_rank(), self.cart.Get_size()
+        self.coords = tuple(self.cart.Get_coords(self.rank))
+        self.offsets = {"y": block_offsets(self.rows, ry), "x": block_offsets(self.cols, rx)}
+        self.row_start, self.row_stop = (int(v) for v in self.offsets["y"][self.coords[0]:self.coords[0] + 2])
+        self.col_start, self.col_stop = (int(v) for v in self.offsets["x"][self.coords[1]:self.coords[1] + 2])
+        self.block_shape = (self.row_stop - self.row_start, self.col_stop - self.col_start)
+        self.links = NeighbourLinks(self.cart)
+
+        self.clock = np.zeros(self.block_shape, np.float64)
+        self.busy = np.zeros(self.block_shape, np.float64)
+        self.counters = {name: np.zeros(self.block_shape, np.int64) for name in COUNTERS}
+        self.max_hops = 0
+        self.memory = MemoryLedger(self, self.hardware.sram_bytes_per_core, memory)
+        self.routes = RouteTable(self, self.hardware.routes_per_core, routes)
+        self.timeline = Timeline(self)
+        from .fabric import Fabric  # the fabric needs a finished mesh
+        self.fabric = Fabric(self)
+
+    # ------------------------------------------------------------------ geometry
+    def axis_start(self, axis: str) -> int:
+        return self.col_start if axis == "x" else self.row_start
+
+    def axis_length(self, axis: str) -> int:
+        return self.cols if axis == "x" else self.rows
+
+    def rank_coord(self, axis: str) -> int:
+        return self.coords[1] if axis == "x" else self.coords[0]
+
+    def owns(self, core) -> bool:
+        r, c = core
+        return self.row_start <= r < self.row_stop and self.col_start <= c < self.col_stop
+
+    def to_local(self, core):
+        return core[0] - self.row_start, core[1] - self.col_start
+
+    def global_rows(self) -> np.ndarray:
+        return np.arange(self.row_start, self.row_stop)
+
+    def global_cols(self) -> np.ndarray:
+        return np.arange(self.col_start, self.col_stop)
+
+    # ------------------------------------------------------------------ host-plane agreement
+    def first_core_where(self, mask: np.ndarray):
+        """The first (row-major) core of the whole mesh where ``mask`` holds, agreed by all ranks."""
+        local = np.flatnonzero(mask)
+        big = self.rows * self.cols
+        if local.size:
+            r, c = divmod(int(local[0]), self.block_shape[1])
+            mine = (r + self.row_start) * self.cols + c + self.col_start
+        else:
+            mine = big
+        first = self.cart.allreduce(mine, op=MPI.MIN)
+        return None if first == big else divmod(first, self.cols)
+
+    def value_at(self, core, compute):
+        """A small tuple computed on the rank that owns ``core``, given to every rank."""
+        owner = self.cart.Get_cart_rank([int(np.searchsorted(self.offsets["y"], core[0], "right") - 1),
+                                         int(np.searchsorted(self.offsets["x"], core[1], "right") - 1)])
+        return self.cart.bcast(compute() if self.rank == owner else None, root=owner)
+
+    def say(self, message: str) -> None:
+        """Print once (rank 0) to stderr."""
+        if self.rank == 0:
+            print(message, file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ arrays and compute
+    def alloc(self, name: str, tile_shape, dtype=np.float32, fill: float | None = 0.0) -> MeshArray:
+        """A named buffer with one tile per core, charged to every core's memory."""
+        tile_shape = tuple(int(s) for s in np.atleast_1d(tile_shape)) if tile_shape != () else ()
+        arr = MeshArray(self, name, tile_shape, np.dtype(dtype))
+        self.memory.charge(name, arr.tile_bytes)
+        if not self.dry_run:
+            shape = self.block_shape + tile_shape
+            arr.data = np.zeros(shape, dtype) if fill == 0.0 else (
+                np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype))
+        return arr
+
+    def compute(self, flops, where=None) -> None:
+        """Charge ``flops`` (scalar or block-shaped) of local work to each core's clock."""
+        flops = np.broadcast_to(np.asarray(flops, np.int64), self.block_shape)
+        if where is not None:
+            flops = np.where(where, flops, 0)
+        cycles = flops / self.hardware.flops_per_cycle
+        self.clock += cycles
+        self.busy += cycles
+        self.counters["flops"] += flops
+
+    def matmul_acc(self, out: MeshArray, a: MeshArray, b: MeshArray, transpose_b: bool = False) -> None:
+        """out += a @ b (or a @ b.T) on every core, charged 2*m*k*n FLOPs per core."""
+        m, k = a.tile_shape[-2:]
+        n = b.tile_shape[-2] if transpose_b else b.tile_shape[-1]
+        if not self.dry_run:
+            rhs = np.swapaxes(b.data, -1, -2) if transpose_b else b.data
+            out.data += np.matmul(a.data, rhs)
+        self.compute(2 * m * k * n)
+
+    # ------------------------------------------------------------------ clocks and phases
+    def modeled_cycles(self) -> float:
+        """The mesh's critical path so far: the latest clock of any core."""
+        local = float(self.clock.max()) if self.clock.size else 0.0
+        return self.cart.allreduce(local, op=MPI.MAX)
+
+    def busy_cycles(self) -> float:
+        """The most compute cycles any core has done."""
+        local = float(self.busy.max()) if self.busy.size else 0.0
+        return self.cart.allreduce(local, op=MPI.MAX)
+
+    @contextmanager
+    def phase(self, name: str):
+        """Record a named phase (modeled start/end, wall time, traffic) in the timeline."""
+        self.timeline.begin(name)
+        try:
+            yield
+        finally:
+            self.timeline.end()
+
+    def step(self, label: str = "") -> None:
+        """Mark the end of one step of the current phase (for per-step critical paths)."""
+        self.timeline.step(label)
+
+    def wall_time(self) -> float:
+        return time.perf_counter()
+
+    def max_over_ranks(self, value: float) -> float:
+        return self.cart.allreduce(value, op=MPI.MAX)
+
+    def sum_over_ranks(self, value):
+        return self.cart.allreduce(value, op=MPI.SUM)
+
+    def free(self) -> None:
+        self.cart.Free()

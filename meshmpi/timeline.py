@@ -1,0 +1,94 @@
+"""Phases and steps of a run: modeled start/end cycles, wall time and traffic.
+
+Each rank records its own block's values locally (no messages inside a kernel); ``collect``
+reduces them once at the end (max of clocks and wall times, sum of traffic), so the recorded
+numbers are those of the whole mesh whatever the rank split.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+PHASE_FIELDS = ("start_cycles", "end_cycles", "wall_seconds", "messages", "bytes", "flops", "max_hops")
+STEP_FIELDS = ("end_cycles", "messages", "bytes", "flops", "max_hops")
+
+
+class Timeline:
+    def __init__(self, mesh):
+        self.mesh = mesh
+        self.phases: list[dict] = []
+        self.steps: list[dict] = []
+        self._open: list[int] = []
+        self._step_mark = None
+        self._hops_since_step = 0
+        self._hops_by_phase: dict[int, int] = {}
+
+    def _snapshot(self) -> tuple:
+        c = self.mesh.counters
+        clock = float(self.mesh.clock.max()) if self.mesh.clock.size else 0.0
+        return clock, int(c["messages_sent"].sum()), int(c["bytes_sent"].sum()), int(c["flops"].sum())
+
+    def begin(self, name: str) -> None:
+        clock, messages, nbytes, flops = self._snapshot()
+        parent = self._open[-1] if self._open else -1
+        self.phases.append(dict(name=name, parent=parent, depth=len(self._open), start_cycles=clock,
+                                wall_start=time.perf_counter(), start_counts=(messages, nbytes, flops),
+                                max_hops=0))
+        self._open.append(len(self.phases) - 1)
+        self._step_mark = (clock, messages, nbytes, flops)
+        self._hops_since_step = 0
+
+    def end(self) -> None:
+        index = self._open.pop()
+        phase = self.phases[index]
+        clock, messages, nbytes, flops = self._snapshot()
+        m0, b0, f0 = phase.pop("start_counts")
+        phase.update(end_cycles=clock, wall_seconds=time.perf_counter() - phase.pop("wall_start"),
+                     messages=messages - m0, bytes=nbytes - b0, flops=flops - f0)
+        if self._open:
+            outer = self.phases[self._open[-1]]
+            outer["max_hops"] = max(outer["max_hops"], phase["max_hops"])
+
+    def note_transfer(self, hops: int) -> None:
+        if self._open:
+            phase = self.phases[self._open[-1]]
+            phase["max_hops"] = max(phase["max_hops"], hops)
+        self._hops_since_step = max(self._hops_since_step, hops)
+
+    def step(self, label: str = "") -> None:
+        """Close one step of the innermost open phase."""
+        if not self._open:
+            return
+        clock, messages, nbytes, flops = self._snapshot()
+        _, m0, b0, f0 = self._step_mark
+        phase = self._open[-1]
+        index = sum(1 for s in self.steps if s["phase"] == phase)
+        self.steps.append(dict(phase=phase, step=index, label=label, end_cycles=clock,
+                               messages=messages - m0, bytes=nbytes - b0, flops=flops - f0,
+                               max_hops=self._hops_since_step))
+        self._step_mark = (clock, messages, nbytes, flops)
+        self._hops_since_step = 0
+
+    def collect(self) -> tuple[list[dict], list[dict]]:
+        """Whole-mesh phases and steps, identical on every rank."""
+        cart = self.mesh.cart
+        counts = cart.allreduce((len(self.phases), len(self.steps)), op=MPI.MAX)
+        if counts != (len(self.phases), len(self.steps)) or self._open:
+            raise RuntimeError("ranks recorded different phases; a phase was left open")
+        phases = [dict(p) for p in self.phases]
+        steps = [dict(s) for s in self.steps]
+        for rows, fields in ((phases, PHASE_FIELDS), (steps, STEP_FIELDS)):
+            if not rows:
+                continue
+            table = np.array([[row[f] for f in fields] for row in rows], np.float64)
+            maxed = np.empty_like(table)
+            summed = np.empty_like(table)
+            cart.Allreduce(table, maxed, op=MPI.MAX)
+            cart.Allreduce(table, summed, op=MPI.SUM)
+            for i, row in enumerate(rows):
+                for j, f in enumerate(fields):
+                    value = summed[i, j] if f in ("messages", "bytes", "flops") else maxed[i, j]
+                    row[f] = int(value) if f in ("messages", "bytes", "flops", "max_hops") else float(value)
+        return phases, steps
