@@ -12,7 +12,7 @@ MPI_PYTEST = $(PY) -m pytest -q --with-mpi -m mpi -x tests
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[mpich,llm,plot,test]'
+	$(PY) -m pip install -q --config-settings editable_mode=compat -e '.[mpich,llm,plot,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

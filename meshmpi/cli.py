@@ -1,0 +1,127 @@
+"""What every command shares: options, launch checks, one-line errors on every rank."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from mpi4py import MPI
+
+from .errors import MeshmpiError, UsageError
+from .hardware import load_hardware
+from .mesh import Mesh, parse_grid
+
+
+def world_rank() -> int:
+    return MPI.COMM_WORLD.Get_rank()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` (one line, rank 0) instead of printing on every rank."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+    def _print_message(self, message, file=None):
+        if world_rank() == 0:
+            super()._print_message(message, file)
+
+
+def parser(prog: str, description: str, examples: str = "") -> Parser:
+    return Parser(prog=prog, description=description,
+                  epilog=("examples:\n" + examples) if examples else None,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_hardware_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("hardware")
+    g.add_argument("--hardware", default="wse2", metavar="NAME|PATH",
+                   help="profile: wse2, wse3 or a JSON file (default wse2)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one profile value, e.g. --set beta_cycles_per_relay=8 (repeatable)")
+    g.add_argument("--memory", choices=("strict", "warn"), default="strict",
+                   help="over-full core memory: raise (strict) or record and go on (warn)")
+    g.add_argument("--routes", choices=("strict", "warn"), default="strict",
+                   help="routes over the router limit: raise (strict) or record and go on (warn)")
+
+
+def add_run_options(p: argparse.ArgumentParser, dry_run: bool = True) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--rank-grid", metavar="RYxRX", help="how ranks tile the mesh (default: automatic)")
+    if dry_run:
+        g.add_argument("--dry-run", action="store_true",
+                       help="payload-free run: every message, route, allocation and clock, no arithmetic")
+    g.add_argument("--trace", metavar="FILE", help="write an HDF5 trace of the run")
+    g.add_argument("--json", action="store_true", help="print one JSON object (rank 0) instead of text")
+
+
+def hardware_from_args(args):
+    return load_hardware(args.hardware, args.set)
+
+
+def mesh_from_args(args, rows: int, cols: int, hardware=None) -> Mesh:
+    grid = parse_grid(args.rank_grid, "rank-grid") if getattr(args, "rank_grid", None) else None
+    return Mesh(rows, cols, hardware or hardware_from_args(args), rank_grid=grid,
+                dry_run=getattr(args, "dry_run", False), memory=args.memory, routes=args.routes)
+
+
+def print_json(obj) -> None:
+    if world_rank() == 0:
+        print(json.dumps(obj, indent=None, sort_keys=False, default=_json_default), flush=True)
+
+
+def _json_default(value):
+    import numpy as np
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def say(*parts, file=None) -> None:
+    """print on rank 0 only."""
+    if world_rank() == 0:
+        print(*parts, file=file or sys.stdout, flush=True)
+
+
+def check_launch() -> None:
+    """Refuse to run as N copies of a 1-rank job (SLURM started tasks, MPI found no PMI)."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS")
+    if tasks and tasks.isdigit() and int(tasks) > 1 and MPI.COMM_WORLD.Get_size() == 1:
+        raise UsageError(
+            f"SLURM started {tasks} tasks but MPI sees a world of size 1: the MPI library did not "
+            "find SLURM's PMI. Launch with 'srun --mpi=pmi2' (see 'srun --mpi=list') and an mpi4py "
+            "built against an MPI that supports it")
+
+
+def run(main, argv=None) -> None:
+    """Run a command's ``main(argv) -> int`` and exit; errors end the job on every rank.
+
+    A collective error (bad input, memory or route limit: raised on every rank) is printed
+    once by rank 0 and every rank exits 2. Any other exception is printed by the rank that
+    raised it, which then aborts the whole MPI job, so nothing hangs.
+    """
+    comm = MPI.COMM_WORLD
+    try:
+        check_launch()
+        code = main(argv)
+    except MeshmpiError as exc:
+        if exc.collective:
+            if comm.Get_rank() == 0:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        print(f"error (rank {comm.Get_rank()}): {exc}", file=sys.stderr, flush=True)
+        comm.Abort(2)
+    except KeyboardInterrupt:
+        comm.Abort(130)
+    except SystemExit:
+        raise
+    except BaseException:
+        print(f"error (rank {comm.Get_rank()}): unexpected failure, ending the job", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.Abort(1)
+    sys.exit(code or 0)

@@ -1,0 +1,77 @@
+"""The host plane: placing data into tiles and collecting results (not modeled as wafer time).
+
+These helpers may use any MPI collective; kernels call them only outside their timed regions.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .array import MeshArray
+
+
+def pad_to(matrix: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Zero-pad a 2-D array up to ``rows x cols``."""
+    out = np.zeros((rows, cols), matrix.dtype)
+    out[: matrix.shape[0], : matrix.shape[1]] = matrix
+    return out
+
+
+def tile_matrix(matrix: np.ndarray, grid_rows: int, grid_cols: int) -> np.ndarray:
+    """``(grid_rows*th, grid_cols*tw)`` -> ``(grid_rows, grid_cols, th, tw)`` (tile (i, j) is block (i, j))."""
+    th, tw = matrix.shape[0] // grid_rows, matrix.shape[1] // grid_cols
+    return matrix.reshape(grid_rows, th, grid_cols, tw).swapaxes(1, 2)
+
+
+def untile_matrix(tiles: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`tile_matrix`."""
+    gr, gc, th, tw = tiles.shape
+    return tiles.swapaxes(1, 2).reshape(gr * th, gc * tw)
+
+
+def scatter(mesh, name: str, tiles: np.ndarray | None, tile_shape=None, dtype=None,
+            root: int | None = None) -> MeshArray:
+    """A mesh array whose core (r, c) holds ``tiles[r, c]``.
+
+    ``tiles`` has shape ``(rows, cols, *tile)``. With ``root=None`` every rank passes the same
+    array (e.g. from the same seed); otherwise only ``root`` passes it and it is broadcast.
+    In a dry run ``tiles`` may be None: give ``tile_shape`` and ``dtype``.
+    """
+    if tiles is not None or (root is not None and not mesh.dry_run):
+        if root is not None:
+            tiles = mesh.cart.bcast(tiles if mesh.rank == root else None, root=root)
+        tile_shape, dtype = tiles.shape[2:], tiles.dtype
+    arr = mesh.alloc(name, tile_shape, dtype, fill=None)
+    if not mesh.dry_run:
+        arr.data[...] = tiles[mesh.row_start:mesh.row_stop, mesh.col_start:mesh.col_stop]
+    return arr
+
+
+def gather(mesh, arr: MeshArray, root: int | None = None) -> np.ndarray | None:
+    """The full ``(rows, cols, *tile)`` array on every rank (``root=None``) or on ``root`` only."""
+    if arr.data is None:
+        raise ValueError(f"{arr.name}: a dry-run array has no payload to gather")
+    piece = (mesh.row_start, mesh.col_start, arr.data)
+    pieces = mesh.cart.allgather(piece) if root is None else mesh.cart.gather(piece, root=root)
+    if pieces is None:
+        return None
+    full = np.empty((mesh.rows, mesh.cols) + arr.tile_shape, arr.dtype)
+    for r0, c0, block in pieces:
+        full[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
+    return full
+
+
+def gather_block_arrays(mesh, arrays: dict, root: int = 0) -> dict | None:
+    """Assemble per-core ``[rows, cols]`` arrays (counters) on ``root``."""
+    pieces = mesh.cart.gather((mesh.row_start, mesh.col_start, arrays), root=root)
+    if pieces is None:
+        return None
+    out = {name: np.empty((mesh.rows, mesh.cols), a.dtype) for name, a in arrays.items()}
+    for r0, c0, block in pieces:
+        for name, a in block.items():
+            out[name][r0:r0 + a.shape[0], c0:c0 + a.shape[1]] = a
+    return out
+
+
+def agree(mesh, error: str | None, root: int = 0) -> str | None:
+    """Share one rank's error message (or None) with every rank."""
+    return mesh.cart.bcast(error, root=root)

@@ -1,0 +1,144 @@
+"""HDF5 traces: one file per run, schema in TRACE_SCHEMA.md (version ``SCHEMA_VERSION``).
+
+Counters are gathered to rank 0, which writes a temporary file beside the target and renames
+it into place, so a crash never leaves a half-written trace under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import UsageError
+from .host import agree, gather_block_arrays
+
+SCHEMA_VERSION = 1
+COUNTER_DOCS = {
+    "bytes_sent": "bytes the core sent (at the profile's element size)",
+    "bytes_recv": "bytes delivered to the core",
+    "messages_sent": "messages the core sent",
+    "hops": "links used by the messages the core sent",
+    "relays": "messages the core forwarded in software",
+    "flops": "floating-point operations the core did",
+    "peak_bytes": "most bytes resident at once",
+    "resident_bytes": "bytes resident at the end of the run",
+    "routes_peak": "most routes configured at once on the core's router",
+    "busy_cycles": "modeled cycles spent computing",
+    "clock_cycles": "the core's modeled clock at the end of the run",
+}
+PHASE_DTYPE = np.dtype([("name", h5py.string_dtype()), ("parent", "i4"), ("depth", "i4"),
+                        ("start_cycles", "f8"), ("end_cycles", "f8"), ("wall_seconds", "f8"),
+                        ("messages", "i8"), ("bytes", "i8"), ("flops", "i8"), ("max_hops", "i8")])
+STEP_DTYPE = np.dtype([("phase", "i4"), ("step", "i4"), ("label", h5py.string_dtype()),
+                       ("end_cycles", "f8"), ("messages", "i8"), ("bytes", "i8"), ("flops", "i8"),
+                       ("max_hops", "i8")])
+
+
+def mesh_counters(mesh) -> dict:
+    """This block's per-core counters, by dataset name."""
+    counters = {name: mesh.counters[name] for name in
+                ("bytes_sent", "bytes_recv", "messages_sent", "hops", "relays", "flops")}
+    counters.update(peak_bytes=mesh.memory.peak, resident_bytes=mesh.memory.resident,
+                    routes_peak=mesh.routes.peak, busy_cycles=mesh.busy, clock_cycles=mesh.clock)
+    return counters
+
+
+def _records(rows: list[dict], dtype: np.dtype) -> np.ndarray:
+    out = np.zeros(len(rows), dtype)
+    for i, row in enumerate(rows):
+        for name in dtype.names:
+            out[i][name] = row[name]
+    return out
+
+
+def write_trace(mesh, path, *, kind: str, result: dict | None = None, argv=None) -> None:
+    """Write the run's trace (collective: call on every rank)."""
+    from . import __version__, mpi_library_version  # late: avoids an import cycle
+
+    phases, steps = mesh.timeline.collect()
+    counters = gather_block_arrays(mesh, mesh_counters(mesh))
+    error = None
+    if mesh.rank == 0:
+        meta = {
+            "schema_version": SCHEMA_VERSION, "meshmpi_version": __version__, "kind": kind,
+            "mpi_library": mpi_library_version(), "mpi_world_size": mesh.size,
+            "mesh_rows": mesh.rows, "mesh_cols": mesh.cols, "rank_grid": np.array(mesh.rank_grid),
+            "hardware_name": mesh.hardware.name, "hardware_json": mesh.hardware.to_json(),
+            "command_line": " ".join(argv if argv is not None else sys.argv),
+            "dry_run": mesh.dry_run, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "python": platform.python_version(), "host": platform.node(),
+            "result_json": json.dumps(result or {}),
+            "warnings": json.dumps(mesh.memory.warnings + mesh.routes.warnings),
+        }
+        try:
+            _write_file(Path(path), meta, counters, phases, steps)
+        except OSError as exc:
+            error = f"cannot write trace {path}: {exc.strerror or exc}"
+    error = agree(mesh, error)
+    if error:
+        raise UsageError(error)
+
+
+def _write_file(path: Path, meta: dict, counters: dict, phases: list, steps: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            group = f.create_group("meta")
+            for key, value in meta.items():
+                group.attrs[key] = value
+            group = f.create_group("counters")
+            for name, array in counters.items():
+                ds = group.create_dataset(name, data=array, compression="gzip", compression_opts=1)
+                ds.attrs["doc"] = COUNTER_DOCS[name]
+            f.create_dataset("phases", data=_records(phases, PHASE_DTYPE))
+            f.create_dataset("steps", data=_records(steps, STEP_DTYPE))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_trace(path) -> dict:
+    """A trace as plain Python: ``meta`` (dict), ``counters`` (name -> array), ``phases`` and
+    ``steps`` (lists of dicts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no such trace file: {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            meta = {k: _plain(v) for k, v in f["meta"].attrs.items()}
+            counters = {k: f["counters"][k][()] for k in f["counters"]}
+            phases = [_row(r) for r in f["phases"][()]]
+            steps = [_row(r) for r in f["steps"][()]]
+    except (OSError, KeyError) as exc:
+        raise UsageError(f"{path} is not a meshmpi trace ({exc})") from None
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise UsageError(f"{path}: trace schema {meta.get('schema_version')} is not supported "
+                         f"(this meshmpi reads {SCHEMA_VERSION})")
+    meta["hardware"] = json.loads(meta.pop("hardware_json"))
+    meta["result"] = json.loads(meta.pop("result_json"))
+    meta["warnings"] = json.loads(meta.get("warnings", "[]"))
+    return {"meta": meta, "counters": counters, "phases": phases, "steps": steps}
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _row(record) -> dict:
+    return {name: _plain(record[name]) for name in record.dtype.names}
