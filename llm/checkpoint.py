@@ -1,0 +1,247 @@
+"""Hugging Face LLaMA checkpoints <-> numpy weights.
+
+A model directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``. Tensors may be float32, float16 or bfloat16; numpy has no
+bfloat16, so those are read as raw bytes (safetensors layout: 8-byte little-endian header
+length, JSON header with ``dtype``/``shape``/``data_offsets``, then the data) and widened to
+float32 by a 16-bit shift. Hugging Face stores Linear weights as ``[out, in]``; here they are
+``[in, out]`` so every projection is ``y = x @ W``, the form MeshGEMM/MeshGEMV take (PAPER.md
+sections 2-5).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from .config import LlamaConfig
+from .errors import ModelError
+
+MODELS_DIR = pathlib.Path(__file__).resolve().parent / "models"
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16}
+_LAYER_TENSORS = {  # field -> name inside model.layers.N
+    "input_layernorm": "input_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight", "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight", "o_proj": "self_attn.o_proj.weight",
+    "post_attention_layernorm": "post_attention_layernorm.weight",
+    "gate_proj": "mlp.gate_proj.weight", "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+}
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer; projections are ``[in, out]``, norms ``[hidden]``."""
+
+    input_layernorm: np.ndarray
+    q_proj: np.ndarray            # [hidden, heads * head_dim]
+    k_proj: np.ndarray            # [hidden, kv_heads * head_dim]
+    v_proj: np.ndarray            # [hidden, kv_heads * head_dim]
+    o_proj: np.ndarray            # [heads * head_dim, hidden]
+    post_attention_layernorm: np.ndarray
+    gate_proj: np.ndarray         # [hidden, intermediate]
+    up_proj: np.ndarray           # [hidden, intermediate]
+    down_proj: np.ndarray         # [intermediate, hidden]
+
+
+@dataclass
+class LlamaWeights:
+    """All weights of a LLaMA model; ``logits = norm(h) @ lm_head``."""
+
+    config: LlamaConfig
+    embed: np.ndarray             # [vocab, hidden]
+    layers: list[LayerWeights]
+    norm: np.ndarray              # [hidden]
+    lm_head: np.ndarray           # [hidden, vocab]; a view of embed.T when tied
+
+    def to_hf(self) -> dict[str, np.ndarray]:
+        """Tensors under their Hugging Face names and ``[out, in]`` layout."""
+        out = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        if not self.config.tie_word_embeddings:
+            out["lm_head.weight"] = self.lm_head.T
+        for i, layer in enumerate(self.layers):
+            for field, name in _LAYER_TENSORS.items():
+                value = getattr(layer, field)
+                out[f"model.layers.{i}.{name}"] = value if field in _NORMS else value.T
+        return out
+
+
+def resolve_model_dir(model: str | pathlib.Path) -> pathlib.Path:
+    """A built-in model name (``tiny``) or a directory path -> the directory."""
+    builtin = MODELS_DIR / str(model)
+    if "/" not in str(model) and (builtin / "config.json").is_file():
+        return builtin
+    path = pathlib.Path(model)
+    if not path.is_dir():
+        names = sorted(p.name for p in MODELS_DIR.iterdir() if p.is_dir()) if MODELS_DIR.is_dir() else []
+        raise ModelError(f"model {str(model)!r} is neither a directory nor a built-in model "
+                         f"({', '.join(names) or 'none installed'})")
+    return path
+
+
+def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Expected Hugging Face tensor names and ``[out, in]`` shapes (lm_head included)."""
+    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    layer = {"input_layernorm": (h,), "q_proj": (config.q_dim, h), "k_proj": (config.kv_dim, h),
+             "v_proj": (config.kv_dim, h), "o_proj": (h, config.q_dim),
+             "post_attention_layernorm": (h,), "gate_proj": (f, h), "up_proj": (f, h),
+             "down_proj": (h, f)}
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for i in range(config.num_hidden_layers):
+        for field, name in _LAYER_TENSORS.items():
+            shapes[f"model.layers.{i}.{name}"] = layer[field]
+    return shapes
+
+
+# ----------------------------------------------------------------------------- loading
+def read_safetensors_header(path: pathlib.Path) -> tuple[dict, int]:
+    """(tensor entries by name, byte offset where the data begins) of one file."""
+    try:
+        with open(path, "rb") as fh:
+            size = path.stat().st_size
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if not 0 < length <= size - 8:
+                raise ValueError(f"header length {length} does not fit a {size}-byte file")
+            header = json.loads(fh.read(length))
+    except FileNotFoundError:
+        raise ModelError(f"missing file {path}") from None
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is not a safetensors file: {exc}") from None
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+class _TensorFiles:
+    """Finds each tensor in the single file or the shards of an index and reads it."""
+
+    def __init__(self, directory: pathlib.Path):
+        index, single = directory / INDEX_FILE, directory / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ModelError(f"{index} has no valid weight_map: {exc}") from None
+        elif single.is_file():
+            weight_map = None
+        else:
+            raise ModelError(f"missing file {single} (or sharded {INDEX_FILE}) in {directory}")
+        files = sorted(set(weight_map.values())) if weight_map else [SINGLE_FILE]
+        self.headers = {f: read_safetensors_header(directory / f) for f in files}
+        self.directory = directory
+        self.where = dict(weight_map) if weight_map else {n: SINGLE_FILE for n in self.headers[SINGLE_FILE][0]}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def read(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        file = self.where[name]
+        entries, data_start = self.headers[file]
+        if name not in entries:
+            raise ModelError(f"tensor {name} is listed in {INDEX_FILE} under {file} but not stored there")
+        entry = entries[name]
+        if tuple(entry["shape"]) != tuple(shape):
+            raise ModelError(f"tensor {name} in {file}: expected shape {list(shape)}, "
+                             f"found {list(entry['shape'])}")
+        if entry["dtype"] == "BF16":
+            begin, end = entry["data_offsets"]
+            raw = np.fromfile(self.directory / file, dtype="<u2", count=(end - begin) // 2,
+                              offset=data_start + begin)
+            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape).astype(dtype, copy=False)
+        if entry["dtype"] not in _NUMPY_DTYPES:
+            raise ModelError(f"tensor {name} in {file} has unsupported dtype {entry['dtype']} "
+                             f"(expected F32, F16 or BF16)")
+        with safe_open(self.directory / file, framework="np") as fh:
+            return fh.get_tensor(name).astype(dtype, copy=False)
+
+
+def load_checkpoint(model: str | pathlib.Path, dtype=np.float32) -> LlamaWeights:
+    """Load a Hugging Face LLaMA directory (or built-in name) as ``dtype`` numpy weights."""
+    directory = resolve_model_dir(model)
+    config = LlamaConfig.from_file(directory / "config.json")
+    files = _TensorFiles(directory)
+    tensors = {}
+    for name, shape in hf_shapes(config).items():
+        if name == "lm_head.weight" and (config.tie_word_embeddings or name not in files):
+            if not config.tie_word_embeddings:
+                raise ModelError(f"missing tensor lm_head.weight in {directory} "
+                                 f"(tie_word_embeddings is false)")
+            continue
+        if name not in files:
+            raise ModelError(f"missing tensor {name} (expected shape {list(shape)}) in {directory}")
+        tensors[name] = files.read(name, shape, dtype)
+    return _from_hf(config, tensors)
+
+
+def _from_hf(config: LlamaConfig, tensors: dict[str, np.ndarray]) -> LlamaWeights:
+    layers = []
+    for i in range(config.num_hidden_layers):
+        fields = {}
+        for field, name in _LAYER_TENSORS.items():
+            value = tensors[f"model.layers.{i}.{name}"]
+            fields[field] = value if field in _NORMS else np.ascontiguousarray(value.T)
+        layers.append(LayerWeights(**fields))
+    embed = tensors["model.embed_tokens.weight"]
+    head = tensors.get("lm_head.weight")
+    return LlamaWeights(config=config, embed=embed, layers=layers, norm=tensors["model.norm.weight"],
+                        lm_head=embed.T if head is None else np.ascontiguousarray(head.T))
+
+
+# ------------------------------------------------------------------- saving and making
+def save_checkpoint(directory: str | pathlib.Path, config: LlamaConfig, weights: LlamaWeights,
+                    dtype: str = "float32") -> pathlib.Path:
+    """Write ``config.json`` + ``model.safetensors`` (float32, float16 or bfloat16)."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(config, torch_dtype=dtype)
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    tensors = {name: np.ascontiguousarray(value, dtype=np.float32)
+               for name, value in dataclasses.replace(weights, config=config).to_hf().items()}
+    path = directory / SINGLE_FILE
+    if dtype == "bfloat16":
+        _save_bf16(path, tensors)
+    elif dtype in ("float32", "float16"):
+        save_file({n: t.astype(dtype) for n, t in tensors.items()}, str(path), metadata={"format": "pt"})
+    else:
+        raise ModelError(f"cannot save dtype {dtype!r}; use float32, float16 or bfloat16")
+    return directory
+
+
+def _save_bf16(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
+    """Raw safetensors writer; float32 -> bfloat16 rounds to nearest even."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, value in tensors.items():
+        bits = value.view(np.uint32).astype(np.uint64)
+        blob = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(value.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)) + text)
+        fh.writelines(blobs)
+
+
+def random_weights(config: LlamaConfig, seed: int = 0, dtype=np.float32) -> LlamaWeights:
+    """Deterministic random weights: projections N(0, 1/fan_in), norms near 1, embed N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in hf_shapes(config).items():
+        if len(shape) == 1:
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name == "model.embed_tokens.weight":
+            value = rng.standard_normal(shape)
+        else:
+            value = rng.standard_normal(shape) / np.sqrt(shape[1])
+        tensors[name] = value.astype(dtype)
+    if config.tie_word_embeddings:
+        del tensors["lm_head.weight"]
+    return _from_hf(config, tensors)
