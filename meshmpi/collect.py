@@ -6,8 +6,8 @@ Every ``*.json`` file under DIR that holds one JSON object becomes a row (nested
 dicts flattened to dotted keys). A ``*.h5`` trace becomes a row only when it has
 no JSON twin (same name, ``.json``): the JSON a command prints already says what
 the run was, the trace is the fallback for jobs run without ``--json``. From a
-trace we read the attributes of ``/meta`` and, per dataset under ``/counters``,
-its sum and max over cores. Columns are the union over all rows; ``source`` is
+trace we read the attributes of ``/meta`` (``*_json`` ones opened up into dotted
+columns) and, per dataset under ``/counters``, its sum and max over cores. Columns are the union over all rows; ``source`` is
 the file's path relative to DIR.
 
 This is host-side post-processing: serial, no MPI.
@@ -46,6 +46,22 @@ def _plain(value):
     return value
 
 
+def _meta_columns(key: str, value) -> dict:
+    """One ``/meta`` attribute as columns: ``result_json='{"cycles": 9}'`` -> ``result.cycles``.
+
+    Traces store nested metadata (the result, the hardware profile) as JSON text; opened
+    up, it lines up with the columns of the JSON a command prints.
+    """
+    if key.endswith("_json") and isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            return flatten(parsed, key[: -len("_json")] + ".")
+    return {key: value}
+
+
 def read_json(path: Path) -> dict | None:
     """The flattened object in ``path``, or None (with a warning) if it holds none.
 
@@ -71,7 +87,8 @@ def read_trace(path: Path) -> dict | None:
         with h5py.File(path, "r") as trace:
             row = {}
             if "meta" in trace:
-                row.update({k: _plain(v) for k, v in trace["meta"].attrs.items()})
+                for key, value in trace["meta"].attrs.items():
+                    row.update(_meta_columns(key, _plain(value)))
             if "counters" in trace:
                 def add_totals(name, node):
                     if isinstance(node, h5py.Dataset) and node.size and node.dtype.kind in "biuf":

@@ -36,7 +36,8 @@ def test_sweep_merges_json_and_lone_traces(tmp_path):
         {"command": "gemm", "mesh": [4, 4], "modeled": {"cycles": 10, "seconds": 1e-6}}))
     (sweep / "1.json").write_text(json.dumps({"command": "gemv", "ranks": 2}))
     write_trace(sweep / "1.h5", kernel="ignored")  # has a JSON twin: not a row of its own
-    write_trace(sweep / "2.h5", kernel="meshgemm", ranks=np.int32(4), mesh=np.array([8, 8]))
+    write_trace(sweep / "2.h5", kernel="meshgemm", ranks=np.int32(4), mesh=np.array([8, 8]),
+                result_json=json.dumps({"modeled": {"cycles": 12}}), warnings_json="[]")
     (sweep / "notes.txt").write_text("not a result")
 
     out = tmp_path / "table.csv"
@@ -51,6 +52,7 @@ def test_sweep_merges_json_and_lone_traces(tmp_path):
     assert trace["kernel"] == "meshgemm" and trace["ranks"] == "4" and trace["mesh"] == "[8, 8]"
     assert trace["counters.flops.sum"] == "6" and trace["counters.flops.max"] == "3"
     assert float(trace["counters.cycles.max"]) == 4.0
+    assert trace["result.modeled.cycles"] == "12" and trace["warnings_json"] == "[]"
 
 
 def test_broken_json_is_skipped_with_a_warning(tmp_path, capsys):
