@@ -5,6 +5,7 @@ must be given as token ids.
 """
 from __future__ import annotations
 
+import json
 import pathlib
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -71,6 +72,17 @@ class StreamDecoder:
 
 
 def load_tokenizer(model_dir: str | pathlib.Path, bos_token_id: int | None = None) -> Tokenizer | None:
-    """The tokenizer of a model directory, or None when it has no ``tokenizer.json``."""
-    path = pathlib.Path(model_dir) / TOKENIZER_FILE
-    return Tokenizer(path, bos_token_id) if path.is_file() else None
+    """The tokenizer of a model directory, or None when it has no ``tokenizer.json``.
+
+    The BOS id is, in order: the argument, ``bos_token_id`` of ``config.json``, the id of ``<s>``.
+    """
+    directory = pathlib.Path(model_dir)
+    path, config = directory / TOKENIZER_FILE, directory / "config.json"
+    if not path.is_file():
+        return None
+    if bos_token_id is None and config.is_file():
+        try:
+            bos_token_id = json.loads(config.read_text()).get("bos_token_id")
+        except (json.JSONDecodeError, AttributeError):
+            bos_token_id = None     # a broken config is reported by the checkpoint loader
+    return Tokenizer(path, bos_token_id)
