@@ -1,0 +1,212 @@
+"""MeshGEMM and Cannon: compute-shift GEMM on a ring per row and per column (PAPER.md §2).
+
+Both run the same schedule; they differ only in the ring. MeshGEMM uses the interleaved ring
+(every edge at most 2 hops); Cannon uses the plain ring, whose wrap edge is a pass-through
+route of N-1 hops on a mesh without wrap-around links.
+
+Non-square ``R x C`` meshes split K into ``L = lcm(R, C)`` chunks with labels ``0..L-1``.
+A core's A tile holds the ``L/C`` chunks whose label is congruent to its x-ring position
+mod C (a "group"); its B tile holds the ``L/R`` chunks congruent to its y-ring position mod
+R. At step t core (i, j) multiplies chunk ``u mod L`` with ``u = pos_y(i) + pos_x(j) - t``,
+which both of its groups contain; after ``L`` steps every core has seen every chunk.
+For a square mesh ``L = N``, groups are single tiles and this is exactly the paper's schedule.
+Matrix sizes that do not divide the mesh are zero-padded (M to R, N to C, K to L).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from meshmpi import host
+
+from .ring import Ring, interleaved_ring, plain_ring
+
+RINGS = {"meshgemm": interleaved_ring, "cannon": plain_ring}
+
+
+@dataclass
+class GemmPlan:
+    """Sizes, padding and rings of one ``(M x K) @ (K x N)`` product on an ``R x C`` mesh."""
+    rows: int
+    cols: int
+    m: int
+    k: int
+    n: int
+    ring_y: Ring
+    ring_x: Ring
+
+    @classmethod
+    def build(cls, algo: str, rows: int, cols: int, m: int, k: int, n: int) -> "GemmPlan":
+        make = RINGS[algo]
+        return cls(rows, cols, m, k, n, make(rows), make(cols))
+
+    @property
+    def chunks(self) -> int:
+        return math.lcm(self.rows, self.cols)
+
+    @property
+    def m_pad(self) -> int:
+        return -(-self.m // self.rows) * self.rows
+
+    @property
+    def n_pad(self) -> int:
+        return -(-self.n // self.cols) * self.cols
+
+    @property
+    def k_pad(self) -> int:
+        return -(-self.k // self.chunks) * self.chunks
+
+    @property
+    def chunk(self) -> int:
+        return self.k_pad // self.chunks
+
+    def chunk_rows(self, label: np.ndarray) -> np.ndarray:
+        """Where K-chunk ``label`` lies in K: inside the natural block of core ``ring_x[label mod C]``."""
+        per_block = self.chunks // self.cols
+        return self.ring_x.order[label % self.cols] * per_block + label // self.cols
+
+    def label_at(self, rows: np.ndarray, cols: np.ndarray, step: int) -> np.ndarray:
+        """The K-chunk label core (row, col) multiplies at ``step`` (block-shaped array)."""
+        u = self.ring_y.position[rows][:, None] + self.ring_x.position[cols][None, :] - step
+        return u % self.chunks
+
+
+# ---------------------------------------------------------------------------- host placement
+def place_a(plan: GemmPlan, a: np.ndarray) -> np.ndarray:
+    """A in its natural layout: core (i, j) holds rows block i, K block j."""
+    return host.tile_matrix(host.pad_to(a, plan.m_pad, plan.k_pad), plan.rows, plan.cols)
+
+
+def place_b_skewed(plan: GemmPlan, b: np.ndarray) -> np.ndarray:
+    """B pre-skewed on load: core (i, j) holds the group of y-ring position
+    ``(pos_y(i) + pos_x(j)) mod R``, i.e. the chunks with those labels, stacked along K."""
+    b = host.pad_to(b, plan.k_pad, plan.n_pad)
+    R, C, L, s = plan.rows, plan.cols, plan.chunks, plan.chunk
+    chunks = b.reshape(L, s, C, plan.n_pad // C)          # [chunk, row in chunk, col block, col]
+    group = (plan.ring_y.position[:, None] + plan.ring_x.position[None, :]) % R   # [R, C]
+    labels = group[:, :, None] + R * np.arange(L // R)[None, None, :]             # [R, C, L/R]
+    where = plan.chunk_rows(labels)                                                # [R, C, L/R]
+    cols = np.arange(C)[None, :, None]
+    tiles = chunks[where, :, cols, :]                     # [R, C, L/R, s, n/C]
+    return tiles.reshape(R, C, (L // R) * s, plan.n_pad // C)
+
+
+def unplace_c(plan: GemmPlan, tiles: np.ndarray, transposed_b: bool = False) -> np.ndarray:
+    """C from its natural tiles (for GEMM-T, C is M x plan.k)."""
+    return host.untile_matrix(tiles)[: plan.m, : (plan.k if transposed_b else plan.n)]
+
+
+def place_a_for_t(plan: GemmPlan, a: np.ndarray) -> np.ndarray:
+    """GEMM-T's A (M x K, K = plan.n) in its natural layout."""
+    return host.tile_matrix(host.pad_to(a, plan.m_pad, plan.n_pad), plan.rows, plan.cols)
+
+
+# ---------------------------------------------------------------------------- wafer side
+def rotate_lines(mesh, arr, axis: str, ring: Ring, steps: np.ndarray, name: str) -> None:
+    """Rotate each line's tiles along ``ring``: line l moves ``steps[l]`` positions backward
+    (data at ring position x+s ends at x), taking the shorter direction (PAPER.md §2,
+    alignment). Done in place, one ring step per round, on the lines still moving."""
+    n = ring.n
+    steps = np.asarray(steps) % n
+    backward = np.where(steps <= n // 2, steps, 0)
+    forward = np.where(steps > n // 2, n - steps, 0)
+    fabric = mesh.fabric
+    for direction, counts, dest in (("back", backward, ring.recv()), ("fwd", forward, ring.send())):
+        if counts.max(initial=0) == 0:
+            continue
+        pattern = fabric.permutation(f"{name}.align.{direction}", axis, dest,
+                                     group=f"{name}.align.{axis}.{direction}")
+        for round_ in range(int(counts.max())):
+            pattern.run(arr, arr, lines=np.flatnonzero(counts > round_))
+            mesh.step(f"align {direction} {round_}")
+
+
+def _pick_chunk(data: np.ndarray, index: np.ndarray, axis: int, parts: int) -> np.ndarray:
+    """From each core's tile, the ``index``-th of ``parts`` equal slices along tile ``axis``."""
+    if parts == 1:
+        return data
+    shape = data.shape
+    split = shape[:axis] + (parts, shape[axis] // parts) + shape[axis + 1:]
+    grouped = data.reshape(split)
+    idx = index.reshape(index.shape + (1,) * (len(split) - 2))
+    return np.take_along_axis(grouped, idx, axis=axis).squeeze(axis)
+
+
+def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm"):
+    """C = A @ B with A natural, B pre-skewed; returns C (natural layout). PAPER.md §2."""
+    R, C, L = plan.rows, plan.cols, plan.chunks
+    tm, tn, s = plan.m_pad // R, plan.n_pad // C, plan.chunk
+    dtype = a.dtype
+    rows, cols = mesh.global_rows(), mesh.global_cols()
+    with mesh.phase(f"{name}.align"):
+        rotate_lines(mesh, a, "x", plan.ring_x, plan.ring_y.position, f"{name}.a")
+    a_next = mesh.alloc(f"{name}.a.next", a.tile_shape, dtype)
+    b_next = mesh.alloc(f"{name}.b.next", b.tile_shape, dtype)
+    c = mesh.alloc(f"{name}.c", (tm, tn), dtype)
+    shift_a = mesh.fabric.permutation(f"{name}.shift.x", "x", plan.ring_x.send())
+    shift_b = mesh.fabric.permutation(f"{name}.shift.y", "y", plan.ring_y.send())
+    with mesh.phase(f"{name}.compute_shift"):
+        for step in range(L):
+            last = step == L - 1
+            sends = [] if last else [shift_a.start(a, a_next), shift_b.start(b, b_next)]
+            label = plan.label_at(rows, cols, step)
+            if not mesh.dry_run:
+                a_part = _pick_chunk(a.data, label // C, 3, L // C)
+                b_part = _pick_chunk(b.data, label // R, 2, L // R)
+                c.data += np.matmul(a_part, b_part)
+            mesh.compute(2 * tm * s * tn)
+            for transfer in sends:
+                transfer.wait()
+            if not last:
+                a, a_next = a_next, a
+                b, b_next = b_next, b
+            mesh.step(f"step {step}")
+    for buffer in (a_next, b_next):
+        buffer.free()
+    return c
+
+
+def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t"):
+    """C = A @ B^T (PAPER.md §2, GEMM-T), K never transposed on the wafer.
+
+    A (M x K) stays; B (N x K) moves along its column's ring; each core's partial tile of C
+    moves along its row's ring, adding ``A_tile @ B_tile^T`` at every core it visits — the
+    partials are reduce-added along X. Here ``plan.k`` is the N of C (the labelled dimension)
+    and ``plan.n`` is the shared K. A final rotation puts C in its natural layout.
+    """
+    R, C, L = plan.rows, plan.cols, plan.chunks
+    tm, s = plan.m_pad // R, plan.chunk
+    dtype = a.dtype
+    rows, cols = mesh.global_rows(), mesh.global_cols()
+    partial = mesh.alloc(f"{name}.c", (tm, (L // C) * s), dtype)
+    partial_next = mesh.alloc(f"{name}.c.next", partial.tile_shape, dtype)
+    b_next = mesh.alloc(f"{name}.b.next", b.tile_shape, dtype)
+    shift_c = mesh.fabric.permutation(f"{name}.shift.x", "x", plan.ring_x.send())
+    shift_b = mesh.fabric.permutation(f"{name}.shift.y", "y", plan.ring_y.send())
+    with mesh.phase(f"{name}.compute_shift"):
+        for step in range(L):
+            label = plan.label_at(rows, cols, step)
+            if not mesh.dry_run:
+                b_part = _pick_chunk(b.data, label // R, 2, L // R)
+                update = np.matmul(a.data, np.swapaxes(b_part, -1, -2))
+                out = partial.data.reshape(partial.data.shape[:3] + (L // C, s))
+                idx = (label // C).reshape(label.shape + (1, 1, 1))
+                current = np.take_along_axis(out, idx, axis=3)
+                np.put_along_axis(out, idx, current + update[:, :, :, None, :], axis=3)
+            mesh.compute(2 * tm * s * b.tile_shape[1])
+            if step < L - 1:
+                sends = [shift_c.start(partial, partial_next), shift_b.start(b, b_next)]
+                for transfer in sends:
+                    transfer.wait()
+                partial, partial_next = partial_next, partial
+                b, b_next = b_next, b
+            mesh.step(f"step {step}")
+    with mesh.phase(f"{name}.realign"):
+        # partial group at x-ring position x is x + pos_y(i) (+ the L-1 steps taken): move it home.
+        steps = -(plan.ring_y.position - (L - 1))
+        rotate_lines(mesh, partial, "x", plan.ring_x, steps, f"{name}.c")
+    for buffer in (partial_next, b_next):
+        buffer.free()
+    return partial
