@@ -32,7 +32,13 @@ class MemoryLedger:
         old = self.buffers.get(name)
         self.resident += new if old is None else new - old
         self.buffers[name] = np.array(new)
-        self._check(name)
+        try:
+            self._check(name)
+        except CoreMemoryError:
+            if old is not None:  # a refused re-charge leaves the buffer's old charge in place
+                self.buffers[name] = old
+                self.resident += old
+            raise
         np.maximum(self.peak, self.resident, out=self.peak)
 
     def release(self, name: str) -> None:
