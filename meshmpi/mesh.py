@@ -177,6 +177,24 @@ class Mesh:
         self.busy += cycles
         self.counters["flops"] += flops
 
+    def software_stage(self, where=None) -> None:
+        """One software step of a multi-stage collective (receive, combine, forward) on the
+        masked cores: ``beta`` cycles each, counted as a relay (PAPER.md §1, L)."""
+        mask = np.ones(self.block_shape, bool) if where is None else np.asarray(where, bool)
+        self.clock[mask] += self.hardware.beta_cycles_per_relay
+        self.counters["relays"][mask] += 1
+
+    def positions_mask(self, axis: str, positions) -> np.ndarray:
+        """Block-shaped mask of the cores whose position along ``axis`` is in ``positions``."""
+        local = self.global_cols() if axis == "x" else self.global_rows()
+        hit = np.isin(local, np.asarray(positions, np.int64))
+        mask = np.zeros(self.block_shape, bool)
+        if axis == "x":
+            mask[:, hit] = True
+        else:
+            mask[hit, :] = True
+        return mask
+
     def matmul_acc(self, out: MeshArray, a: MeshArray, b: MeshArray, transpose_b: bool = False) -> None:
         """out += a @ b (or a @ b.T) on every core, charged 2*m*k*n FLOPs per core."""
         m, k = a.tile_shape[-2:]
@@ -212,6 +230,9 @@ class Mesh:
 
     def wall_time(self) -> float:
         return time.perf_counter()
+
+    def barrier(self) -> None:
+        self.cart.Barrier()
 
     def max_over_ranks(self, value: float) -> float:
         return self.cart.allreduce(value, op=MPI.MAX)

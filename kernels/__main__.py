@@ -1,0 +1,97 @@
+"""``python -m kernels``: run MeshGEMM, MeshGEMV and their baselines on the emulated wafer."""
+from __future__ import annotations
+
+import numpy as np
+
+from meshmpi import cli
+from meshmpi.errors import UsageError
+from meshmpi.mesh import parse_grid
+from meshmpi.trace import write_trace
+
+from .run import GEMM_ALGOS, GEMV_ALGOS, run_gemm, run_gemv
+
+EXAMPLES = """\
+  mpiexec -n 4 python -m kernels gemm --algo meshgemm --mesh 8x8 --m 512 --k 512 --n 512
+  python -m kernels gemm --algo summa --mesh 720x720 --m 2048 --k 2048 --n 2048 --dry-run --routes warn --json
+  mpiexec -n 2 python -m kernels gemv --algo meshgemv --mesh 16x16 --m 4096 --n 4096 --groups 4
+  python -m kernels bench gemm --out results
+"""
+
+
+def _positive(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise UsageError(f"--{name} expects a whole number, got {text!r}") from None
+        if value < 1:
+            raise UsageError(f"--{name} must be at least 1, got {value}")
+        return value
+    return parse
+
+
+def build_parser():
+    p = cli.parser("python -m kernels", "Distributed kernels on the emulated wafer.", EXAMPLES)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, algos, help_ in (("gemm", GEMM_ALGOS, "C = A @ B (A is m x k, B is k x n)"),
+                               ("gemv", tuple(GEMV_ALGOS), "y = x @ W (x is 1 x m, W is m x n)")):
+        s = sub.add_parser(name, help=help_, description=help_, epilog="examples:\n" + EXAMPLES,
+                           formatter_class=p.formatter_class)
+        s.add_argument("--algo", choices=algos, default=algos[0])
+        s.add_argument("--mesh", required=True, metavar="ROWSxCOLS")
+        s.add_argument("--m", type=_positive("m"), required=True)
+        if name == "gemm":
+            s.add_argument("--k", type=_positive("k"), required=True)
+        else:
+            s.add_argument("--groups", type=_positive("groups"),
+                           help="K-tree groups per line (default about sqrt(N))")
+        s.add_argument("--n", type=_positive("n"), required=True)
+        s.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+        s.add_argument("--seed", type=int, default=0)
+        cli.add_hardware_options(s)
+        cli.add_run_options(s)
+        s.set_defaults(func=run_kernel)
+    from .bench import register
+    register(sub)
+    return p
+
+
+def run_kernel(args, argv=None) -> int:
+    rows, cols = parse_grid(args.mesh)
+    mesh = cli.mesh_from_args(args, rows, cols)
+    dtype = np.dtype(args.dtype)
+    if args.command == "gemm":
+        report = run_gemm(mesh, args.algo, args.m, args.k, args.n, dtype, args.seed)
+    else:
+        report = run_gemv(mesh, args.algo, args.m, args.n, args.groups, dtype, args.seed)
+    if args.trace:
+        write_trace(mesh, args.trace, kind=args.command, result=report)
+    if args.json:
+        cli.print_json(report)
+    else:
+        cli.say(format_report(report))
+    return 0
+
+
+def format_report(r: dict) -> str:
+    sizes = f"m={r['m']} k={r['k']} n={r['n']}" if r.get("k") else f"m={r['m']} n={r['n']}"
+    lines = [f"{r['algo']} on {r['mesh']} ({r['hardware']}, {r['ranks']} ranks{', dry run' if r['dry_run'] else ''}), {sizes}",
+             f"  modeled    {r['modeled_cycles']:,.0f} cycles = {r['modeled_seconds'] * 1e6:.3f} us "
+             f"(compute {r['compute_cycles']:,.0f}, communication {r['comm_cycles']:,.0f}, "
+             f"efficiency {r['efficiency']:.1%})",
+             f"  fabric     {r['messages']:,} messages, {r['bytes_moved']:,} bytes, longest hop "
+             f"{r['max_hops_per_step']}, {r['routes_per_core_max']} routes/core max",
+             f"  memory     {r['peak_bytes_per_core']:,} B per core at peak",
+             f"  wall       {r['wall_seconds']:.3f} s"]
+    if r.get("max_abs_err") is not None:
+        lines.append(f"  check      max |error| vs numpy = {r['max_abs_err']:.3g}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    cli.run(main)
