@@ -31,7 +31,9 @@ def ensure_installed(timeout: float = 900) -> None:
     if not shutil.which("apt-get"):
         raise SlurmUnavailable("slurm-wlm/munge are not installed and there is no apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"]):
+    # Wait for a dpkg lock held by another apt run instead of failing at once.
+    apt = ["apt-get", "-q", "-o", "DPkg::Lock::Timeout=120"]
+    for cmd in (apt + ["update"], apt + ["install", "-y", "slurm-wlm", "munge"]):
         try:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -3,7 +3,7 @@
 Needs root (to install Debian's slurm-wlm + munge if missing and to run the daemons);
 skips with the reason otherwise. Jobs ask for more ranks than this host has cores, so
 every submission carries --overcommit; the scripts themselves stay as a cluster user
-would submit them.
+would submit them. Marked `slurm`, so other suites can leave it out with -m "not slurm".
 """
 import argparse
 import csv
