@@ -1,0 +1,250 @@
+"""Modeled clocks and per-core counters against closed forms worked out by walking messages.
+
+A delivery s -> d arrives at  send clock + alpha*|d-s| + beta*relays + bytes/link_bw * load,
+where load is the most messages of the pattern on any directed link of its path; a receive
+takes max(own clock, arrival). The reference below walks every message link by link.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from meshmpi import load_hardware
+from meshmpi.host import scatter
+
+pytestmark = pytest.mark.mpi
+
+ALPHA, BETA, LINK_BW, FLOPS_PER_CYCLE = 3.0, 7.0, 4.0, 2.0
+
+
+def profile(**extra):
+    values = dict(alpha_cycles_per_hop=ALPHA, beta_cycles_per_relay=BETA,
+                  link_bytes_per_cycle=LINK_BW, flops_per_cycle=FLOPS_PER_CYCLE, **extra)
+    return load_hardware("wse2", [f"{k}={v}" for k, v in values.items()])
+
+
+def messages_of(deliveries, multicast):
+    """(source, destinations) per message: one per delivery, or one per multicast root."""
+    if not multicast:
+        return [(s, [d]) for s, d in deliveries]
+    roots = sorted({s for s, _ in deliveries})
+    return [(r, [d for s, d in deliveries if s == r]) for r in roots]
+
+
+def reference(n, deliveries, *, multicast=False, relay=False, nbytes, send_clock):
+    """Arrival time per destination position (one line) and per-position counters."""
+    use = {}  # (link p between positions p and p+1, direction) -> messages of the pattern on it
+    for s, dests in messages_of(deliveries, multicast):
+        for p in range(s, max(dests)):        # rightwards, up to the farthest destination
+            use[(p, +1)] = use.get((p, +1), 0) + 1
+        for p in range(min(dests), s):        # leftwards
+            use[(p, -1)] = use.get((p, -1), 0) + 1
+    arrival = {}
+    for s, d in deliveries:
+        path = [(p, +1) for p in range(s, d)] if d > s else [(p, -1) for p in range(d, s)]
+        load = max(use[link] for link in path)
+        relays = abs(d - s) - 1 if relay else 0
+        arrival[d] = send_clock[s] + ALPHA * abs(d - s) + BETA * relays + nbytes / LINK_BW * load
+    counters = {k: np.zeros(n, np.int64) for k in ("messages_sent", "hops", "bytes_sent", "bytes_recv", "relays")}
+    for s, dests in messages_of(deliveries, multicast):
+        counters["messages_sent"][s] += 1
+        counters["bytes_sent"][s] += nbytes
+        counters["hops"][s] += max(dests + [s]) - min(dests + [s])
+        for d in dests:
+            counters["bytes_recv"][d] += nbytes
+            if relay:
+                for p in range(min(s, d) + 1, max(s, d)):
+                    counters["relays"][p] += 1
+    return arrival, counters
+
+
+def test_reference_walks_links_once_per_message():
+    # Shift by 2 on 6 positions: links 1-2, 2-3, 3-4 carry two messages each, links 0-1 and
+    # 4-5 one; every path crosses a link with two.
+    arrival, counters = reference(6, [(s, s + 2) for s in range(4)], nbytes=8, send_clock=np.zeros(6))
+    assert arrival == {d: 2 * ALPHA + 8 / LINK_BW * 2 for d in (2, 3, 4, 5)}
+    assert counters["hops"].tolist() == [2, 2, 2, 2, 0, 0]
+    # Shift by 1: no link is shared.
+    arrival, _ = reference(6, [(s, s + 1) for s in range(5)], nbytes=8, send_clock=np.zeros(6))
+    assert arrival == {d: ALPHA + 8 / LINK_BW for d in range(1, 6)}
+    # One multicast from 2 over [0, 6): one message, each link used once.
+    arrival, counters = reference(6, [(2, d) for d in (0, 1, 3, 4, 5)], multicast=True, nbytes=8,
+                                  send_clock=np.zeros(6))
+    assert arrival == {d: ALPHA * abs(d - 2) + 2.0 for d in (0, 1, 3, 4, 5)}
+    assert counters["hops"].tolist() == [0, 0, 5, 0, 0, 0]
+
+
+def expected_mesh(mesh, axis, deliveries, clock_full, *, lines=None, **kwargs):
+    """Full-mesh clocks and counters after one pattern, from the per-line reference."""
+    n = mesh.cols if axis == "x" else mesh.rows
+    n_lines = mesh.rows if axis == "x" else mesh.cols
+    clock = clock_full.copy()
+    counters = {k: np.zeros((mesh.rows, mesh.cols), np.int64)
+                for k in ("messages_sent", "hops", "bytes_sent", "bytes_recv", "relays")}
+    for line in range(n_lines):
+        if lines is not None and line not in lines:
+            continue
+        view = (lambda a: a[line, :]) if axis == "x" else (lambda a: a[:, line])
+        arrival, per_position = reference(n, deliveries, send_clock=view(clock_full).copy(), **kwargs)
+        line_clock = view(clock)
+        for d, t in arrival.items():
+            line_clock[d] = max(line_clock[d], t)
+        for k, v in per_position.items():
+            view(counters[k])[:] += v
+    return clock, counters
+
+
+def observed(mesh, gather_full):
+    arrays = {k: mesh.counters[k] for k in ("messages_sent", "hops", "bytes_sent", "bytes_recv", "relays", "flops")}
+    arrays.update(clock=mesh.clock, busy=mesh.busy)
+    return gather_full(mesh, arrays)
+
+
+def compare(got, clock, counters):
+    problems = []
+    if not np.array_equal(got["clock"], clock):
+        problems.append(f"clock:\n{got['clock']}\nwant\n{clock}")
+    for k, v in counters.items():
+        if not np.array_equal(got[k], v):
+            problems.append(f"{k}:\n{got[k]}\nwant\n{v}")
+    return problems
+
+
+CASES = [  # (name, axis, how to plan, deliveries on a line of n, multicast, relay)
+    ("shift+1", lambda n: [(s, s + 1) for s in range(n - 1)], lambda f, ax, n: f.shift("a", ax, 1), False, False),
+    ("shift+3", lambda n: [(s, s + 3) for s in range(n - 3)], lambda f, ax, n: f.shift("b", ax, 3), False, False),
+    ("shift-2", lambda n: [(s, s - 2) for s in range(2, n)], lambda f, ax, n: f.shift("c", ax, -2), False, False),
+    ("shift-5 relayed", lambda n: [(s, s - 5) for s in range(5, n)],
+     lambda f, ax, n: f.shift("d", ax, -5, relay=True), False, True),
+    ("shift+2 relayed", lambda n: [(s, s + 2) for s in range(n - 2)],
+     lambda f, ax, n: f.shift("e", ax, 2, relay=True), False, True),
+    ("multicast", lambda n: [(n // 2, d) for d in range(1, n) if d != n // 2],
+     lambda f, ax, n: f.multicast("m", ax, n // 2, 1, n), True, False),
+    ("two multicasts", lambda n: [(0, d) for d in range(1, 4)] + [(n - 1, d) for d in range(4, n - 1)],
+     lambda f, ax, n: f.multicasts("ms", ax, [0, n - 1], [(0, 4), (4, n)]), True, False),
+    ("far permutation", lambda n: [(i, n - 1 - i) for i in range(n) if i != n - 1 - i],
+     lambda f, ax, n: f.permutation("p", ax, np.arange(n)[::-1]), False, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_one_pattern_from_zero_clocks(new_mesh, world, gather_full, case, axis):
+    name, deliveries_of, plan, multicast, relay = case
+    rows, cols = (3, 9) if axis == "x" else (9, 3)
+    mesh = new_mesh(rows, cols, profile(), rank_grid=(1, world.size) if axis == "x" else (world.size, 1))
+    n = 9
+    arr = mesh.alloc("t", (6,), np.float64)          # 6 elements at element_bytes=2: 12 bytes
+    with mesh.fabric.scope():
+        plan(mesh.fabric, axis, n).run(arr)
+    clock, counters = expected_mesh(mesh, axis, deliveries_of(n), np.zeros((rows, cols)),
+                                    multicast=multicast, relay=relay, nbytes=12)
+    problems = compare(observed(mesh, gather_full), clock, counters)
+    assert not problems, "\n".join(problems)
+
+
+def test_shift_by_k_closed_form(new_mesh, world, gather_full):
+    """Receivers of a shift by k in the middle of a long line: alpha*|k| + bytes/bw * |k|."""
+    mesh = new_mesh(2, 12, profile(), rank_grid=(1, world.size))
+    for k in (1, 2, 3, -3):
+        mesh.clock[...] = 0
+        arr = mesh.alloc(f"t{k}", (10,), np.float32)
+        with mesh.fabric.scope():
+            mesh.fabric.shift(f"s{k}", "x", k).run(arr)
+        clock = gather_full(mesh, {"c": mesh.clock})["c"]
+        # Position d receives from d-k; the busiest link on that path carries min(|k|, ...)
+        # messages: every link strictly inside the line has |k| shifts crossing it when the
+        # path is at least |k| away from both ends.
+        for d in range(12):
+            s = d - k
+            if not 0 <= s < 12:
+                assert np.all(clock[:, d] == 0)
+                continue
+            links = range(min(s, d), max(s, d))
+            load = max(sum(1 for s2 in range(12) if 0 <= s2 + k < 12
+                           and min(s2, s2 + k) <= link < max(s2, s2 + k)) for link in links)
+            assert np.all(clock[:, d] == ALPHA * abs(k) + 20 / LINK_BW * load), (k, d)
+            if abs(k) <= d <= 11 - abs(k) and abs(k) <= s <= 11 - abs(k):
+                assert load == abs(k)
+
+
+def test_compute_then_receive_takes_the_later_time(new_mesh, world, gather_full):
+    mesh = new_mesh(4, 7, profile(), rank_grid=(world.size, 1))
+    rng = np.random.default_rng(2)
+    flops_full = rng.integers(0, 60, size=(4, 7)) * 2
+    flops_full[:, 3] = 10_000                       # column 3 is busy long after anything arrives
+    busy_mask_full = rng.random((4, 7)) < 0.7
+    busy_mask_full[:, 3] = True
+    block = (slice(mesh.row_start, mesh.row_stop), slice(mesh.col_start, mesh.col_stop))
+    mesh.compute(flops_full[block], where=busy_mask_full[block])
+    done = np.where(busy_mask_full, flops_full, 0) / FLOPS_PER_CYCLE
+    got = observed(mesh, gather_full)
+    assert np.array_equal(got["clock"], done) and np.array_equal(got["busy"], done)
+    assert np.array_equal(got["flops"], np.where(busy_mask_full, flops_full, 0))
+    arr = mesh.alloc("t", (3, 2), np.float16)        # 6 elements: 12 bytes
+    with mesh.fabric.scope():
+        mesh.fabric.shift("east", "x", 1).run(arr)
+    clock, counters = expected_mesh(mesh, "x", [(s, s + 1) for s in range(6)], done, nbytes=12)
+    assert np.all(clock[:, 3] == 5000)
+    problems = compare(observed(mesh, gather_full), clock, counters)
+    assert not problems, "\n".join(problems)
+    assert np.array_equal(observed(mesh, gather_full)["busy"], done), "receiving is not compute"
+
+
+def test_overlap_start_compute_wait(new_mesh, world, gather_full):
+    mesh = new_mesh(3, 8, profile(), rank_grid=(1, world.size))
+    arr = mesh.alloc("t", (8,), np.float32)          # 16 bytes
+    flops = np.where(np.arange(8) % 2 == 0, 20, 40)  # 10 or 20 cycles, overlapping the transfer
+    with mesh.fabric.scope():
+        transfer = mesh.fabric.shift("west", "x", -2).start(arr)
+        mesh.compute(np.broadcast_to(flops, (3, 8))[:, mesh.col_start:mesh.col_stop])
+        transfer.wait()
+    own = flops / FLOPS_PER_CYCLE
+    arrival, _ = reference(8, [(s, s - 2) for s in range(2, 8)], nbytes=16, send_clock=np.zeros(8))
+    want = np.broadcast_to(own, (3, 8)).copy()
+    for d, t in arrival.items():
+        want[:, d] = max(own[d], t)
+    # Arrivals (sent at clock 0) are 2*alpha + 16/bw*2 = 14: later than some cores, not others.
+    assert set(arrival.values()) == {2 * ALPHA + 16 / LINK_BW * 2}
+    got = observed(mesh, gather_full)
+    assert np.array_equal(got["clock"], want)
+
+
+@pytest.mark.parametrize("element_bytes", [1, 2, 4])
+def test_bytes_are_charged_at_the_profile_element_size(new_mesh, world, gather_full, element_bytes):
+    mesh = new_mesh(2, 5, profile(element_bytes=element_bytes), rank_grid=(1, world.size))
+    arr = mesh.alloc("t", (4, 3), np.float64)
+    with mesh.fabric.scope():
+        mesh.fabric.shift("s", "x", 1).run(arr)
+    nbytes = 12 * element_bytes
+    clock, counters = expected_mesh(mesh, "x", [(s, s + 1) for s in range(4)], np.zeros((2, 5)),
+                                    nbytes=nbytes)
+    problems = compare(observed(mesh, gather_full), clock, counters)
+    assert not problems, "\n".join(problems)
+    resident = gather_full(mesh, {"r": mesh.memory.resident})["r"]
+    assert np.all(resident == nbytes)
+
+
+def test_lines_subset_moves_only_those_clocks_and_counters(new_mesh, world, gather_full):
+    mesh = new_mesh(6, 5, profile(), rank_grid=(world.size, 1) if world.size <= 6 else None)
+    arr = mesh.alloc("t", (2,), np.float32)
+    lines = [1, 4, 5]
+    with mesh.fabric.scope():
+        mesh.fabric.shift("down", "y", 3, relay=True).run(arr, lines=lines)
+    clock, counters = expected_mesh(mesh, "y", [(s, s + 3) for s in range(3)], np.zeros((6, 5)),
+                                    lines=lines, relay=True, nbytes=4)
+    problems = compare(observed(mesh, gather_full), clock, counters)
+    assert not problems, "\n".join(problems)
+
+
+def test_clocks_chain_through_two_patterns(new_mesh, world, gather_full):
+    """The second pattern's arrivals start from the clocks the first one left."""
+    mesh = new_mesh(5, 6, profile())
+    arr = mesh.alloc("t", (5,), np.float32)
+    with mesh.fabric.scope():
+        mesh.fabric.shift("right", "x", 2).run(arr)
+        mesh.fabric.multicast("down", "y", root=4, lo=0, hi=5).run(arr)
+    clock, c1 = expected_mesh(mesh, "x", [(s, s + 2) for s in range(4)], np.zeros((5, 6)), nbytes=10)
+    clock, c2 = expected_mesh(mesh, "y", [(4, d) for d in range(4)], clock, multicast=True, nbytes=10)
+    problems = compare(observed(mesh, gather_full), clock, {k: c1[k] + c2[k] for k in c1})
+    assert not problems, "\n".join(problems)
