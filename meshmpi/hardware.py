@@ -6,6 +6,7 @@ A profile file maps each parameter to ``{"value": ..., "source": ..., "guessed":
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -62,7 +63,9 @@ class Hardware:
             try:
                 value = float(raw)
             except ValueError:
-                raise UsageError(f"--set {key}: {raw!r} is not a number") from None
+                value = math.nan
+            if not math.isfinite(value):
+                raise UsageError(f"--set {key}: {raw!r} is not a number")
             if numeric[key] == "int":
                 if value != int(value):
                     raise UsageError(f"--set {key}: needs a whole number, got {raw}")
