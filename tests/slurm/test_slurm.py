@@ -5,11 +5,11 @@ skips with the reason otherwise. Jobs ask for more ranks than this host has core
 every submission carries --overcommit; the scripts themselves stay as a cluster user
 would submit them. Marked `slurm`, so other suites can leave it out with -m "not slurm".
 """
-import argparse
 import csv
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,7 +95,7 @@ def test_run_gemm(cluster, workdir):
     submit(cluster, workdir, "sbatch", *WAIT, "slurm/run.sbatch", "python", "-m", "kernels",
            "gemm", "--algo", "meshgemm", "--mesh", "4x4", "--m", "64", "--k", "64", "--n", "64")
     out = job_dir(workdir)
-    assert isinstance(json.loads((out / "result.json").read_text()), dict)
+    assert json.loads((out / "result.json").read_text())["ranks"] == 4
     assert (out / "result.h5").stat().st_size > 0
 
 
@@ -112,29 +112,30 @@ def test_sweep_array_and_collect(cluster, workdir):
     submit(cluster, workdir, "slurm/submit_sweep.sh", "small.tsv", *WAIT)
 
     out = job_dir(workdir, "sweep-")
-    for task in range(len(SWEEP)):
-        assert isinstance(json.loads((out / f"{task}.json").read_text()), dict)
+    for task, row in enumerate(SWEEP):
+        result = json.loads((out / f"{task}.json").read_text())
+        assert result["ranks"] == int(row[0]) and result["mesh"] == row[2]  # the row's world
         assert (out / f"{task}.h5").stat().st_size > 0
-    collect.run(collect_args(out, workdir / "sweep.csv"))
+    done = subprocess.run([sys.executable, "-m", "meshmpi", "results", "collect", str(out),
+                           "-o", "sweep.csv"], cwd=workdir, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
     with open(workdir / "sweep.csv", newline="") as f:
-        assert [row["source"] for row in csv.DictReader(f)] == ["0.json", "1.json", "2.json"]
+        table = list(csv.DictReader(f))
+    assert [row["source"] for row in table] == ["0.json", "1.json", "2.json"]
+    assert [row["algo"] for row in table] == [row[3] for row in SWEEP]
 
 
-def collect_args(directory, output):
-    parser = argparse.ArgumentParser()
-    collect.register(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["results", "collect", str(directory), "-o", str(output)])
-
-
-@pytest.mark.parametrize("mode, ranks, expected", [
-    ("strong", "1 2 4", ["strong-1", "strong-2", "strong-4"]),
-    ("weak", "1 4", ["weak-1", "weak-4"]),
-])
-def test_scaling(cluster, workdir, mode, ranks, expected):
+@pytest.mark.parametrize("mode, ranks", [("strong", [1, 2, 4]), ("weak", [1, 4])])
+def test_scaling(cluster, workdir, mode, ranks):
     submit(cluster, workdir, "sbatch", *WAIT, "--ntasks=4", "slurm/scaling.sbatch",
-           MESHMPI_SCALING=mode, MESHMPI_RANKS=ranks, MESHMPI_MESH="4x4", MESHMPI_BASE="2",
-           MESHMPI_TILE="16")
+           MESHMPI_SCALING=mode, MESHMPI_RANKS=" ".join(map(str, ranks)), MESHMPI_MESH="4x4",
+           MESHMPI_BASE="2", MESHMPI_TILE="16")
     out = job_dir(workdir, "scaling-")
-    for name in expected:
-        assert isinstance(json.loads((out / f"{name}.json").read_text()), dict)
-        assert (out / f"{name}.h5").exists()
+    results = [json.loads((out / f"{mode}-{k}.json").read_text()) for k in ranks]
+    assert [result["ranks"] for result in results] == ranks
+    assert all((out / f"{mode}-{k}.h5").exists() for k in ranks)
+    if mode == "strong":  # same mesh: the rank split must not change a modeled number
+        assert {result["modeled_cycles"] for result in results} == {results[0]["modeled_cycles"]}
+    else:  # K ranks, 2x2 cores each
+        assert [result["mesh"] for result in results] == ["2x2", "4x4"]
