@@ -7,8 +7,8 @@ dicts flattened to dotted keys). A ``*.h5`` trace becomes a row only when it has
 no JSON twin (same name, ``.json``): the JSON a command prints already says what
 the run was, the trace is the fallback for jobs run without ``--json``. From a
 trace we read the attributes of ``/meta`` (``*_json`` ones opened up into dotted
-columns) and, per dataset under ``/counters``, its sum and max over cores. Columns are the union over all rows; ``source`` is
-the file's path relative to DIR.
+columns) and, per dataset under ``/counters``, its sum and max over cores.
+Columns are the union over all rows; ``source`` is the file's path relative to DIR.
 
 This is host-side post-processing: serial, no MPI.
 """
