@@ -97,6 +97,13 @@ def check_launch() -> None:
             "built against an MPI that supports it")
 
 
+def _abort(comm, code: int) -> None:
+    """End the whole job. MPI_Abort can return on the calling rank (MPICH under hydra): then
+    leave at once, skipping Python's exit handlers (MPI_Finalize would wait for the others)."""
+    comm.Abort(code)
+    os._exit(code)
+
+
 def run(main, argv=None) -> None:
     """Run a command's ``main(argv) -> int`` and exit; errors end the job on every rank.
 
@@ -114,14 +121,14 @@ def run(main, argv=None) -> None:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             sys.exit(2)
         print(f"error (rank {comm.Get_rank()}): {exc}", file=sys.stderr, flush=True)
-        comm.Abort(2)
+        _abort(comm, 2)
     except KeyboardInterrupt:
-        comm.Abort(130)
+        _abort(comm, 130)
     except SystemExit:
         raise
     except BaseException:
         print(f"error (rank {comm.Get_rank()}): unexpected failure, ending the job", file=sys.stderr)
         traceback.print_exc()
         sys.stderr.flush()
-        comm.Abort(1)
+        _abort(comm, 1)
     sys.exit(code or 0)
