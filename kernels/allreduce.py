@@ -61,8 +61,9 @@ def _chains(mesh, acc, axis, op, name, tag, links_left, links_right, buffers) ->
         for side, links, buf in (("left", links_left, buffers[0]), ("right", links_right, buffers[1])):
             if stage < len(links) and links[stage]:
                 src, dst = zip(*links[stage])
-                pattern = fabric.plan(f"{name}.{tag}.{side}", axis, src, dst,
-                                      group=f"{name}.{tag}.{side}.{axis}")
+                # One schedule's colours serve every allreduce along this axis.
+                pattern = fabric.plan(f"allreduce.{tag}.{side}", axis, src, dst,
+                                      group=f"allreduce.{tag}.{side}.{axis}")
                 started.append((pattern.start(acc, buf), buf, dst))
         for transfer, buf, dst in started:
             transfer.wait()
@@ -91,7 +92,7 @@ def _tree(mesh, acc, axis, op, n_groups, name, root_last=False) -> None:
     for buf in buffers:
         buf.free()
     # Phase 3: the global root multicasts the result back along the line.
-    mesh.fabric.multicast(f"{name}.bcast", axis, roots[centre], group=f"{name}.bcast.{axis}").run(acc)
+    mesh.fabric.multicast("allreduce.bcast", axis, roots[centre], group=f"allreduce.bcast.{axis}").run(acc)
     mesh.step("broadcast")
 
 
@@ -116,7 +117,7 @@ def _ring(mesh, acc, axis, op, name) -> None:
         padded[..., :length] = acc.data.reshape(mesh.block_shape + (-1,))
     out = mesh.alloc(f"{name}.ring.out", (seg,), acc.dtype)
     inc = mesh.alloc(f"{name}.ring.in", (seg,), acc.dtype)
-    step_pattern = mesh.fabric.permutation(f"{name}.ring", axis, ring.send(), group=f"{name}.ring.{axis}")
+    step_pattern = mesh.fabric.permutation("allreduce.ring", axis, ring.send(), group=f"allreduce.ring.{axis}")
     everywhere = np.ones(mesh.block_shape, bool)
     for phase in ("reduce_scatter", "allgather"):
         for t in range(n - 1):

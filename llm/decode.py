@@ -1,0 +1,357 @@
+"""LLaMA decode on an ``R x C`` region with MeshGEMV and a KV cache on the cores (PAPER.md §5-6).
+
+One token at a time. The hidden vector is row-indexed; every GEMV alternates its reduction
+axis (q/k/v fused and gate/up fused reduce along Y, W_O and W_down along X), so there are ten
+allreduces per layer and no transposes. The KV cache keeps tokens on rows and dims on columns:
+
+- ``shift`` (PAPER.md §6): rows stay balanced (counts within one) and in time order; when a
+  token arrives, the rows below the one that grows pass their oldest token one row up over
+  1-hop vertical links, and the last row takes the new token.
+- ``concat`` (the GPU-style baseline): the new token goes to the last row, which fills first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kernels.allreduce import allreduce
+from kernels.gemv import meshgemv, place_vector, read_vector
+from meshmpi import host
+from meshmpi.errors import UsageError
+from meshmpi.mesh import block_offsets
+
+from .layout import DecodeLayout
+
+POLICIES = ("shift", "concat")
+
+
+@dataclass
+class RegionPlan:
+    """How the model spreads over regions of this mesh's size, and the KV capacity."""
+    layers_per_region: int
+    regions: int
+    weight_bytes_per_core: int
+    kv_bytes_per_token_per_core: int
+    per_row_capacity: int
+
+    def capacity(self, policy: str, rows: int, prompt_tokens: int) -> int:
+        if policy == "shift":
+            return rows * self.per_row_capacity
+        first_rows = -(-prompt_tokens // rows) if prompt_tokens else 0
+        return prompt_tokens + max(self.per_row_capacity - first_rows, 0)
+
+
+def plan_regions(layout: DecodeLayout, config, hardware, reserve_bytes: int) -> RegionPlan:
+    """Layers per region: as many as fit beside the LM head, working buffers and one token
+    of KV per layer (a model that does not fit runs as a pipeline of layer groups)."""
+    eb = hardware.element_bytes
+    per_layer = layout.layer_weight_elements() * eb
+    kv_token = 2 * layout.s * eb
+    free = hardware.sram_bytes_per_core - layout.head_elements() * eb - reserve_bytes
+    lpr = min(config.num_hidden_layers, free // (per_layer + kv_token)) if free > 0 else 0
+    if lpr < 1:
+        raise UsageError(f"one layer needs {per_layer:,} B per core but only {max(free, 0):,} B are free "
+                         f"on a {layout.rows}x{layout.cols} region: use a larger --mesh")
+    regions = -(-config.num_hidden_layers // lpr)
+    weights = per_layer * lpr + layout.head_elements() * eb
+    per_row = (hardware.sram_bytes_per_core - weights - reserve_bytes) // (kv_token * lpr)
+    return RegionPlan(int(lpr), int(regions), int(weights), int(kv_token * lpr), int(per_row))
+
+
+@dataclass
+class KVState:
+    """Token counts per row (the same on every rank) and, numerically, the cached tiles."""
+    counts: np.ndarray
+    k: list = field(default_factory=list)   # per simulated layer: (br, bc, capacity, s)
+    v: list = field(default_factory=list)
+
+
+class Decoder:
+    """Runs decode steps of a model on a mesh. ``layers`` simulated (others extrapolated)."""
+
+    def __init__(self, mesh, config, weights, policy: str = "shift", layers: int | None = None,
+                 capacity_tokens: int = 64, allreduce_algo: str = "ktree", groups: int | None = None):
+        if policy not in POLICIES:
+            raise UsageError(f"--kv must be one of {POLICIES}, not {policy!r}")
+        self.mesh, self.config, self.policy = mesh, config, policy
+        self.algo, self.groups = allreduce_algo, groups
+        self.layout = lay = DecodeLayout.for_config(config, mesh.rows, mesh.cols)
+        self.sim_layers = layers or config.num_hidden_layers
+        eb = mesh.hardware.element_bytes
+        reserve = self._scratch_elements(capacity_tokens) * eb
+        self.plan = plan_regions(lay, config, mesh.hardware, reserve)
+        self.capacity_rows = capacity_tokens
+        self._load_weights(weights)
+        self.kv = KVState(np.zeros(mesh.rows, np.int64))
+        if not mesh.dry_run:
+            shape = mesh.block_shape + (capacity_tokens, lay.s)
+            self.kv.k = [np.zeros(shape, np.float32) for _ in range(self.sim_layers)]
+            self.kv.v = [np.zeros(shape, np.float32) for _ in range(self.sim_layers)]
+
+    def _scratch_elements(self, tokens: int) -> int:
+        """Working buffers of one decode step per core (scores, vectors, receive buffers)."""
+        lay = self.layout
+        return (3 * tokens * lay.heads + 6 * (lay.group + 2) * lay.s + 6 * lay.hidden_chunk
+                + 6 * lay.ffn_chunk + 3 * lay.vocab_chunk)
+
+    # ---------------------------------------------------------------- weights
+    def _load_weights(self, weights) -> None:
+        mesh, lay = self.mesh, self.layout
+        shapes = lay.tile_shapes()
+        self.layers = []
+        for index in range(self.sim_layers):
+            tiles = self._layer_tiles(weights.layers[index]) if weights is not None else {}
+            self.layers.append({name: host.scatter(mesh, f"w{index}.{name}", tiles.get(name), shape, np.float32)
+                                for name, shape in shapes.items()})
+        head = {}
+        if weights is not None:
+            head = {"norm": place_vector(weights.norm.astype(np.float32), mesh.rows, mesh.cols, "y"),
+                    "lm_head": lay.place(weights.lm_head.astype(np.float32), "y")}
+        self.norm = host.scatter(mesh, "w.norm", head.get("norm"), (lay.hidden_chunk,), np.float32)
+        self.lm_head = host.scatter(mesh, "w.lm_head", head.get("lm_head"),
+                                    (lay.hidden_chunk, lay.vocab_chunk), np.float32)
+        # The region holds layers_per_region layers; charge them as one resident block.
+        names = [f"w{i}.{n}" for i in range(self.sim_layers) for n in shapes] + ["w.norm", "w.lm_head"]
+        for name in names:
+            mesh.memory.release(name)
+        mesh.memory.charge("weights", self.plan.weight_bytes_per_core)
+
+    def _layer_tiles(self, w) -> dict:
+        lay, mesh = self.layout, self.mesh
+        f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+        return {"norm1": place_vector(f32(w.input_layernorm), mesh.rows, mesh.cols, "y"),
+                "qkv": lay.place(f32(lay.qkv_matrix(w.q_proj, w.k_proj, w.v_proj)), "y"),
+                "o": lay.place(f32(lay.o_matrix(w.o_proj)), "x"),
+                "norm2": place_vector(f32(w.post_attention_layernorm), mesh.rows, mesh.cols, "y"),
+                "gate_up": lay.place(f32(lay.gate_up_matrix(w.gate_proj, w.up_proj)), "y"),
+                "down": lay.place(f32(np.pad(w.down_proj, ((0, lay.ffn_chunk * lay.cols - w.down_proj.shape[0]), (0, 0)))), "x")}
+
+    # ---------------------------------------------------------------- KV cache
+    def load_prompt_cache(self, k_cache, v_cache, tokens: int) -> None:
+        """Place a prefilled cache (per layer [kv_heads, T, head_dim]) with rows balanced."""
+        mesh, lay = self.mesh, self.layout
+        bounds = block_offsets(tokens, mesh.rows) if tokens >= mesh.rows else np.minimum(
+            np.arange(mesh.rows + 1), tokens)
+        self.kv.counts = np.diff(bounds).astype(np.int64)
+        if tokens and self.kv.counts.max() > self.capacity_rows:
+            raise UsageError("prompt does not fit the decode buffers")
+        if not mesh.dry_run and k_cache is not None:
+            slots = lay.kv_index().reshape(lay.cols, lay.s)
+            for layer in range(self.sim_layers):
+                for cache, store in ((k_cache[layer], self.kv.k[layer]), (v_cache[layer], self.kv.v[layer])):
+                    flat = cache.transpose(1, 0, 2).reshape(tokens, -1)          # [T, kv_dim]
+                    for r_local, r in enumerate(mesh.global_rows()):
+                        rows_tokens = flat[bounds[r]:bounds[r + 1]]
+                        for c_local, c in enumerate(mesh.global_cols()):
+                            idx = slots[c]
+                            store[r_local, c_local, :rows_tokens.shape[0]] = np.where(
+                                idx >= 0, rows_tokens[:, np.maximum(idx, 0)], 0.0)
+        self._charge_kv()
+
+    def _charge_kv(self) -> None:
+        mesh = self.mesh
+        per_core = self.kv.counts[mesh.row_start:mesh.row_stop, None] * self.plan.kv_bytes_per_token_per_core
+        mesh.memory.charge("kv_cache", np.broadcast_to(per_core, mesh.block_shape))
+
+    def _append(self) -> None:
+        """Make room for a new token under the policy (its k, v then go to the last row)."""
+        mesh, counts, rows = self.mesh, self.kv.counts, self.mesh.rows
+        total = int(counts.sum())
+        if self.policy == "shift" and rows > 1:
+            grow = total % rows                  # the row that gains a token
+            if grow < rows - 1:
+                self._pass_oldest_up(grow)
+            counts[grow] += 1
+        else:
+            grow = rows - 1
+            counts[grow] += 1
+        if counts.max() > self.capacity_rows:
+            raise UsageError("decode buffers exhausted: raise the capacity (--max-new-tokens sizes it)")
+        self._charge_kv()
+
+    def _pass_oldest_up(self, grow: int) -> None:
+        """Rows below ``grow`` hand their oldest token to the row above (1 hop, all in parallel)."""
+        mesh, lay, counts = self.mesh, self.layout, self.kv.counts
+        layers = max(self.plan.layers_per_region, self.sim_layers)
+        out = mesh.alloc("kv.shift.out", (layers, 2, lay.s), np.float32)
+        inc = mesh.alloc("kv.shift.in", out.tile_shape, np.float32)
+        rows = mesh.global_rows()
+        movers = rows > grow
+        if not mesh.dry_run:
+            for layer in range(self.sim_layers):
+                out.data[:, :, layer, 0] = self.kv.k[layer][:, :, 0]
+                out.data[:, :, layer, 1] = self.kv.v[layer][:, :, 0]
+        mesh.fabric.shift("kv.shift", "y", -1, lo=grow, hi=mesh.rows).run(out, inc)
+        if not mesh.dry_run:
+            for layer in range(self.sim_layers):
+                for store, which in ((self.kv.k[layer], 0), (self.kv.v[layer], 1)):
+                    store[movers, :, :-1] = store[movers, :, 1:]
+                    for r_local, r in enumerate(rows):
+                        if grow <= r < mesh.rows - 1:   # receives the next row's oldest
+                            slot = counts[r] - (1 if r > grow else 0)
+                            store[r_local, :, slot] = inc.data[r_local, :, layer, which]
+        out.free()
+        inc.free()
+
+    # ---------------------------------------------------------------- one token
+    def _rope(self, position: int):
+        """cos/sin per kv slot of this block's columns: shape (block_cols, s)."""
+        from .reference import rope_inv_freq
+        lay, mesh = self.layout, self.mesh
+        angle = position * rope_inv_freq(self.config).astype(np.float64)[lay.slot_freq]
+        angle = angle.reshape(lay.cols, lay.s)[mesh.col_start:mesh.col_stop]
+        return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+    @staticmethod
+    def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """RoPE on side-by-side pairs (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+        first, second = x[..., 0::2], x[..., 1::2]
+        c, s = cos[..., 0::2], sin[..., 0::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = first * c - second * s
+        out[..., 1::2] = second * c + first * s
+        return out
+
+    def _rms_norm(self, x, weight, name: str):
+        """RMSNorm of a row-indexed vector: local sum of squares, allreduce along Y, scale."""
+        mesh, eps = self.mesh, self.config.rms_norm_eps
+        total = mesh.alloc(f"{name}.ss", (1,), np.float32)
+        if not mesh.dry_run:
+            total.data[..., 0] = np.einsum("rci,rci->rc", x.data, x.data)
+        mesh.compute(2 * x.tile_elements)
+        allreduce(mesh, total, "y", "sum", self.algo, self.groups, name=f"{name}.allreduce")
+        out = mesh.alloc(f"{name}.out", x.tile_shape, np.float32)
+        if not mesh.dry_run:
+            scale = 1.0 / np.sqrt(total.data / np.float32(self.config.hidden_size) + np.float32(eps))
+            out.data[...] = x.data * scale * weight.data
+        mesh.compute(3 * x.tile_elements)
+        total.free()
+        return out
+
+    def _layer(self, index: int, x, position: int):
+        """One decoder layer (PAPER.md §5 table); returns the new row-indexed hidden and new k, v."""
+        mesh, lay, w = self.mesh, self.layout, self.layers[index]
+        g, s, kvh = lay.group, lay.s, lay.kv_heads
+        tag = f"layer{index}"
+        xn = self._rms_norm(x, w["norm1"], f"{tag}.norm1")
+        qkv = meshgemv(mesh, xn, w["qkv"], "y", self.algo, self.groups, name=f"{tag}.qkv")
+        xn.free()
+        k_new = v_new = None
+        if not mesh.dry_run:
+            cos, sin = self._rope(position)
+            parts = qkv.data.reshape(mesh.block_shape + (g + 2, s))
+            q = self._rotate(parts[:, :, :g], cos[None, :, None, :], sin[None, :, None, :])
+            k_new = self._rotate(parts[:, :, g], cos[None], sin[None])
+            v_new = parts[:, :, g + 1].copy()
+        mesh.compute(6 * (g + 1) * s)
+        qkv.free()
+        return (q, k_new, v_new) if not mesh.dry_run else (None, None, None)
+
+    def _attend(self, index: int, q, x, position: int):
+        """Scores against the cache (allreduce X), softmax (allreduce Y twice), p·V (allreduce Y),
+        then W_O (reduce X), residual; then the FFN with its two GEMVs."""
+        mesh, lay, w = self.mesh, self.layout, self.layers[index]
+        g, s, kvh, heads = lay.group, lay.s, lay.kv_heads, lay.heads
+        tag = f"layer{index}"
+        cap = int(self.kv.counts.max())
+        counts = self.kv.counts[mesh.row_start:mesh.row_stop]
+        scores = mesh.alloc(f"{tag}.scores", (cap * heads,), np.float32)
+        cols = slice(mesh.col_start * s, mesh.col_stop * s)
+        slot_head = lay.slot_head[cols].reshape(-1, s)                     # (bc, s)
+        if not mesh.dry_run:
+            onehot = (slot_head[:, :, None] == np.arange(kvh)).astype(np.float32)  # (bc, s, kvh)
+            keys = self.kv.k[index][:, :, :cap]
+            part = np.einsum("rcts,rcas,csh->rctha", keys, q, onehot, optimize=True)
+            scores.data[...] = part.reshape(scores.data.shape)
+        mesh.compute(2 * cap * g * s)
+        allreduce(mesh, scores, "x", "sum", self.algo, self.groups, name=f"{tag}.scores")
+        valid = np.arange(cap)[None, :] < counts[:, None]                  # (br, cap)
+        peak = mesh.alloc(f"{tag}.max", (heads,), np.float32)
+        total = mesh.alloc(f"{tag}.sum", (heads,), np.float32)
+        if not mesh.dry_run:
+            sc = scores.data.reshape(mesh.block_shape + (cap, heads)) / np.float32(np.sqrt(lay.head_dim))
+            sc = np.where(valid[:, None, :, None], sc, np.float32(-np.inf))
+            peak.data[...] = np.where(valid.any(1)[:, None, None], sc.max(axis=2), np.float32(-3e38))
+        mesh.compute(cap * heads)
+        allreduce(mesh, peak, "y", "max", self.algo, self.groups, name=f"{tag}.softmax_max")
+        if not mesh.dry_run:
+            e = np.where(valid[:, None, :, None], np.exp(sc - peak.data[:, :, None, :]), np.float32(0))
+            total.data[...] = e.sum(axis=2)
+        mesh.compute(3 * cap * heads)
+        allreduce(mesh, total, "y", "sum", self.algo, self.groups, name=f"{tag}.softmax_sum")
+        o = mesh.alloc(f"{tag}.o", (g * s,), np.float32)
+        if not mesh.dry_run:
+            p = (e / total.data[:, :, None, :]).reshape(mesh.block_shape + (cap, kvh, g))
+            p_full = np.stack([np.take_along_axis(p[..., a], np.broadcast_to(
+                np.maximum(slot_head, 0)[None, :, None, :], p.shape[:3] + (s,)), axis=3) for a in range(g)], 3)
+            values = self.kv.v[index][:, :, :cap]
+            o.data[...] = np.einsum("rcts,rctas->rcas", values, p_full * (slot_head >= 0)[None, :, None, None, :]
+                                    ).reshape(o.data.shape)
+        mesh.compute(2 * cap * g * s)
+        allreduce(mesh, o, "y", "sum", self.algo, self.groups, name=f"{tag}.pv")
+        for buf in (scores, peak, total):
+            buf.free()
+        attn = meshgemv(mesh, o, w["o"], "x", self.algo, self.groups, name=f"{tag}.o_proj")
+        o.free()
+        self._add_into(x, attn)
+        attn.free()
+        xn = self._rms_norm(x, w["norm2"], f"{tag}.norm2")
+        gate_up = meshgemv(mesh, xn, w["gate_up"], "y", self.algo, self.groups, name=f"{tag}.gate_up")
+        xn.free()
+        f = lay.ffn_chunk
+        act = mesh.alloc(f"{tag}.act", (f,), np.float32)
+        if not mesh.dry_run:
+            gate, up = gate_up.data[..., :f], gate_up.data[..., f:]
+            act.data[...] = gate / (1.0 + np.exp(-gate)) * up
+        mesh.compute(5 * f)
+        gate_up.free()
+        down = meshgemv(mesh, act, w["down"], "x", self.algo, self.groups, name=f"{tag}.down")
+        act.free()
+        self._add_into(x, down)
+        down.free()
+
+    def _add_into(self, x, y) -> None:
+        if not self.mesh.dry_run:
+            x.data += y.data
+        self.mesh.compute(x.tile_elements)
+
+    def step(self, embedding: np.ndarray | None, position: int):
+        """Decode one token: returns (logits on the host or None in a dry run, cycles per simulated layer)."""
+        mesh, lay = self.mesh, self.layout
+        tiles = None if embedding is None else place_vector(
+            np.asarray(embedding, np.float32), mesh.rows, mesh.cols, "y")
+        x = host.scatter(mesh, "hidden", tiles, (lay.hidden_chunk,), np.float32)
+        layer_cycles = []
+        with mesh.phase(f"decode.pos{position}"):
+            for index in range(self.sim_layers):
+                start = mesh.modeled_cycles()
+                with mesh.phase(f"layer{index}"):
+                    q, k_new, v_new = self._layer(index, x, position)
+                    # the new token joins the cache before attention (it attends to itself)
+                    if index == 0:
+                        self._append()
+                    self._store_new(index, k_new, v_new)
+                    self._attend(index, q, x, position)
+                layer_cycles.append(mesh.modeled_cycles() - start)
+            start = mesh.modeled_cycles()
+            with mesh.phase("lm_head"):
+                xn = self._rms_norm(x, self.norm, "final_norm")
+                logits = meshgemv(mesh, xn, self.lm_head, "y", self.algo, self.groups, name="lm_head")
+                xn.free()
+            head_cycles = mesh.modeled_cycles() - start
+        x.free()
+        result = None
+        if not mesh.dry_run:
+            result = read_vector(host.gather(mesh, logits), "x", self.config.vocab_size)
+        logits.free()
+        return result, layer_cycles, head_cycles
+
+    def _store_new(self, index: int, k_new, v_new) -> None:
+        """Write layer ``index``'s new k, v into the last row's newest slot."""
+        mesh, last = self.mesh, self.mesh.rows - 1
+        if mesh.dry_run or not (mesh.row_start <= last < mesh.row_stop):
+            return
+        r, slot = last - mesh.row_start, self.kv.counts[last] - 1
+        self.kv.k[index][r, :, slot] = k_new[r]
+        self.kv.v[index][r, :, slot] = v_new[r]

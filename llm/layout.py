@@ -1,0 +1,115 @@
+"""Where a LLaMA model's numbers live on an ``R x C`` decode region (PAPER.md §5).
+
+"row-indexed" vectors: chunk i on every core of row i; "column-indexed": chunk j on every
+core of column j. Consecutive MeshGEMVs alternate the reduction axis, so no vector is ever
+transposed; W_O and W_down use the transposed placement.
+
+Attention dims are laid out per column: column j holds a slice of ``s`` key/value dims
+(``(kv head, offset)`` pairs) and, for each of the ``group`` query heads sharing a kv head,
+the query dims at the same offsets; so q·k and p·V need no data from other columns.
+Inside each head the dims are reordered so RoPE's rotate-half pairs (o, o + head_dim/2) sit
+side by side and never straddle two cores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.gemv import place_matrix
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class DecodeLayout:
+    rows: int
+    cols: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+
+    @classmethod
+    def for_config(cls, config, rows: int, cols: int) -> "DecodeLayout":
+        return cls(rows, cols, config.hidden_size, config.num_attention_heads,
+                   config.num_key_value_heads, config.head_dim, config.intermediate_size,
+                   config.vocab_size)
+
+    def __post_init__(self):
+        self.group = self.heads // self.kv_heads
+        kv_dim = self.kv_heads * self.head_dim
+        self.s = 2 * ceil_div(kv_dim, 2 * self.cols)            # kv dims per column, even
+        self.hidden_chunk = ceil_div(self.hidden, self.rows)     # row-indexed hidden
+        self.ffn_chunk = ceil_div(self.ffn, self.cols)
+        self.vocab_chunk = ceil_div(self.vocab, self.cols)
+        half = self.head_dim // 2
+        pair_order = np.stack([np.arange(half), np.arange(half) + half], 1).ravel()
+        # kv slot t (over all columns) -> (kv head, offset in head) or -1 for padding
+        slots = self.cols * self.s
+        kv_head = np.full(slots, -1)
+        offset = np.full(slots, -1)
+        kv_head[:kv_dim] = np.repeat(np.arange(self.kv_heads), self.head_dim)
+        offset[:kv_dim] = np.tile(pair_order, self.kv_heads)
+        self.slot_head, self.slot_offset = kv_head, offset
+        # rotary frequency index of each slot (pairs share one)
+        self.slot_freq = np.where(offset >= 0, offset % half, 0)
+
+    # ---------------------------------------------------------------- index maps
+    def kv_index(self) -> np.ndarray:
+        """Per slot, the column of a [*, kv_heads*head_dim] matrix (-1: padding)."""
+        return np.where(self.slot_head >= 0, self.slot_head * self.head_dim + self.slot_offset, -1)
+
+    def q_index(self) -> np.ndarray:
+        """[cols, group, s]: the q dim (head*head_dim + offset) each q slot holds (-1: padding)."""
+        heads = self.slot_head.reshape(self.cols, 1, self.s) * self.group + np.arange(self.group)[None, :, None]
+        offs = np.broadcast_to(self.slot_offset.reshape(self.cols, 1, self.s), heads.shape)
+        return np.where(offs >= 0, heads * self.head_dim + offs, -1)
+
+    # ---------------------------------------------------------------- host placement
+    @staticmethod
+    def _take_cols(w: np.ndarray, index: np.ndarray) -> np.ndarray:
+        out = np.zeros((w.shape[0], index.size), w.dtype)
+        keep = index >= 0
+        out[:, keep] = w[:, index[keep]]
+        return out
+
+    def qkv_matrix(self, wq, wk, wv) -> np.ndarray:
+        """Fused [hidden, cols*(group+2)*s]: column block j = [q slots, k slots, v slots]."""
+        q = self._take_cols(wq, self.q_index().ravel()).reshape(-1, self.cols, self.group * self.s)
+        kv = self.kv_index()
+        k = self._take_cols(wk, kv).reshape(-1, self.cols, self.s)
+        v = self._take_cols(wv, kv).reshape(-1, self.cols, self.s)
+        return np.concatenate([q, k, v], axis=2).reshape(wq.shape[0], -1)
+
+    def o_matrix(self, wo) -> np.ndarray:
+        """W_O rows in q-slot order: [cols*group*s, hidden]."""
+        return self._take_cols(wo.T, self.q_index().ravel()).T
+
+    def gate_up_matrix(self, wg, wu) -> np.ndarray:
+        """Fused [hidden, cols*2*ffn_chunk]: column block j = [gate chunk j, up chunk j]."""
+        f = self.ffn_chunk * self.cols
+        pad = lambda w: np.pad(w, ((0, 0), (0, f - w.shape[1])))  # noqa: E731
+        g, u = pad(wg).reshape(-1, self.cols, self.ffn_chunk), pad(wu).reshape(-1, self.cols, self.ffn_chunk)
+        return np.concatenate([g, u], axis=2).reshape(wg.shape[0], -1)
+
+    def place(self, matrix: np.ndarray, reduce_axis: str) -> np.ndarray:
+        return place_matrix(matrix, self.rows, self.cols, reduce_axis)
+
+    # ---------------------------------------------------------------- tile shapes
+    def tile_shapes(self) -> dict:
+        """Per-core tile shape of each weight of one layer (and the LM head)."""
+        h, s, g, f = self.hidden_chunk, self.s, self.group, self.ffn_chunk
+        return {"norm1": (h,), "qkv": (h, (g + 2) * s), "o": (g * s, h), "norm2": (h,),
+                "gate_up": (h, 2 * f), "down": (f, h)}
+
+    def layer_weight_elements(self) -> int:
+        return sum(int(np.prod(shape)) for shape in self.tile_shapes().values())
+
+    def head_elements(self) -> int:
+        """Final norm and LM head per core."""
+        return self.hidden_chunk + self.hidden_chunk * self.vocab_chunk
