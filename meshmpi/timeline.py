@@ -21,6 +21,7 @@ class Timeline:
         self.phases: list[dict] = []
         self.steps: list[dict] = []
         self._open: list[int] = []
+        self._outer_marks: list[tuple] = []  # the enclosing phase's step mark, per open phase
         self._step_mark = None
         self._hops_since_step = 0
         self._hops_by_phase: dict[int, int] = {}
@@ -37,6 +38,7 @@ class Timeline:
                                 wall_start=time.perf_counter(), start_counts=(messages, nbytes, flops),
                                 max_hops=0))
         self._open.append(len(self.phases) - 1)
+        self._outer_marks.append((self._step_mark, self._hops_since_step))
         self._step_mark = (clock, messages, nbytes, flops)
         self._hops_since_step = 0
 
@@ -47,6 +49,9 @@ class Timeline:
         m0, b0, f0 = phase.pop("start_counts")
         phase.update(end_cycles=clock, wall_seconds=time.perf_counter() - phase.pop("wall_start"),
                      messages=messages - m0, bytes=nbytes - b0, flops=flops - f0)
+        # The enclosing phase's current step goes on from its own mark, the inner phase included.
+        self._step_mark, hops = self._outer_marks.pop()
+        self._hops_since_step = max(hops, phase["max_hops"])
         if self._open:
             outer = self.phases[self._open[-1]]
             outer["max_hops"] = max(outer["max_hops"], phase["max_hops"])
