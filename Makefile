@@ -25,7 +25,7 @@ run: $(STAMP)
 test: $(STAMP) test-serial test-mpi test-slurm
 
 test-serial: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slurm" tests
 
 test-mpi: $(STAMP)
 	$(MPIEXEC) -n 1 $(MPI_PYTEST)

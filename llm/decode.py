@@ -355,3 +355,28 @@ class Decoder:
         r, slot = last - mesh.row_start, self.kv.counts[last] - 1
         self.kv.k[index][r, :, slot] = k_new[r]
         self.kv.v[index][r, :, slot] = v_new[r]
+
+    # ---------------------------------------------------------------- around the steps
+    def logits_from(self, hidden: np.ndarray | None):
+        """Logits of an already final-normed hidden vector (the prefill's last token): the LM head GEMV."""
+        mesh, lay = self.mesh, self.layout
+        tiles = None if hidden is None else place_vector(np.asarray(hidden, np.float32), mesh.rows, mesh.cols, "y")
+        x = host.scatter(mesh, "hidden", tiles, (lay.hidden_chunk,), np.float32)
+        with mesh.phase("lm_head"):
+            logits = meshgemv(mesh, x, self.lm_head, "y", self.algo, self.groups, name="lm_head")
+        x.free()
+        result = None if mesh.dry_run else read_vector(host.gather(mesh, logits), "x", self.config.vocab_size)
+        logits.free()
+        return result
+
+    def relayout_cycles(self, tokens: int) -> float:
+        """Modeled cost of moving the prefilled KV cache into the decode layout (closed form):
+        the farthest core's share crosses the region (alpha per hop) at one link's bandwidth."""
+        hw, lay = self.mesh.hardware, self.layout
+        per_core = int(self.kv.counts.max()) * self.plan.kv_bytes_per_token_per_core
+        return hw.alpha_cycles_per_hop * (lay.rows + lay.cols) + per_core / hw.link_bytes_per_cycle
+
+    def region_hop_cycles(self) -> float:
+        """Handing the hidden vector to the next region of layers: across a region, one chunk per link."""
+        hw, lay = self.mesh.hardware, self.layout
+        return hw.alpha_cycles_per_hop * lay.rows + lay.hidden_chunk * hw.element_bytes / hw.link_bytes_per_cycle

@@ -81,10 +81,10 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def say(*parts, file=None) -> None:
+def say(*parts, file=None, end="\n") -> None:
     """print on rank 0 only."""
     if world_rank() == 0:
-        print(*parts, file=file or sys.stdout, flush=True)
+        print(*parts, file=file or sys.stdout, end=end, flush=True)
 
 
 def check_launch() -> None:

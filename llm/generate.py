@@ -1,0 +1,255 @@
+"""``python -m llm generate``: prefill a prompt with MeshGEMM, decode with MeshGEMV, stream tokens."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from meshmpi import cli
+from meshmpi.errors import MeshmpiError, UsageError
+from meshmpi.mesh import parse_grid
+from meshmpi.trace import write_trace
+
+from .checkpoint import load_checkpoint, resolve_model_dir
+from .config import LlamaConfig
+from .decode import POLICIES, Decoder
+from .errors import ModelError
+from .presets import PRESET_NAMES as PRESETS, preset
+from .tokenizer import load_tokenizer
+
+EXAMPLES = """\
+  mpiexec -n 4 python -m llm generate --model tiny --prompt "The meaning of" --max-new-tokens 24 --mesh 4x4
+  mpiexec -n 2 python -m llm generate --model tiny --prompt-ids 1,2,3 --max-new-tokens 8 --mesh 3x5 --check --json
+  python -m llm generate --model llama3-8b --dry-run --prompt-len 4096 --max-new-tokens 2 --mesh 420x420
+  python -m llm generate --model ./my-llama --prompt "Hello" --kv concat --mesh 8x8 --trace run.h5
+"""
+
+
+class CheckError(MeshmpiError):
+    """The mesh and the reference disagree (raised identically on every rank)."""
+
+    collective = True
+
+
+def build_parser():
+    p = cli.parser("python -m llm", "LLaMA inference on the emulated wafer.", EXAMPLES)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate tokens from a prompt", epilog="examples:\n" + EXAMPLES,
+                       formatter_class=p.formatter_class)
+    g.add_argument("--model", default="tiny", help=f"tiny, a preset ({', '.join(PRESETS)}) or a HF directory")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    src.add_argument("--prompt-len", type=int, help="a prompt of N tokens without text (for dry runs)")
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--ignore-eos", action="store_true", help="keep going after an end-of-sequence token")
+    g.add_argument("--mesh", default="4x4", metavar="ROWSxCOLS", help="the decode region (default 4x4)")
+    g.add_argument("--prefill-mesh", metavar="NxN", help="the (square) prefill region (default: the largest square in --mesh)")
+    g.add_argument("--kv", choices=POLICIES, default="shift", help="KV cache policy (default shift)")
+    g.add_argument("--allreduce", choices=("ktree", "pipeline", "ring"), default="ktree")
+    g.add_argument("--groups", type=int, help="K-tree groups per line (default about sqrt(N))")
+    g.add_argument("--layers", type=int, help="layers to simulate (default all; presets: 1, extrapolated)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--save-logits", metavar="FILE.npy", help="write the [new_tokens, vocab] float32 logits")
+    g.add_argument("--check", action="store_true", help="run the numpy reference alongside; fail on any mismatch")
+    cli.add_hardware_options(g)
+    cli.add_run_options(g)
+    g.set_defaults(func=generate)
+    return p
+
+
+def _load_model(args):
+    """(config, weights or None, tokenizer or None)."""
+    if args.model in PRESETS:
+        if not args.dry_run:
+            raise UsageError(f"preset {args.model} has shapes only: add --dry-run, or give a checkpoint directory")
+        return preset(args.model), None, None
+    try:
+        directory = resolve_model_dir(args.model)
+        weights = None if args.dry_run else load_checkpoint(directory)
+        config = weights.config if weights is not None else LlamaConfig.from_file(directory / "config.json")
+        return config, weights, load_tokenizer(directory, config.bos_token_id)
+    except ModelError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _prompt_ids(args, config, tokenizer) -> list[int]:
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise UsageError("this model has no tokenizer.json: give --prompt-ids or --prompt-len")
+        ids = tokenizer.encode(args.prompt)
+    elif args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise UsageError(f"--prompt-ids expects comma-separated integers, got {args.prompt_ids!r}") from None
+    else:
+        n = args.prompt_len if args.prompt_len is not None else 8
+        if n < 1:
+            raise UsageError("--prompt-len must be at least 1")
+        ids = [int(i) for i in np.random.default_rng(args.seed).integers(0, config.vocab_size, n)]
+    if not ids:
+        raise UsageError("the prompt is empty")
+    bad = [i for i in ids if not 0 <= i < config.vocab_size]
+    if bad:
+        raise UsageError(f"token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+    return ids
+
+
+def _choose(logits: np.ndarray, args, rng) -> int:
+    if args.temperature <= 0:
+        return int(np.argmax(logits))
+    z = (logits - logits.max()) / args.temperature
+    p = np.exp(z) / np.exp(z).sum()
+    order = np.argsort(-p)
+    keep = order[: int(np.searchsorted(np.cumsum(p[order]), args.top_p) + 1)]
+    return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, target)
+
+
+def generate(args) -> int:
+    t_start = time.perf_counter()
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    config, weights, tokenizer = _load_model(args)
+    ids = _prompt_ids(args, config, tokenizer)
+    rows, cols = parse_grid(args.mesh)
+    side = parse_grid(args.prefill_mesh, "prefill-mesh") if args.prefill_mesh else (min(rows, cols),) * 2
+    if side[0] != side[1]:
+        raise UsageError(f"--prefill-mesh must be square (MeshGEMM prefill), got {args.prefill_mesh}")
+    sim_layers = args.layers or (1 if args.model in PRESETS else config.num_hidden_layers)
+    if not 1 <= sim_layers <= config.num_hidden_layers:
+        raise UsageError(f"--layers must be in 1..{config.num_hidden_layers}")
+    hardware = cli.hardware_from_args(args)
+    scale = config.num_hidden_layers / sim_layers
+
+    from .prefill import prefill
+    pmesh = cli.mesh_from_args(args, side[0], side[1], hardware)
+    pre = prefill(pmesh, config, weights, ids if weights is not None else len(ids), layers=sim_layers)
+    prefill_cycles = pre.modeled_cycles + (scale - 1) * pre.cycles_per_layer * sim_layers
+    pmesh.free()
+
+    mesh = cli.mesh_from_args(args, rows, cols, hardware)
+    total = len(ids) + args.max_new_tokens
+    capacity = total if args.kv == "concat" else -(-total // rows) + 1
+    decoder = Decoder(mesh, config, weights, args.kv, sim_layers, capacity, args.allreduce, args.groups)
+    decoder.load_prompt_cache(pre.k_cache, pre.v_cache, len(ids))
+    relayout_cycles = decoder.relayout_cycles(len(ids))
+    plan = decoder.plan
+
+    rng = np.random.default_rng(args.seed)
+    tokens, all_logits, step_cycles, layer_cycles = [], [], [], None
+    stream = tokenizer.stream() if tokenizer is not None and not args.json else None
+    bar = _progress(args, mesh)
+    logits = decoder.logits_from(pre.last_hidden)
+    eos = set(config.eos_token_ids)
+    for index in range(args.max_new_tokens):
+        token = _choose(logits, args, rng) if logits is not None else 0
+        tokens.append(token)
+        if logits is not None:
+            all_logits.append(logits.astype(np.float32))
+        if stream is not None:
+            cli.say(stream.push(token), end="")
+        if bar is not None:
+            bar.update(1)
+        if (token in eos and not args.ignore_eos and logits is not None) or index == args.max_new_tokens - 1:
+            break
+        position = len(ids) + index
+        embedding = None if weights is None else weights.embed[token]
+        logits, cycles, head = decoder.step(embedding, position)
+        layer_cycles = layer_cycles or cycles
+        step_cycles.append(sum(cycles) * scale + head + (plan.regions - 1) * decoder.region_hop_cycles())
+    if bar is not None:
+        bar.close()
+    if stream is not None:
+        cli.say(stream.flush())
+
+    if args.check:
+        _check(config, weights, ids, tokens, all_logits, args)
+    clock = hardware.clock_hz
+    per_token = float(np.mean(step_cycles)) if step_cycles else None
+    report = {
+        "model": args.model, "mesh": f"{rows}x{cols}", "prefill_mesh": f"{side[0]}x{side[1]}",
+        "dry_run": bool(args.dry_run), "hardware": hardware.name, "ranks": mesh.size,
+        "tokens": tokens if weights is not None else [],
+        "text": tokenizer.decode(tokens) if tokenizer is not None and weights is not None else None,
+        "prompt_tokens": len(ids), "new_tokens": len(tokens), "kv_policy": args.kv,
+        "modeled_prefill_seconds": (prefill_cycles + relayout_cycles) / clock,
+        "modeled_prefill_cycles": prefill_cycles, "modeled_relayout_cycles": relayout_cycles,
+        "modeled_decode_cycles_per_token": per_token,
+        "modeled_decode_tokens_per_s": clock / per_token if per_token else None,
+        "modeled_cycles_per_layer": layer_cycles[0] if layer_cycles else None,
+        "layers_simulated": sim_layers, "layers_per_region": plan.layers_per_region, "regions": plan.regions,
+        "kv_capacity_tokens": plan.capacity(args.kv, rows, len(ids)),
+        "kv_tokens_per_row": decoder.kv.counts.tolist(),
+        "peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0)))),
+        "routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
+        "checked": bool(args.check), "wall_seconds": time.perf_counter() - t_start,
+    }
+    if args.save_logits and weights is not None and mesh.rank == 0:
+        _save_npy(args.save_logits, np.stack(all_logits).astype(np.float32))
+    if args.trace:
+        write_trace(mesh, args.trace, kind="generate", result=report)
+    if args.json:
+        cli.print_json(report)
+    else:
+        cli.say(_format(report))
+    return 0
+
+
+def _progress(args, mesh):
+    if args.json or mesh.rank != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=args.max_new_tokens, desc="decode", unit="tok", leave=False)
+
+
+def _check(config, weights, ids, tokens, logits, args) -> None:
+    if weights is None:
+        raise UsageError("--check needs weights (not a dry run)")
+    from .reference import ReferenceModel
+    ref_tokens, ref_logits = ReferenceModel(config, weights).generate(
+        ids, len(tokens), eos=[] if args.ignore_eos else None, ignore_eos=True)
+    worst = float(np.abs(np.stack(logits) - ref_logits[: len(logits)]).max())
+    if args.temperature <= 0 and ref_tokens[: len(tokens)] != tokens:
+        first = next(i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b)
+        raise CheckError(f"check failed: token {first} is {tokens[first]} on the mesh but "
+                         f"{ref_tokens[first]} in the reference (max logit difference {worst:.3g})")
+    if worst > 1e-4 * max(1.0, float(np.abs(ref_logits).max())):
+        raise CheckError(f"check failed: logits differ from the reference by up to {worst:.3g}")
+    cli.say(f"check: {len(tokens)} tokens identical to the numpy reference, logits within {worst:.2g}",
+            file=sys.stderr)
+
+
+def _format(r: dict) -> str:
+    lines = []
+    if r["text"] is not None:
+        lines.append(f"text: {r['text']}")
+    elif r["tokens"]:
+        lines.append(f"tokens: {r['tokens']}")
+    rate = r["modeled_decode_tokens_per_s"]
+    lines += [f"{r['model']} on {r['mesh']} (prefill {r['prefill_mesh']}, {r['hardware']}, {r['ranks']} ranks"
+              f"{', dry run' if r['dry_run'] else ''}), KV {r['kv_policy']}",
+              f"  prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new",
+              f"  modeled prefill   {r['modeled_prefill_seconds'] * 1e3:.4f} ms",
+              f"  modeled decode    " + (f"{rate:,.0f} tokens/s per request "
+                                         f"({r['modeled_cycles_per_layer']:,.0f} cycles per layer)" if rate else "n/a (one token)"),
+              f"  regions           {r['regions']} x {r['layers_per_region']} layers",
+              f"  KV capacity       {r['kv_capacity_tokens']:,} tokens ({r['kv_policy']})",
+              f"  peak memory       {r['peak_bytes_per_core']:,} B per core",
+              f"  wall time         {r['wall_seconds']:.2f} s"]
+    return "\n".join(lines)
