@@ -36,9 +36,9 @@ def scatter(mesh, name: str, tiles: np.ndarray | None, tile_shape=None, dtype=No
     array (e.g. from the same seed); otherwise only ``root`` passes it and it is broadcast.
     In a dry run ``tiles`` may be None: give ``tile_shape`` and ``dtype``.
     """
-    if tiles is not None or (root is not None and not mesh.dry_run):
-        if root is not None:
-            tiles = mesh.cart.bcast(tiles if mesh.rank == root else None, root=root)
+    if root is not None and not mesh.dry_run:  # every rank joins the broadcast, or none does
+        tiles = mesh.cart.bcast(tiles if mesh.rank == root else None, root=root)
+    if tiles is not None:
         tile_shape, dtype = tiles.shape[2:], tiles.dtype
     arr = mesh.alloc(name, tile_shape, dtype, fill=None)
     if not mesh.dry_run:
