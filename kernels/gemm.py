@@ -151,8 +151,8 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm"):
         for step in range(L):
             last = step == L - 1
             sends = [] if last else [shift_a.start(a, a_next), shift_b.start(b, b_next)]
-            label = plan.label_at(rows, cols, step)
             if not mesh.dry_run:
+                label = plan.label_at(rows, cols, step)
                 a_part = _pick_chunk(a.data, label // C, 3, L // C)
                 b_part = _pick_chunk(b.data, label // R, 2, L // R)
                 c.data += np.matmul(a_part, b_part)
@@ -187,8 +187,8 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t"):
     shift_b = mesh.fabric.permutation(f"{name}.shift.y", "y", plan.ring_y.send())
     with mesh.phase(f"{name}.compute_shift"):
         for step in range(L):
-            label = plan.label_at(rows, cols, step)
             if not mesh.dry_run:
+                label = plan.label_at(rows, cols, step)
                 b_part = _pick_chunk(b.data, label // R, 2, L // R)
                 update = np.matmul(a.data, np.swapaxes(b_part, -1, -2))
                 out = partial.data.reshape(partial.data.shape[:3] + (L // C, s))

@@ -56,8 +56,11 @@ class LinePattern:
 
     ``multicast``: deliveries sharing a source are one message on a pass-through route that
     drops a copy at every destination. ``relay``: unicasts are forwarded in software by every
-    intermediate core (beta each) instead of on a pass-through route. ``group``: patterns of
-    one group reuse the same routes (steps of one schedule).
+    intermediate core (beta each) instead of on a pass-through route. ``multicast`` and
+    ``relay`` together: a software chain from each source, in which every core on the way
+    receives the message, keeps a copy and forwards it one hop (beta each); it needs only
+    1-hop routes (a receive and a send route per router) and each link carries it once.
+    ``group``: patterns of one group reuse the same routes (steps of one schedule).
     """
 
     def __init__(self, fabric: "Fabric", name: str, axis: str, src, dst, *,
@@ -75,8 +78,6 @@ class LinePattern:
             raise ValueError(f"pattern {name!r}: a core cannot send to itself")
         if np.unique(dst).size != dst.size:
             raise ValueError(f"pattern {name!r}: a core may receive at most one delivery")
-        if multicast and relay:
-            raise ValueError("a multicast uses a pass-through route, it cannot be relayed")
         self.fabric, self.mesh, self.name, self.axis, self.n = fabric, mesh, name, axis, n
         self.src, self.dst, self.multicast, self.relay = src, dst, multicast, relay
         self.group = group or name
@@ -102,9 +103,17 @@ class LinePattern:
             for s in np.unique(self.src):
                 targets = self.dst[self.src == s]
                 lo, hi = min(int(targets.min()), int(s)), max(int(targets.max()), int(s))
-                self.messages_sent[s] += 1
-                self.hops_sent[s] += hi - lo
-                self.routes[lo:hi + 1] += 1
+                if self.relay:  # a chain of 1-hop deliveries, each with its own two routes
+                    senders = np.r_[lo + 1:s + 1, s:hi]
+                    np.add.at(self.messages_sent, senders, 1)
+                    np.add.at(self.hops_sent, senders, 1)
+                    np.add.at(self.routes, np.r_[senders, lo:s, s + 1:hi + 1], 1)
+                    self.relays_at[lo + 1:s] += 1
+                    self.relays_at[s + 1:hi] += 1
+                else:
+                    self.messages_sent[s] += 1
+                    self.hops_sent[s] += hi - lo
+                    self.routes[lo:hi + 1] += 1
                 if hi > s:
                     spans_right.append((int(s), hi))
                 if lo < s:
@@ -181,21 +190,27 @@ class LinePattern:
         s_block = self.src[self.from_block] - first
         d_pool = self.dst[self.from_pool] - first
         s_pool = lookup[self.src[self.from_pool]]
-        lines_idx = np.flatnonzero(line_mask)
-        if not mesh.dry_run and lines_idx.size:
+        # Only the active lines are touched (None: all of them, the common case).
+        lines_idx = None if line_mask.all() else np.flatnonzero(line_mask)
+        if lines_idx is not None and lines_idx.size == 0:
+            return Transfer(self, [], lines_idx)
+        if not mesh.dry_run:
             out = _pos_first(dst.data, axis)
-            sel = lines_idx[None, :]
-            if d_block.size:
-                out[d_block[:, None], sel] = payload[s_block[:, None], sel]
-            if d_pool.size:
-                out[d_pool[:, None], sel] = pool_data[s_pool[:, None], sel]
+            for dests, data, srcs in ((d_block, payload, s_block), (d_pool, pool_data, s_pool)):
+                if not dests.size:
+                    continue
+                if lines_idx is None:
+                    out[dests] = data[srcs]
+                else:
+                    out[dests[:, None], lines_idx[None, :]] = data[srcs[:, None], lines_idx[None, :]]
         arrivals = []
-        for dests, clocks, which in ((d_block, send_clock[s_block], self.from_block),
-                                     (d_pool, pool_clock[s_pool], self.from_pool)):
+        for dests, clocks, srcs, which in ((d_block, send_clock, s_block, self.from_block),
+                                           (d_pool, pool_clock, s_pool, self.from_pool)):
             if dests.size:
-                cost = self.fixed_cycles[which] + self.cycles_per_byte[which] * nbytes
-                arrivals.append((dests, clocks + cost[:, None]))
-        return Transfer(self, arrivals, line_mask)
+                sent = clocks[srcs] if lines_idx is None else clocks[srcs[:, None], lines_idx[None, :]]
+                sent += (self.fixed_cycles[which] + self.cycles_per_byte[which] * nbytes)[:, None]
+                arrivals.append((dests, sent))
+        return Transfer(self, arrivals, lines_idx)
 
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:
         """``start`` and ``wait`` at once."""
@@ -246,10 +261,11 @@ class LinePattern:
 
 
 class Transfer:
-    """An in-flight pattern: ``wait`` moves each receiver's clock to max(own, arrival)."""
+    """An in-flight pattern: ``wait`` moves each receiver's clock to max(own, arrival).
+    ``lines``: this block's active line indices, or None for all lines."""
 
-    def __init__(self, pattern: LinePattern, arrivals, line_mask):
-        self.pattern, self.arrivals, self.line_mask = pattern, arrivals, line_mask
+    def __init__(self, pattern: LinePattern, arrivals, lines):
+        self.pattern, self.arrivals, self.lines = pattern, arrivals, lines
         self.done = False
 
     def wait(self) -> None:
@@ -257,8 +273,10 @@ class Transfer:
             return
         clock = _pos_first(self.pattern.mesh.clock, self.pattern.axis)
         for dests, arrival in self.arrivals:
-            current = clock[dests]
-            clock[dests] = np.where(self.line_mask[None, :], np.maximum(current, arrival), current)
+            where = dests if self.lines is None else np.ix_(dests, self.lines)
+            current = clock[where]
+            np.maximum(current, arrival, out=current)
+            clock[where] = current
         self.done = True
 
 
@@ -283,7 +301,9 @@ class Fabric:
         target = mesh.counters[counter]
         start = mesh.axis_start(axis)
         vec = per_position[start:start + (target.shape[1] if axis == "x" else target.shape[0])]
-        if axis == "x":
+        if line_mask.all():
+            target += vec[None, :] if axis == "x" else vec[:, None]
+        elif axis == "x":
             target[line_mask, :] += vec[None, :]
         else:
             target[:, line_mask] += vec[:, None]
@@ -324,11 +344,13 @@ class Fabric:
         return self.plan(name, axis, src[keep], dest[keep], relay=relay, group=group)
 
     def multicast(self, name: str, axis: str, root: int, lo: int = 0, hi: int | None = None,
-                  group: str | None = None) -> LinePattern:
-        """``root`` sends one message that drops a copy on every core of ``[lo, hi)``."""
+                  group: str | None = None, relay: bool = False) -> LinePattern:
+        """``root`` sends one message that drops a copy on every core of ``[lo, hi)``
+        (``relay``: forwarded hop by hop in software instead of on a pass-through route)."""
         hi = self.mesh.axis_length(axis) if hi is None else hi
         dst = np.array([p for p in range(lo, hi) if p != root], np.int64)
-        return self.plan(name, axis, np.full(dst.size, root), dst, multicast=True, group=group)
+        return self.plan(name, axis, np.full(dst.size, root), dst, multicast=True, relay=relay,
+                         group=group)
 
     def multicasts(self, name: str, axis: str, roots, segments, group: str | None = None) -> LinePattern:
         """Several disjoint multicasts at once: ``roots[i]`` covers ``segments[i] = (lo, hi)``."""

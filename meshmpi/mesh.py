@@ -169,6 +169,12 @@ class Mesh:
 
     def compute(self, flops, where=None) -> None:
         """Charge ``flops`` (scalar or block-shaped) of local work to each core's clock."""
+        if where is None and np.ndim(flops) == 0:  # the common case: no block-sized temporaries
+            cycles = float(flops) / self.hardware.flops_per_cycle
+            self.clock += cycles
+            self.busy += cycles
+            self.counters["flops"] += int(flops)
+            return
         flops = np.broadcast_to(np.asarray(flops, np.int64), self.block_shape)
         if where is not None:
             flops = np.where(where, flops, 0)
