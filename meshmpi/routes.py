@@ -34,6 +34,10 @@ class RouteTable:
         except RoutingError:
             self.release(axis, group, owner)
             raise
+        m = self.mesh  # only routes actually configured count towards the peak
+        block = (self.usage["y"][m.row_start:m.row_stop, None]
+                 + self.usage["x"][None, m.col_start:m.col_stop])
+        np.maximum(self.peak, block, out=self.peak)
 
     def release(self, axis: str, group: str, owner: int) -> None:
         members = self.groups.get((axis, group))
@@ -47,10 +51,6 @@ class RouteTable:
             self.usage[axis][:] = 0
         for (axis, _), members in self.groups.items():
             self.usage[axis] += np.max(np.stack(list(members.values())), axis=0)
-        m = self.mesh
-        block = (self.usage["y"][m.row_start:m.row_stop, None]
-                 + self.usage["x"][None, m.col_start:m.col_stop])
-        np.maximum(self.peak, block, out=self.peak)
 
     def max_usage(self) -> int:
         return int(self.usage["y"].max() + self.usage["x"].max())
