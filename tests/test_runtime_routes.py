@@ -69,7 +69,7 @@ def test_multicast_declares_one_route_per_router_of_its_segment(new_mesh, world,
     assert np.array_equal(peak, np.broadcast_to(want, (3, 9))), "the peak outlives the pattern"
 
 
-def test_too_many_multicast_groups_raise_routing_error(new_mesh, world):
+def test_too_many_multicast_groups_raise_routing_error(new_mesh, world, gather_full):
     mesh = new_mesh(3, 9, rank_grid=(1, world.size))
     limit = mesh.hardware.routes_per_core
     assert limit == 21
@@ -80,6 +80,8 @@ def test_too_many_multicast_groups_raise_routing_error(new_mesh, world):
     assert ok, message
     assert f"{limit + 1} routes" in message and f"limit {limit}" in message and "one-too-many" in message
     assert mesh.routes.max_usage() == limit, "the refused pattern's routes are released"
+    _, peak = core_routes(mesh, gather_full)
+    assert peak.max() == limit, "a refused pattern was never configured: it is not in the peak"
     # Freeing one makes room again.
     mesh.fabric.multicast("bcast0", "x", root=0).free()
     mesh.fabric.multicast("one-too-many", "x", root=0)
