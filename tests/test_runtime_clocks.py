@@ -120,6 +120,8 @@ CASES = [  # (name, axis, how to plan, deliveries on a line of n, multicast, rel
      lambda f, ax, n: f.shift("e", ax, 2, relay=True), False, True),
     ("multicast", lambda n: [(n // 2, d) for d in range(1, n) if d != n // 2],
      lambda f, ax, n: f.multicast("m", ax, n // 2, 1, n), True, False),
+    ("multicast from outside", lambda n: [(n - 1, d) for d in range(1, 4)],
+     lambda f, ax, n: f.multicast("mo", ax, n - 1, 1, 4), True, False),
     ("two multicasts", lambda n: [(0, d) for d in range(1, 4)] + [(n - 1, d) for d in range(4, n - 1)],
      lambda f, ax, n: f.multicasts("ms", ax, [0, n - 1], [(0, 4), (4, n)]), True, False),
     ("far permutation", lambda n: [(i, n - 1 - i) for i in range(n) if i != n - 1 - i],

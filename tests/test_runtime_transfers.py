@@ -167,7 +167,8 @@ def test_multicast_from_a_root_over_a_segment(new_mesh, world, grid, dtype):
     mesh = new_mesh(rows, cols, rank_grid=rank_grid(world.size))
     failures = []
     for axis, n in (("x", cols), ("y", rows)):
-        cases = {(0, 0, n), (n - 1, 0, n), (n // 2, 0, n), (1, 0, n - 1), (n - 2, 1, n)}
+        cases = {(0, 0, n), (n - 1, 0, n), (n // 2, 0, n), (1, 0, n - 1), (n - 2, 1, n),
+                 (n - 1, 0, n // 2), (0, n // 2, n)}             # the root outside its segment
         for root, lo, hi in sorted(cases):
             deliveries = [(root, d) for d in range(lo, hi) if d != root]
             problems = check_pattern(mesh, lambda: mesh.fabric.multicast("mc", axis, root, lo, hi),
