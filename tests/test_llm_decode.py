@@ -1,0 +1,139 @@
+"""Decode on the mesh against the numpy reference; KV cache policies (PAPER.md §5-6)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from llm.checkpoint import random_weights, save_checkpoint
+from llm.config import LlamaConfig, RopeScaling
+from llm.decode import Decoder
+from llm.reference import ReferenceModel
+from meshmpi import CoreMemoryError, Mesh, load_hardware
+
+pytestmark = pytest.mark.mpi
+
+CONFIGS = {
+    "gqa": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                num_key_value_heads=2, vocab_size=70, head_dim=8),
+    "mha_tied": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=50, tie_word_embeddings=True, rope_theta=500000.0),
+    "llama31_rope": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=1, vocab_size=40,
+                         rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16)),
+}
+
+
+def _fits(rows, cols):
+    size = MPI.COMM_WORLD.Get_size()
+    return any(size % ry == 0 and ry <= rows and size // ry <= cols for ry in range(1, size + 1))
+
+
+def _decode_against_reference(config, rows, cols, policy, steps=5, prompt=(3, 5, 7, 11, 2)):
+    weights = random_weights(config, seed=4)
+    ref = ReferenceModel(config, weights)
+    last = ref.prefill(list(prompt))[-1]
+    # one core cannot hold even these small models: record the overflow, keep the numbers
+    mesh = Mesh(rows, cols, memory="warn" if rows * cols == 1 else "strict")
+    decoder = Decoder(mesh, config, weights, policy=policy, capacity_tokens=len(prompt) + steps)
+    decoder.load_prompt_cache(ref.k_cache, ref.v_cache, len(prompt))
+    token, position, worst, tokens = int(np.argmax(last)), len(prompt), 0.0, []
+    for _ in range(steps):
+        want = ref.decode(token)
+        got, _, _ = decoder.step(weights.embed[token], position)
+        worst = max(worst, float(np.abs(got - want).max()))
+        assert int(np.argmax(got)) == int(np.argmax(want))
+        token, position = int(np.argmax(want)), position + 1
+        tokens.append(token)
+    return worst, decoder, mesh
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("grid", [(1, 1), (2, 2), (3, 4), (4, 2)])
+def test_decode_matches_reference(name, grid):
+    if not _fits(*grid):
+        pytest.skip("mesh smaller than the rank grid")
+    worst, _, _ = _decode_against_reference(LlamaConfig(**CONFIGS[name]), *grid, "shift")
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize("policy", ["shift", "concat"])
+def test_kv_policies_keep_order_and_balance(policy):
+    if not _fits(4, 3):
+        pytest.skip("mesh smaller than the rank grid")
+    config = LlamaConfig(**CONFIGS["gqa"])
+    worst, decoder, mesh = _decode_against_reference(config, 4, 3, policy, steps=7)
+    assert worst < 1e-4
+    counts = decoder.kv.counts
+    assert counts.sum() == 5 + 7
+    if policy == "shift":
+        assert counts.max() - counts.min() <= 1
+        # balanced split with the extra tokens on the upper rows keeps time order by row
+        assert list(counts) == sorted(counts, reverse=True)
+    else:
+        assert counts[-1] == 1 + 7 and list(counts[:-1]) == [2, 1, 1]
+
+
+def test_concat_runs_out_of_memory_at_the_predicted_token_and_shift_does_not():
+    if not _fits(4, 2):
+        pytest.skip("mesh smaller than the rank grid")
+    config, rows = LlamaConfig(**CONFIGS["gqa"]), 4
+    sram = load_hardware("wse2").sram_bytes_per_core
+    for policy in ("concat", "shift"):
+        mesh = Mesh(rows, 2, dry_run=True)
+        decoder = Decoder(mesh, config, None, policy=policy, capacity_tokens=10 ** 5)
+        decoder.load_prompt_cache(None, None, rows)         # one prompt token per row
+        per_token = decoder.plan.kv_bytes_per_token_per_core
+        # closed form: the last row holds (sram - weights) // per_token tokens, one is the prompt's
+        predicted = (sram - decoder.plan.weight_bytes_per_core) // per_token - 1
+        appended = 0
+        try:
+            for _ in range(predicted + 1):
+                decoder._append()
+                appended += 1
+        except CoreMemoryError as exc:
+            assert policy == "concat", str(exc)
+            assert appended == predicted
+            assert f"core ({rows - 1}, 0)" in str(exc)
+        else:
+            assert policy == "shift"
+            assert decoder.kv.counts.max() - decoder.kv.counts.min() <= 1
+
+
+def test_dry_and_numeric_decode_give_identical_modeled_numbers():
+    if not _fits(3, 3):
+        pytest.skip("mesh smaller than the rank grid")
+    config = LlamaConfig(**CONFIGS["gqa"])
+    weights = random_weights(config, seed=2)
+    ref = ReferenceModel(config, weights)
+    ref.prefill([1, 2, 3, 4])
+    results = []
+    for dry in (False, True):
+        mesh = Mesh(3, 3, dry_run=dry)
+        decoder = Decoder(mesh, config, None if dry else weights, capacity_tokens=10)
+        decoder.load_prompt_cache(None if dry else ref.k_cache, None if dry else ref.v_cache, 4)
+        _, cycles, head = decoder.step(None if dry else weights.embed[5], 4)
+        results.append((cycles, head, mesh.modeled_cycles(), int(mesh.sum_over_ranks(
+            int(mesh.counters["bytes_sent"].sum())))))
+    assert results[0] == results[1]
+
+
+def test_generate_check_end_to_end(tmp_path_factory):
+    """The generate command with --check (reference alongside) on a saved HF-style checkpoint."""
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() > 1:
+        pytest.skip("spawns its own MPI job; run once from the 1-rank session")
+    config = LlamaConfig(**CONFIGS["gqa"], eos_token_ids=(1,))
+    path = tmp_path_factory.mktemp("model")
+    save_checkpoint(path, config, random_weights(config, seed=3))
+    out = subprocess.run([sys.executable, "-m", "llm", "generate", "--model", str(path), "--prompt-ids",
+                          "3,5,7,11,2", "--max-new-tokens", "5", "--ignore-eos", "--mesh", "3x4",
+                          "--check", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    tokens, _ = ReferenceModel(config, random_weights(config, seed=3)).generate(
+        [3, 5, 7, 11, 2], 5, ignore_eos=True)
+    assert report["tokens"] == tokens
+    assert report["modeled_decode_tokens_per_s"] > 0 and report["regions"] == 1
