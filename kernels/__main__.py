@@ -12,7 +12,8 @@ from .run import GEMM_ALGOS, GEMV_ALGOS, run_gemm, run_gemv
 
 EXAMPLES = """\
   mpiexec -n 4 python -m kernels gemm --algo meshgemm --mesh 8x8 --m 512 --k 512 --n 512
-  python -m kernels gemm --algo summa --mesh 720x720 --m 2048 --k 2048 --n 2048 --dry-run --routes warn --json
+  python -m kernels gemm --algo summa --mesh 720x720 --m 2048 --k 2048 --n 2048 --dry-run --json
+  python -m kernels gemm --algo summa --broadcast direct --mesh 64x64 --m 2048 --k 2048 --n 2048 --dry-run --routes warn
   mpiexec -n 2 python -m kernels gemv --algo meshgemv --mesh 16x16 --m 4096 --n 4096 --groups 4
   python -m kernels bench gemm --out results
 """
@@ -42,6 +43,9 @@ def build_parser():
         s.add_argument("--m", type=_positive("m"), required=True)
         if name == "gemm":
             s.add_argument("--k", type=_positive("k"), required=True)
+            s.add_argument("--broadcast", choices=("relay", "direct"), default="relay",
+                           help="summa only: forward panels hop by hop in software (relay, O(1) "
+                                "routes) or multicast on a route per root (direct, R+C routes)")
         else:
             s.add_argument("--groups", type=_positive("groups"),
                            help="K-tree groups per line (default about sqrt(N))")
@@ -61,7 +65,7 @@ def run_kernel(args, argv=None) -> int:
     mesh = cli.mesh_from_args(args, rows, cols)
     dtype = np.dtype(args.dtype)
     if args.command == "gemm":
-        report = run_gemm(mesh, args.algo, args.m, args.k, args.n, dtype, args.seed)
+        report = run_gemm(mesh, args.algo, args.m, args.k, args.n, dtype, args.seed, args.broadcast)
     else:
         report = run_gemv(mesh, args.algo, args.m, args.n, args.groups, dtype, args.seed)
     if args.trace:

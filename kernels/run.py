@@ -46,8 +46,10 @@ def _timed(mesh, fn):
     return out, mesh.max_over_ranks(time.perf_counter() - t0)
 
 
-def run_gemm(mesh, algo: str, m: int, k: int, n: int, dtype=np.float32, seed: int = 0) -> dict:
-    """C = A @ B with A (m x k) and B (k x n) drawn from ``seed``; checked against numpy."""
+def run_gemm(mesh, algo: str, m: int, k: int, n: int, dtype=np.float32, seed: int = 0,
+             broadcast: str = "relay") -> dict:
+    """C = A @ B with A (m x k) and B (k x n) drawn from ``seed``; checked against numpy.
+    ``broadcast`` (SUMMA only): ``relay`` (software chain) or ``direct`` (a route per root)."""
     plan = gemm.GemmPlan.build("cannon" if algo == "cannon" else "meshgemm", mesh.rows, mesh.cols, m, k, n)
     a_shape = (plan.m_pad // mesh.rows, plan.k_pad // mesh.cols)
     if algo == "summa":
@@ -64,14 +66,18 @@ def run_gemm(mesh, algo: str, m: int, k: int, n: int, dtype=np.float32, seed: in
             a_tiles, b_tiles = gemm.place_a(plan, a_mat), gemm.place_b_skewed(plan, b_mat)
     a = host.scatter(mesh, f"{algo}.a", a_tiles, a_shape, dtype)
     b = host.scatter(mesh, f"{algo}.b", b_tiles, b_shape, dtype)
-    kernel = summa.summa if algo == "summa" else gemm.ring_gemm
-    c, wall = _timed(mesh, lambda: kernel(mesh, plan, a, b, name=algo))
+    if algo == "summa":
+        c, wall = _timed(mesh, lambda: summa.summa(mesh, plan, a, b, name=algo, broadcast=broadcast))
+    else:
+        c, wall = _timed(mesh, lambda: gemm.ring_gemm(mesh, plan, a, b, name=algo))
     error = None
     if not mesh.dry_run:
         result = gemm.unplace_c(plan, host.gather(mesh, c))
         reference = a_mat.astype(np.float64) @ b_mat.astype(np.float64)
         error = float(np.abs(result - reference).max())
-    return _report(mesh, algo, {"m": m, "k": k, "n": n}, wall, error)
+    report = _report(mesh, algo, {"m": m, "k": k, "n": n}, wall, error)
+    report["broadcast"] = broadcast if algo == "summa" else None
+    return report
 
 
 def run_gemv(mesh, algo: str, m: int, n: int, groups: int | None = None, dtype=np.float32,

@@ -1,10 +1,18 @@
-"""SUMMA (a baseline of PAPER.md §2): panel owners multicast along rows and columns.
+"""SUMMA (a baseline of PAPER.md §2): panel owners broadcast along rows and columns.
 
 K is split into ``L = lcm(R, C)`` panels in natural order. At step k the column owning A's
-panel k multicasts it along every row and the row owning B's panel k multicasts it along
+panel k broadcasts it along every row and the row owning B's panel k broadcasts it along
 every column; every core accumulates ``A_panel @ B_panel``. Panels are double-buffered so
-the next step's multicasts overlap this step's multiply, as a careful implementation would.
-Each root needs its own multicast route on every router of its line: R + C routes per core.
+the next step's broadcasts overlap this step's multiply, as a careful implementation would.
+
+Two ways to broadcast (``broadcast=``):
+
+- ``"direct"``: a multicast on a pass-through route per root. Each root needs its own route
+  on every router of its line: R + C routes per core, more than a wafer router has at scale
+  (a :class:`meshmpi.RoutingError` in strict mode).
+- ``"relay"``: what SUMMA must do when it cannot have N routes: the panel is forwarded hop by
+  hop in software (a chain; every core on the way pays beta), O(1) routes shared by all roots,
+  and a critical path of O((alpha + beta) N) per step.
 """
 from __future__ import annotations
 
@@ -22,7 +30,14 @@ def place_natural(plan: GemmPlan, a: np.ndarray, b: np.ndarray):
     return ta, tb
 
 
-def summa(mesh, plan: GemmPlan, a, b, name: str = "summa"):
+BROADCASTS = ("relay", "direct")
+
+
+def summa(mesh, plan: GemmPlan, a, b, name: str = "summa", broadcast: str = "relay"):
+    """C = A @ B with A and B in their natural layouts; returns C (natural layout)."""
+    if broadcast not in BROADCASTS:
+        raise ValueError(f"broadcast must be one of {BROADCASTS}, not {broadcast!r}")
+    relay = broadcast == "relay"
     R, C, L = plan.rows, plan.cols, plan.chunks
     tm, tn, s = plan.m_pad // R, plan.n_pad // C, plan.chunk
     per_col, per_row = L // C, L // R
@@ -44,8 +59,11 @@ def summa(mesh, plan: GemmPlan, a, b, name: str = "summa"):
             # the roots keep their own panel
             into[0].data[:, cols == root_col] = send_a.data[:, cols == root_col]
             into[1].data[rows == root_row] = send_b.data[rows == root_row]
-        pa = mesh.fabric.multicast(f"{name}.a.root{root_col}", "x", root_col)
-        pb = mesh.fabric.multicast(f"{name}.b.root{root_row}", "y", root_row)
+        # a relay chain's 1-hop routes serve every root; a direct multicast's route serves one
+        pa = mesh.fabric.multicast(f"{name}.a.root{root_col}", "x", root_col, relay=relay,
+                                   group=f"{name}.a.chain" if relay else None)
+        pb = mesh.fabric.multicast(f"{name}.b.root{root_row}", "y", root_row, relay=relay,
+                                   group=f"{name}.b.chain" if relay else None)
         return [t for t in (pa.start(send_a, into[0]) if C > 1 else None,
                             pb.start(send_b, into[1]) if R > 1 else None) if t is not None]
 
