@@ -177,9 +177,8 @@ class _Prefill:
         return host.scatter(self.mesh, name, tiles, tile_shape, np.float32)
 
     def place_weight(self, name, plan, matrix_fn):
-        lay = plan
-        shape = ((lay.chunks // lay.rows) * lay.chunk, lay.n_pad // lay.cols)
-        return self.scatter(name, lambda: place_b_skewed(plan, matrix_fn()), shape)
+        shape = ((plan.chunks // plan.rows) * plan.chunk, plan.n_pad // plan.cols)
+        return self.scatter(name, lambda: place_b_skewed(plan, np.asarray(matrix_fn(), np.float32)), shape)
 
     # ------------------------------------------------------------------ wafer operators
     def rms_norm(self, x, weight_tiles, name):
