@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import platform
 
-from . import __version__, cli, collect, mpi_library_version
+from . import __version__, cli, collect, compare, export, mpi_library_version, plots
 from .errors import UsageError
 from .hardware import BUILTIN, load_hardware
 from .summary import format_summary, summarize
@@ -14,6 +14,9 @@ EXAMPLES = """\
   python -m meshmpi info
   mpiexec -n 4 python -m meshmpi info --json
   python -m meshmpi trace summary results/run/generate.h5
+  python -m meshmpi trace plot results/run/generate.h5 -o results/run/plots
+  python -m meshmpi trace compare meshgemm.h5 cannon.h5
+  python -m meshmpi trace export results/run/generate.h5 -o generate.json
   python -m meshmpi results collect results/slurm/sweep-42 -o sweep.csv
 """
 
@@ -66,6 +69,8 @@ def build_parser():
     s.add_argument("file")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=trace_summary)
+    for command in (plots, compare, export):
+        command.register(t)
     collect.register(sub)
     return p
 
