@@ -1,0 +1,255 @@
+"""GEMM kernels on the emulated wafer: results against numpy and the paper's closed forms.
+
+MeshGEMM, Cannon and SUMMA (both broadcasts) must reproduce ``A @ B`` on square and
+non-square meshes with sizes that do not divide the mesh; GEMM-T must reproduce ``A @ B.T``.
+The cost side is checked against numbers derived here independently of the kernels (PAPER.md
+§2): the interleaved ring's order and 2-hop edges, one tile per directed link per step,
+3 routes per axis (+6 for the alignment), 2 A + 2 B + C tiles of memory, and SUMMA's
+R + C routes, which a wafer-sized mesh cannot have.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from kernels import gemm, summa
+from kernels.ring import interleaved_ring, plain_ring
+from kernels.run import run_gemm
+from meshmpi import Mesh, RoutingError, load_hardware
+from meshmpi import host
+
+pytestmark = pytest.mark.mpi
+
+MESHES = [(1, 1), (2, 2), (2, 3), (3, 4), (4, 2), (5, 3), (4, 4), (8, 8)]
+
+
+def fits(rows, cols, size):
+    """Whether some rank grid of ``size`` ranks fits a rows x cols mesh."""
+    return any(size % ry == 0 and ry <= rows and size // ry <= cols for ry in range(1, size + 1))
+
+
+def make_mesh(rows, cols, **kwargs):
+    """A mesh over the world's ranks, or over this rank alone when the mesh is too small."""
+    world = MPI.COMM_WORLD
+    comm = world if fits(rows, cols, world.Get_size()) else MPI.COMM_SELF
+    return Mesh(rows, cols, load_hardware("wse2"), comm=comm, **kwargs)
+
+
+def tolerance(reference, dtype):
+    scale = max(1.0, float(np.abs(reference).max()))
+    return (1e-12 if dtype == np.float64 else 1e-4) * scale
+
+
+# ------------------------------------------------------------------------------ correctness
+@pytest.mark.parametrize("rows,cols", MESHES)
+@pytest.mark.parametrize("algo", ["meshgemm", "cannon", "summa"])
+def test_gemm_matches_numpy(algo, rows, cols):
+    m, k, n = 2 * rows + 3, 3 * cols + 2, rows + cols + 1   # never divisible by the mesh
+    mesh = make_mesh(rows, cols)
+    report = run_gemm(mesh, algo, m, k, n, np.float64, seed=rows * 10 + cols)
+    mesh.free()
+    assert report["max_abs_err"] < 1e-12 * max(k, 1) * 10
+
+
+@pytest.mark.parametrize("rows,cols", [(2, 3), (4, 4), (5, 3)])
+def test_summa_direct_matches_numpy_and_float32(rows, cols):
+    mesh = make_mesh(rows, cols)
+    report = run_gemm(mesh, "summa", 37, 41, 29, np.float64, broadcast="direct")
+    assert report["max_abs_err"] < 1e-11
+    report32 = run_gemm(mesh, "meshgemm", 37, 41, 29, np.float32)
+    mesh.free()
+    assert report32["max_abs_err"] < 1e-4 * 41
+
+
+def test_summa_direct_call_matches_numpy():
+    """``summa.summa`` called directly on natural tiles, both broadcasts give A @ B."""
+    rows, cols, (m, k, n) = 3, 4, (13, 19, 11)
+    rng = np.random.default_rng(5)
+    a_mat, b_mat = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    mesh = make_mesh(rows, cols)
+    plan = gemm.GemmPlan.build("meshgemm", rows, cols, m, k, n)
+    for broadcast in ("relay", "direct"):
+        ta, tb = summa.place_natural(plan, a_mat, b_mat)
+        a = host.scatter(mesh, f"a.{broadcast}", ta)
+        b = host.scatter(mesh, f"b.{broadcast}", tb)
+        c = summa.summa(mesh, plan, a, b, name=f"s.{broadcast}", broadcast=broadcast)
+        result = gemm.unplace_c(plan, host.gather(mesh, c))
+        np.testing.assert_allclose(result, a_mat @ b_mat, atol=tolerance(a_mat @ b_mat, np.float64))
+        for arr in (a, b, c):
+            arr.free()
+    with pytest.raises(ValueError):
+        summa.summa(mesh, plan, a, b, broadcast="carrier-pigeon")
+    mesh.free()
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (2, 3), (3, 4), (4, 2), (5, 3), (8, 8)])
+@pytest.mark.parametrize("algo", ["meshgemm", "cannon"])
+def test_gemm_t_matches_a_times_b_transposed(algo, rows, cols):
+    m, kk, n = 2 * rows + 1, 3 * cols + 2, 2 * cols + 3   # C = A (m x kk) @ B^T, B is n x kk
+    rng = np.random.default_rng(rows * 100 + cols)
+    a_mat, b_mat = rng.standard_normal((m, kk)), rng.standard_normal((n, kk))
+    plan = gemm.GemmPlan.build(algo, rows, cols, m, n, kk)   # plan.k is C's N, plan.n the shared K
+    mesh = make_mesh(rows, cols)
+    a = host.scatter(mesh, "t.a", gemm.place_a_for_t(plan, a_mat))
+    b = host.scatter(mesh, "t.b", gemm.place_b_skewed(plan, b_mat))
+    c = gemm.ring_gemm_t(mesh, plan, a, b)
+    result = gemm.unplace_c(plan, host.gather(mesh, c), transposed_b=True)
+    mesh.free()
+    reference = a_mat @ b_mat.T
+    assert result.shape == reference.shape
+    np.testing.assert_allclose(result, reference, atol=tolerance(reference, np.float64))
+
+
+# ------------------------------------------------------------------------------ closed forms
+def brute_force_ring(n):
+    """The paper's interleaved ring, written out: evens ascending, then odds descending."""
+    return [i for i in range(n) if i % 2 == 0] + [i for i in reversed(range(n)) if i % 2 == 1]
+
+
+@pytest.mark.parametrize("n,order", [(4, [0, 2, 3, 1]), (5, [0, 2, 4, 3, 1]),
+                                     (8, [0, 2, 4, 6, 7, 5, 3, 1])])
+def test_interleaved_ring_order_from_the_paper(n, order):
+    ring = interleaved_ring(n)
+    assert ring.order.tolist() == order
+    position = [i // 2 if i % 2 == 0 else n - (i + 1) // 2 for i in range(n)]   # PAPER.md §2
+    assert ring.position.tolist() == position
+    assert ring.send().tolist() == [order[(position[i] + 1) % n] for i in range(n)]
+    assert ring.recv().tolist() == [order[(position[i] - 1) % n] for i in range(n)]
+
+
+def test_interleaved_ring_edges_are_at_most_two_hops():
+    for n in range(1, 200):
+        ring = interleaved_ring(n)
+        assert ring.order.tolist() == brute_force_ring(n)
+        assert sorted(ring.order.tolist()) == list(range(n))
+        edges = [abs(ring.send()[i] - i) for i in range(n)]
+        assert max(edges, default=0) == (2 if n >= 3 else n - 1)
+        assert plain_ring(n).max_hops() == n - 1
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 13])
+def test_every_directed_link_carries_one_tile_per_meshgemm_step(n):
+    mesh = make_mesh(n, n)
+    for axis in ("x", "y"):
+        pattern = mesh.fabric.permutation(f"ring.{axis}", axis, interleaved_ring(n).send())
+        assert pattern.link_load["right"].tolist() == [1] * (n - 1)
+        assert pattern.link_load["left"].tolist() == [1] * (n - 1)
+        assert pattern.max_hops == min(2, n - 1)
+    mesh.free()
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 7, 12])
+def test_longest_transfer_meshgemm_two_hops_cannon_n_minus_one(n):
+    reports = {}
+    for algo in ("meshgemm", "cannon"):
+        mesh = make_mesh(n, n, dry_run=True)
+        reports[algo] = run_gemm(mesh, algo, 4 * n, 4 * n, 4 * n)
+        mesh.free()
+    assert reports["meshgemm"]["max_hops_per_step"] == 2
+    assert reports["cannon"]["max_hops_per_step"] == n - 1
+
+
+def brute_force_routes(dest):
+    """Routes per router of one line pattern: every router a message touches (source,
+    pass-throughs, destination) holds one route for it."""
+    count = [0] * len(dest)
+    for s, d in enumerate(dest):
+        if d == s:
+            continue
+        for p in range(min(s, d), max(s, d) + 1):
+            count[p] += 1
+    return count
+
+
+@pytest.mark.parametrize("rows,cols", [(4, 4), (5, 6), (8, 8), (9, 7)])
+def test_meshgemm_routes_per_core(rows, cols):
+    ring_x, ring_y = interleaved_ring(cols), interleaved_ring(rows)
+    steps_x, steps_y = brute_force_routes(ring_x.send()), brute_force_routes(ring_y.send())
+    assert max(steps_x) == 3 and max(steps_y) == 3        # send, receive, pass-through
+    # The alignment rotates A along x both ways (the shorter direction per row): two more groups.
+    align_x = [a + b for a, b in zip(brute_force_routes(ring_x.send()), brute_force_routes(ring_x.recv()))]
+    expected = max(s + a for s, a in zip(steps_x, align_x)) + max(steps_y)
+    assert expected == 12
+    mesh = make_mesh(rows, cols, dry_run=True)
+    report = run_gemm(mesh, "meshgemm", 3 * rows * cols, 2 * rows * cols, 5 * cols)
+    mesh.free()
+    assert report["routes_per_core_max"] == expected
+
+
+@pytest.mark.parametrize("rows,cols", [(4, 4), (3, 5), (6, 4)])
+@pytest.mark.parametrize("algo", ["meshgemm", "cannon"])
+def test_memory_per_core_is_two_a_two_b_and_c(algo, rows, cols):
+    m, k, n = 50, 70, 30
+    plan = gemm.GemmPlan.build(algo, rows, cols, m, k, n)
+    a_tile = (plan.m_pad // rows) * (plan.k_pad // cols)
+    b_tile = (plan.chunks // rows) * plan.chunk * (plan.n_pad // cols)
+    c_tile = (plan.m_pad // rows) * (plan.n_pad // cols)
+    hardware = load_hardware("wse2")
+    for dry_run in (True, False):
+        mesh = make_mesh(rows, cols, dry_run=dry_run)
+        report = run_gemm(mesh, algo, m, k, n)
+        mesh.free()
+        assert report["peak_bytes_per_core"] == (2 * a_tile + 2 * b_tile + c_tile) * hardware.element_bytes
+
+
+def test_summa_direct_runs_out_of_routes_on_a_large_mesh():
+    """R + C routes per core: a 32x32 mesh needs 64 > 21 (PAPER.md §2); relaying needs O(1)."""
+    mesh = make_mesh(32, 32, dry_run=True)
+    with pytest.raises(RoutingError):
+        run_gemm(mesh, "summa", 256, 256, 256, broadcast="direct")
+    mesh.free()
+    mesh = make_mesh(32, 32, dry_run=True)
+    report = run_gemm(mesh, "summa", 256, 256, 256, broadcast="relay")
+    mesh.free()
+    assert report["routes_per_core_max"] <= 4
+    assert report["relays"] > 0
+
+
+def test_summa_direct_routes_grow_with_the_mesh_under_warn():
+    for n in (4, 6):
+        mesh = make_mesh(n, n, dry_run=True, routes="warn")
+        report = run_gemm(mesh, "summa", 4 * n, 4 * n, 4 * n, broadcast="direct")
+        mesh.free()
+        assert report["routes_per_core_max"] == 2 * n   # a route per root, on both axes
+
+
+def test_summa_relay_step_grows_with_alpha_plus_beta_times_n():
+    """A relayed panel reaches the far end of a line after (N-1) hops and N-2 relays; with
+    no compute the modeled time grows as (alpha + beta) N per step."""
+    base = load_hardware("wse2")
+    times = {}
+    for n in (8, 16):
+        for beta in (base.beta_cycles_per_relay, 2 * base.beta_cycles_per_relay):
+            hw = base.with_overrides([f"beta_cycles_per_relay={beta}"])
+            world = MPI.COMM_WORLD
+            mesh = Mesh(1, n, hw, comm=world if world.Get_size() <= n else MPI.COMM_SELF, dry_run=True)
+            times[n, beta] = run_gemm(mesh, "summa", 1, n, 1, broadcast="relay")["comm_cycles"]
+            mesh.free()
+    b = base.beta_cycles_per_relay
+    assert times[16, b] > 1.8 * times[8, b]
+    assert times[16, 2 * b] - times[16, b] > times[8, 2 * b] - times[8, b] > 0
+
+
+# ------------------------------------------------------------------------------ invariance
+FIELDS_THAT_MAY_DIFFER = ("wall_seconds", "max_abs_err", "ranks", "dry_run")
+
+
+def modeled(report):
+    return {k: v for k, v in report.items() if k not in FIELDS_THAT_MAY_DIFFER}
+
+
+@pytest.mark.parametrize("algo,broadcast", [("meshgemm", "relay"), ("cannon", "relay"),
+                                            ("summa", "relay"), ("summa", "direct")])
+def test_modeled_numbers_do_not_depend_on_ranks_or_payload(algo, broadcast):
+    rows, cols, sizes = 4, 6, (30, 50, 20)
+    reports = []
+    for comm, dry_run in ((MPI.COMM_WORLD, False), (MPI.COMM_WORLD, True), (MPI.COMM_SELF, False)):
+        mesh = Mesh(rows, cols, load_hardware("wse2"), comm=comm, dry_run=dry_run, routes="warn")
+        reports.append(run_gemm(mesh, algo, *sizes, broadcast=broadcast))
+        mesh.free()
+    first = modeled(reports[0])
+    for other in reports[1:]:
+        assert modeled(other) == first
+    gathered = MPI.COMM_WORLD.allgather(first)
+    assert all(g == first for g in gathered)
