@@ -1,0 +1,126 @@
+"""MeshGEMV and the allreduces on the emulated wafer: results against numpy, the K-tree's
+software stages against the paper's g/2 + G/2 + 1 (pipeline: N - 1), invariance.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from kernels import gemv
+from kernels.allreduce import ALGOS, allreduce
+from kernels.run import GEMV_ALGOS, run_gemv
+from meshmpi import Mesh, load_hardware
+from meshmpi import host
+
+pytestmark = pytest.mark.mpi
+
+MESHES = [(1, 1), (2, 2), (2, 3), (3, 4), (4, 2), (5, 3), (4, 4), (8, 8)]
+
+
+def fits(rows, cols, size):
+    return any(size % ry == 0 and ry <= rows and size // ry <= cols for ry in range(1, size + 1))
+
+
+def make_mesh(rows, cols, **kwargs):
+    world = MPI.COMM_WORLD
+    comm = world if fits(rows, cols, world.Get_size()) else MPI.COMM_SELF
+    return Mesh(rows, cols, load_hardware(kwargs.pop("hardware", "wse2")), comm=comm, **kwargs)
+
+
+@pytest.mark.parametrize("rows,cols", MESHES)
+@pytest.mark.parametrize("algo", list(GEMV_ALGOS))
+def test_gemv_matches_numpy(algo, rows, cols):
+    m, n = 3 * rows + 2, 2 * cols + 5   # never divisible by the mesh
+    mesh = make_mesh(rows, cols)
+    report = run_gemv(mesh, algo, m, n, dtype=np.float64, seed=rows + 7 * cols)
+    mesh.free()
+    assert report["max_abs_err"] < 1e-12 * m
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 5, 9])
+def test_meshgemv_any_group_count(groups):
+    mesh = make_mesh(9, 4)
+    report = run_gemv(mesh, "meshgemv", 100, 37, groups=groups, dtype=np.float32)
+    mesh.free()
+    assert report["max_abs_err"] < 1e-4 * 10
+
+
+@pytest.mark.parametrize("reduce_axis", ["y", "x"])
+def test_meshgemv_output_is_the_transposed_layout(reduce_axis):
+    """Row-indexed in, column-indexed out (and the transpose): no vector is ever transposed."""
+    rows, cols, m, n = 4, 6, 23, 17
+    rng = np.random.default_rng(3)
+    x_vec, w_mat = rng.standard_normal(m), rng.standard_normal((m, n))
+    indexed = "y" if reduce_axis == "y" else "x"
+    mesh = make_mesh(rows, cols)
+    x = host.scatter(mesh, "x", gemv.place_vector(x_vec, rows, cols, indexed))
+    w = host.scatter(mesh, "w", gemv.place_matrix(w_mat, rows, cols, reduce_axis))
+    y = gemv.meshgemv(mesh, x, w, reduce_axis)
+    tiles = host.gather(mesh, y)
+    mesh.free()
+    out_axis = gemv.other(indexed)
+    np.testing.assert_allclose(gemv.read_vector(tiles, out_axis, n), x_vec @ w_mat, atol=1e-12 * m)
+    # replicated along the reduction axis: every line holds the same copy
+    assert np.all(tiles == (tiles[:1] if out_axis == "x" else tiles[:, :1]))
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 4), (5, 3), (8, 8)])
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("op", ["sum", "max"])
+def test_allreduce_matches_numpy(op, algo, rows, cols):
+    rng = np.random.default_rng(rows * cols)
+    tiles = rng.standard_normal((rows, cols, 7))
+    mesh = make_mesh(rows, cols)
+    for axis, numpy_axis in (("y", 0), ("x", 1)):
+        acc = host.scatter(mesh, f"acc.{axis}", tiles)
+        allreduce(mesh, acc, axis, op, algo, name=f"ar.{axis}")
+        got = host.gather(mesh, acc)
+        acc.free()
+        reduce = np.sum if op == "sum" else np.max
+        want = np.broadcast_to(reduce(tiles, axis=numpy_axis, keepdims=True), tiles.shape)
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    mesh.free()
+
+
+def allreduce_steps(mesh, algo_phase):
+    """Steps (software stages, then the broadcast) recorded in the allreduce phase."""
+    phases, steps = mesh.timeline.collect()
+    index = [i for i, p in enumerate(phases) if p["name"] == algo_phase]
+    assert len(index) == 1
+    return [s for s in steps if s["phase"] == index[0]]
+
+
+@pytest.mark.parametrize("n,groups", [(16, 4), (36, 6), (64, 8), (100, 10)])
+def test_ktree_stages_against_pipeline(n, groups):
+    """K-tree: g/2 stages inside a group + G/2 between group roots + 1 broadcast (PAPER.md §3),
+    against N - 1 chain stages + 1 broadcast for the pipeline."""
+    g = n // groups
+    expected = {"meshgemv": g // 2 + groups // 2 + 1, "pipeline": (n - 1) + 1}
+    cycles = {}
+    for algo in ("meshgemv", "pipeline"):
+        mesh = make_mesh(n, 4, dry_run=True)
+        report = run_gemv(mesh, algo, 4 * n, 64, groups=groups)
+        steps = allreduce_steps(mesh, f"{algo}.allreduce.{GEMV_ALGOS[algo]}")
+        mesh.free()
+        assert len(steps) == expected[algo]
+        assert steps[-1]["label"] == "broadcast"
+        cycles[algo] = report["comm_cycles"]
+    # every software stage costs at least beta, so fewer stages is less communication
+    assert cycles["meshgemv"] < cycles["pipeline"]
+    beta = load_hardware("wse2").beta_cycles_per_relay
+    assert cycles["pipeline"] - cycles["meshgemv"] >= beta * (expected["pipeline"] - expected["meshgemv"])
+
+
+@pytest.mark.parametrize("algo", list(GEMV_ALGOS))
+def test_gemv_modeled_numbers_do_not_depend_on_ranks_or_payload(algo):
+    rows, cols, m, n = 6, 4, 50, 30
+    reports = []
+    for comm, dry_run in ((MPI.COMM_WORLD, False), (MPI.COMM_WORLD, True), (MPI.COMM_SELF, False)):
+        mesh = Mesh(rows, cols, load_hardware("wse2"), comm=comm, dry_run=dry_run)
+        report = run_gemv(mesh, algo, m, n, groups=2)
+        mesh.free()
+        reports.append({k: v for k, v in report.items()
+                        if k not in ("wall_seconds", "max_abs_err", "ranks", "dry_run")})
+    assert reports[1] == reports[0] and reports[2] == reports[0]
+    assert all(r == reports[0] for r in MPI.COMM_WORLD.allgather(reports[0]))
