@@ -196,7 +196,7 @@ def chrome_trace(trace: dict, cores: tuple[int, int, int, int], clock: str = "mo
         run_end = time.us(float(counters["clock_cycles"].max()))
     else:
         run_end = max((time.wall[i][1] for i, p in enumerate(phases) if p["parent"] < 0), default=0.0)
-    run_end = max([run_end] + [e["ts"] + e["dur"] for e in template])
+    run_end = round(max([run_end] + [e["ts"] + e["dur"] for e in template]), 6)
 
     events = []
     for r in range(r0, r1):

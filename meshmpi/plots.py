@@ -118,13 +118,13 @@ def _heatmap(Figure, trace, profile, counter, title, unit, out: Path) -> Path:
     rows, cols = values.shape
     image, k = pool_max(values)
     import matplotlib.ticker
-    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap = matplotlib.colormaps["viridis"]
     limit = {"peak_bytes": (profile.sram, "SRAM"), "routes_peak": (profile.routes, "route limit")}.get(counter)
     peak = float(values.max()) if values.size else 0.0
     low = float(values.min()) if values.size else 0.0
     if limit:  # the scale ends at the limit: how full each core is
         vmin, vmax = 0.0, float(limit[0])
-        cmap.set_over(LIMIT)
+        cmap = cmap.with_extremes(over=LIMIT)
     else:  # the scale spans the values: imbalance shows even when it is small
         vmin, vmax = (low, peak) if low < peak else (0.0, peak or 1.0)
     aspect = rows / cols
@@ -250,9 +250,9 @@ def _layer_chart(Figure, trace, profile, out: Path) -> Path | None:
                   fontsize=9)
     base = np.zeros(len(layers))
     import matplotlib
-    colours = matplotlib.colormaps["tab10"]
+    colours = matplotlib.colormaps["Set2"]
     for j, (name, values) in enumerate(parts.items()):
-        bottom.bar(x, values, bottom=base, color=colours(j % 10), label=name)
+        bottom.bar(x, values, bottom=base, color=colours(j % 8), label=name)
         base += values
     bottom.set_ylabel("modeled cycles")
     bottom.set_xlabel("layer")

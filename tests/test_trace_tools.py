@@ -1,0 +1,358 @@
+"""``python -m meshmpi trace plot|compare|export`` on small traces made in-process (serial).
+
+Expected values are read straight from the HDF5 datasets with h5py, not through the
+commands' own readers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from meshmpi import Mesh, load_hardware
+from meshmpi.__main__ import main
+from meshmpi.plots import pool_max
+from meshmpi.trace import write_trace
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+HEATMAPS = {f"core_{name}.png" for name in ("busy_cycles", "clock_cycles", "bytes_recv", "bytes_sent",
+                                              "hops", "relays", "peak_bytes", "routes_peak")}
+
+
+# ---------------------------------------------------------------------- traces
+def kernel_trace(path, algo: str, offset: int, flops: int, rows: int = 4, cols: int = 4):
+    """``<algo>.align`` (two steps of +1 shifts along x) then ``<algo>.compute_shift``
+    (three steps: a shift by ``offset`` along y overlapped with ``flops`` per core)."""
+    mesh = Mesh(rows, cols, load_hardware("wse2"), comm=MPI.COMM_SELF)
+    a = mesh.alloc(f"{algo}.a", (16,), np.float32)
+    with mesh.phase(f"{algo}.align"):
+        east = mesh.fabric.shift(f"{algo}.east", "x", 1)
+        for step in range(2):
+            east.run(a)
+            mesh.step(f"align {step}")
+    with mesh.phase(f"{algo}.compute_shift"):
+        south = mesh.fabric.shift(f"{algo}.south", "y", offset)
+        for step in range(3):
+            transfer = south.start(a)
+            mesh.compute(flops)
+            transfer.wait()
+            mesh.step(f"step {step}")
+    write_trace(mesh, path, kind="gemm", result={"algo": algo}, argv=["test"])
+    mesh.free()
+    return path
+
+
+def llm_trace(path, layers: int = 3, tokens: int = 2):
+    """Nested phases as the decoder records them: decode > decode.layerN > attention / ffn,
+    with steps in the leaves and in the layer phases."""
+    mesh = Mesh(4, 4, load_hardware("wse2"), comm=MPI.COMM_SELF)
+    x = mesh.alloc("x", (8,), np.float32)
+    east = mesh.fabric.shift("east", "x", 1)
+    down = mesh.fabric.multicast("down", "y", 0)
+    for _ in range(tokens):
+        with mesh.phase("decode"):
+            for layer in range(layers):
+                with mesh.phase(f"decode.layer{layer}"):
+                    with mesh.phase(f"decode.layer{layer}.attention"):
+                        mesh.compute(64 * (layer + 1))
+                        east.run(x)
+                        mesh.step("scores")
+                        mesh.compute(32)
+                        mesh.step("softmax")
+                    with mesh.phase(f"decode.layer{layer}.ffn"):
+                        mesh.compute(128)
+                        down.run(x)
+                        mesh.step("up")
+                    mesh.compute(16, where=mesh.positions_mask("x", [0]))
+                    mesh.step("residual")
+            with mesh.phase("decode.sample"):
+                mesh.compute(10)
+    write_trace(mesh, path, kind="generate", result={"tokens": tokens}, argv=["test"])
+    mesh.free()
+    return path
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    d = tmp_path_factory.mktemp("traces")
+    return {
+        "alpha": kernel_trace(d / "alpha.h5", "alpha", 1, 64),
+        "beta": kernel_trace(d / "beta.h5", "beta", 2, 96),
+        "gamma": kernel_trace(d / "gamma.h5", "gamma", 3, 32),
+        "llm": llm_trace(d / "llm.h5"),
+        "wide": kernel_trace(d / "wide.h5", "wide", 1, 8, rows=10, cols=12),
+    }
+
+
+@pytest.fixture(scope="module")
+def huge_trace(traces, tmp_path_factory):
+    """A 720x720 trace: a small run's file with its counters replaced by 720x720 arrays
+    (writing them is what a dry run at that size would leave; the schema is the same)."""
+    path = tmp_path_factory.mktemp("huge") / "huge.h5"
+    path.write_bytes(Path(traces["alpha"]).read_bytes())
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "r+") as f:
+        f["meta"].attrs["mesh_rows"] = 720
+        f["meta"].attrs["mesh_cols"] = 720
+        for name in list(f["counters"]):
+            dtype = f["counters"][name].dtype
+            del f["counters"][name]
+            f["counters"].create_dataset(name, data=rng.integers(0, 40000, (720, 720)).astype(dtype))
+    return path
+
+
+def run_main(capsys, *argv, stderr: list | None = None) -> str:
+    assert main(list(argv)) == 0
+    captured = capsys.readouterr()
+    if stderr is not None:
+        stderr.append(captured.err)
+    return captured.out
+
+
+# ---------------------------------------------------------------------- plot
+def check_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert len(data) > 1000 and data[:8] == PNG_MAGIC, path
+
+
+def test_plot_kernel_trace(traces, tmp_path, capsys):
+    out = run_main(capsys, "trace", "plot", str(traces["alpha"]), "-o", str(tmp_path / "plots"))
+    listed = [Path(line) for line in out.split()]
+    names = {p.name for p in listed}
+    assert names == HEATMAPS | {"phases.png", "steps.png"}
+    assert set((tmp_path / "plots").iterdir()) == set(listed)
+    for path in listed:
+        check_png(path)
+
+
+def test_plot_nested_phases_per_layer(traces, tmp_path, capsys):
+    out = run_main(capsys, "trace", "plot", str(traces["llm"]), "-o", str(tmp_path))
+    names = {Path(line).name for line in out.split()}
+    assert names == HEATMAPS | {"phases.png", "layers.png", "steps.png"}
+    for name in names:
+        check_png(tmp_path / name)
+
+
+def test_self_costs_add_up_to_the_run(traces):
+    from meshmpi.plots import self_costs
+    from meshmpi.trace import read_trace
+    trace = read_trace(traces["llm"])
+    rows = self_costs(trace)
+    top = sum(p["end_cycles"] - p["start_cycles"] for p in trace["phases"] if p["depth"] == 0)
+    assert sum(r["cycles"] for r in rows) == pytest.approx(top)
+    assert sum(r["flops"] for r in rows) == sum(p["flops"] for p in trace["phases"] if p["depth"] == 0)
+    kinds = {r["kind"] for r in rows}
+    assert {"decode.layer*.attention", "decode.layer*.ffn", "decode.layer* (self)"} <= kinds
+
+
+def test_pool_max_keeps_every_core_s_maximum():
+    values = np.random.default_rng(1).integers(0, 1000, (721, 719))
+    pooled, k = pool_max(values, limit=400)
+    assert k == 2 and pooled.shape == (361, 360)
+    assert pooled[0, 0] == values[:2, :2].max()
+    assert pooled[-1, -1] == values[720:, 718:].max()
+    assert pooled.max() == values.max()
+    small, k = pool_max(values[:8, :8])
+    assert k == 1 and np.array_equal(small, values[:8, :8])
+
+
+def test_plot_720x720_is_fast(huge_trace, tmp_path, capsys):
+    started = time.process_time()
+    out = run_main(capsys, "trace", "plot", str(huge_trace), "-o", str(tmp_path))
+    assert time.process_time() - started < 30  # seconds of CPU for all charts (a few, usually)
+    for line in out.split():
+        check_png(Path(line))
+
+
+# ---------------------------------------------------------------------- compare
+def h5_numbers(path) -> dict:
+    with h5py.File(path, "r") as f:
+        c = f["counters"]
+        phases = f["phases"][()]
+        cycles = defaultdict(float)
+        for p in phases:
+            name = p["name"].decode()
+            cycles[name.split(".", 1)[1]] += p["end_cycles"] - p["start_cycles"]
+        clock_hz = json.loads(f["meta"].attrs["hardware_json"])["clock_hz"]["value"]
+        return {
+            "modeled_cycles": float(c["clock_cycles"][()].max()),
+            "modeled_seconds": float(c["clock_cycles"][()].max()) / clock_hz,
+            "messages": int(c["messages_sent"][()].sum()),
+            "bytes_moved": int(c["bytes_sent"][()].sum()),
+            "peak_bytes_per_core": int(c["peak_bytes"][()].max()),
+            "routes_per_core_max": int(c["routes_peak"][()].max()),
+            "phases": dict(cycles),
+        }
+
+
+def test_compare_ratios_against_the_first(traces, capsys):
+    files = [traces["alpha"], traces["beta"], traces["gamma"]]
+    doc = json.loads(run_main(capsys, "trace", "compare", *map(str, files), "--json"))
+    expected = [h5_numbers(f) for f in files]
+    assert doc["files"] == [str(f) for f in files]
+    assert doc["phase_prefixes"] == ["alpha", "beta", "gamma"]
+    totals = {t["metric"]: t for t in doc["totals"]}
+    for metric in ("modeled_cycles", "modeled_seconds", "messages", "bytes_moved",
+                   "peak_bytes_per_core", "routes_per_core_max"):
+        values = [e[metric] for e in expected]
+        assert totals[metric]["values"] == pytest.approx(values)
+        assert totals[metric]["ratios"] == pytest.approx([v / values[0] for v in values])
+    phases = {p["phase"]: p for p in doc["phases"]}
+    assert set(phases) == {"align", "compute_shift"}
+    for key, row in phases.items():
+        values = [e["phases"][key] for e in expected]
+        assert row["cycles"] == pytest.approx(values)
+        assert row["ratios"] == pytest.approx([v / values[0] for v in values])
+    # the runs differ, so the ratios are not trivially 1
+    assert totals["modeled_cycles"]["ratios"][1] != pytest.approx(1.0)
+
+
+def test_compare_text_and_repeated_phases(traces, capsys):
+    out = run_main(capsys, "trace", "compare", str(traces["llm"]), str(traces["llm"]))
+    assert "B/A" in out and "decode.layer1.attention" in out
+    doc = json.loads(run_main(capsys, "trace", "compare", str(traces["llm"]), str(traces["llm"]), "--json"))
+    assert doc["phase_prefixes"] is None
+    attention = next(p for p in doc["phases"] if p["phase"] == "decode.layer0.attention")
+    assert attention["count"] == [2, 2] and attention["ratios"] == [1.0, 1.0]
+    # different kinds: phases are matched on their full names
+    doc = json.loads(run_main(capsys, "trace", "compare", str(traces["alpha"]), str(traces["llm"]), "--json"))
+    assert doc["phase_prefixes"] is None
+    assert {"alpha.align", "decode"} <= {p["phase"] for p in doc["phases"]}
+
+
+# ---------------------------------------------------------------------- export
+EPS = 1e-6  # microseconds: slice times are rounded to the picosecond
+
+
+def export(capsys, path, out, *options, stderr=None) -> dict:
+    run_main(capsys, "trace", "export", str(path), "--format", "chrome", "-o", str(out), *options,
+             stderr=stderr)
+    return json.loads(Path(out).read_text())
+
+
+def check_chrome_structure(doc: dict, cols: int, rows_range, cols_range) -> None:
+    events = doc["traceEvents"]
+    slices = [e for e in events if e["ph"] == "X"]
+    assert slices and {e["ph"] for e in events} <= {"X", "s", "f", "M"}
+    tracks = defaultdict(list)
+    for e in slices:
+        for key in ("name", "ts", "dur", "pid", "tid"):
+            assert key in e, e
+        assert e["dur"] >= 0
+        r, c = divmod(e["tid"], cols)
+        assert e["pid"] == r and r in rows_range and c in cols_range
+        tracks[(e["pid"], e["tid"])].append(e)
+    assert len(tracks) == len(rows_range) * len(cols_range)
+    for track in tracks.values():  # proper nesting: a slice lies inside, or after, the open ones
+        track.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack = []
+        for e in track:
+            while stack and not (e["ts"] >= stack[-1]["ts"] - EPS
+                                 and e["ts"] + e["dur"] <= stack[-1]["ts"] + stack[-1]["dur"] + EPS):
+                top = stack.pop()
+                assert e["ts"] >= top["ts"] + top["dur"] - EPS, (top, e)  # no partial overlap
+            stack.append(e)
+        roots = [e for e in track if e["name"] == "run"]
+        assert len(roots) == 1 and track[0] is roots[0]
+    starts = defaultdict(list)
+    finishes = defaultdict(list)
+    for e in events:
+        if e["ph"] == "s":
+            starts[e["id"]].append(e)
+        elif e["ph"] == "f":
+            finishes[e["id"]].append(e)
+    assert set(starts) == set(finishes)
+    for flow_id, (s,) in starts.items():
+        (f,) = finishes[flow_id]
+        assert (s["name"], s["cat"]) == (f["name"], f["cat"]) and s["ts"] <= f["ts"]
+        (sr, sc), (fr, fc) = divmod(s["tid"], cols), divmod(f["tid"], cols)
+        assert abs(sr - fr) + abs(sc - fc) == 1  # between adjacent cores
+        assert {sr, fr} <= set(rows_range) and {sc, fc} <= set(cols_range)
+        for end in (s, f):  # each end binds to a step slice on its track
+            assert any(x["cat"] == "step" and x["ts"] - EPS <= end["ts"] <= x["ts"] + x["dur"] + EPS
+                       for x in tracks[(end["pid"], end["tid"])])
+
+
+def test_export_modeled_structure_and_times(traces, tmp_path, capsys):
+    doc = export(capsys, traces["llm"], tmp_path / "llm.json")
+    check_chrome_structure(doc, 4, range(4), range(4))
+    with h5py.File(traces["llm"], "r") as f:
+        phases = f["phases"][()]
+        steps = f["steps"][()]
+        clock_hz = json.loads(f["meta"].attrs["hardware_json"])["clock_hz"]["value"]
+        busy = f["counters"]["busy_cycles"][()]
+    track = sorted((e for e in doc["traceEvents"] if e["ph"] == "X" and e["tid"] == 5),
+                   key=lambda e: (e["ts"], -e["dur"]))
+    phase_slices = [e for e in track if e["cat"] == "phase"]
+    assert len(phase_slices) == len(phases)
+    for p in phases:  # every phase appears with its modeled start and length in microseconds
+        assert any(e["name"] == p["name"].decode()
+                   and e["ts"] == pytest.approx(p["start_cycles"] / clock_hz * 1e6, abs=EPS)
+                   and e["dur"] == pytest.approx((p["end_cycles"] - p["start_cycles"]) / clock_hz * 1e6, abs=EPS)
+                   for e in phase_slices)
+    assert sum(e["cat"] == "step" for e in track) == len(steps)
+    run = next(e for e in track if e["name"] == "run")
+    assert run["args"]["core"] == [1, 1] and run["args"]["busy_cycles"] == busy[1, 1]
+    assert any(e["ph"] == "s" for e in doc["traceEvents"])
+    assert "reconstructed" in doc["otherData"]["flows"]
+
+
+def test_export_wall_clock_nests(traces, tmp_path, capsys):
+    doc = export(capsys, traces["llm"], tmp_path / "wall.json", "--clock", "wall")
+    check_chrome_structure(doc, 4, range(4), range(4))
+    assert doc["otherData"]["clock"] == "wall"
+
+
+def test_export_core_filter(traces, tmp_path, capsys):
+    doc = export(capsys, traces["wide"], tmp_path / "part.json", "--cores", "2:5,3:7")
+    check_chrome_structure(doc, 12, range(2, 5), range(3, 7))
+    assert doc["otherData"]["cores"] == "2:5,3:7"
+    doc = export(capsys, traces["wide"], tmp_path / "open.json", "--cores", "8:,:2")
+    check_chrome_structure(doc, 12, range(8, 10), range(0, 2))
+
+
+def test_export_defaults_to_the_first_8x8_cores(traces, huge_trace, tmp_path, capsys):
+    notes = []
+    doc = export(capsys, traces["wide"], tmp_path / "wide.json", stderr=notes)
+    assert "first 8x8 cores of the 10x12 mesh" in notes[0]
+    check_chrome_structure(doc, 12, range(8), range(8))
+    doc = export(capsys, huge_trace, tmp_path / "huge.json")
+    check_chrome_structure(doc, 720, range(8), range(8))
+    assert (tmp_path / "huge.json").stat().st_size < 5_000_000
+
+
+# ---------------------------------------------------------------------- bad input
+def cli(*argv):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "meshmpi", *argv], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("argv", [
+    ("trace", "plot", "missing.h5", "-o", "{tmp}/plots"),
+    ("trace", "compare", "{alpha}", "missing.h5"),
+    ("trace", "export", "missing.h5", "-o", "{tmp}/x.json"),
+    ("trace", "export", "{alpha}", "-o", "{tmp}/x.json", "--cores", "0:9,0:2"),
+    ("trace", "export", "{alpha}", "-o", "{tmp}/x.json", "--cores", "rows"),
+    ("trace", "export", "{alpha}", "-o", "{tmp}/x.json", "--cores", "2:2,0:4"),
+    ("trace", "export", "{alpha}", "-o", "{tmp}/x.json", "--format", "svg"),
+    ("trace", "plot", "{notrace}", "-o", "{tmp}/plots"),
+])
+def test_bad_input_is_one_error_line(argv, traces, tmp_path):
+    (tmp_path / "not.h5").write_text("not HDF5")
+    fill = {"tmp": tmp_path, "alpha": traces["alpha"], "notrace": tmp_path / "not.h5"}
+    done = cli(*(a.format(**fill) for a in argv))
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    assert not (tmp_path / "x.json").exists()
