@@ -23,6 +23,7 @@ from .array import MeshArray
 from .errors import UsageError
 
 _DATA_TAG, _CLOCK_TAG = 11, 12
+_BIG_SLICE = 1 << 15  # bytes of one position's tiles above which deliveries are copied one by one
 
 
 def _pos_first(arr: np.ndarray, axis: str) -> np.ndarray:
@@ -199,7 +200,10 @@ class LinePattern:
             for dests, data, srcs in ((d_block, payload, s_block), (d_pool, pool_data, s_pool)):
                 if not dests.size:
                     continue
-                if lines_idx is None:
+                if lines_idx is None and data[0].nbytes >= _BIG_SLICE and not (data is payload and dst is src):
+                    for d, s in zip(dests.tolist(), srcs.tolist()):  # big tiles: no temporary copy
+                        out[d] = data[s]
+                elif lines_idx is None:
                     out[dests] = data[srcs]
                 else:
                     out[dests[:, None], lines_idx[None, :]] = data[srcs[:, None], lines_idx[None, :]]
