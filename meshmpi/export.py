@@ -65,21 +65,16 @@ def children_of(phases: list[dict]) -> list[list[int]]:
 def step_spans(trace: dict) -> list[tuple[float, float]]:
     """``(start, end)`` modeled cycles of every step (in table order).
 
-    A step ends at its recorded ``end_cycles``. It starts where the previous step of the
-    same phase ended, or where the phase started, or where the last child phase that closed
-    before it ended, whichever is latest: so steps never overlap each other or child phases.
+    A step ends at its recorded ``end_cycles`` and starts where the previous step of the same
+    phase ended, or where the phase started. Child phases that ran in between lie inside the
+    step (its counters include them), so steps and phases nest.
     """
     phases = trace["phases"]
-    kids = children_of(phases)
     last_end = {}
     spans = []
     for s in trace["steps"]:
-        phase = phases[s["phase"]]
         end = s["end_cycles"]
-        start = max(last_end.get(s["phase"], phase["start_cycles"]),
-                    max((phases[k]["end_cycles"] for k in kids[s["phase"]]
-                         if phases[k]["end_cycles"] <= end), default=phase["start_cycles"]))
-        start = min(start, end)
+        start = min(last_end.get(s["phase"], phases[s["phase"]]["start_cycles"]), end)
         spans.append((start, end))
         last_end[s["phase"]] = end
     return spans

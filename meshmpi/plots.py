@@ -10,8 +10,8 @@
   name with numbers replaced by ``*`` (``decode.layer*.attention``).
 - ``layers.png`` (when phase names carry ``layer<N>``): the same split per layer, and the
   cycles of each layer by sub-phase.
-- ``steps.png`` (when the trace has steps): each step's cycles on the critical path and the
-  running total.
+- ``steps.png`` (when the trace has steps): each step's cycles on the critical path (without
+  the nested phases that ran inside it, which have steps of their own) and the running total.
 
 Compute cycles are estimated as FLOPs / cores / the profile's FLOPs per cycle (work spread
 evenly over the cores), capped at the phase's modeled cycles; the rest of the modeled cycles
@@ -266,13 +266,33 @@ def _layer_chart(Figure, trace, profile, out: Path) -> Path | None:
     return out
 
 
+def step_self_costs(trace: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per step: modeled cycles and FLOPs of its own, without the child phases that ran
+    inside it (a step of a phase spans the child phases begun since its previous step)."""
+    phases, steps = trace["phases"], trace["steps"]
+    spans = step_spans(trace)
+    cycles = np.array([end - start for start, end in spans], float)
+    flops = np.array([s["flops"] for s in steps], float)
+    by_phase: dict[int, list[int]] = {}
+    for i, s in enumerate(steps):
+        by_phase.setdefault(s["phase"], []).append(i)
+    for parent, kids in enumerate(children_of(phases)):
+        for k in kids:
+            child = phases[k]
+            for i in by_phase.get(parent, ()):  # the first step that encloses the child
+                if spans[i][0] <= child["start_cycles"] and child["end_cycles"] <= spans[i][1]:
+                    cycles[i] -= child["end_cycles"] - child["start_cycles"]
+                    flops[i] -= child["flops"]
+                    break
+    return np.maximum(cycles, 0.0), np.maximum(flops, 0.0)
+
+
 def _step_chart(Figure, trace, profile, out: Path) -> Path | None:
     steps = trace["steps"]
     if not steps:
         return None
-    spans = np.array(step_spans(trace), float)
-    durations = spans[:, 1] - spans[:, 0]
-    compute = profile.compute_cycles([s["flops"] for s in steps], durations)
+    durations, flops = step_self_costs(trace)
+    compute = profile.compute_cycles(flops, durations)
     ends = np.array([s["end_cycles"] for s in steps], float)
     x = np.arange(len(steps))
     fig = Figure(figsize=(max(8.0, min(16.0, 0.12 * len(steps) + 6)), 7.5), dpi=110, layout="constrained")
@@ -286,7 +306,7 @@ def _step_chart(Figure, trace, profile, out: Path) -> Path | None:
         top.stairs(compute, edges, fill=True, color=COMPUTE, label="compute (FLOPs / cores / rate)")
         top.stairs(durations, edges, baseline=compute, fill=True, color=COMMUNICATION,
                    label="communication and waiting")
-    top.set_ylabel("modeled cycles in the step")
+    top.set_ylabel("modeled cycles in the step\n(without nested phases)")
     top.legend(fontsize=8, loc="upper left", framealpha=0.9)
     top.set_title(f"critical path per step ({_title(trace['meta'])})", fontsize=9)
     bottom.plot(x, ends, marker="o" if len(steps) <= 100 else None, markersize=3, color="black")

@@ -155,6 +155,23 @@ def test_self_costs_add_up_to_the_run(traces):
     assert {"decode.layer*.attention", "decode.layer*.ffn", "decode.layer* (self)"} <= kinds
 
 
+def test_step_costs_leave_out_nested_phases(traces):
+    from meshmpi.export import step_spans
+    from meshmpi.plots import step_self_costs
+    from meshmpi.trace import read_trace
+    trace = read_trace(traces["llm"])
+    cycles, flops = step_self_costs(trace)
+    spans = step_spans(trace)
+    for i, s in enumerate(trace["steps"]):
+        phase = trace["phases"][s["phase"]]
+        assert phase["start_cycles"] <= spans[i][0] <= spans[i][1] == s["end_cycles"] <= phase["end_cycles"]
+        if s["label"] == "residual":  # 16 FLOPs on column 0 after attention and ffn
+            assert s["flops"] > 64 and flops[i] == 64
+            assert spans[i][0] == phase["start_cycles"] and cycles[i] < spans[i][1] - spans[i][0]
+        else:
+            assert flops[i] == s["flops"] and cycles[i] == spans[i][1] - spans[i][0]
+
+
 def test_pool_max_keeps_every_core_s_maximum():
     values = np.random.default_rng(1).integers(0, 1000, (721, 719))
     pooled, k = pool_max(values, limit=400)
