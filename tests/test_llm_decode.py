@@ -118,22 +118,3 @@ def test_dry_and_numeric_decode_give_identical_modeled_numbers():
         results.append((cycles, head, mesh.modeled_cycles(), int(mesh.sum_over_ranks(
             int(mesh.counters["bytes_sent"].sum())))))
     assert results[0] == results[1]
-
-
-def test_generate_check_end_to_end(tmp_path_factory):
-    """The generate command with --check (reference alongside) on a saved HF-style checkpoint."""
-    comm = MPI.COMM_WORLD
-    if comm.Get_size() > 1:
-        pytest.skip("spawns its own MPI job; run once from the 1-rank session")
-    config = LlamaConfig(**CONFIGS["gqa"], eos_token_ids=(1,))
-    path = tmp_path_factory.mktemp("model")
-    save_checkpoint(path, config, random_weights(config, seed=3))
-    out = subprocess.run([sys.executable, "-m", "llm", "generate", "--model", str(path), "--prompt-ids",
-                          "3,5,7,11,2", "--max-new-tokens", "5", "--ignore-eos", "--mesh", "3x4",
-                          "--check", "--json"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
-    tokens, _ = ReferenceModel(config, random_weights(config, seed=3)).generate(
-        [3, 5, 7, 11, 2], 5, ignore_eos=True)
-    assert report["tokens"] == tokens
-    assert report["modeled_decode_tokens_per_s"] > 0 and report["regions"] == 1

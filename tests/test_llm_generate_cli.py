@@ -1,0 +1,28 @@
+"""The generate command end to end (serial: it starts its own process)."""
+import json
+import os
+import subprocess
+import sys
+
+from llm.checkpoint import random_weights, save_checkpoint
+from llm.config import LlamaConfig
+from llm.reference import ReferenceModel
+
+from test_llm_decode import CONFIGS
+
+
+def test_generate_check_end_to_end(tmp_path_factory):
+    """The generate command with --check (reference alongside) on a saved HF-style checkpoint."""
+    config = LlamaConfig(**CONFIGS["gqa"], eos_token_ids=(1,))
+    path = tmp_path_factory.mktemp("model")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "MPI_", "HYDRA_"))}
+    save_checkpoint(path, config, random_weights(config, seed=3))
+    out = subprocess.run([sys.executable, "-m", "llm", "generate", "--model", str(path), "--prompt-ids",
+                          "3,5,7,11,2", "--max-new-tokens", "5", "--ignore-eos", "--mesh", "3x4",
+                          "--check", "--json"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    tokens, _ = ReferenceModel(config, random_weights(config, seed=3)).generate(
+        [3, 5, 7, 11, 2], 5, ignore_eos=True)
+    assert report["tokens"] == tokens
+    assert report["modeled_decode_tokens_per_s"] > 0 and report["regions"] == 1
