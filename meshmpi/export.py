@@ -32,25 +32,37 @@ import numpy as np
 from .errors import UsageError
 
 DEFAULT_FILTER = 8  # cores per side shown when --cores is not given
-MAX_FLOWS = 50_000  # arrows beyond this are dropped (and the output says so)
+MAX_FLOWS = 20_000  # arrows beyond this are dropped (and the output says so)
 COUNTERS_IN_ARGS = ("busy_cycles", "clock_cycles", "flops", "bytes_sent", "bytes_recv",
                     "messages_sent", "hops", "relays", "peak_bytes", "routes_peak")
 
 
 # ---------------------------------------------------------------------- phase structure
 def phase_paths(phases: list[dict]) -> list[str]:
-    """Each phase's dotted path from the root: a child's name is appended to its parent's
-    path unless the child's name already starts with it (``decode.layer3.attention`` under
-    ``decode.layer3``)."""
+    """Each phase's dotted path from the root, whether names are full paths or relative.
+
+    A child named with its parent's full path keeps its name (``decode.layer3.attention``
+    under ``decode.layer3``); otherwise the parent's path is put in front, without the
+    components the two names share: ``layer0.qkv.local`` under ``decode.pos3`` >
+    ``layer0`` is ``decode.pos3.layer0.qkv.local``, ``prefill.layer3.h2.softmax`` under
+    ``prefill.layer3.attention`` is ``prefill.layer3.attention.h2.softmax``.
+    """
     paths = []
     for p in phases:
-        parent = p["parent"]
-        if parent < 0:
+        child = p["name"].split(".")
+        if p["parent"] < 0:
             paths.append(p["name"])
             continue
-        base = paths[parent]
-        name = p["name"]
-        paths.append(name if name == base or name.startswith(base + ".") else f"{base}.{name}")
+        parent = paths[p["parent"]].split(".")
+        if child[:len(parent)] == parent:
+            paths.append(p["name"])
+            continue
+        overlap = next((k for k in range(min(len(parent), len(child)), 0, -1)
+                        if parent[-k:] == child[:k]), 0)
+        if not overlap:
+            overlap = next((j for j in range(min(len(parent), len(child)), 0, -1)
+                            if parent[:j] == child[:j]), 0)
+        paths.append(".".join(parent + child[overlap:]))
     return paths
 
 
@@ -174,7 +186,7 @@ def chrome_trace(trace: dict, cores: tuple[int, int, int, int], clock: str = "mo
         template.append(dict(name=p["name"], cat="phase", ts=ts, dur=round(end - ts, 6), args={
             "path": paths[i], "depth": p["depth"], "modeled_cycles": p["end_cycles"] - p["start_cycles"],
             "wall_seconds": p["wall_seconds"], "messages": p["messages"], "bytes": p["bytes"],
-            "flops": p["flops"], "max_hops": p["max_hops"], "scope": "whole mesh"}))
+            "flops": p["flops"], "max_hops": p["max_hops"]}))
     step_slices = []
     for s, (start, end) in zip(steps, spans):
         placed = time.step(s["phase"], phases[s["phase"]], start, end)
@@ -185,7 +197,7 @@ def chrome_trace(trace: dict, cores: tuple[int, int, int, int], clock: str = "mo
         step_slices.append(dict(name=label, cat="step", ts=ts, dur=round(stop - ts, 6), args={
             "phase": paths[s["phase"]], "step": s["step"], "modeled_cycles": end - start,
             "messages": s["messages"], "bytes": s["bytes"], "flops": s["flops"],
-            "max_hops": s["max_hops"], "scope": "whole mesh"}))
+            "max_hops": s["max_hops"]}))
     template += step_slices
     if clock == "modeled":
         run_end = time.us(float(counters["clock_cycles"].max()))

@@ -236,7 +236,7 @@ def _layer_chart(Figure, trace, profile, out: Path) -> Path | None:
         i = index[int(match.group(1))]
         cycles[i] += r["cycles"]
         flops[i] += r["flops"]
-        part = r["path"][match.end():].strip(".") or "(layer itself)"
+        part = r["path"][match.end():].strip(".").split(".")[0] or "(layer itself)"
         parts.setdefault(_kind(part), np.zeros(len(layers)))[i] += r["cycles"]
     compute = profile.compute_cycles(flops, cycles)
     fig = Figure(figsize=(max(7.0, 0.25 * len(layers) + 3), 7.5), dpi=110, layout="constrained")
@@ -250,13 +250,13 @@ def _layer_chart(Figure, trace, profile, out: Path) -> Path | None:
                   fontsize=9)
     base = np.zeros(len(layers))
     import matplotlib
-    colours = matplotlib.colormaps["Set2"]
+    colours = matplotlib.colormaps["Set2" if len(parts) <= 8 else "tab20"]
     for j, (name, values) in enumerate(parts.items()):
-        bottom.bar(x, values, bottom=base, color=colours(j % 8), label=name)
+        bottom.bar(x, values, bottom=base, color=colours(j % colours.N), label=name)
         base += values
     bottom.set_ylabel("modeled cycles")
     bottom.set_xlabel("layer")
-    bottom.legend(fontsize=8, ncols=min(4, len(parts)))
+    bottom.legend(fontsize=7, ncols=min(5, len(parts)))
     bottom.set_title("by sub-phase", fontsize=9)
     for ax in (top, bottom):
         ax.yaxis.set_major_formatter(THOUSANDS)
@@ -318,12 +318,12 @@ def _step_chart(Figure, trace, profile, out: Path) -> Path | None:
     first = {}
     for i, s in enumerate(steps):
         first.setdefault(s["phase"], i)
-    for phase, i in first.items():
+    boundaries = first.items() if len(first) <= 30 else ()  # only when few enough to read
+    for phase, i in boundaries:
         for ax in (top, bottom):
             ax.axvline(i - 0.5, color="grey", linewidth=0.6, linestyle=":")
-        if len(first) <= 30:
-            bottom.text(i - 0.4, 0.98, paths[phase], transform=bottom.get_xaxis_transform(),
-                        fontsize=7, rotation=90 if len(first) > 6 else 0, va="top", ha="left")
+        bottom.text(i - 0.4, 0.98, paths[phase], transform=bottom.get_xaxis_transform(),
+                    fontsize=7, rotation=90 if len(first) > 6 else 0, va="top", ha="left")
     for ax in (top, bottom):
         ax.yaxis.set_major_formatter(THOUSANDS)
         ax.xaxis.get_major_locator().set_params(integer=True)

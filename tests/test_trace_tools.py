@@ -172,6 +172,17 @@ def test_step_costs_leave_out_nested_phases(traces):
             assert flops[i] == s["flops"] and cycles[i] == spans[i][1] - spans[i][0]
 
 
+def test_phase_paths_full_or_relative_names():
+    from meshmpi.export import phase_paths
+    names = [("decode.pos3", -1), ("layer0", 0), ("layer0.qkv.local", 1), ("prefill", -1),
+             ("prefill.layer3", 3), ("prefill.layer3.attention", 4), ("prefill.layer3.h2.softmax", 5),
+             ("lm_head", -1), ("lm_head.local", 7), ("allreduce", 7)]
+    paths = phase_paths([{"name": n, "parent": p} for n, p in names])
+    assert paths == ["decode.pos3", "decode.pos3.layer0", "decode.pos3.layer0.qkv.local", "prefill",
+                     "prefill.layer3", "prefill.layer3.attention", "prefill.layer3.attention.h2.softmax",
+                     "lm_head", "lm_head.local", "lm_head.allreduce"]
+
+
 def test_pool_max_keeps_every_core_s_maximum():
     values = np.random.default_rng(1).integers(0, 1000, (721, 719))
     pooled, k = pool_max(values, limit=400)
