@@ -1,5 +1,396 @@
-"""Benchmarks (filled in below)."""
+"""``python -m kernels bench``: the paper's kernel microbenchmarks on the emulated wafer.
+
+- ``gemm``: GEMM 2K and 8K on square meshes 16² .. 720² (dry runs): modeled cycles split into
+  compute and communication, efficiency, routes and memory per core, for MeshGEMM, Cannon and
+  SUMMA (relayed broadcasts; direct multicasts under ``--routes warn`` as the optimistic bound).
+- ``gemv``: GEMV 2K .. 32K against the mesh size for MeshGEMV (K-tree), pipeline and ring.
+- ``groups``: MeshGEMV 16K on 360² against the number of K-tree groups.
+- ``calibrate``: the (beta, flops_per_cycle) that best fit the paper's two WSE-2 GEMV latencies,
+  and the sensitivity of the headline numbers to beta.
+- ``speed``: wall time of a numeric MeshGEMM 2048³ on 16x16 cores over 2 ranks (a child
+  ``mpiexec -n 2``) against ``numpy.matmul`` of the same matrices on 2 threads.
+- ``all``: everything above.
+
+Rank 0 writes ``<out>/<bench>.csv`` and ``<out>/<bench>.png``. The sweeps run on the ranks of
+the job (dry runs: modeled numbers do not depend on the rank split).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from meshmpi import cli
+from meshmpi.errors import UsageError
+from meshmpi.hardware import load_hardware
+from meshmpi.mesh import Mesh
+
+from .run import GEMV_ALGOS, run_gemm, run_gemv
+
+BENCHES = ("gemm", "gemv", "groups", "calibrate", "speed")
+GEMM_SIZES = (2048, 8192)
+GEMM_MESHES = (16, 32, 64, 90, 180, 360, 720)
+GEMM_VARIANTS = (("meshgemm", None), ("cannon", None), ("summa", "relay"), ("summa", "direct"))
+GEMV_SIZES = (2048, 4096, 8192, 16384, 32768)
+GEMV_MESHES = (64, 128, 180, 256, 360, 540, 720)
+GROUP_MESH, GROUP_SIZE = 360, 16384
+GROUP_COUNTS = (1, 2, 3, 4, 6, 9, 12, 15, 19, 24, 30, 40, 60, 90, 180, 360)
+# The paper's WSE-2 GEMV latencies (PAPER.md §3), fitted on the largest square mesh it scales to.
+PAPER_GEMV_CYCLES = {16384: 1320.0, 32768: 2233.0}
+CALIBRATION_MESH = 720
+CAL_FLOPS = (1.0, 2.0, 4.0, 8.0)
+CAL_BETAS = (0.0, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0)
+SENSITIVITY_BETAS = (0.0, 4.0, 16.0, 64.0)
+SPEED = dict(mesh=16, size=2048, ranks=2, repeats=3)
+
+EXAMPLES = """\
+  python -m kernels bench all --out results
+  python -m kernels bench gemm --meshes 16,32,64 --out /tmp/bench
+  python -m kernels bench gemv --hardware results/wse2_calibrated.json --out /tmp/bench
+  mpiexec -n 2 python -m kernels bench groups --out results
+"""
 
 
-def register(sub):
-    pass
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="the paper's kernel benchmarks (CSV + PNG)",
+                       description=__doc__, epilog="examples:\n" + EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", choices=BENCHES + ("all",), help="which benchmark")
+    p.add_argument("--out", default="results", metavar="DIR", help="output folder (default results)")
+    p.add_argument("--meshes", metavar="N,N,...", help="square mesh sides (overrides the defaults)")
+    p.add_argument("--hardware", default="wse2", metavar="NAME|PATH", help="profile (default wse2)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one profile value (repeatable)")
+    p.set_defaults(func=run_bench)
+
+
+# ---------------------------------------------------------------------------- plumbing
+def _sides(args, default):
+    if not args.meshes:
+        return default
+    try:
+        sides = tuple(int(s) for s in args.meshes.split(","))
+    except ValueError:
+        raise UsageError(f"--meshes expects a comma list of whole numbers, got {args.meshes!r}") from None
+    if any(s < 1 for s in sides):
+        raise UsageError("--meshes: sides must be positive")
+    return sides
+
+
+def _is_root() -> bool:
+    return cli.world_rank() == 0
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="run", disable=not _is_root(), file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _quiet():
+    """Route-limit and memory warnings of the warn-policy runs go to the CSV, not the terminal."""
+    return contextlib.redirect_stderr(io.StringIO())
+
+
+def _dry(side: int, hardware, fn, *, routes: str = "strict"):
+    mesh = Mesh(side, side, hardware, dry_run=True, memory="warn", routes=routes)
+    try:
+        with _quiet():
+            return fn(mesh)
+    finally:
+        mesh.free()
+
+
+def _fits(report: dict, hardware) -> dict:
+    return {"fits_sram": report["peak_bytes_per_core"] <= hardware.sram_bytes_per_core,
+            "fits_routes": report["routes_per_core_max"] <= hardware.routes_per_core}
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not _is_root() or not rows:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    cli.say(f"wrote {path}", file=sys.stderr)
+
+
+def _figure(ncols: int, nrows: int = 1, width: float = 4.2, height: float = 3.4):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    return plt, fig, axes
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    cli.say(f"wrote {path}", file=sys.stderr)
+
+
+def _label(algo: str, broadcast) -> str:
+    return f"{algo} ({broadcast})" if broadcast else algo
+
+
+KEEP = ("modeled_cycles", "compute_cycles", "comm_cycles", "efficiency", "max_hops_per_step",
+        "routes_per_core_max", "peak_bytes_per_core", "messages", "bytes_moved", "relays", "wall_seconds")
+
+
+# ---------------------------------------------------------------------------- GEMM
+def bench_gemm(args, hardware, out: Path) -> list[dict]:
+    sides = _sides(args, GEMM_MESHES)
+    jobs = [(size, side, algo, bc) for size in GEMM_SIZES for side in sides for algo, bc in GEMM_VARIANTS]
+    rows = []
+    with _progress(len(jobs), "gemm") as bar:
+        for size, side, algo, broadcast in jobs:
+            bar.set_postfix_str(f"{size} {side}x{side} {_label(algo, broadcast)}")
+            routes = "warn" if broadcast == "direct" else "strict"
+            report = _dry(side, hardware, lambda mesh: run_gemm(
+                mesh, algo, size, size, size, broadcast=broadcast or "relay"), routes=routes)
+            rows.append({"size": size, "mesh": side, "algo": algo, "broadcast": broadcast or "",
+                         **{k: report[k] for k in KEEP}, **_fits(report, hardware)})
+            bar.update()
+    _write_csv(out / "gemm.csv", rows)
+    if _is_root():
+        plt, fig, axes = _figure(len(GEMM_SIZES), 2)
+        for col, size in enumerate(GEMM_SIZES):
+            for algo, broadcast in GEMM_VARIANTS:
+                sel = [r for r in rows if r["size"] == size and r["algo"] == algo
+                       and r["broadcast"] == (broadcast or "")]
+                x = [r["mesh"] for r in sel]
+                style = dict(marker="o", linestyle="--" if broadcast == "direct" else "-")
+                axes[0, col].plot(x, [r["modeled_cycles"] for r in sel], label=_label(algo, broadcast), **style)
+                axes[1, col].plot(x, [100 * r["efficiency"] for r in sel], label=_label(algo, broadcast), **style)
+            axes[0, col].set(xscale="log", yscale="log", title=f"GEMM {size // 1024}K ({hardware.name})",
+                             xlabel="cores per side", ylabel="modeled cycles")
+            axes[1, col].set(xscale="log", ylim=(0, 100), xlabel="cores per side",
+                             ylabel="compute efficiency %")
+            axes[0, col].legend(fontsize=7)
+            axes[1, col].axhline(70, color="grey", linewidth=0.5)
+            axes[1, col].axhline(50, color="grey", linewidth=0.5)
+        _save(plt, fig, out / "gemm.png")
+    return rows
+
+
+# ---------------------------------------------------------------------------- GEMV
+def bench_gemv(args, hardware, out: Path) -> list[dict]:
+    sides = _sides(args, GEMV_MESHES)
+    jobs = [(size, side, algo) for size in GEMV_SIZES for side in sides for algo in GEMV_ALGOS]
+    rows = []
+    with _progress(len(jobs), "gemv") as bar:
+        for size, side, algo in jobs:
+            bar.set_postfix_str(f"{size} {side}x{side} {algo}")
+            report = _dry(side, hardware, lambda mesh: run_gemv(mesh, algo, size, size))
+            rows.append({"size": size, "mesh": side, "algo": algo, **{k: report[k] for k in KEEP},
+                         **_fits(report, hardware)})
+            bar.update()
+    _write_csv(out / "gemv.csv", rows)
+    if _is_root():
+        plt, fig, axes = _figure(len(GEMV_SIZES), width=3.4)
+        for col, size in enumerate(GEMV_SIZES):
+            ax = axes[0, col]
+            for algo in GEMV_ALGOS:
+                sel = [r for r in rows if r["size"] == size and r["algo"] == algo]
+                ax.plot([r["mesh"] for r in sel], [r["modeled_cycles"] for r in sel], marker="o", label=algo)
+            ax.set(xscale="log", yscale="log", title=f"GEMV {size // 1024}K", xlabel="cores per side")
+            if size in PAPER_GEMV_CYCLES:
+                ax.axhline(PAPER_GEMV_CYCLES[size], color="grey", linestyle=":", label="paper (WSE-2)")
+        axes[0, 0].set_ylabel(f"modeled cycles ({hardware.name})")
+        axes[0, -1].legend(fontsize=7)
+        _save(plt, fig, out / "gemv.png")
+    return rows
+
+
+def bench_groups(args, hardware, out: Path) -> list[dict]:
+    side = _sides(args, (GROUP_MESH,))[0]
+    counts = [g for g in GROUP_COUNTS if g <= side]
+    rows = []
+    with _progress(len(counts), "groups") as bar:
+        for groups in counts:
+            report = _dry(side, hardware, lambda mesh: run_gemv(mesh, "meshgemv", GROUP_SIZE, GROUP_SIZE, groups))
+            rows.append({"size": GROUP_SIZE, "mesh": side, "groups": groups, "group_size": side / groups,
+                         **{k: report[k] for k in KEEP}})
+            bar.update()
+    _write_csv(out / "groups.csv", rows)
+    if _is_root():
+        plt, fig, axes = _figure(1, width=5)
+        ax = axes[0, 0]
+        ax.plot([r["groups"] for r in rows], [r["modeled_cycles"] for r in rows], marker="o", label="modeled")
+        ax.plot([r["groups"] for r in rows], [r["comm_cycles"] for r in rows], marker=".", label="communication")
+        ax.axvline(math.sqrt(side), color="grey", linestyle=":", label="G = sqrt(N)")
+        ax.set(xscale="log", xlabel="K-tree groups G per column", ylabel="cycles",
+               title=f"MeshGEMV {GROUP_SIZE // 1024}K on {side}x{side} ({hardware.name})")
+        ax.legend(fontsize=7)
+        _save(plt, fig, out / "groups.png")
+    return rows
+
+
+# ---------------------------------------------------------------------------- calibration
+def bench_calibrate(args, hardware, out: Path) -> list[dict]:
+    """Fit (beta, flops_per_cycle) to the paper's GEMV 16K and 32K latencies (alpha kept at the
+    code's 1 cycle per hop); then the headline numbers at several betas."""
+    side = _sides(args, (CALIBRATION_MESH,))[0]
+    grid = [(f, b) for f in CAL_FLOPS for b in CAL_BETAS]
+    rows = []
+    with _progress(len(grid) * len(PAPER_GEMV_CYCLES), "calibrate") as bar:
+        for flops, beta in grid:
+            hw = hardware.with_overrides([f"flops_per_cycle={flops}", f"beta_cycles_per_relay={beta}"])
+            row = {"mesh": side, "flops_per_cycle": flops, "beta_cycles_per_relay": beta,
+                   "alpha_cycles_per_hop": hw.alpha_cycles_per_hop}
+            errors = []
+            for size, paper in PAPER_GEMV_CYCLES.items():
+                cycles = _dry(side, hw, lambda mesh: run_gemv(mesh, "meshgemv", size, size))["modeled_cycles"]
+                row[f"gemv{size // 1024}k_cycles"] = cycles
+                errors.append(math.log(cycles / paper))
+                bar.update()
+            row["rms_log_error"] = math.sqrt(sum(e * e for e in errors) / len(errors))
+            rows.append(row)
+    best = min(rows, key=lambda r: r["rms_log_error"])  # the same on every rank (collective reports)
+    _write_csv(out / "calibration.csv", rows)
+    if _is_root():
+        doc = json.loads(hardware.to_json())
+        source = (f"calibration: best fit of MeshGEMV 16K and 32K on {side}x{side} to the paper's WSE-2 "
+                  f"latencies (1,320 and 2,233 cycles), grid flops {list(CAL_FLOPS)} x beta "
+                  f"{list(CAL_BETAS)}, alpha kept; see results/README.md")
+        for key in ("flops_per_cycle", "beta_cycles_per_relay"):
+            doc[key] = {"value": best[key], "source": source, "guessed": True}
+        doc["name"] = f"{hardware.name}-calibrated"
+        doc["description"] = doc.get("description", "") + " Calibrated on the paper's GEMV latencies."
+        (out / f"{hardware.name}_calibrated.json").write_text(json.dumps(doc, indent=2) + "\n")
+        cli.say(f"best fit: flops_per_cycle={best['flops_per_cycle']} beta={best['beta_cycles_per_relay']} "
+                f"-> 16K {best['gemv16k_cycles']:.0f}, 32K {best['gemv32k_cycles']:.0f} cycles", file=sys.stderr)
+    _write_csv(out / "sensitivity.csv", sensitivity(hardware, best, side))
+    return rows
+
+
+def sensitivity(hardware, best: dict, side: int) -> list[dict]:
+    """GEMM 2K and GEMV 16K on ``side``² at several betas (shipped compute rate) and at the fit."""
+    settings = [(f"beta={b:g}", [f"beta_cycles_per_relay={b}"]) for b in SENSITIVITY_BETAS]
+    settings.append(("calibrated", [f"beta_cycles_per_relay={best['beta_cycles_per_relay']}",
+                                    f"flops_per_cycle={best['flops_per_cycle']}"]))
+    kernels = [("gemm", "meshgemm"), ("gemm", "cannon"), ("gemm", "summa"),
+               ("gemv", "meshgemv"), ("gemv", "pipeline")]
+    rows = []
+    with _progress(len(settings) * len(kernels), "sensitivity") as bar:
+        for label, overrides in settings:
+            hw = hardware.with_overrides(overrides)
+            for kind, algo in kernels:
+                if kind == "gemm":
+                    report = _dry(side, hw, lambda mesh: run_gemm(mesh, algo, 2048, 2048, 2048))
+                else:
+                    report = _dry(side, hw, lambda mesh: run_gemv(mesh, algo, 16384, 16384))
+                rows.append({"setting": label, "beta_cycles_per_relay": hw.beta_cycles_per_relay,
+                             "flops_per_cycle": hw.flops_per_cycle, "kernel": kind, "algo": algo,
+                             "size": 2048 if kind == "gemm" else 16384, "mesh": side,
+                             **{k: report[k] for k in ("modeled_cycles", "compute_cycles", "comm_cycles",
+                                                       "efficiency")}})
+                bar.update()
+    return rows
+
+
+# ---------------------------------------------------------------------------- speed
+_NUMPY_TIMER = """
+import json, sys, time
+import numpy as np
+from kernels.run import _inputs
+size, repeats = int(sys.argv[1]), int(sys.argv[2])
+a, b = _inputs(0, np.float32, (size, size), (size, size))
+np.matmul(a, b)
+times = []
+for _ in range(repeats):
+    t0 = time.perf_counter()
+    np.matmul(a, b)
+    times.append(time.perf_counter() - t0)
+print(json.dumps(min(times)))
+"""
+
+
+def _child_env(threads: int) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPICH_", "SLURM_", "OMPI_"))}
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def speed_commands() -> tuple[list[str], list[str]]:
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    n, size = SPEED["mesh"], SPEED["size"]
+    wafer = [mpiexec, "-n", str(SPEED["ranks"]), sys.executable, "-m", "kernels", "gemm",
+             "--algo", "meshgemm", "--mesh", f"{n}x{n}", "--m", str(size), "--k", str(size),
+             "--n", str(size), "--memory", "warn", "--json"]
+    numpy_ = [sys.executable, "-c", _NUMPY_TIMER, str(size), "3"]
+    return wafer, numpy_
+
+
+def bench_speed(args, hardware, out: Path) -> list[dict]:
+    """Numeric MeshGEMM on 2 ranks (1 BLAS thread each) against numpy.matmul on 2 threads,
+    alternated so that both see the same machine load; the best of each is compared."""
+    if not _is_root():
+        return []
+    wafer_cmd, numpy_cmd = speed_commands()
+    rows = []
+    with _progress(2 * SPEED["repeats"], "speed") as bar:
+        for attempt in range(SPEED["repeats"]):
+            done = subprocess.run(wafer_cmd, capture_output=True, text=True, env=_child_env(1), timeout=600)
+            if done.returncode:
+                raise UsageError(f"speed: {' '.join(wafer_cmd)} failed: {done.stderr.strip()[-300:]}")
+            report = json.loads(done.stdout.strip().splitlines()[-1])
+            bar.update()
+            done = subprocess.run(numpy_cmd, capture_output=True, text=True, env=_child_env(SPEED["ranks"]),
+                                  timeout=600)
+            if done.returncode:
+                raise UsageError(f"speed: numpy timing failed: {done.stderr.strip()[-300:]}")
+            numpy_seconds = json.loads(done.stdout.strip().splitlines()[-1])
+            bar.update()
+            rows.append({"attempt": attempt, "mesh": f"{SPEED['mesh']}x{SPEED['mesh']}", "size": SPEED["size"],
+                         "ranks": SPEED["ranks"], "meshgemm_seconds": report["wall_seconds"],
+                         "numpy_seconds": numpy_seconds, "max_abs_err": report["max_abs_err"],
+                         "load_average_1min": os.getloadavg()[0]})
+    best_wafer = min(r["meshgemm_seconds"] for r in rows)
+    best_numpy = min(r["numpy_seconds"] for r in rows)
+    summary = {"attempt": "best", "mesh": rows[0]["mesh"], "size": SPEED["size"], "ranks": SPEED["ranks"],
+               "meshgemm_seconds": best_wafer, "numpy_seconds": best_numpy,
+               "ratio": best_wafer / best_numpy, "max_abs_err": rows[0]["max_abs_err"],
+               "load_average_1min": os.getloadavg()[0], "cpus": os.cpu_count(),
+               "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(wafer_cmd))}
+    rows.append(summary)
+    _write_csv(out / "speed.csv", rows)
+    cli.say(f"speed: MeshGEMM {best_wafer:.3f} s vs numpy {best_numpy:.3f} s -> {summary['ratio']:.2f}x",
+            file=sys.stderr)
+    return rows
+
+
+# ---------------------------------------------------------------------------- entry
+RUNNERS = {"gemm": bench_gemm, "gemv": bench_gemv, "groups": bench_groups,
+           "calibrate": bench_calibrate, "speed": bench_speed}
+
+
+def run_bench(args, argv=None) -> int:
+    hardware = load_hardware(args.hardware, args.set)
+    out = Path(args.out)
+    if _is_root():
+        out.mkdir(parents=True, exist_ok=True)
+    which = BENCHES if args.which == "all" else (args.which,)
+    for name in which:
+        t0 = time.perf_counter()
+        RUNNERS[name](args, hardware, out)
+        cli.say(f"bench {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
