@@ -21,6 +21,7 @@ class Timeline:
         self.phases: list[dict] = []
         self.steps: list[dict] = []
         self._open: list[int] = []
+        self._step_count: dict[int, int] = {}
         self._outer_marks: list[tuple] = []  # the enclosing phase's step mark, per open phase
         self._step_mark = None
         self._hops_since_step = 0
@@ -69,7 +70,8 @@ class Timeline:
         clock, messages, nbytes, flops = self._snapshot()
         _, m0, b0, f0 = self._step_mark
         phase = self._open[-1]
-        index = sum(1 for s in self.steps if s["phase"] == phase)
+        index = self._step_count.get(phase, 0)
+        self._step_count[phase] = index + 1
         self.steps.append(dict(phase=phase, step=index, label=label, end_cycles=clock,
                                messages=messages - m0, bytes=nbytes - b0, flops=flops - f0,
                                max_hops=self._hops_since_step))
