@@ -1,0 +1,64 @@
+"""The kernels command line: ``gemm --broadcast`` and the benchmarks (small meshes, serial)."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+
+import pytest
+
+from kernels.__main__ import main
+from kernels.bench import speed_commands
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_gemm_gemv_groups_write_csv_and_png(tmp_path):
+    for which in ("gemm", "gemv"):
+        assert main(["bench", which, "--meshes", "4,6", "--out", str(tmp_path)]) == 0
+        assert (tmp_path / f"{which}.png").stat().st_size > 0
+    gemm_rows = read_csv(tmp_path / "gemm.csv")
+    assert {(r["algo"], r["broadcast"]) for r in gemm_rows} == {
+        ("meshgemm", ""), ("cannon", ""), ("summa", "relay"), ("summa", "direct")}
+    for row in gemm_rows:
+        total = float(row["compute_cycles"]) + float(row["comm_cycles"])
+        assert total == pytest.approx(float(row["modeled_cycles"]))
+    direct = [r for r in gemm_rows if r["broadcast"] == "direct" and r["mesh"] == "6"]
+    assert all(int(r["routes_per_core_max"]) == 12 for r in direct)
+    gemv_rows = read_csv(tmp_path / "gemv.csv")
+    assert {r["algo"] for r in gemv_rows} == {"meshgemv", "pipeline", "ring"}
+    assert main(["bench", "groups", "--meshes", "9", "--out", str(tmp_path)]) == 0
+    assert [int(r["groups"]) for r in read_csv(tmp_path / "groups.csv")] == [1, 2, 3, 4, 6, 9]
+
+
+def test_bench_calibrate_writes_a_loadable_profile(tmp_path):
+    assert main(["bench", "calibrate", "--meshes", "8", "--out", str(tmp_path)]) == 0
+    profile = json.loads((tmp_path / "wse2_calibrated.json").read_text())
+    assert profile["beta_cycles_per_relay"]["guessed"] is True
+    assert "calibration" in profile["beta_cycles_per_relay"]["source"]
+    rows = read_csv(tmp_path / "sensitivity.csv")
+    assert {r["setting"] for r in rows} >= {"beta=0", "beta=16", "calibrated"}
+    from meshmpi import load_hardware
+    assert load_hardware(str(tmp_path / "wse2_calibrated.json")).name == "wse2-calibrated"
+
+
+def test_speed_bench_launches_two_ranks():
+    wafer, numpy_ = speed_commands()
+    assert wafer[1:3] == ["-n", "2"] and "meshgemm" in wafer and "16x16" in wafer
+    assert "matmul" in numpy_[2]
+
+
+def test_gemm_broadcast_option(tmp_path, python_exe, run_env):
+    base = [python_exe, "-m", "kernels", "gemm", "--algo", "summa", "--m", "64", "--k", "64",
+            "--n", "64", "--dry-run", "--json"]
+    done = subprocess.run(base + ["--mesh", "32x32", "--broadcast", "direct"], capture_output=True,
+                          text=True, env=run_env, timeout=120)
+    assert done.returncode == 2 and "routes" in done.stderr
+    done = subprocess.run(base + ["--mesh", "32x32", "--broadcast", "relay"], capture_output=True,
+                          text=True, env=run_env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["broadcast"] == "relay" and report["routes_per_core_max"] <= 4
