@@ -35,6 +35,7 @@ from meshmpi.errors import UsageError
 from meshmpi.hardware import load_hardware
 from meshmpi.mesh import Mesh
 
+from .gemm import GemmPlan
 from .run import GEMV_ALGOS, run_gemm, run_gemv
 
 BENCHES = ("gemm", "gemv", "groups", "calibrate", "speed")
@@ -48,8 +49,8 @@ GROUP_COUNTS = (1, 2, 3, 4, 6, 9, 12, 15, 19, 24, 30, 40, 60, 90, 180, 360)
 # The paper's WSE-2 GEMV latencies (PAPER.md §3), fitted on the largest square mesh it scales to.
 PAPER_GEMV_CYCLES = {16384: 1320.0, 32768: 2233.0}
 CALIBRATION_MESH = 720
-CAL_FLOPS = (1.0, 2.0, 4.0, 8.0)
-CAL_BETAS = (0.0, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0)
+CAL_FLOPS = (2.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+CAL_BETAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 SENSITIVITY_BETAS = (0.0, 4.0, 16.0, 64.0)
 SPEED = dict(mesh=16, size=2048, ranks=2, repeats=3)
 
@@ -152,6 +153,25 @@ KEEP = ("modeled_cycles", "compute_cycles", "comm_cycles", "efficiency", "max_ho
 
 
 # ---------------------------------------------------------------------------- GEMM
+def lockstep_cycles(algo: str, broadcast, side: int, size: int, hw) -> float:
+    """The paper's per-step critical path (PAPER.md §2 table) on a square mesh, if every step
+    waited for its slowest delivery (bulk-synchronous; real double buffering with flow control
+    lies between this and the emulator's asynchronous clocks): the alignment rounds, then
+    ``steps x max(compute, latency)``, latency = alpha*hops + beta*relays + tile bytes / bandwidth."""
+    plan = GemmPlan.build("cannon" if algo == "cannon" else "meshgemm", side, side, size, size, size)
+    tm, s, tn = plan.m_pad // side, plan.chunk, plan.n_pad // side
+    compute = 2 * tm * s * tn / hw.flops_per_cycle
+    if algo == "summa":
+        tile = max(tm, tn) * s * hw.element_bytes
+        hops, relays, align_rounds = side - 1, (side - 2 if broadcast == "relay" else 0), 0
+    else:
+        tile = max(tm * (plan.k_pad // side), (plan.chunks // side) * s * tn) * hw.element_bytes
+        hops, relays, align_rounds = plan.ring_x.max_hops(), 0, side // 2
+    latency = hw.alpha_cycles_per_hop * hops + hw.beta_cycles_per_relay * max(relays, 0) \
+        + tile / hw.link_bytes_per_cycle
+    return align_rounds * latency + plan.chunks * max(compute, latency)
+
+
 def bench_gemm(args, hardware, out: Path) -> list[dict]:
     sides = _sides(args, GEMM_MESHES)
     jobs = [(size, side, algo, bc) for size in GEMM_SIZES for side in sides for algo, bc in GEMM_VARIANTS]
@@ -162,8 +182,11 @@ def bench_gemm(args, hardware, out: Path) -> list[dict]:
             routes = "warn" if broadcast == "direct" else "strict"
             report = _dry(side, hardware, lambda mesh: run_gemm(
                 mesh, algo, size, size, size, broadcast=broadcast or "relay"), routes=routes)
+            lockstep = lockstep_cycles(algo, broadcast, side, size, hardware)
             rows.append({"size": size, "mesh": side, "algo": algo, "broadcast": broadcast or "",
-                         **{k: report[k] for k in KEEP}, **_fits(report, hardware)})
+                         **{k: report[k] for k in KEEP}, **_fits(report, hardware),
+                         "lockstep_cycles": lockstep,
+                         "lockstep_efficiency": report["compute_cycles"] / lockstep})
             bar.update()
     _write_csv(out / "gemm.csv", rows)
     if _is_root():

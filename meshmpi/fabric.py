@@ -59,7 +59,8 @@ class LinePattern:
     drops a copy at every destination. ``relay``: unicasts are forwarded in software by every
     intermediate core (beta each) instead of on a pass-through route. ``multicast`` and
     ``relay`` together: a software chain from each source, in which every core on the way
-    receives the message, keeps a copy and forwards it one hop (beta each); it needs only
+    receives the message, keeps a copy and forwards it one hop (beta each, added to the
+    deliveries' arrival and, at ``wait``, to the forwarding core's own clock); it needs only
     1-hop routes (a receive and a send route per router) and each link carries it once.
     ``group``: patterns of one group reuse the same routes (steps of one schedule).
     """
@@ -275,12 +276,21 @@ class Transfer:
     def wait(self) -> None:
         if self.done:
             return
-        clock = _pos_first(self.pattern.mesh.clock, self.pattern.axis)
+        pattern = self.pattern
+        clock = _pos_first(pattern.mesh.clock, pattern.axis)
         for dests, arrival in self.arrivals:
             where = dests if self.lines is None else np.ix_(dests, self.lines)
             current = clock[where]
             np.maximum(current, arrival, out=current)
             clock[where] = current
+        if pattern.multicast and pattern.relay and self.arrivals:
+            # a chain: every core that forwarded the message spent beta of its own time on it
+            first = pattern.block_start
+            work = pattern.relays_at[first:first + clock.shape[0]] * pattern.mesh.hardware.beta_cycles_per_relay
+            if self.lines is None:
+                clock += work[:, None]
+            else:
+                clock[:, self.lines] += work[:, None]
         self.done = True
 
 

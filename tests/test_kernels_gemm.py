@@ -262,3 +262,31 @@ def test_modeled_numbers_do_not_depend_on_ranks_or_payload(algo, broadcast):
         assert modeled(other) == first
     gathered = MPI.COMM_WORLD.allgather(first)
     assert all(g == first for g in gathered)
+
+
+@pytest.mark.parametrize("n,root", [(9, 3), (6, 0), (7, 6)])
+def test_relay_chain_costs(n, root):
+    """SUMMA's relayed broadcast: a chain from the root; the core at distance h gets the panel
+    after h hops and h-1 relays, and every core that forwards it spends beta of its own time."""
+    hw = load_hardware("wse2")
+    world = MPI.COMM_WORLD
+    mesh = Mesh(2, n, hw, comm=world if world.Get_size() <= n else MPI.COMM_SELF,
+                rank_grid=(1, world.Get_size()) if world.Get_size() <= n else None)
+    panel = mesh.alloc("panel", (3, 5), np.float32)
+    pattern = mesh.fabric.multicast("chain", "x", root, relay=True)
+    pattern.run(panel)
+    nbytes = 15 * hw.element_bytes
+    expected = np.zeros(n)
+    for d in range(n):
+        if d == root:
+            continue
+        h = abs(d - root)
+        expected[d] = hw.alpha_cycles_per_hop * h + hw.beta_cycles_per_relay * (h - 1) \
+            + nbytes / hw.link_bytes_per_cycle
+        if 0 < d < n - 1:   # forwards to the next core
+            expected[d] += hw.beta_cycles_per_relay
+    clock = mesh.cart.bcast(host.gather_block_arrays(mesh, {"clock": mesh.clock}), root=0)["clock"]
+    routes = int(mesh.max_over_ranks(int(mesh.routes.peak.max())))
+    mesh.free()
+    np.testing.assert_allclose(clock, np.broadcast_to(expected, (2, n)))
+    assert routes <= 2
