@@ -68,6 +68,7 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=BENCHES + ("all",), help="which benchmark")
     p.add_argument("--out", default="results", metavar="DIR", help="output folder (default results)")
+    p.add_argument("--replot", action="store_true", help="only redraw the PNGs from the CSVs in --out")
     p.add_argument("--meshes", metavar="N,N,...", help="square mesh sides (overrides the defaults)")
     p.add_argument("--hardware", default="wse2", metavar="NAME|PATH", help="profile (default wse2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -190,24 +191,40 @@ def bench_gemm(args, hardware, out: Path) -> list[dict]:
             bar.update()
     _write_csv(out / "gemm.csv", rows)
     if _is_root():
-        plt, fig, axes = _figure(len(GEMM_SIZES), 2)
-        for col, size in enumerate(GEMM_SIZES):
-            for algo, broadcast in GEMM_VARIANTS:
-                sel = [r for r in rows if r["size"] == size and r["algo"] == algo
-                       and r["broadcast"] == (broadcast or "")]
-                x = [r["mesh"] for r in sel]
-                style = dict(marker="o", linestyle="--" if broadcast == "direct" else "-")
-                axes[0, col].plot(x, [r["modeled_cycles"] for r in sel], label=_label(algo, broadcast), **style)
-                axes[1, col].plot(x, [100 * r["efficiency"] for r in sel], label=_label(algo, broadcast), **style)
-            axes[0, col].set(xscale="log", yscale="log", title=f"GEMM {size // 1024}K ({hardware.name})",
-                             xlabel="cores per side", ylabel="modeled cycles")
-            axes[1, col].set(xscale="log", ylim=(0, 100), xlabel="cores per side",
-                             ylabel="compute efficiency %")
-            axes[0, col].legend(fontsize=7)
-            axes[1, col].axhline(70, color="grey", linewidth=0.5)
-            axes[1, col].axhline(50, color="grey", linewidth=0.5)
-        _save(plt, fig, out / "gemm.png")
+        plot_gemm(rows, out / "gemm.png", hardware.name)
     return rows
+
+
+def _mesh_axis(ax, sides) -> None:
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(sorted(set(sides)))
+    ax.set_xticklabels([str(s) for s in sorted(set(sides))], fontsize=7)
+
+
+def plot_gemm(rows: list[dict], path: Path, hardware_name: str) -> None:
+    plt, fig, axes = _figure(len(GEMM_SIZES), 2)
+    for col, size in enumerate(GEMM_SIZES):
+        for index, (algo, broadcast) in enumerate(GEMM_VARIANTS):
+            sel = [r for r in rows if r["size"] == size and r["algo"] == algo
+                   and r["broadcast"] == (broadcast or "")]
+            x = [r["mesh"] for r in sel]
+            style = dict(marker="o", color=f"C{index}", linestyle="--" if broadcast == "direct" else "-")
+            axes[0, col].plot(x, [r["modeled_cycles"] for r in sel], label=_label(algo, broadcast), **style)
+            axes[1, col].plot(x, [100 * r["efficiency"] for r in sel], label=_label(algo, broadcast), **style)
+            if broadcast != "direct":
+                axes[1, col].plot(x, [100 * r["lockstep_efficiency"] for r in sel], marker=".",
+                                  color=f"C{index}", linestyle=":", linewidth=0.8)
+        axes[0, col].set(yscale="log", title=f"GEMM {size // 1024}K ({hardware_name})",
+                         xlabel="cores per side", ylabel="modeled cycles")
+        axes[1, col].set(ylim=(0, 100), xlabel="cores per side",
+                         ylabel="compute efficiency % (dotted: lockstep)")
+        for ax in axes[:, col]:
+            _mesh_axis(ax, [r["mesh"] for r in rows])
+        axes[0, col].legend(fontsize=7)
+        axes[1, col].axhline(70, color="grey", linewidth=0.5)
+        axes[1, col].axhline(50, color="grey", linewidth=0.5)
+    _save(plt, fig, path)
 
 
 # ---------------------------------------------------------------------------- GEMV
@@ -224,19 +241,25 @@ def bench_gemv(args, hardware, out: Path) -> list[dict]:
             bar.update()
     _write_csv(out / "gemv.csv", rows)
     if _is_root():
-        plt, fig, axes = _figure(len(GEMV_SIZES), width=3.4)
-        for col, size in enumerate(GEMV_SIZES):
-            ax = axes[0, col]
-            for algo in GEMV_ALGOS:
-                sel = [r for r in rows if r["size"] == size and r["algo"] == algo]
-                ax.plot([r["mesh"] for r in sel], [r["modeled_cycles"] for r in sel], marker="o", label=algo)
-            ax.set(xscale="log", yscale="log", title=f"GEMV {size // 1024}K", xlabel="cores per side")
-            if size in PAPER_GEMV_CYCLES:
-                ax.axhline(PAPER_GEMV_CYCLES[size], color="grey", linestyle=":", label="paper (WSE-2)")
-        axes[0, 0].set_ylabel(f"modeled cycles ({hardware.name})")
-        axes[0, -1].legend(fontsize=7)
-        _save(plt, fig, out / "gemv.png")
+        plot_gemv(rows, out / "gemv.png", hardware.name)
     return rows
+
+
+def plot_gemv(rows: list[dict], path: Path, hardware_name: str) -> None:
+    sizes = sorted({r["size"] for r in rows})
+    plt, fig, axes = _figure(len(sizes), width=3.4)
+    for col, size in enumerate(sizes):
+        ax = axes[0, col]
+        for algo in GEMV_ALGOS:
+            sel = [r for r in rows if r["size"] == size and r["algo"] == algo]
+            ax.plot([r["mesh"] for r in sel], [r["modeled_cycles"] for r in sel], marker="o", label=algo)
+        ax.set(yscale="log", title=f"GEMV {size // 1024}K", xlabel="cores per side")
+        _mesh_axis(ax, [r["mesh"] for r in rows])
+        if size in PAPER_GEMV_CYCLES:
+            ax.axhline(PAPER_GEMV_CYCLES[size], color="grey", linestyle=":", label="paper (WSE-2)")
+    axes[0, 0].set_ylabel(f"modeled cycles ({hardware_name})")
+    axes[0, -1].legend(fontsize=7)
+    _save(plt, fig, path)
 
 
 def bench_groups(args, hardware, out: Path) -> list[dict]:
@@ -251,16 +274,44 @@ def bench_groups(args, hardware, out: Path) -> list[dict]:
             bar.update()
     _write_csv(out / "groups.csv", rows)
     if _is_root():
-        plt, fig, axes = _figure(1, width=5)
-        ax = axes[0, 0]
-        ax.plot([r["groups"] for r in rows], [r["modeled_cycles"] for r in rows], marker="o", label="modeled")
-        ax.plot([r["groups"] for r in rows], [r["comm_cycles"] for r in rows], marker=".", label="communication")
-        ax.axvline(math.sqrt(side), color="grey", linestyle=":", label="G = sqrt(N)")
-        ax.set(xscale="log", xlabel="K-tree groups G per column", ylabel="cycles",
-               title=f"MeshGEMV {GROUP_SIZE // 1024}K on {side}x{side} ({hardware.name})")
-        ax.legend(fontsize=7)
-        _save(plt, fig, out / "groups.png")
+        plot_groups(rows, out / "groups.png", hardware.name)
     return rows
+
+
+def plot_groups(rows: list[dict], path: Path, hardware_name: str) -> None:
+    side = rows[0]["mesh"]
+    plt, fig, axes = _figure(1, width=5)
+    ax = axes[0, 0]
+    ax.plot([r["groups"] for r in rows], [r["modeled_cycles"] for r in rows], marker="o", label="modeled")
+    ax.plot([r["groups"] for r in rows], [r["comm_cycles"] for r in rows], marker=".", label="communication")
+    ax.axvline(math.sqrt(side), color="grey", linestyle=":", label="G = sqrt(N)")
+    ax.set(xscale="log", xlabel="K-tree groups G per column", ylabel="cycles",
+           title=f"MeshGEMV {GROUP_SIZE // 1024}K on {side}x{side} ({hardware_name})")
+    ax.legend(fontsize=7)
+    _save(plt, fig, path)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    def value(text):
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return {"True": True, "False": False}.get(text, text)
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+PLOTS = {"gemm": plot_gemm, "gemv": plot_gemv, "groups": plot_groups}
+
+
+def replot(which, hardware, out: Path) -> None:
+    """Redraw the PNGs from the CSVs already in ``out`` (no runs)."""
+    for name in which:
+        path = out / f"{name}.csv"
+        if name in PLOTS and path.is_file() and _is_root():
+            PLOTS[name](_read_csv(path), out / f"{name}.png", hardware.name)
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -436,6 +487,9 @@ def run_bench(args, argv=None) -> int:
     if _is_root():
         out.mkdir(parents=True, exist_ok=True)
     which = BENCHES if args.which == "all" else (args.which,)
+    if args.replot:
+        replot(which, hardware, out)
+        return 0
     for name in which:
         t0 = time.perf_counter()
         RUNNERS[name](args, hardware, out)

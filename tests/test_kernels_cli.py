@@ -30,6 +30,9 @@ def test_bench_gemm_gemv_groups_write_csv_and_png(tmp_path):
     assert all(int(r["routes_per_core_max"]) == 12 for r in direct)
     gemv_rows = read_csv(tmp_path / "gemv.csv")
     assert {r["algo"] for r in gemv_rows} == {"meshgemv", "pipeline", "ring"}
+    (tmp_path / "gemm.png").unlink()
+    assert main(["bench", "gemm", "--replot", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "gemm.png").stat().st_size > 0
     assert main(["bench", "groups", "--meshes", "9", "--out", str(tmp_path)]) == 0
     assert [int(r["groups"]) for r in read_csv(tmp_path / "groups.csv")] == [1, 2, 3, 4, 6, 9]
 
