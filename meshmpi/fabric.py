@@ -146,8 +146,11 @@ class LinePattern:
         offsets, q = mesh.offsets[axis], mesh.rank_coord(axis)
         owner = lambda pos: np.searchsorted(offsets, pos, side="right") - 1  # noqa: E731
         sources = np.unique(self.src)
-        reach_hi = np.array([self.dst[self.src == s].max() for s in sources], np.int64)
-        reach_lo = np.array([self.dst[self.src == s].min() for s in sources], np.int64)
+        which = np.searchsorted(sources, self.src)           # each delivery's source index
+        reach_hi = np.full(sources.size, -1, np.int64)
+        reach_lo = np.full(sources.size, self.n, np.int64)
+        np.maximum.at(reach_hi, which, self.dst)
+        np.minimum.at(reach_lo, which, self.dst)
         q_src, q_hi, q_lo = owner(sources), owner(reach_hi), owner(reach_lo)
         self.rounds = []  # (direction, send sources, recv sources)
         right = int(np.max(q_hi - q_src, initial=0))
