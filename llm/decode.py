@@ -99,22 +99,22 @@ class Decoder:
     def _load_weights(self, weights) -> None:
         mesh, lay = self.mesh, self.layout
         shapes = lay.tile_shapes()
+        # The region holds layers_per_region layers: they are charged below as one block,
+        # not tile by tile (a numeric run may simulate more layers than one region holds).
         self.layers = []
         for index in range(self.sim_layers):
             tiles = self._layer_tiles(weights.layers[index]) if weights is not None else {}
-            self.layers.append({name: host.scatter(mesh, f"w{index}.{name}", tiles.get(name), shape, np.float32)
+            self.layers.append({name: host.scatter(mesh, f"w{index}.{name}", tiles.get(name), shape,
+                                                      np.float32, charge=False)
                                 for name, shape in shapes.items()})
         head = {}
         if weights is not None:
             head = {"norm": place_vector(weights.norm.astype(np.float32), mesh.rows, mesh.cols, "y"),
                     "lm_head": lay.place(weights.lm_head.astype(np.float32), "y")}
-        self.norm = host.scatter(mesh, "w.norm", head.get("norm"), (lay.hidden_chunk,), np.float32)
+        self.norm = host.scatter(mesh, "w.norm", head.get("norm"), (lay.hidden_chunk,), np.float32,
+                                 charge=False)
         self.lm_head = host.scatter(mesh, "w.lm_head", head.get("lm_head"),
-                                    (lay.hidden_chunk, lay.vocab_chunk), np.float32)
-        # The region holds layers_per_region layers; charge them as one resident block.
-        names = [f"w{i}.{n}" for i in range(self.sim_layers) for n in shapes] + ["w.norm", "w.lm_head"]
-        for name in names:
-            mesh.memory.release(name)
+                                    (lay.hidden_chunk, lay.vocab_chunk), np.float32, charge=False)
         mesh.memory.charge("weights", self.plan.weight_bytes_per_core)
 
     def _layer_tiles(self, w) -> dict:

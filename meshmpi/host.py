@@ -29,7 +29,7 @@ def untile_matrix(tiles: np.ndarray) -> np.ndarray:
 
 
 def scatter(mesh, name: str, tiles: np.ndarray | None, tile_shape=None, dtype=None,
-            root: int | None = None) -> MeshArray:
+            root: int | None = None, charge: bool = True) -> MeshArray:
     """A mesh array whose core (r, c) holds ``tiles[r, c]``.
 
     ``tiles`` has shape ``(rows, cols, *tile)``. With ``root=None`` every rank passes the same
@@ -40,7 +40,7 @@ def scatter(mesh, name: str, tiles: np.ndarray | None, tile_shape=None, dtype=No
         tiles = mesh.cart.bcast(tiles if mesh.rank == root else None, root=root)
     if tiles is not None:
         tile_shape, dtype = tiles.shape[2:], tiles.dtype
-    arr = mesh.alloc(name, tile_shape, dtype, fill=None)
+    arr = mesh.alloc(name, tile_shape, dtype, fill=None, charge=charge)
     if not mesh.dry_run:
         arr.data[...] = tiles[mesh.row_start:mesh.row_stop, mesh.col_start:mesh.col_stop]
     return arr

@@ -156,11 +156,14 @@ class Mesh:
             print(message, file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ arrays and compute
-    def alloc(self, name: str, tile_shape, dtype=np.float32, fill: float | None = 0.0) -> MeshArray:
-        """A named buffer with one tile per core, charged to every core's memory."""
+    def alloc(self, name: str, tile_shape, dtype=np.float32, fill: float | None = 0.0,
+              charge: bool = True) -> MeshArray:
+        """A named buffer with one tile per core, charged to every core's memory (unless the
+        caller accounts for it under another name: ``charge=False``)."""
         tile_shape = tuple(int(s) for s in np.atleast_1d(tile_shape)) if tile_shape != () else ()
         arr = MeshArray(self, name, tile_shape, np.dtype(dtype))
-        self.memory.charge(name, arr.tile_bytes)
+        if charge:
+            self.memory.charge(name, arr.tile_bytes)
         if not self.dry_run:
             shape = self.block_shape + tile_shape
             arr.data = np.zeros(shape, dtype) if fill == 0.0 else (

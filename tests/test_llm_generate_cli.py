@@ -26,3 +26,16 @@ def test_generate_check_end_to_end(tmp_path_factory):
         [3, 5, 7, 11, 2], 5, ignore_eos=True)
     assert report["tokens"] == tokens
     assert report["modeled_decode_tokens_per_s"] > 0 and report["regions"] == 1
+
+
+def test_tiny_model_too_big_for_one_region_runs_as_a_pipeline_of_regions():
+    """1M parameters at fp16 do not fit 16 cores of 48 KB: layers are split over regions,
+    and the tokens still match the reference (--check)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "MPI_", "HYDRA_"))}
+    out = subprocess.run([sys.executable, "-m", "llm", "generate", "--model", "tiny", "--prompt", "The meaning of",
+                          "--max-new-tokens", "4", "--mesh", "4x4", "--check", "--json"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["regions"] * report["layers_per_region"] >= 4 and report["regions"] > 1
+    assert report["peak_bytes_per_core"] <= 49152
