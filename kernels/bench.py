@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from meshmpi import cli
 from meshmpi.errors import UsageError

@@ -156,7 +156,7 @@ class Decoder:
 
     def _append(self) -> None:
         """Make room for a new token under the policy (its k, v then go to the last row)."""
-        mesh, counts, rows = self.mesh, self.kv.counts, self.mesh.rows
+        counts, rows = self.kv.counts, self.mesh.rows
         total = int(counts.sum())
         if self.policy == "shift" and rows > 1:
             grow = total % rows                  # the row that gains a token
@@ -230,9 +230,10 @@ class Decoder:
         return out
 
     def _layer(self, index: int, x, position: int):
-        """One decoder layer (PAPER.md §5 table); returns the new row-indexed hidden and new k, v."""
+        """RMSNorm, the fused q/k/v MeshGEMV (reduce Y) and local RoPE (PAPER.md §5 table):
+        returns this block's q, k, v tiles (None in a dry run)."""
         mesh, lay, w = self.mesh, self.layout, self.layers[index]
-        g, s, kvh = lay.group, lay.s, lay.kv_heads
+        g, s = lay.group, lay.s
         tag = f"layer{index}"
         xn = self._rms_norm(x, w["norm1"], f"{tag}.norm1")
         qkv = meshgemv(mesh, xn, w["qkv"], "y", self.algo, self.groups, name=f"{tag}.qkv")

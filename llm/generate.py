@@ -246,7 +246,7 @@ def _format(r: dict) -> str:
               f"{', dry run' if r['dry_run'] else ''}), KV {r['kv_policy']}",
               f"  prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new",
               f"  modeled prefill   {r['modeled_prefill_seconds'] * 1e3:.4f} ms",
-              f"  modeled decode    " + (f"{rate:,.0f} tokens/s per request "
+              "  modeled decode    " + (f"{rate:,.0f} tokens/s per request "
                                          f"({r['modeled_cycles_per_layer']:,.0f} cycles per layer)" if rate else "n/a (one token)"),
               f"  regions           {r['regions']} x {r['layers_per_region']} layers",
               f"  KV capacity       {r['kv_capacity_tokens']:,} tokens ({r['kv_policy']})",

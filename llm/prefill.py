@@ -183,7 +183,7 @@ class _Prefill:
     # ------------------------------------------------------------------ wafer operators
     def rms_norm(self, x, weight_tiles, name):
         """x / rms(x) * w, the mean over the row via an allreduce-sum along x."""
-        mesh, lay = self.mesh, self.lay
+        mesh = self.mesh
         tb, hb = x.tile_shape
         ss = mesh.alloc(f"{name}.ss", (tb,), np.float32)
         w = self.scatter(f"{name}.w", lambda: weight_tiles, (hb,))

@@ -1,7 +1,6 @@
 """``python -m meshmpi``: info about the installation, trace analysis, sweep collection."""
 from __future__ import annotations
 
-import json
 import platform
 
 from . import __version__, cli, collect, compare, export, mpi_library_version, plots

@@ -1,8 +1,6 @@
 """``python -m meshmpi trace summary``: the totals and the per-phase table of a trace."""
 from __future__ import annotations
 
-import numpy as np
-
 
 def summarize(trace: dict) -> dict:
     meta, counters = trace["meta"], trace["counters"]

@@ -18,22 +18,11 @@ from kernels.ring import interleaved_ring, plain_ring
 from kernels.run import run_gemm
 from meshmpi import Mesh, RoutingError, load_hardware
 from meshmpi import host
+from meshes import make_mesh
 
 pytestmark = pytest.mark.mpi
 
 MESHES = [(1, 1), (2, 2), (2, 3), (3, 4), (4, 2), (5, 3), (4, 4), (8, 8)]
-
-
-def fits(rows, cols, size):
-    """Whether some rank grid of ``size`` ranks fits a rows x cols mesh."""
-    return any(size % ry == 0 and ry <= rows and size // ry <= cols for ry in range(1, size + 1))
-
-
-def make_mesh(rows, cols, **kwargs):
-    """A mesh over the world's ranks, or over this rank alone when the mesh is too small."""
-    world = MPI.COMM_WORLD
-    comm = world if fits(rows, cols, world.Get_size()) else MPI.COMM_SELF
-    return Mesh(rows, cols, load_hardware("wse2"), comm=comm, **kwargs)
 
 
 def tolerance(reference, dtype):

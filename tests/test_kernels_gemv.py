@@ -12,20 +12,11 @@ from kernels.allreduce import ALGOS, allreduce
 from kernels.run import GEMV_ALGOS, run_gemv
 from meshmpi import Mesh, load_hardware
 from meshmpi import host
+from meshes import make_mesh
 
 pytestmark = pytest.mark.mpi
 
 MESHES = [(1, 1), (2, 2), (2, 3), (3, 4), (4, 2), (5, 3), (4, 4), (8, 8)]
-
-
-def fits(rows, cols, size):
-    return any(size % ry == 0 and ry <= rows and size // ry <= cols for ry in range(1, size + 1))
-
-
-def make_mesh(rows, cols, **kwargs):
-    world = MPI.COMM_WORLD
-    comm = world if fits(rows, cols, world.Get_size()) else MPI.COMM_SELF
-    return Mesh(rows, cols, load_hardware(kwargs.pop("hardware", "wse2")), comm=comm, **kwargs)
 
 
 @pytest.mark.parametrize("rows,cols", MESHES)

@@ -1,16 +1,12 @@
 """Decode on the mesh against the numpy reference; KV cache policies (PAPER.md §5-6)."""
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from mpi4py import MPI
 
-from llm.checkpoint import random_weights, save_checkpoint
+from llm.checkpoint import random_weights
 from llm.config import LlamaConfig, RopeScaling
 from llm.decode import Decoder
 from llm.reference import ReferenceModel
+from meshes import fits
 from meshmpi import CoreMemoryError, Mesh, load_hardware
 
 pytestmark = pytest.mark.mpi
@@ -24,11 +20,6 @@ CONFIGS = {
                          num_key_value_heads=1, vocab_size=40,
                          rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16)),
 }
-
-
-def _fits(rows, cols):
-    size = MPI.COMM_WORLD.Get_size()
-    return any(size % ry == 0 and ry <= rows and size // ry <= cols for ry in range(1, size + 1))
 
 
 def _decode_against_reference(config, rows, cols, policy, steps=5, prompt=(3, 5, 7, 11, 2)):
@@ -53,7 +44,7 @@ def _decode_against_reference(config, rows, cols, policy, steps=5, prompt=(3, 5,
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("grid", [(1, 1), (2, 2), (3, 4), (4, 2)])
 def test_decode_matches_reference(name, grid):
-    if not _fits(*grid):
+    if not fits(*grid):
         pytest.skip("mesh smaller than the rank grid")
     worst, _, _ = _decode_against_reference(LlamaConfig(**CONFIGS[name]), *grid, "shift")
     assert worst < 1e-4
@@ -61,7 +52,7 @@ def test_decode_matches_reference(name, grid):
 
 @pytest.mark.parametrize("policy", ["shift", "concat"])
 def test_kv_policies_keep_order_and_balance(policy):
-    if not _fits(4, 3):
+    if not fits(4, 3):
         pytest.skip("mesh smaller than the rank grid")
     config = LlamaConfig(**CONFIGS["gqa"])
     worst, decoder, mesh = _decode_against_reference(config, 4, 3, policy, steps=7)
@@ -77,7 +68,7 @@ def test_kv_policies_keep_order_and_balance(policy):
 
 
 def test_concat_runs_out_of_memory_at_the_predicted_token_and_shift_does_not():
-    if not _fits(4, 2):
+    if not fits(4, 2):
         pytest.skip("mesh smaller than the rank grid")
     config, rows = LlamaConfig(**CONFIGS["gqa"]), 4
     sram = load_hardware("wse2").sram_bytes_per_core
@@ -103,7 +94,7 @@ def test_concat_runs_out_of_memory_at_the_predicted_token_and_shift_does_not():
 
 
 def test_dry_and_numeric_decode_give_identical_modeled_numbers():
-    if not _fits(3, 3):
+    if not fits(3, 3):
         pytest.skip("mesh smaller than the rank grid")
     config = LlamaConfig(**CONFIGS["gqa"])
     weights = random_weights(config, seed=2)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from meshmpi import load_hardware
-from meshmpi.host import scatter
 
 pytestmark = pytest.mark.mpi
 

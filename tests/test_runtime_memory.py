@@ -80,7 +80,7 @@ def test_non_uniform_charge_overflowing_on_one_rank_raises_everywhere(new_mesh, 
     assert len(set(messages)) == 1
     need = int(full[first])
     assert f"core ({first[0]}, {first[1]})" in messages[0]
-    assert f"'spike'" in messages[0] and f"{need} B" in messages[0] and f"{need + 200} B" in messages[0]
+    assert "'spike'" in messages[0] and f"{need} B" in messages[0] and f"{need + 200} B" in messages[0]
     got = gather_full(mesh, {"resident": mesh.memory.resident})
     assert np.all(got["resident"] == 200)
 

@@ -1,7 +1,6 @@
 """Phases and steps: whole-mesh numbers per phase and per step, nested phases included."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from meshmpi import load_hardware
