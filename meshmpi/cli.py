@@ -124,6 +124,10 @@ def run(main, argv=None) -> None:
         _abort(comm, 2)
     except KeyboardInterrupt:
         _abort(comm, 130)
+    except BrokenPipeError:
+        # the reader went away (``... | head``): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except SystemExit:
         raise
     except BaseException:
