@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 
 from mpi4py import MPI
@@ -99,7 +100,10 @@ def check_launch() -> None:
 
 def _abort(comm, code: int) -> None:
     """End the whole job. MPI_Abort can return on the calling rank (MPICH under hydra): then
-    leave at once, skipping Python's exit handlers (MPI_Finalize would wait for the others)."""
+    leave at once, skipping Python's exit handlers (MPI_Finalize would wait for the others).
+    The short pause lets the launcher forward what this rank just wrote before it tears the
+    job down (under load, hydra could drop a rank's last lines)."""
+    time.sleep(0.25)
     comm.Abort(code)
     os._exit(code)
 
@@ -131,8 +135,9 @@ def run(main, argv=None) -> None:
     except SystemExit:
         raise
     except BaseException:
-        print(f"error (rank {comm.Get_rank()}): unexpected failure, ending the job", file=sys.stderr)
-        traceback.print_exc()
+        # one write, so the launcher cannot kill the job between the headline and the traceback
+        report = f"error (rank {comm.Get_rank()}): unexpected failure, ending the job\n" + traceback.format_exc()
         sys.stderr.flush()
+        os.write(2, report.encode())
         _abort(comm, 1)
     sys.exit(code or 0)
