@@ -127,6 +127,7 @@ def _pick_chunk(data: np.ndarray, index: np.ndarray, axis: int, parts: int) -> n
     """From each core's tile, the ``index``-th of ``parts`` equal slices along tile ``axis``."""
     if parts == 1:
         return data
+    axis %= data.ndim
     shape = data.shape
     split = shape[:axis] + (parts, shape[axis] // parts) + shape[axis + 1:]
     grouped = data.reshape(split)
@@ -134,17 +135,29 @@ def _pick_chunk(data: np.ndarray, index: np.ndarray, axis: int, parts: int) -> n
     return np.take_along_axis(grouped, idx, axis=axis).squeeze(axis)
 
 
+def _batch(a, b) -> tuple:
+    """Leading tile dims shared by both operands: a batch of independent products per core."""
+    batch = a.tile_shape[:-2]
+    if b.tile_shape[:-2] != batch:
+        raise ValueError(f"operand batches differ: {a.tile_shape} vs {b.tile_shape}")
+    return batch
+
+
 def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm"):
-    """C = A @ B with A natural, B pre-skewed; returns C (natural layout). PAPER.md §2."""
+    """C = A @ B with A natural, B pre-skewed; returns C (natural layout). PAPER.md §2.
+
+    Tiles may carry leading batch dims (e.g. attention heads): every core multiplies its whole
+    batch at each step and every transfer carries the whole batch, one message per step."""
     R, C, L = plan.rows, plan.cols, plan.chunks
     tm, tn, s = plan.m_pad // R, plan.n_pad // C, plan.chunk
+    batch = _batch(a, b)
     dtype = a.dtype
     rows, cols = mesh.global_rows(), mesh.global_cols()
     with mesh.phase(f"{name}.align"):
         rotate_lines(mesh, a, "x", plan.ring_x, plan.ring_y.position, f"{name}.a")
     a_next = mesh.alloc(f"{name}.a.next", a.tile_shape, dtype)
     b_next = mesh.alloc(f"{name}.b.next", b.tile_shape, dtype)
-    c = mesh.alloc(f"{name}.c", (tm, tn), dtype)
+    c = mesh.alloc(f"{name}.c", batch + (tm, tn), dtype)
     shift_a = mesh.fabric.permutation(f"{name}.shift.x", "x", plan.ring_x.send())
     shift_b = mesh.fabric.permutation(f"{name}.shift.y", "y", plan.ring_y.send())
     with mesh.phase(f"{name}.compute_shift"):
@@ -153,10 +166,10 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm"):
             sends = [] if last else [shift_a.start(a, a_next), shift_b.start(b, b_next)]
             if not mesh.dry_run:
                 label = plan.label_at(rows, cols, step)
-                a_part = _pick_chunk(a.data, label // C, 3, L // C)
-                b_part = _pick_chunk(b.data, label // R, 2, L // R)
+                a_part = _pick_chunk(a.data, label // C, -1, L // C)
+                b_part = _pick_chunk(b.data, label // R, -2, L // R)
                 c.data += np.matmul(a_part, b_part)
-            mesh.compute(2 * tm * s * tn)
+            mesh.compute(2 * tm * s * tn * math.prod(batch))
             for transfer in sends:
                 transfer.wait()
             if not last:
@@ -174,13 +187,15 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t"):
     A (M x K) stays; B (N x K) moves along its column's ring; each core's partial tile of C
     moves along its row's ring, adding ``A_tile @ B_tile^T`` at every core it visits — the
     partials are reduce-added along X. Here ``plan.k`` is the N of C (the labelled dimension)
-    and ``plan.n`` is the shared K. A final rotation puts C in its natural layout.
+    and ``plan.n`` is the shared K. A final rotation puts C in its natural layout. Leading
+    batch dims of the tiles are independent products, as in :func:`ring_gemm`.
     """
     R, C, L = plan.rows, plan.cols, plan.chunks
     tm, s = plan.m_pad // R, plan.chunk
+    batch = _batch(a, b)
     dtype = a.dtype
     rows, cols = mesh.global_rows(), mesh.global_cols()
-    partial = mesh.alloc(f"{name}.c", (tm, (L // C) * s), dtype)
+    partial = mesh.alloc(f"{name}.c", batch + (tm, (L // C) * s), dtype)
     partial_next = mesh.alloc(f"{name}.c.next", partial.tile_shape, dtype)
     b_next = mesh.alloc(f"{name}.b.next", b.tile_shape, dtype)
     shift_c = mesh.fabric.permutation(f"{name}.shift.x", "x", plan.ring_x.send())
@@ -189,13 +204,13 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t"):
         for step in range(L):
             if not mesh.dry_run:
                 label = plan.label_at(rows, cols, step)
-                b_part = _pick_chunk(b.data, label // R, 2, L // R)
+                b_part = _pick_chunk(b.data, label // R, -2, L // R)
                 update = np.matmul(a.data, np.swapaxes(b_part, -1, -2))
-                out = partial.data.reshape(partial.data.shape[:3] + (L // C, s))
-                idx = (label // C).reshape(label.shape + (1, 1, 1))
-                current = np.take_along_axis(out, idx, axis=3)
-                np.put_along_axis(out, idx, current + update[:, :, :, None, :], axis=3)
-            mesh.compute(2 * tm * s * b.tile_shape[1])
+                out = partial.data.reshape(partial.data.shape[:-1] + (L // C, s))
+                idx = (label // C).reshape(label.shape + (1,) * (out.ndim - 2))
+                current = np.take_along_axis(out, idx, axis=out.ndim - 2)
+                np.put_along_axis(out, idx, current + update[..., None, :], axis=out.ndim - 2)
+            mesh.compute(2 * tm * s * b.tile_shape[-1] * math.prod(batch))
             if step < L - 1:
                 sends = [shift_c.start(partial, partial_next), shift_b.start(b, b_next)]
                 for transfer in sends:

@@ -12,7 +12,8 @@ dims, where ``pc = ceil(head_dim / 2 / N)``. Slots come in pairs (d, d + head_di
 pairs that ``rotate_half`` mixes, so RoPE is local; the same permutation of Q's and K's dims
 leaves Q.K^T unchanged, and W_o's rows undo it. Per-head matrices are then column slices of
 each core's tile. The query heads of one GQA group are stacked along the rows of a core's tile
-(rows inside a tile are local), so each group is one GEMM-T and one MeshGEMM.
+(rows inside a tile are local), and the kv groups along a leading head axis, so attention is
+one batched GEMM-T and one batched MeshGEMM for all heads.
 
 One layer (all on the wafer, charged to the modeled clocks):
 
@@ -22,8 +23,9 @@ One layer (all on the wafer, charged to the modeled clocks):
 3. RoPE on Q and K: local.
 4. K and V are skewed on the wafer (column j rotates backward by pos_x(j) along the y ring)
    into the pre-skewed layout MeshGEMM's and GEMM-T's B operands expect.
-5. Per kv head: S = Q.K^T by GEMM-T; causal + padding mask and 1/sqrt(head_dim); softmax with
-   a row allreduce-max and a row allreduce-sum along x; O = P.V by MeshGEMM.
+5. All kv groups at once (a head axis in the tiles): S = Q.K^T by GEMM-T; causal + padding
+   mask and 1/sqrt(head_dim); softmax with a row allreduce-max and a row allreduce-sum along
+   x; O = P.V by MeshGEMM.
 6. O.W_o by MeshGEMM, residual; RMSNorm; [gate|up] by one MeshGEMM; SiLU(gate)*up local;
    down by MeshGEMM; residual.
 
@@ -230,25 +232,32 @@ class _Prefill:
             d[..., : heads * lay.dc] = qk.reshape(d.shape[:3] + (heads * lay.dc,))
         self.mesh.compute(FLOPS_ROPE_PAIR * lay.tb * heads * lay.pc)
 
+    def split_heads(self, cols: np.ndarray) -> np.ndarray:
+        """[R, C, tb, nkv * dc] -> [R, C, nkv, tb, dc]: a head axis in front of the tile."""
+        lay = self.lay
+        return cols.reshape(cols.shape[:3] + (lay.nkv, lay.dc)).transpose(0, 1, 3, 2, 4)
+
     def softmax(self, s, name):
-        """Masked, scaled softmax over the keys of each row (rows: head-in-group x token)."""
+        """Masked, scaled softmax over the keys of each row (tile: kv head x (query head in
+        group, token) x key)."""
         mesh, lay = self.mesh, self.lay
-        rows_t, keys_t = s.tile_shape
+        row_shape, keys_t = s.tile_shape[:-1], s.tile_shape[-1]
+        rows_t = math.prod(row_shape)
         if self.numeric:
             token = np.tile(np.arange(lay.tb), lay.group)                          # row -> token
             query = self.rows[:, None, None, None] * lay.tb + token[None, None, :, None]
             key = self.cols[None, :, None, None] * lay.tb + np.arange(lay.tb)[None, None, None, :]
-            visible = (key <= query) & (key < lay.tokens)
+            visible = ((key <= query) & (key < lay.tokens))[:, :, None]   # same for every kv head
             scale = np.float32(1.0 / math.sqrt(self.config.head_dim))
             s.data[...] = np.where(visible, s.data * scale, -np.inf)
         mesh.compute(FLOPS_MASK_SCALE * rows_t * keys_t)
-        m = mesh.alloc(f"{name}.max", (rows_t,), np.float32)
+        m = mesh.alloc(f"{name}.max", row_shape, np.float32)
         if self.numeric:
             m.data[...] = s.data.max(axis=-1)
         mesh.compute(rows_t * keys_t)
         with mesh.fabric.scope():
             allreduce(mesh, m, "x", "max", name=f"{name}.max")
-        l = mesh.alloc(f"{name}.sum", (rows_t,), np.float32)
+        l = mesh.alloc(f"{name}.sum", row_shape, np.float32)
         if self.numeric:
             s.data[...] = np.exp(s.data - m.data[..., None])
             l.data[...] = s.data.sum(axis=-1)
@@ -290,29 +299,28 @@ class _Prefill:
                 kv.data[...] = qkv.data[..., nq * dc:]
             with mesh.phase(f"{p}.kv_skew"), mesh.fabric.scope():
                 rotate_lines(mesh, kv, "y", plan_t.ring_y, plan_t.ring_x.position, f"{p}.kv.skew")
+            # Every kv group's kernels at once: a head axis in the tiles (one message per step
+            # carries all groups' tiles), so the operators are those of one group, batched.
+            q = mesh.alloc(f"{p}.q", (nkv, g * tb, dc), np.float32)
+            k = mesh.alloc(f"{p}.k", (nkv, tb, dc), np.float32)
+            if self.numeric:
+                heads = qkv.data[..., : nq * dc].reshape(qkv.data.shape[:3] + (nkv, g, dc))
+                q.data[...] = heads.transpose(0, 1, 3, 4, 2, 5).reshape(q.data.shape)
+                k.data[...] = self.split_heads(kv.data[..., : nkv * dc])
+            with mesh.fabric.scope():
+                s = ring_gemm_t(mesh, plan_t, q, k, name=f"{p}.qk")
+            _release(mesh, q.name, k.name, f"{p}.qk.b.next", f"{p}.qk.c.next")
+            with mesh.phase(f"{p}.softmax"):
+                self.softmax(s, f"{p}.softmax")
+            v = mesh.alloc(f"{p}.v", (nkv, tb, dc), np.float32)
+            if self.numeric:
+                v.data[...] = self.split_heads(kv.data[..., nkv * dc:])
+            o = self.gemm(plan_pv, s, v, f"{p}.pv")
             out = mesh.alloc(f"{p}.attn", (tb, nq * dc), np.float32)
-            for h in range(nkv):
-                q = mesh.alloc(f"{p}.h{h}.q", (g * tb, dc), np.float32)
-                k = mesh.alloc(f"{p}.h{h}.k", (tb, dc), np.float32)
-                if self.numeric:
-                    heads = qkv.data[..., h * g * dc:(h + 1) * g * dc].reshape(
-                        qkv.data.shape[:3] + (g, dc))
-                    q.data[...] = np.swapaxes(heads, 2, 3).reshape(q.data.shape)
-                    k.data[...] = kv.data[..., h * dc:(h + 1) * dc]
-                with mesh.fabric.scope():
-                    s = ring_gemm_t(mesh, plan_t, q, k, name=f"{p}.h{h}.qk")
-                _release(mesh, q.name, k.name, f"{p}.h{h}.qk.b.next", f"{p}.h{h}.qk.c.next")
-                with mesh.phase(f"{p}.h{h}.softmax"):
-                    self.softmax(s, f"{p}.h{h}.softmax")
-                v = mesh.alloc(f"{p}.h{h}.v", (tb, dc), np.float32)
-                if self.numeric:
-                    v.data[...] = kv.data[..., (nkv + h) * dc:(nkv + h + 1) * dc]
-                o = self.gemm(plan_pv, s, v, f"{p}.h{h}.pv")
-                if self.numeric:
-                    heads = np.swapaxes(o.data.reshape(o.data.shape[:2] + (g, tb, dc)), 2, 3)
-                    out.data[..., h * g * dc:(h + 1) * g * dc] = heads.reshape(
-                        heads.shape[:3] + (g * dc,))
-                o.free()
+            if self.numeric:
+                heads = o.data.reshape(o.data.shape[:2] + (nkv, g, tb, dc))
+                out.data[...] = heads.transpose(0, 1, 4, 2, 3, 5).reshape(out.data.shape)
+            o.free()
             kv.free()
             qkv.free()
             w_o = self.place_weight(f"{p}.w_o", plan_o, lambda: lay.o_weight(w))
