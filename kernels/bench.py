@@ -76,7 +76,7 @@ def register(sub) -> None:
 
 
 # ---------------------------------------------------------------------------- plumbing
-def _sides(args, default):
+def parse_sides(args, default):
     if not args.meshes:
         return default
     try:
@@ -92,7 +92,7 @@ def _is_root() -> bool:
     return cli.world_rank() == 0
 
 
-def _progress(total: int, desc: str):
+def progress(total: int, desc: str):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="run", disable=not _is_root(), file=sys.stderr,
                 dynamic_ncols=True)
@@ -117,7 +117,7 @@ def _fits(report: dict, hardware) -> dict:
             "fits_routes": report["routes_per_core_max"] <= hardware.routes_per_core}
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
     if not _is_root() or not rows:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +129,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     cli.say(f"wrote {path}", file=sys.stderr)
 
 
-def _figure(ncols: int, nrows: int = 1, width: float = 4.2, height: float = 3.4):
+def figure(ncols: int, nrows: int = 1, width: float = 4.2, height: float = 3.4):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -137,7 +137,7 @@ def _figure(ncols: int, nrows: int = 1, width: float = 4.2, height: float = 3.4)
     return plt, fig, axes
 
 
-def _save(plt, fig, path: Path) -> None:
+def save_figure(plt, fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -173,10 +173,10 @@ def lockstep_cycles(algo: str, broadcast, side: int, size: int, hw) -> float:
 
 
 def bench_gemm(args, hardware, out: Path) -> list[dict]:
-    sides = _sides(args, GEMM_MESHES)
+    sides = parse_sides(args, GEMM_MESHES)
     jobs = [(size, side, algo, bc) for size in GEMM_SIZES for side in sides for algo, bc in GEMM_VARIANTS]
     rows = []
-    with _progress(len(jobs), "gemm") as bar:
+    with progress(len(jobs), "gemm") as bar:
         for size, side, algo, broadcast in jobs:
             bar.set_postfix_str(f"{size} {side}x{side} {_label(algo, broadcast)}")
             routes = "warn" if broadcast == "direct" else "strict"
@@ -188,13 +188,13 @@ def bench_gemm(args, hardware, out: Path) -> list[dict]:
                          "lockstep_cycles": lockstep,
                          "lockstep_efficiency": report["compute_cycles"] / lockstep})
             bar.update()
-    _write_csv(out / "gemm.csv", rows)
+    write_csv(out / "gemm.csv", rows)
     if _is_root():
         plot_gemm(rows, out / "gemm.png", hardware.name)
     return rows
 
 
-def _mesh_axis(ax, sides) -> None:
+def mesh_axis(ax, sides) -> None:
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(sorted(set(sides)))
@@ -202,7 +202,7 @@ def _mesh_axis(ax, sides) -> None:
 
 
 def plot_gemm(rows: list[dict], path: Path, hardware_name: str) -> None:
-    plt, fig, axes = _figure(len(GEMM_SIZES), 2)
+    plt, fig, axes = figure(len(GEMM_SIZES), 2)
     for col, size in enumerate(GEMM_SIZES):
         for index, (algo, broadcast) in enumerate(GEMM_VARIANTS):
             sel = [r for r in rows if r["size"] == size and r["algo"] == algo
@@ -219,26 +219,26 @@ def plot_gemm(rows: list[dict], path: Path, hardware_name: str) -> None:
         axes[1, col].set(ylim=(0, 100), xlabel="cores per side",
                          ylabel="compute efficiency % (dotted: lockstep)")
         for ax in axes[:, col]:
-            _mesh_axis(ax, [r["mesh"] for r in rows])
+            mesh_axis(ax, [r["mesh"] for r in rows])
         axes[0, col].legend(fontsize=7)
         axes[1, col].axhline(70, color="grey", linewidth=0.5)
         axes[1, col].axhline(50, color="grey", linewidth=0.5)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 # ---------------------------------------------------------------------------- GEMV
 def bench_gemv(args, hardware, out: Path) -> list[dict]:
-    sides = _sides(args, GEMV_MESHES)
+    sides = parse_sides(args, GEMV_MESHES)
     jobs = [(size, side, algo) for size in GEMV_SIZES for side in sides for algo in GEMV_ALGOS]
     rows = []
-    with _progress(len(jobs), "gemv") as bar:
+    with progress(len(jobs), "gemv") as bar:
         for size, side, algo in jobs:
             bar.set_postfix_str(f"{size} {side}x{side} {algo}")
             report = _dry(side, hardware, lambda mesh: run_gemv(mesh, algo, size, size))
             rows.append({"size": size, "mesh": side, "algo": algo, **{k: report[k] for k in KEEP},
                          **_fits(report, hardware)})
             bar.update()
-    _write_csv(out / "gemv.csv", rows)
+    write_csv(out / "gemv.csv", rows)
     if _is_root():
         plot_gemv(rows, out / "gemv.png", hardware.name)
     return rows
@@ -246,32 +246,32 @@ def bench_gemv(args, hardware, out: Path) -> list[dict]:
 
 def plot_gemv(rows: list[dict], path: Path, hardware_name: str) -> None:
     sizes = sorted({r["size"] for r in rows})
-    plt, fig, axes = _figure(len(sizes), width=3.4)
+    plt, fig, axes = figure(len(sizes), width=3.4)
     for col, size in enumerate(sizes):
         ax = axes[0, col]
         for algo in GEMV_ALGOS:
             sel = [r for r in rows if r["size"] == size and r["algo"] == algo]
             ax.plot([r["mesh"] for r in sel], [r["modeled_cycles"] for r in sel], marker="o", label=algo)
         ax.set(yscale="log", title=f"GEMV {size // 1024}K", xlabel="cores per side")
-        _mesh_axis(ax, [r["mesh"] for r in rows])
+        mesh_axis(ax, [r["mesh"] for r in rows])
         if size in PAPER_GEMV_CYCLES:
             ax.axhline(PAPER_GEMV_CYCLES[size], color="grey", linestyle=":", label="paper (WSE-2)")
     axes[0, 0].set_ylabel(f"modeled cycles ({hardware_name})")
     axes[0, -1].legend(fontsize=7)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def bench_groups(args, hardware, out: Path) -> list[dict]:
-    side = _sides(args, (GROUP_MESH,))[0]
+    side = parse_sides(args, (GROUP_MESH,))[0]
     counts = [g for g in GROUP_COUNTS if g <= side]
     rows = []
-    with _progress(len(counts), "groups") as bar:
+    with progress(len(counts), "groups") as bar:
         for groups in counts:
             report = _dry(side, hardware, lambda mesh: run_gemv(mesh, "meshgemv", GROUP_SIZE, GROUP_SIZE, groups))
             rows.append({"size": GROUP_SIZE, "mesh": side, "groups": groups, "group_size": side / groups,
                          **{k: report[k] for k in KEEP}})
             bar.update()
-    _write_csv(out / "groups.csv", rows)
+    write_csv(out / "groups.csv", rows)
     if _is_root():
         plot_groups(rows, out / "groups.png", hardware.name)
     return rows
@@ -279,7 +279,7 @@ def bench_groups(args, hardware, out: Path) -> list[dict]:
 
 def plot_groups(rows: list[dict], path: Path, hardware_name: str) -> None:
     side = rows[0]["mesh"]
-    plt, fig, axes = _figure(1, width=5)
+    plt, fig, axes = figure(1, width=5)
     ax = axes[0, 0]
     ax.plot([r["groups"] for r in rows], [r["modeled_cycles"] for r in rows], marker="o", label="modeled")
     ax.plot([r["groups"] for r in rows], [r["comm_cycles"] for r in rows], marker=".", label="communication")
@@ -287,7 +287,7 @@ def plot_groups(rows: list[dict], path: Path, hardware_name: str) -> None:
     ax.set(xscale="log", xlabel="K-tree groups G per column", ylabel="cycles",
            title=f"MeshGEMV {GROUP_SIZE // 1024}K on {side}x{side} ({hardware_name})")
     ax.legend(fontsize=7)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -317,10 +317,10 @@ def replot(which, hardware, out: Path) -> None:
 def bench_calibrate(args, hardware, out: Path) -> list[dict]:
     """Fit (beta, flops_per_cycle) to the paper's GEMV 16K and 32K latencies (alpha kept at the
     code's 1 cycle per hop); then the headline numbers at several betas."""
-    side = _sides(args, (CALIBRATION_MESH,))[0]
+    side = parse_sides(args, (CALIBRATION_MESH,))[0]
     grid = [(f, b) for f in CAL_FLOPS for b in CAL_BETAS]
     rows = []
-    with _progress(len(grid) * len(PAPER_GEMV_CYCLES), "calibrate") as bar:
+    with progress(len(grid) * len(PAPER_GEMV_CYCLES), "calibrate") as bar:
         for flops, beta in grid:
             hw = hardware.with_overrides([f"flops_per_cycle={flops}", f"beta_cycles_per_relay={beta}"])
             row = {"mesh": side, "flops_per_cycle": flops, "beta_cycles_per_relay": beta,
@@ -334,7 +334,7 @@ def bench_calibrate(args, hardware, out: Path) -> list[dict]:
             row["rms_log_error"] = math.sqrt(sum(e * e for e in errors) / len(errors))
             rows.append(row)
     best = min(rows, key=lambda r: r["rms_log_error"])  # the same on every rank (collective reports)
-    _write_csv(out / "calibration.csv", rows)
+    write_csv(out / "calibration.csv", rows)
     if _is_root():
         doc = json.loads(hardware.to_json())
         source = (f"calibration: best fit of MeshGEMV 16K and 32K on {side}x{side} to the paper's WSE-2 "
@@ -347,7 +347,7 @@ def bench_calibrate(args, hardware, out: Path) -> list[dict]:
         (out / f"{hardware.name}_calibrated.json").write_text(json.dumps(doc, indent=2) + "\n")
         cli.say(f"best fit: flops_per_cycle={best['flops_per_cycle']} beta={best['beta_cycles_per_relay']} "
                 f"-> 16K {best['gemv16k_cycles']:.0f}, 32K {best['gemv32k_cycles']:.0f} cycles", file=sys.stderr)
-    _write_csv(out / "sensitivity.csv", sensitivity(hardware, best, side))
+    write_csv(out / "sensitivity.csv", sensitivity(hardware, best, side))
     return rows
 
 
@@ -359,7 +359,7 @@ def sensitivity(hardware, best: dict, side: int) -> list[dict]:
     kernels = [("gemm", "meshgemm"), ("gemm", "cannon"), ("gemm", "summa"),
                ("gemv", "meshgemv"), ("gemv", "pipeline")]
     rows = []
-    with _progress(len(settings) * len(kernels), "sensitivity") as bar:
+    with progress(len(settings) * len(kernels), "sensitivity") as bar:
         for label, overrides in settings:
             hw = hardware.with_overrides(overrides)
             for kind, algo in kernels:
@@ -447,7 +447,7 @@ def bench_speed(args, hardware, out: Path) -> list[dict]:
         return []
     wafer_cmd, numpy_cmd = speed_commands()
     rows = []
-    with _progress(2 * SPEED["repeats"], "speed") as bar:
+    with progress(2 * SPEED["repeats"], "speed") as bar:
         for attempt in range(SPEED["repeats"]):
             report = _child_json(wafer_cmd, 1)
             bar.update()
@@ -469,7 +469,7 @@ def bench_speed(args, hardware, out: Path) -> list[dict]:
                "load_average_1min": os.getloadavg()[0], "cpus": os.cpu_count(),
                "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(wafer_cmd))}
     rows.append(summary)
-    _write_csv(out / "speed.csv", rows)
+    write_csv(out / "speed.csv", rows)
     cli.say(f"speed: MeshGEMM {best_wafer:.3f} s vs numpy {best_numpy:.3f} s -> {summary['ratio']:.2f}x "
             f"(tile products alone {best_floor:.3f} s -> {summary['floor_ratio']:.2f}x)", file=sys.stderr)
     return rows

@@ -42,17 +42,21 @@ class RegionPlan:
         return prompt_tokens + max(self.per_row_capacity - first_rows, 0)
 
 
-def plan_regions(layout: DecodeLayout, config, hardware, reserve_bytes: int) -> RegionPlan:
-    """Layers per region: as many as fit beside the LM head, working buffers and one token
-    of KV per layer (a model that does not fit runs as a pipeline of layer groups)."""
+def plan_regions(layout: DecodeLayout, config, hardware, reserve_bytes: int,
+                 tokens_per_row: int = 1) -> RegionPlan:
+    """Layers per region: as many as fit beside the LM head, working buffers and
+    ``tokens_per_row`` tokens of KV per layer (the context the run needs on its fullest row);
+    a model that does not fit one region runs as a pipeline of layer groups."""
     eb = hardware.element_bytes
     per_layer = layout.layer_weight_elements() * eb
     kv_token = 2 * layout.s * eb
     free = hardware.sram_bytes_per_core - layout.head_elements() * eb - reserve_bytes
-    lpr = min(config.num_hidden_layers, free // (per_layer + kv_token)) if free > 0 else 0
+    need = per_layer + kv_token * max(tokens_per_row, 1)
+    lpr = min(config.num_hidden_layers, free // need) if free > 0 else 0
     if lpr < 1:
-        raise UsageError(f"one layer needs {per_layer:,} B per core but only {max(free, 0):,} B are free "
-                         f"on a {layout.rows}x{layout.cols} region: use a larger --mesh")
+        raise UsageError(f"one layer with {tokens_per_row:,} tokens of KV per row needs {need:,} B per core "
+                         f"but only {max(free, 0):,} B are free on a {layout.rows}x{layout.cols} region: "
+                         f"use a larger --mesh or a shorter context")
     regions = -(-config.num_hidden_layers // lpr)
     weights = per_layer * lpr + layout.head_elements() * eb
     per_row = (hardware.sram_bytes_per_core - weights - reserve_bytes) // (kv_token * lpr)
@@ -71,7 +75,8 @@ class Decoder:
     """Runs decode steps of a model on a mesh. ``layers`` simulated (others extrapolated)."""
 
     def __init__(self, mesh, config, weights, policy: str = "shift", layers: int | None = None,
-                 capacity_tokens: int = 64, allreduce_algo: str = "ktree", groups: int | None = None):
+                 capacity_tokens: int = 64, allreduce_algo: str = "ktree", groups: int | None = None,
+                 plan_tokens: int | None = None):
         if policy not in POLICIES:
             raise UsageError(f"--kv must be one of {POLICIES}, not {policy!r}")
         self.mesh, self.config, self.policy = mesh, config, policy
@@ -80,7 +85,9 @@ class Decoder:
         self.sim_layers = layers or config.num_hidden_layers
         eb = mesh.hardware.element_bytes
         reserve = self._scratch_elements(capacity_tokens) * eb
-        self.plan = plan_regions(lay, config, mesh.hardware, reserve)
+        # Layers per region leave room for plan_tokens (default: the buffers' capacity) per row.
+        self.plan = plan_regions(lay, config, mesh.hardware, reserve,
+                                 capacity_tokens if plan_tokens is None else plan_tokens)
         self.capacity_rows = capacity_tokens
         self._load_weights(weights)
         self.kv = KVState(np.zeros(mesh.rows, np.int64))

@@ -61,6 +61,8 @@ def build_parser():
     cli.add_hardware_options(g)
     cli.add_run_options(g)
     g.set_defaults(func=generate)
+    from .bench import register
+    register(sub)
     return p
 
 
@@ -122,6 +124,16 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 
 def generate(args) -> int:
+    report = run_generate(args)
+    if args.json:
+        cli.print_json(report)
+    else:
+        cli.say(_format(report))
+    return 0
+
+
+def run_generate(args) -> dict:
+    """The whole ``generate`` command on this job's ranks; returns the report (every rank)."""
     t_start = time.perf_counter()
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
@@ -194,7 +206,10 @@ def generate(args) -> int:
         "modeled_decode_tokens_per_s": clock / per_token if per_token else None,
         "modeled_cycles_per_layer": layer_cycles[0] if layer_cycles else None,
         "layers_simulated": sim_layers, "layers_per_region": plan.layers_per_region, "regions": plan.regions,
+        "cores_used": plan.regions * rows * cols,
+        "wafers": plan.regions * rows * cols / (hardware.mesh_rows * hardware.mesh_cols),
         "kv_capacity_tokens": plan.capacity(args.kv, rows, len(ids)),
+        "kv_capacity_by_policy": {policy: plan.capacity(policy, rows, len(ids)) for policy in POLICIES},
         "kv_tokens_per_row": decoder.kv.counts.tolist(),
         "peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0)))),
         "routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
@@ -204,11 +219,8 @@ def generate(args) -> int:
         _save_npy(args.save_logits, np.stack(all_logits).astype(np.float32))
     if args.trace:
         write_trace(mesh, args.trace, kind="generate", result=report)
-    if args.json:
-        cli.print_json(report)
-    else:
-        cli.say(_format(report))
-    return 0
+    mesh.free()
+    return report
 
 
 def _progress(args, mesh):
@@ -248,7 +260,8 @@ def _format(r: dict) -> str:
               f"  modeled prefill   {r['modeled_prefill_seconds'] * 1e3:.4f} ms",
               "  modeled decode    " + (f"{rate:,.0f} tokens/s per request "
                                          f"({r['modeled_cycles_per_layer']:,.0f} cycles per layer)" if rate else "n/a (one token)"),
-              f"  regions           {r['regions']} x {r['layers_per_region']} layers",
+              f"  regions           {r['regions']} x {r['layers_per_region']} layers "
+              f"({r['cores_used']:,} cores, {r['wafers']:.2f} of a {r['hardware']} wafer)",
               f"  KV capacity       {r['kv_capacity_tokens']:,} tokens ({r['kv_policy']})",
               f"  peak memory       {r['peak_bytes_per_core']:,} B per core",
               f"  wall time         {r['wall_seconds']:.2f} s"]

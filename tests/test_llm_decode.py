@@ -74,7 +74,8 @@ def test_concat_runs_out_of_memory_at_the_predicted_token_and_shift_does_not():
     sram = load_hardware("wse2").sram_bytes_per_core
     for policy in ("concat", "shift"):
         mesh = Mesh(rows, 2, dry_run=True)
-        decoder = Decoder(mesh, config, None, policy=policy, capacity_tokens=800)
+        # buffers for 800 tokens, layers planned with room for one token per row
+        decoder = Decoder(mesh, config, None, policy=policy, capacity_tokens=800, plan_tokens=1)
         decoder.load_prompt_cache(None, None, rows)         # one prompt token per row
         per_token = decoder.plan.kv_bytes_per_token_per_core
         # closed form: the last row holds (sram - weights) // per_token tokens, one is the prompt's
@@ -91,6 +92,27 @@ def test_concat_runs_out_of_memory_at_the_predicted_token_and_shift_does_not():
         else:
             assert policy == "shift"
             assert decoder.kv.counts.max() - decoder.kv.counts.min() <= 1
+
+
+def test_regions_leave_room_for_the_context():
+    """A longer context takes fewer layers per region (more regions), and a region filled to
+    its planned context still fits the SRAM through a decode step."""
+    if not fits(4, 4):
+        pytest.skip("mesh smaller than the rank grid")
+    config = LlamaConfig(**dict(CONFIGS["gqa"], num_hidden_layers=8))
+    sram = load_hardware("wse2").sram_bytes_per_core
+    per_region = []
+    for per_row in (1, 300, 600):
+        mesh = Mesh(4, 4, dry_run=True)
+        decoder = Decoder(mesh, config, None, capacity_tokens=per_row + 1, layers=1)
+        plan = decoder.plan
+        per_region.append(plan.layers_per_region)
+        assert plan.per_row_capacity >= per_row + 1
+        decoder.load_prompt_cache(None, None, 4 * per_row)
+        decoder.step(None, 4 * per_row)                     # appends one token, runs a layer
+        assert mesh.max_over_ranks(int(mesh.memory.peak.max())) <= sram
+        mesh.free()
+    assert per_region[0] > per_region[1] > per_region[2] >= 1
 
 
 def test_dry_and_numeric_decode_give_identical_modeled_numbers():

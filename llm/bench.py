@@ -1,0 +1,173 @@
+"""``python -m llm bench``: dry-run predictions for the paper's models on the paper's meshes.
+
+Every (preset, square mesh) pair runs the whole ``generate`` command as a dry run: a prefill of
+``--prompt-len`` tokens on the region, the prefill->decode re-layout, and ``--new-tokens``
+decode steps at that context. One layer is simulated and the others extrapolated (every layer
+has the same shapes). Rank 0 writes ``<out>/llm_presets.csv`` and ``<out>/llm_presets.png``
+and prints the table as Markdown.
+
+KV capacity is given for both policies from the same region plan (the same weights resident,
+the same free memory per core): ``shift`` fills every row, ``concat`` only the last one.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from kernels.bench import figure, mesh_axis, parse_sides, progress, save_figure, write_csv
+from meshmpi import cli
+from meshmpi.errors import MeshmpiError, UsageError
+
+from .presets import PRESET_NAMES
+
+MESHES = (360, 420, 540, 660, 720)   # PAPER.md §7: the end-to-end and decode-scaling regions
+PROMPT_LEN, NEW_TOKENS = 4096, 4
+CSV_NAME = "llm_presets"
+
+EXAMPLES = """\
+  mpiexec -n 2 python -m llm bench --out results
+  python -m llm bench --models llama3-8b --meshes 360,420 --prompt-len 1024 --out /tmp/bench
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="dry-run predictions for the presets on the paper's meshes",
+                       description=__doc__, epilog="examples:\n" + EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(PRESET_NAMES), metavar="NAME,...",
+                   help=f"presets (default all: {', '.join(PRESET_NAMES)})")
+    p.add_argument("--meshes", metavar="N,N,...", help="square region sides (default 360,420,540,660,720)")
+    p.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help=f"context tokens (default {PROMPT_LEN})")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
+                   help=f"decode steps to time at that context (default {NEW_TOKENS})")
+    p.add_argument("--out", default="results", metavar="DIR", help="output folder (default results)")
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV in --out")
+    cli.add_hardware_options(p)
+    p.set_defaults(func=run_bench)
+
+
+def _models(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in PRESET_NAMES]
+    if unknown or not names:
+        raise UsageError(f"--models takes presets ({', '.join(PRESET_NAMES)}), got {text!r}")
+    return names
+
+
+def _generate_args(args, model: str, side: int) -> argparse.Namespace:
+    from .generate import build_parser
+    argv = ["generate", "--model", model, "--dry-run", "--prompt-len", str(args.prompt_len),
+            "--max-new-tokens", str(args.new_tokens), "--mesh", f"{side}x{side}",
+            "--hardware", args.hardware, "--memory", args.memory, "--routes", args.routes]
+    for item in args.set:
+        argv += ["--set", item]
+    return build_parser().parse_args(argv)
+
+
+def _row(model: str, side: int, r: dict) -> dict:
+    prompt = r["prompt_tokens"]
+    shift, concat = r["kv_capacity_by_policy"]["shift"], r["kv_capacity_by_policy"]["concat"]
+    return {
+        "model": model, "mesh": side, "prompt_tokens": prompt, "new_tokens": r["new_tokens"],
+        "modeled_prefill_ms": r["modeled_prefill_seconds"] * 1e3,
+        "modeled_decode_tokens_per_s": r["modeled_decode_tokens_per_s"],
+        "modeled_cycles_per_layer": r["modeled_cycles_per_layer"],
+        "layers_per_region": r["layers_per_region"], "regions": r["regions"],
+        "cores_used": r["cores_used"], "wafers": r["wafers"],
+        "kv_capacity_shift": shift, "kv_capacity_concat": concat,
+        "decode_room_shift": max(shift - prompt, 0), "decode_room_concat": max(concat - prompt, 0),
+        "peak_bytes_per_core": r["peak_bytes_per_core"], "routes_per_core_max": r["routes_per_core_max"],
+        "wall_seconds": r["wall_seconds"], "error": "",
+    }
+
+
+def run_bench(args) -> int:
+    from .generate import run_generate
+    out = Path(args.out)
+    if args.replot:
+        plot(_read_csv(out / f"{CSV_NAME}.csv"), out / f"{CSV_NAME}.png", args.hardware)
+        return 0
+    models, sides = _models(args.models), parse_sides(args, MESHES)
+    if args.prompt_len < 1 or args.new_tokens < 2:
+        raise UsageError("--prompt-len must be >= 1 and --new-tokens >= 2 (one decode step to time)")
+    rows = []
+    t0 = time.perf_counter()
+    with progress(len(models) * len(sides), "presets") as bar:
+        for model in models:
+            for side in sides:
+                bar.set_postfix_str(f"{model} {side}x{side}")
+                try:
+                    rows.append(_row(model, side, run_generate(_generate_args(args, model, side))))
+                except MeshmpiError as exc:   # e.g. one layer does not fit this region: a table entry
+                    if not exc.collective:
+                        raise
+                    rows.append({"model": model, "mesh": side, "prompt_tokens": args.prompt_len,
+                                 "error": str(exc)})
+                bar.update()
+    write_csv(out / f"{CSV_NAME}.csv", rows)
+    if cli.world_rank() == 0:
+        plot(rows, out / f"{CSV_NAME}.png", args.hardware)
+        cli.say(markdown(rows))
+    cli.say(f"bench presets: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table of results/README.md."""
+    head = ("| model | region | prefill ms | decode tokens/s | cycles/layer | regions x layers "
+            "| wafers | KV capacity shift | KV capacity concat | decode room shift / concat | peak B/core |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['mesh']}² | – | – | – | – | – | – | – | – | {r['error']} |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['mesh']}² | {float(r['modeled_prefill_ms']):,.0f} "
+            f"| {float(r['modeled_decode_tokens_per_s']):,.0f} | {float(r['modeled_cycles_per_layer']):,.0f} "
+            f"| {r['regions']} x {r['layers_per_region']} | {float(r['wafers']):.2f} "
+            f"| {int(r['kv_capacity_shift']):,} | {int(r['kv_capacity_concat']):,} "
+            f"| {int(r['decode_room_shift']):,} / {int(r['decode_room_concat']):,} "
+            f"| {int(r['peak_bytes_per_core']):,} |")
+    return "\n".join(lines)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import csv
+    if not path.exists():
+        raise UsageError(f"{path}: no such file (run the bench first)")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot(rows: list[dict], path: Path, hardware: str) -> None:
+    """Decode tokens/s and KV capacity against the region side, one line per model."""
+    if cli.world_rank() != 0:
+        return
+    plt, fig, axes = figure(3, width=4.4)
+    rate, cap, room = axes[0]
+    good = [r for r in rows if not r.get("error")]
+    sides = [int(r["mesh"]) for r in good]
+    for model in dict.fromkeys(r["model"] for r in good):
+        mine = [r for r in good if r["model"] == model]
+        x = [int(r["mesh"]) for r in mine]
+        rate.plot(x, [float(r["modeled_decode_tokens_per_s"]) for r in mine], "o-", label=model)
+        line, = cap.plot(x, [int(r["kv_capacity_shift"]) for r in mine], "o-", label=f"{model} shift")
+        cap.plot(x, [int(r["kv_capacity_concat"]) for r in mine], "x--", color=line.get_color(),
+                 label=f"{model} concat")
+        room.plot(x, [max(int(r["decode_room_shift"]), 1) / max(int(r["decode_room_concat"]), 1)
+                      for r in mine], "o-", label=model)
+    prompt = good[0]["prompt_tokens"] if good else "?"
+    for ax, title in ((rate, f"decode tokens/s per request ({prompt}-token context)"),
+                      (cap, "KV capacity (tokens)"), (room, "decode room: shift / concat")):
+        mesh_axis(ax, sides or [1])
+        ax.set_xlabel("region side N (N x N cores)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    cap.set_yscale("log")
+    room.set_yscale("log")
+    rate.legend(fontsize=7)
+    cap.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"dry-run predictions, {hardware}", fontsize=10)
+    save_figure(plt, fig, path)

@@ -1,0 +1,64 @@
+"""``python -m llm bench`` (dry-run predictions for the presets) on every world size.
+
+The bench row must be the ``generate --json`` report of the same run, the two KV policies must
+share one region plan (concat's room = shift's per-row capacity minus the prompt's rows), the
+cores used must be the regions times the region, and a region too small for one layer must be
+a table entry, not a crash.
+"""
+import csv
+import json
+import math
+import tempfile
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from mpi4py import MPI
+
+from llm.__main__ import main
+from llm.presets import preset
+from meshmpi import load_hardware
+
+pytestmark = pytest.mark.mpi
+
+SIDE, PROMPT = 360, 100
+
+
+def _shared_dir():
+    comm = MPI.COMM_WORLD
+    path = tempfile.mkdtemp(prefix="llm-bench-") if comm.rank == 0 else None
+    return Path(comm.bcast(path))
+
+
+def test_bench_rows_agree_with_generate_and_closed_forms():
+    out = _shared_dir()
+    with redirect_stdout(StringIO()):
+        assert main(["bench", "--models", "llama3-8b", "--meshes", f"16,{SIDE}", "--prompt-len", str(PROMPT),
+                     "--new-tokens", "2", "--out", str(out)]) == 0
+    text = StringIO()
+    with redirect_stdout(text):
+        main(["generate", "--model", "llama3-8b", "--dry-run", "--prompt-len", str(PROMPT),
+              "--max-new-tokens", "2", "--mesh", f"{SIDE}x{SIDE}", "--json"])
+    MPI.COMM_WORLD.Barrier()
+    if MPI.COMM_WORLD.rank != 0:
+        return
+    report = json.loads(text.getvalue())
+    with open(out / "llm_presets.csv", newline="") as f:
+        small, row = list(csv.DictReader(f))
+    assert (out / "llm_presets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "out of memory" in small["error"] or "larger --mesh" in small["error"]
+
+    assert float(row["modeled_decode_tokens_per_s"]) == pytest.approx(report["modeled_decode_tokens_per_s"])
+    assert float(row["modeled_prefill_ms"]) == pytest.approx(report["modeled_prefill_seconds"] * 1e3)
+    config, hw = preset("llama3-8b"), load_hardware("wse2")
+    regions, per_region = int(row["regions"]), int(row["layers_per_region"])
+    assert regions == math.ceil(config.num_hidden_layers / per_region)
+    assert int(row["cores_used"]) == regions * SIDE * SIDE
+    assert float(row["wafers"]) == pytest.approx(regions * SIDE * SIDE / (hw.mesh_rows * hw.mesh_cols))
+    shift, concat = int(row["kv_capacity_shift"]), int(row["kv_capacity_concat"])
+    per_row = shift // SIDE
+    assert shift == per_row * SIDE and per_row >= 1
+    assert concat == PROMPT + per_row - math.ceil(PROMPT / SIDE)
+    assert int(row["decode_room_shift"]) == shift - PROMPT
+    assert int(row["peak_bytes_per_core"]) <= hw.sram_bytes_per_core
