@@ -20,9 +20,10 @@ from kernels.bench import figure, mesh_axis, parse_sides, progress, save_figure,
 from meshmpi import cli
 from meshmpi.errors import MeshmpiError, UsageError
 
+from .generate import build_parser, regions_text, run_generate
 from .presets import PRESET_NAMES
 
-MESHES = (360, 420, 540, 660, 720)   # PAPER.md §7: the end-to-end and decode-scaling regions
+MESHES = (360, 375, 420, 540, 660, 720)   # PAPER.md §7: end-to-end (360², 375²) and scaling regions
 PROMPT_LEN, NEW_TOKENS = 4096, 4
 CSV_NAME = "llm_presets"
 
@@ -38,7 +39,7 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(PRESET_NAMES), metavar="NAME,...",
                    help=f"presets (default all: {', '.join(PRESET_NAMES)})")
-    p.add_argument("--meshes", metavar="N,N,...", help="square region sides (default 360,420,540,660,720)")
+    p.add_argument("--meshes", metavar="N,N,...", help="square region sides (default 360,375,420,540,660,720)")
     p.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help=f"context tokens (default {PROMPT_LEN})")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
                    help=f"decode steps to time at that context (default {NEW_TOKENS})")
@@ -57,7 +58,6 @@ def _models(text: str) -> list[str]:
 
 
 def _generate_args(args, model: str, side: int) -> argparse.Namespace:
-    from .generate import build_parser
     argv = ["generate", "--model", model, "--dry-run", "--prompt-len", str(args.prompt_len),
             "--max-new-tokens", str(args.new_tokens), "--mesh", f"{side}x{side}",
             "--hardware", args.hardware, "--memory", args.memory, "--routes", args.routes]
@@ -75,6 +75,7 @@ def _row(model: str, side: int, r: dict) -> dict:
         "modeled_decode_tokens_per_s": r["modeled_decode_tokens_per_s"],
         "modeled_cycles_per_layer": r["modeled_cycles_per_layer"],
         "layers_per_region": r["layers_per_region"], "regions": r["regions"],
+        "last_region_layers": r["last_region_layers"],
         "cores_used": r["cores_used"], "wafers": r["wafers"],
         "kv_capacity_shift": shift, "kv_capacity_concat": concat,
         "decode_room_shift": max(shift - prompt, 0), "decode_room_concat": max(concat - prompt, 0),
@@ -84,7 +85,6 @@ def _row(model: str, side: int, r: dict) -> dict:
 
 
 def run_bench(args) -> int:
-    from .generate import run_generate
     out = Path(args.out)
     if args.replot:
         plot(_read_csv(out / f"{CSV_NAME}.csv"), out / f"{CSV_NAME}.png", args.hardware)
@@ -116,7 +116,7 @@ def run_bench(args) -> int:
 
 def markdown(rows: list[dict]) -> str:
     """The table of results/README.md."""
-    head = ("| model | region | prefill ms | decode tokens/s | cycles/layer | regions x layers "
+    head = ("| model | region | prefill ms | decode tokens/s | cycles/layer | regions "
             "| wafers | KV capacity shift | KV capacity concat | decode room shift / concat | peak B/core |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
@@ -126,7 +126,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['mesh']}² | {float(r['modeled_prefill_ms']):,.0f} "
             f"| {float(r['modeled_decode_tokens_per_s']):,.0f} | {float(r['modeled_cycles_per_layer']):,.0f} "
-            f"| {r['regions']} x {r['layers_per_region']} | {float(r['wafers']):.2f} "
+            f"| {regions_text(r)} | {float(r['wafers']):.2f} "
             f"| {int(r['kv_capacity_shift']):,} | {int(r['kv_capacity_concat']):,} "
             f"| {int(r['decode_room_shift']):,} / {int(r['decode_room_concat']):,} "
             f"| {int(r['peak_bytes_per_core']):,} |")

@@ -28,12 +28,18 @@ POLICIES = ("shift", "concat")
 
 @dataclass
 class RegionPlan:
-    """How the model spreads over regions of this mesh's size, and the KV capacity."""
+    """How the model spreads over regions of this mesh's size, and the KV capacity.
+
+    Every region but the last holds up to ``layers_per_region`` layers; the last holds
+    ``last_region_layers`` layers and the LM head. ``weight_bytes_per_core`` and
+    ``kv_bytes_per_token_per_core`` are those of the simulated region (a layer region, or the
+    only region); ``per_row_capacity`` is the tightest over all regions."""
     layers_per_region: int
     regions: int
     weight_bytes_per_core: int
     kv_bytes_per_token_per_core: int
     per_row_capacity: int
+    last_region_layers: int
 
     def capacity(self, policy: str, rows: int, prompt_tokens: int) -> int:
         if policy == "shift":
@@ -44,23 +50,36 @@ class RegionPlan:
 
 def plan_regions(layout: DecodeLayout, config, hardware, reserve_bytes: int,
                  tokens_per_row: int = 1) -> RegionPlan:
-    """Layers per region: as many as fit beside the LM head, working buffers and
-    ``tokens_per_row`` tokens of KV per layer (the context the run needs on its fullest row);
-    a model that does not fit one region runs as a pipeline of layer groups."""
-    eb = hardware.element_bytes
+    """Layers per region (PAPER.md §5: a model too big for one region runs as a pipeline of
+    layer groups): as many as fit beside the working buffers and ``tokens_per_row`` tokens of
+    KV per layer (the context the run needs on its fullest row). The LM head lives on the
+    last region only, which therefore holds fewer layers (possibly none)."""
+    eb, layers = hardware.element_bytes, config.num_hidden_layers
     per_layer = layout.layer_weight_elements() * eb
+    head = layout.head_elements() * eb
     kv_token = 2 * layout.s * eb
-    free = hardware.sram_bytes_per_core - layout.head_elements() * eb - reserve_bytes
+    free = hardware.sram_bytes_per_core - reserve_bytes
     need = per_layer + kv_token * max(tokens_per_row, 1)
-    lpr = min(config.num_hidden_layers, free // need) if free > 0 else 0
-    if lpr < 1:
-        raise UsageError(f"one layer with {tokens_per_row:,} tokens of KV per row needs {need:,} B per core "
-                         f"but only {max(free, 0):,} B are free on a {layout.rows}x{layout.cols} region: "
-                         f"use a larger --mesh or a shorter context")
-    regions = -(-config.num_hidden_layers // lpr)
-    weights = per_layer * lpr + layout.head_elements() * eb
-    per_row = (hardware.sram_bytes_per_core - weights - reserve_bytes) // (kv_token * lpr)
-    return RegionPlan(int(lpr), int(regions), int(weights), int(kv_token * lpr), int(per_row))
+    where = f"on a {layout.rows}x{layout.cols} region: use a larger --mesh or a shorter context"
+    if free - head < 0:
+        raise UsageError(f"the LM head needs {head:,} B per core beside {reserve_bytes:,} B of working "
+                         f"buffers {where}")
+    last = min(layers, (free - head) // need)
+    if last == layers:                                   # everything in one region
+        lpr, regions, weights = layers, 1, per_layer * layers + head
+        per_row = (free - weights) // (kv_token * layers)
+    else:
+        lpr = min(layers, free // need)
+        if lpr < 1:
+            raise UsageError(f"one layer with {tokens_per_row:,} tokens of KV per row needs {need:,} B "
+                             f"per core but only {max(free, 0):,} B are free {where}")
+        regions = 1 + -(-(layers - last) // lpr)
+        last = max(layers - (regions - 1) * lpr, 0)     # what is left for the last region
+        weights = per_layer * lpr
+        per_row = (free - weights) // (kv_token * lpr)
+        if last:
+            per_row = min(per_row, (free - head - per_layer * last) // (kv_token * last))
+    return RegionPlan(int(lpr), int(regions), int(weights), int(kv_token * lpr), int(per_row), int(last))
 
 
 @dataclass

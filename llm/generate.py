@@ -206,6 +206,7 @@ def run_generate(args) -> dict:
         "modeled_decode_tokens_per_s": clock / per_token if per_token else None,
         "modeled_cycles_per_layer": layer_cycles[0] if layer_cycles else None,
         "layers_simulated": sim_layers, "layers_per_region": plan.layers_per_region, "regions": plan.regions,
+        "last_region_layers": plan.last_region_layers,
         "cores_used": plan.regions * rows * cols,
         "wafers": plan.regions * rows * cols / (hardware.mesh_rows * hardware.mesh_cols),
         "kv_capacity_tokens": plan.capacity(args.kv, rows, len(ids)),
@@ -247,6 +248,14 @@ def _check(config, weights, ids, tokens, logits, args) -> None:
             file=sys.stderr)
 
 
+def regions_text(r: dict) -> str:
+    """'1 (all 32 layers + LM head)' or '5 (up to 9 layers each, the last 4 + LM head)'."""
+    if int(r["regions"]) == 1:
+        return f"1 (all {r['layers_per_region']} layers + LM head)"
+    each = f"up to {r['layers_per_region']} layer{'s' if int(r['layers_per_region']) > 1 else ''} each"
+    return f"{r['regions']} ({each}, the last {r['last_region_layers']} + LM head)"
+
+
 def _format(r: dict) -> str:
     lines = []
     if r["text"] is not None:
@@ -260,7 +269,7 @@ def _format(r: dict) -> str:
               f"  modeled prefill   {r['modeled_prefill_seconds'] * 1e3:.4f} ms",
               "  modeled decode    " + (f"{rate:,.0f} tokens/s per request "
                                          f"({r['modeled_cycles_per_layer']:,.0f} cycles per layer)" if rate else "n/a (one token)"),
-              f"  regions           {r['regions']} x {r['layers_per_region']} layers "
+              f"  regions           {regions_text(r)} "
               f"({r['cores_used']:,} cores, {r['wafers']:.2f} of a {r['hardware']} wafer)",
               f"  KV capacity       {r['kv_capacity_tokens']:,} tokens ({r['kv_policy']})",
               f"  peak memory       {r['peak_bytes_per_core']:,} B per core",

@@ -107,6 +107,10 @@ def test_regions_leave_room_for_the_context():
         decoder = Decoder(mesh, config, None, capacity_tokens=per_row + 1, layers=1)
         plan = decoder.plan
         per_region.append(plan.layers_per_region)
+        if plan.regions > 1:   # full layer regions, then the last one with the rest and the LM head
+            body = 8 - plan.last_region_layers
+            assert (plan.regions - 2) * plan.layers_per_region < body <= (plan.regions - 1) * plan.layers_per_region
+            assert 0 <= plan.last_region_layers <= plan.layers_per_region
         assert plan.per_row_capacity >= per_row + 1
         decoder.load_prompt_cache(None, None, 4 * per_row)
         decoder.step(None, 4 * per_row)                     # appends one token, runs a layer
