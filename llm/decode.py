@@ -30,8 +30,9 @@ POLICIES = ("shift", "concat")
 class RegionPlan:
     """How the model spreads over regions of this mesh's size, and the KV capacity.
 
-    Every region but the last holds up to ``layers_per_region`` layers; the last holds
-    ``last_region_layers`` layers and the LM head. ``weight_bytes_per_core`` and
+    The last region holds the LM head and as many layers as fit beside it
+    (``last_region_layers``); the other regions share the rest, up to ``layers_per_region``
+    each. ``weight_bytes_per_core`` and
     ``kv_bytes_per_token_per_core`` are those of the simulated region (a layer region, or the
     only region); ``per_row_capacity`` is the tightest over all regions."""
     layers_per_region: int
@@ -53,7 +54,7 @@ def plan_regions(layout: DecodeLayout, config, hardware, reserve_bytes: int,
     """Layers per region (PAPER.md §5: a model too big for one region runs as a pipeline of
     layer groups): as many as fit beside the working buffers and ``tokens_per_row`` tokens of
     KV per layer (the context the run needs on its fullest row). The LM head lives on the
-    last region only, which therefore holds fewer layers (possibly none)."""
+    last region only, with as many layers as fit beside it (possibly none)."""
     eb, layers = hardware.element_bytes, config.num_hidden_layers
     per_layer = layout.layer_weight_elements() * eb
     head = layout.head_elements() * eb
@@ -74,7 +75,6 @@ def plan_regions(layout: DecodeLayout, config, hardware, reserve_bytes: int,
             raise UsageError(f"one layer with {tokens_per_row:,} tokens of KV per row needs {need:,} B "
                              f"per core but only {max(free, 0):,} B are free {where}")
         regions = 1 + -(-(layers - last) // lpr)
-        last = max(layers - (regions - 1) * lpr, 0)     # what is left for the last region
         weights = per_layer * lpr
         per_row = (free - weights) // (kv_token * lpr)
         if last:
