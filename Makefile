@@ -37,6 +37,7 @@ test-slurm: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m kernels bench all --out results
+	$(MPIEXEC) -n 2 $(PY) -m llm bench --out results
 
 clean:
 	rm -rf $(VENV) *.egg-info
