@@ -14,19 +14,12 @@ from mpi4py import MPI
 
 from meshmpi import load_hardware
 from meshmpi.host import gather, scatter
+from meshes import ring_dest
 
 pytestmark = pytest.mark.mpi
 
 ROWS, COLS = 5, 7
 PER_CORE = ("bytes_sent", "bytes_recv", "messages_sent", "hops", "relays", "flops")
-
-
-def ring_dest(n, steps=1):
-    order = list(range(0, n, 2)) + list(range(n - 1 if n % 2 == 0 else n - 2, 0, -2))
-    dest = np.empty(n, np.int64)
-    for p, i in enumerate(order):
-        dest[i] = order[(p + steps) % n]
-    return dest
 
 
 def block_of(mesh, full):

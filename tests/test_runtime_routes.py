@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from meshmpi import RoutingError
+from meshes import ring_dest
 
 pytestmark = pytest.mark.mpi
 
@@ -26,14 +27,6 @@ def route_counts(n, deliveries, multicast=False):
             for p in range(min(s, d), max(s, d) + 1):
                 counts[p] += 1
     return counts
-
-
-def ring_dest(n, steps=1):
-    order = list(range(0, n, 2)) + list(range(n - 1 if n % 2 == 0 else n - 2, 0, -2))
-    dest = np.empty(n, np.int64)
-    for p, i in enumerate(order):
-        dest[i] = order[(p + steps) % n]
-    return dest
 
 
 def raised_everywhere(world, action, error=RoutingError):

@@ -10,22 +10,12 @@ import pytest
 
 from meshmpi import UsageError, load_hardware
 from meshmpi.trace import COUNTER_DOCS, SCHEMA_VERSION, read_trace, write_trace
+from meshes import KNOWN_TILE, known_schedule
 
-ROWS, COLS, TILE = 4, 6, 5
+ROWS, COLS, TILE = 4, 6, KNOWN_TILE
 HW = load_hardware("wse2")
 SHIFT_CYCLES = HW.alpha_cycles_per_hop + TILE * HW.element_bytes / HW.link_bytes_per_cycle
 COMPUTE_CYCLES = 10 / HW.flops_per_cycle
-
-
-def known_schedule(mesh):
-    """The schedule of tests/helpers/make_trace.py, whose numbers are worked out below."""
-    tile = mesh.alloc("tile", (TILE,), np.float32)
-    with mesh.phase("shift"), mesh.fabric.scope():
-        mesh.fabric.shift("east", "x", 1).run(tile)
-        mesh.step("one hop")
-    with mesh.phase("compute"):
-        mesh.compute(10)
-        mesh.step("flops")
 
 
 def expected_counters():

@@ -10,24 +10,11 @@ import numpy as np
 import pytest
 
 from meshmpi.host import gather, scatter
+from meshes import ring_dest, ring_order
 
 pytestmark = pytest.mark.mpi
 
 TILE = (2, 3)
-
-
-def ring_order(n: int) -> list[int]:
-    """MeshGEMM's interleaved ring (PAPER.md §2): even indices ascending, then odd descending."""
-    return list(range(0, n, 2)) + list(range(n - 1 if n % 2 == 0 else n - 2, 0, -2))
-
-
-def ring_dest(n: int, steps: int = 1) -> np.ndarray:
-    """dest[i]: where position i sends in one ring step (``steps`` < 0 turns the other way)."""
-    order = ring_order(n)
-    dest = np.empty(n, np.int64)
-    for p, i in enumerate(order):
-        dest[i] = order[(p + steps) % n]
-    return dest
 
 
 def expected_after(src_full, dst_full, axis, deliveries, lines=None):
