@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from meshmpi import cli
-from meshmpi.errors import UsageError
+from meshmpi.errors import CheckError, UsageError
 from meshmpi.mesh import parse_grid
 from meshmpi.trace import write_trace
 
@@ -74,6 +74,8 @@ def run_kernel(args, argv=None) -> int:
         cli.print_json(report)
     else:
         cli.say(format_report(report))
+    if report["check_failure"]:
+        raise CheckError(report["check_failure"])
     return 0
 
 
@@ -87,8 +89,9 @@ def format_report(r: dict) -> str:
              f"{r['max_hops_per_step']}, {r['routes_per_core_max']} routes/core max",
              f"  memory     {r['peak_bytes_per_core']:,} B per core at peak",
              f"  wall       {r['wall_seconds']:.3f} s"]
-    if r.get("max_abs_err") is not None:
-        lines.append(f"  check      max |error| vs numpy = {r['max_abs_err']:.3g}")
+    if r.get("check"):
+        lines.append(f"  check      {r['check']}: max |error| vs numpy = {r['max_abs_err']:.3g} "
+                     f"(bound: {r['algo']}'s floating-point forward error, elementwise)")
     return "\n".join(lines)
 
 

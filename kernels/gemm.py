@@ -143,27 +143,35 @@ def _batch(a, b) -> tuple:
     return batch
 
 
+def _ring_buffers(mesh, arr, ring: Ring, name: str):
+    """The spare buffer a tile moving along ``ring`` is received into, owned by the kernel;
+    None on a 1-long line, where the tile never moves."""
+    return mesh.alloc(name, arr.tile_shape, arr.dtype) if ring.n > 1 else None
+
+
 def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm"):
-    """C = A @ B with A natural, B pre-skewed; returns C (natural layout). PAPER.md §2.
+    """C = A @ B with A natural, B pre-skewed; returns C (natural layout), which the caller owns.
 
     Tiles may carry leading batch dims (e.g. attention heads): every core multiplies its whole
-    batch at each step and every transfer carries the whole batch, one message per step."""
+    batch at each step and every transfer carries the whole batch, one message per step.
+    The kernel owns and frees its spare buffers; ``a`` and ``b`` stay the caller's (same names,
+    same charges), holding the tiles of the last step: A rotated along x, B along y."""
     R, C, L = plan.rows, plan.cols, plan.chunks
     tm, tn, s = plan.m_pad // R, plan.n_pad // C, plan.chunk
     batch = _batch(a, b)
-    dtype = a.dtype
     rows, cols = mesh.global_rows(), mesh.global_cols()
     with mesh.phase(f"{name}.align"):
         rotate_lines(mesh, a, "x", plan.ring_x, plan.ring_y.position, f"{name}.a")
-    a_next = mesh.alloc(f"{name}.a.next", a.tile_shape, dtype)
-    b_next = mesh.alloc(f"{name}.b.next", b.tile_shape, dtype)
-    c = mesh.alloc(f"{name}.c", batch + (tm, tn), dtype)
-    shift_a = mesh.fabric.permutation(f"{name}.shift.x", "x", plan.ring_x.send())
-    shift_b = mesh.fabric.permutation(f"{name}.shift.y", "y", plan.ring_y.send())
+    moving = [(a, _ring_buffers(mesh, a, plan.ring_x, f"{name}.a.next"),
+               mesh.fabric.permutation(f"{name}.shift.x", "x", plan.ring_x.send())),
+              (b, _ring_buffers(mesh, b, plan.ring_y, f"{name}.b.next"),
+               mesh.fabric.permutation(f"{name}.shift.y", "y", plan.ring_y.send()))]
+    moving = [(tile, spare, pattern) for tile, spare, pattern in moving if spare is not None]
+    c = mesh.alloc(f"{name}.c", batch + (tm, tn), a.dtype)
     with mesh.phase(f"{name}.compute_shift"):
         for step in range(L):
             last = step == L - 1
-            sends = [] if last else [shift_a.start(a, a_next), shift_b.start(b, b_next)]
+            sends = [] if last else [pattern.start(tile, spare) for tile, spare, pattern in moving]
             if not mesh.dry_run:
                 label = plan.label_at(rows, cols, step)
                 a_part = _pick_chunk(a.data, label // C, -1, L // C)
@@ -173,11 +181,11 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm"):
             for transfer in sends:
                 transfer.wait()
             if not last:
-                a, a_next = a_next, a
-                b, b_next = b_next, b
+                for tile, spare, _ in moving:
+                    tile.swap_payload(spare)
             mesh.step(f"step {step}")
-    for buffer in (a_next, b_next):
-        buffer.free()
+    for _, spare, _ in moving:
+        spare.free()
     return c
 
 
@@ -188,18 +196,19 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t"):
     moves along its row's ring, adding ``A_tile @ B_tile^T`` at every core it visits — the
     partials are reduce-added along X. Here ``plan.k`` is the N of C (the labelled dimension)
     and ``plan.n`` is the shared K. A final rotation puts C in its natural layout. Leading
-    batch dims of the tiles are independent products, as in :func:`ring_gemm`.
+    batch dims of the tiles are independent products, as in :func:`ring_gemm`. Returns C
+    (the caller owns it); the kernel frees its spare buffers and ``b`` stays the caller's.
     """
     R, C, L = plan.rows, plan.cols, plan.chunks
     tm, s = plan.m_pad // R, plan.chunk
     batch = _batch(a, b)
-    dtype = a.dtype
     rows, cols = mesh.global_rows(), mesh.global_cols()
-    partial = mesh.alloc(f"{name}.c", batch + (tm, (L // C) * s), dtype)
-    partial_next = mesh.alloc(f"{name}.c.next", partial.tile_shape, dtype)
-    b_next = mesh.alloc(f"{name}.b.next", b.tile_shape, dtype)
-    shift_c = mesh.fabric.permutation(f"{name}.shift.x", "x", plan.ring_x.send())
-    shift_b = mesh.fabric.permutation(f"{name}.shift.y", "y", plan.ring_y.send())
+    partial = mesh.alloc(f"{name}.c", batch + (tm, (L // C) * s), a.dtype)
+    moving = [(partial, _ring_buffers(mesh, partial, plan.ring_x, f"{name}.c.next"),
+               mesh.fabric.permutation(f"{name}.shift.x", "x", plan.ring_x.send())),
+              (b, _ring_buffers(mesh, b, plan.ring_y, f"{name}.b.next"),
+               mesh.fabric.permutation(f"{name}.shift.y", "y", plan.ring_y.send()))]
+    moving = [(tile, spare, pattern) for tile, spare, pattern in moving if spare is not None]
     with mesh.phase(f"{name}.compute_shift"):
         for step in range(L):
             if not mesh.dry_run:
@@ -212,16 +221,16 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t"):
                 np.put_along_axis(out, idx, current + update[..., None, :], axis=out.ndim - 2)
             mesh.compute(2 * tm * s * b.tile_shape[-1] * math.prod(batch))
             if step < L - 1:
-                sends = [shift_c.start(partial, partial_next), shift_b.start(b, b_next)]
+                sends = [pattern.start(tile, spare) for tile, spare, pattern in moving]
                 for transfer in sends:
                     transfer.wait()
-                partial, partial_next = partial_next, partial
-                b, b_next = b_next, b
+                for tile, spare, _ in moving:
+                    tile.swap_payload(spare)
             mesh.step(f"step {step}")
+    for _, spare, _ in moving:
+        spare.free()
     with mesh.phase(f"{name}.realign"):
         # partial group at x-ring position x is x + pos_y(i) (+ the L-1 steps taken): move it home.
         steps = -(plan.ring_y.position - (L - 1))
         rotate_lines(mesh, partial, "x", plan.ring_x, steps, f"{name}.c")
-    for buffer in (partial_next, b_next):
-        buffer.free()
     return partial

@@ -6,6 +6,8 @@ import time
 import numpy as np
 
 from meshmpi import host
+from meshmpi.check import check_product
+from meshmpi.errors import CheckError
 
 from . import gemm, gemv, summa
 
@@ -18,7 +20,19 @@ def _inputs(seed: int, dtype, *shapes):
     return [rng.standard_normal(shape).astype(dtype) for shape in shapes]
 
 
-def _report(mesh, algo: str, sizes: dict, wall: float, error: float | None) -> dict:
+def _checked(what: str, result, a, b, dtype) -> tuple[float | None, str | None]:
+    """(max |error|, None) when ``result`` is within the bound of ``a @ b``, else
+    (max |error| or None, the failure message)."""
+    try:
+        return check_product(what, result, a, b, dtype), None
+    except CheckError as exc:
+        with np.errstate(invalid="ignore"):
+            error = float(np.nanmax(np.abs(np.asarray(result, np.float64) - np.asarray(a, np.float64) @ b)))
+        return error, str(exc)
+
+
+def _report(mesh, algo: str, sizes: dict, wall: float, error: float | None,
+            failure: str | None = None) -> dict:
     hw = mesh.hardware
     cycles = mesh.modeled_cycles()
     compute = mesh.busy_cycles()
@@ -36,6 +50,8 @@ def _report(mesh, algo: str, sizes: dict, wall: float, error: float | None) -> d
         "bytes_moved": int(mesh.sum_over_ranks(int(counters["bytes_sent"].sum()))),
         "relays": int(mesh.sum_over_ranks(int(counters["relays"].sum()))),
         "wall_seconds": wall, "max_abs_err": error,
+        "check": None if mesh.dry_run else ("failed" if failure else "passed"),
+        "check_failure": failure,
     }
 
 
@@ -70,12 +86,11 @@ def run_gemm(mesh, algo: str, m: int, k: int, n: int, dtype=np.float32, seed: in
         c, wall = _timed(mesh, lambda: summa.summa(mesh, plan, a, b, name=algo, broadcast=broadcast))
     else:
         c, wall = _timed(mesh, lambda: gemm.ring_gemm(mesh, plan, a, b, name=algo))
-    error = None
+    error = failure = None
     if not mesh.dry_run:
         result = gemm.unplace_c(plan, host.gather(mesh, c))
-        reference = a_mat.astype(np.float64) @ b_mat.astype(np.float64)
-        error = float(np.abs(result - reference).max())
-    report = _report(mesh, algo, {"m": m, "k": k, "n": n}, wall, error)
+        error, failure = _checked(f"{algo} C", result, a_mat, b_mat, dtype)
+    report = _report(mesh, algo, {"m": m, "k": k, "n": n}, wall, error, failure)
     report["broadcast"] = broadcast if algo == "summa" else None
     return report
 
@@ -94,11 +109,10 @@ def run_gemv(mesh, algo: str, m: int, n: int, groups: int | None = None, dtype=n
     x = host.scatter(mesh, "gemv.x", x_tiles, (in_chunk,), dtype)
     w = host.scatter(mesh, "gemv.w", w_tiles, (in_chunk, out_chunk), dtype)
     y, wall = _timed(mesh, lambda: gemv.meshgemv(mesh, x, w, "y", GEMV_ALGOS[algo], groups, name=algo))
-    error = None
+    error = failure = None
     if not mesh.dry_run:
         result = gemv.read_vector(host.gather(mesh, y), "x", n)
-        reference = x_vec.astype(np.float64) @ w_mat.astype(np.float64)
-        error = float(np.abs(result - reference).max())
-    report = _report(mesh, algo, {"m": m, "k": None, "n": n}, wall, error)
+        error, failure = _checked(f"{algo} y", result, x_vec, w_mat, dtype)
+    report = _report(mesh, algo, {"m": m, "k": None, "n": n}, wall, error, failure)
     report["groups"] = groups
     return report

@@ -142,6 +142,15 @@ class _TensorFiles:
         return name in self.where
 
     def read(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """The tensor as ``dtype``; a tensor holding NaN or infinity is refused."""
+        tensor = self._read(name, shape, dtype)
+        bad = int(np.count_nonzero(~np.isfinite(tensor)))
+        if bad:
+            raise ModelError(f"tensor {name} in {self.where[name]} holds {bad:,} NaN or infinite "
+                             f"values: the checkpoint is damaged")
+        return tensor
+
+    def _read(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         file = self.where[name]
         entries, data_start = self.headers[file]
         if name not in entries:

@@ -180,21 +180,29 @@ class Decoder:
         per_core = self.kv.counts[mesh.row_start:mesh.row_stop, None] * self.plan.kv_bytes_per_token_per_core
         mesh.memory.charge("kv_cache", np.broadcast_to(per_core, mesh.block_shape))
 
-    def _append(self) -> None:
-        """Make room for a new token under the policy (its k, v then go to the last row)."""
+    def _append(self) -> int:
+        """Make room for a new token under the policy; returns the row its k, v go to.
+
+        ``shift``: the row ``total mod rows`` grows. While the last row is still empty (fewer
+        tokens than rows) that row simply takes the new token; once every row holds a token,
+        the rows below it pass their oldest token one row up and the last row takes the new
+        one, so rows stay balanced and in time order. ``concat``: the last row takes it."""
         counts, rows = self.kv.counts, self.mesh.rows
         total = int(counts.sum())
+        newest = rows - 1
         if self.policy == "shift" and rows > 1:
             grow = total % rows                  # the row that gains a token
-            if grow < rows - 1:
+            if counts[rows - 1] == 0:            # rows below ``grow`` are empty: nothing moves
+                newest = grow
+            elif grow < rows - 1:
                 self._pass_oldest_up(grow)
             counts[grow] += 1
         else:
-            grow = rows - 1
-            counts[grow] += 1
+            counts[newest] += 1
         if counts.max() > self.capacity_rows:
             raise UsageError("decode buffers exhausted: raise the capacity (--max-new-tokens sizes it)")
         self._charge_kv()
+        return newest
 
     def _pass_oldest_up(self, grow: int) -> None:
         """Rows below ``grow`` hand their oldest token to the row above (1 hop, all in parallel)."""
@@ -357,8 +365,8 @@ class Decoder:
                     q, k_new, v_new = self._layer(index, x, position)
                     # the new token joins the cache before attention (it attends to itself)
                     if index == 0:
-                        self._append()
-                    self._store_new(index, k_new, v_new)
+                        newest_row = self._append()
+                    self._store_new(index, k_new, v_new, newest_row)
                     self._attend(index, q, x, position)
                 layer_cycles.append(mesh.modeled_cycles() - start)
             start = mesh.modeled_cycles()
@@ -374,12 +382,13 @@ class Decoder:
         logits.free()
         return result, layer_cycles, head_cycles
 
-    def _store_new(self, index: int, k_new, v_new) -> None:
-        """Write layer ``index``'s new k, v into the last row's newest slot."""
-        mesh, last = self.mesh, self.mesh.rows - 1
-        if mesh.dry_run or not (mesh.row_start <= last < mesh.row_stop):
+    def _store_new(self, index: int, k_new, v_new, row: int) -> None:
+        """Write layer ``index``'s new k, v into ``row``'s newest slot (k, v are column-indexed,
+        so every row has them: the store is local)."""
+        mesh = self.mesh
+        if mesh.dry_run or not (mesh.row_start <= row < mesh.row_stop):
             return
-        r, slot = last - mesh.row_start, self.kv.counts[last] - 1
+        r, slot = row - mesh.row_start, self.kv.counts[row] - 1
         self.kv.k[index][r, :, slot] = k_new[r]
         self.kv.v[index][r, :, slot] = v_new[r]
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from meshmpi import cli
-from meshmpi.errors import MeshmpiError, UsageError
+from meshmpi.check import require_finite
+from meshmpi.errors import CheckError, UsageError
 from meshmpi.mesh import parse_grid
 from meshmpi.trace import write_trace
 
@@ -27,12 +28,6 @@ EXAMPLES = """\
   python -m llm generate --model llama3-8b --dry-run --prompt-len 4096 --max-new-tokens 2 --mesh 420x420
   python -m llm generate --model ./my-llama --prompt "Hello" --kv concat --mesh 8x8 --trace run.h5
 """
-
-
-class CheckError(MeshmpiError):
-    """The mesh and the reference disagree (raised identically on every rank)."""
-
-    collective = True
 
 
 def build_parser():
@@ -170,6 +165,8 @@ def run_generate(args) -> dict:
     logits = decoder.logits_from(pre.last_hidden)
     eos = set(config.eos_token_ids)
     for index in range(args.max_new_tokens):
+        if logits is not None:  # a NaN would otherwise pass as token 0
+            require_finite(f"the logits of new token {index}", logits)
         token = _choose(logits, args, rng) if logits is not None else 0
         tokens.append(token)
         if logits is not None:
@@ -232,12 +229,18 @@ def _progress(args, mesh):
 
 
 def _check(config, weights, ids, tokens, logits, args) -> None:
+    """Tokens equal to the numpy reference's, logits within 1e-4 (relative to the largest),
+    and every logit finite on both sides."""
     if weights is None:
         raise UsageError("--check needs weights (not a dry run)")
     from .reference import ReferenceModel
     ref_tokens, ref_logits = ReferenceModel(config, weights).generate(
         ids, len(tokens), eos=[] if args.ignore_eos else None, ignore_eos=True)
-    worst = float(np.abs(np.stack(logits) - ref_logits[: len(logits)]).max())
+    mesh_logits = np.stack(logits)
+    require_finite("the mesh's logits", mesh_logits)
+    require_finite("the numpy reference's logits (the checkpoint's numbers overflow or are not numbers)",
+                   ref_logits)
+    worst = float(np.abs(mesh_logits - ref_logits[: len(logits)]).max())
     if args.temperature <= 0 and ref_tokens[: len(tokens)] != tokens:
         first = next(i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b)
         raise CheckError(f"check failed: token {first} is {tokens[first]} on the mesh but "

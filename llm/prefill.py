@@ -159,11 +159,6 @@ def _check_mesh(mesh) -> int:
     return mesh.rows
 
 
-def _release(mesh, *names) -> None:
-    for name in names:
-        mesh.memory.release(name)
-
-
 class _Prefill:
     def __init__(self, mesh, config: LlamaConfig, weights, tokens: int):
         self.mesh, self.config, self.weights = mesh, config, weights
@@ -209,7 +204,8 @@ class _Prefill:
         """MeshGEMM; its inputs are consumed (shifted on the wafer) and released."""
         with self.mesh.fabric.scope():
             c = ring_gemm(self.mesh, plan, a, b, name=name)
-        _release(self.mesh, a.name, b.name, f"{name}.a.next", f"{name}.b.next")
+        a.free()
+        b.free()
         return c
 
     def add_into(self, x, y):
@@ -309,7 +305,8 @@ class _Prefill:
                 k.data[...] = self.split_heads(kv.data[..., : nkv * dc])
             with mesh.fabric.scope():
                 s = ring_gemm_t(mesh, plan_t, q, k, name=f"{p}.qk")
-            _release(mesh, q.name, k.name, f"{p}.qk.b.next", f"{p}.qk.c.next")
+            q.free()
+            k.free()
             with mesh.phase(f"{p}.softmax"):
                 self.softmax(s, f"{p}.softmax")
             v = mesh.alloc(f"{p}.v", (nkv, tb, dc), np.float32)

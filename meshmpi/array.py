@@ -31,6 +31,14 @@ class MeshArray:
     def shape(self) -> tuple:
         return self.mesh.block_shape + self.tile_shape
 
+    def swap_payload(self, other: "MeshArray") -> None:
+        """Exchange tiles with ``other``, a buffer of the same shape: the two halves of a double
+        buffer trade roles, as a core's program swaps two buffer addresses. Names and memory
+        charges stay with their owners."""
+        if other.tile_shape != self.tile_shape or other.dtype != self.dtype:
+            raise ValueError(f"cannot swap {self.name} {self.tile_shape} with {other.name} {other.tile_shape}")
+        self.data, other.data = other.data, self.data
+
     def free(self) -> None:
         """Release the buffer's memory on every core."""
         self.mesh.memory.release(self.name)

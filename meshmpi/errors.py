@@ -28,3 +28,10 @@ class RoutingError(MeshmpiError):
     """A router needs more routes than the profile allows (PLMR: R)."""
 
     collective = True
+
+
+class CheckError(MeshmpiError):
+    """A numeric run disagrees with its independent reference, or produced NaN or infinity
+    (raised identically on every rank)."""
+
+    collective = True

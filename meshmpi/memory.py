@@ -24,6 +24,7 @@ class MemoryLedger:
         self.buffers: dict[str, np.ndarray] = {}
         self.resident = np.zeros(shape, np.int64)
         self.peak = np.zeros(shape, np.int64)
+        self.high_water = 0    # most bytes resident on any core of this block since the last mark
         self.warnings: list[str] = []
 
     def charge(self, name: str, bytes_per_core) -> None:
@@ -40,6 +41,15 @@ class MemoryLedger:
                 self.resident += old
             raise
         np.maximum(self.peak, self.resident, out=self.peak)
+        self.high_water = max(self.high_water, self.most_resident())
+
+    def most_resident(self) -> int:
+        """Bytes resident now on this block's fullest core."""
+        return int(self.resident.max(initial=0))
+
+    def live(self) -> dict[str, int]:
+        """Live buffers and their bytes on this block's fullest core for each (by name)."""
+        return {name: int(b.max(initial=0)) for name, b in self.buffers.items()}
 
     def release(self, name: str) -> None:
         old = self.buffers.pop(name, None)

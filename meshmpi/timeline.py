@@ -11,7 +11,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-PHASE_FIELDS = ("start_cycles", "end_cycles", "wall_seconds", "messages", "bytes", "flops", "max_hops")
+PHASE_FIELDS = ("start_cycles", "end_cycles", "wall_seconds", "messages", "bytes", "flops", "max_hops",
+                "resident_bytes", "peak_bytes")
+_INTEGER_FIELDS = ("messages", "bytes", "flops", "max_hops", "resident_bytes", "peak_bytes")
 STEP_FIELDS = ("end_cycles", "messages", "bytes", "flops", "max_hops")
 
 
@@ -39,7 +41,8 @@ class Timeline:
                                 wall_start=time.perf_counter(), start_counts=(messages, nbytes, flops),
                                 max_hops=0))
         self._open.append(len(self.phases) - 1)
-        self._outer_marks.append((self._step_mark, self._hops_since_step))
+        self._outer_marks.append((self._step_mark, self._hops_since_step, self.mesh.memory.high_water))
+        self.mesh.memory.high_water = self.mesh.memory.most_resident()
         self._step_mark = (clock, messages, nbytes, flops)
         self._hops_since_step = 0
 
@@ -48,10 +51,13 @@ class Timeline:
         phase = self.phases[index]
         clock, messages, nbytes, flops = self._snapshot()
         m0, b0, f0 = phase.pop("start_counts")
+        memory = self.mesh.memory
         phase.update(end_cycles=clock, wall_seconds=time.perf_counter() - phase.pop("wall_start"),
-                     messages=messages - m0, bytes=nbytes - b0, flops=flops - f0)
+                     messages=messages - m0, bytes=nbytes - b0, flops=flops - f0,
+                     resident_bytes=memory.most_resident(), peak_bytes=memory.high_water)
         # The enclosing phase's current step goes on from its own mark, the inner phase included.
-        self._step_mark, hops = self._outer_marks.pop()
+        self._step_mark, hops, outer_high = self._outer_marks.pop()
+        memory.high_water = max(outer_high, memory.high_water)
         self._hops_since_step = max(hops, phase["max_hops"])
         if self._open:
             outer = self.phases[self._open[-1]]
@@ -97,5 +103,5 @@ class Timeline:
             for i, row in enumerate(rows):
                 for j, f in enumerate(fields):
                     value = summed[i, j] if f in ("messages", "bytes", "flops") else maxed[i, j]
-                    row[f] = int(value) if f in ("messages", "bytes", "flops", "max_hops") else float(value)
+                    row[f] = int(value) if f in _INTEGER_FIELDS else float(value)
         return phases, steps

@@ -19,7 +19,8 @@ import numpy as np
 from .errors import UsageError
 from .host import agree, gather_block_arrays
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # v2 adds the phases' resident_bytes and peak_bytes
 COUNTER_DOCS = {
     "bytes_sent": "bytes the core sent (at the profile's element size)",
     "bytes_recv": "bytes delivered to the core",
@@ -35,7 +36,8 @@ COUNTER_DOCS = {
 }
 PHASE_DTYPE = np.dtype([("name", h5py.string_dtype()), ("parent", "i4"), ("depth", "i4"),
                         ("start_cycles", "f8"), ("end_cycles", "f8"), ("wall_seconds", "f8"),
-                        ("messages", "i8"), ("bytes", "i8"), ("flops", "i8"), ("max_hops", "i8")])
+                        ("messages", "i8"), ("bytes", "i8"), ("flops", "i8"), ("max_hops", "i8"),
+                        ("resident_bytes", "i8"), ("peak_bytes", "i8")])
 STEP_DTYPE = np.dtype([("phase", "i4"), ("step", "i4"), ("label", h5py.string_dtype()),
                        ("end_cycles", "f8"), ("messages", "i8"), ("bytes", "i8"), ("flops", "i8"),
                        ("max_hops", "i8")])
@@ -121,9 +123,9 @@ def read_trace(path) -> dict:
             steps = [_row(r) for r in f["steps"][()]]
     except (OSError, KeyError) as exc:
         raise UsageError(f"{path} is not a meshmpi trace ({exc})") from None
-    if meta.get("schema_version") != SCHEMA_VERSION:
+    if meta.get("schema_version") not in READABLE_VERSIONS:
         raise UsageError(f"{path}: trace schema {meta.get('schema_version')} is not supported "
-                         f"(this meshmpi reads {SCHEMA_VERSION})")
+                         f"(this meshmpi reads {', '.join(map(str, READABLE_VERSIONS))})")
     meta["hardware"] = json.loads(meta.pop("hardware_json"))
     meta["result"] = json.loads(meta.pop("result_json"))
     meta["warnings"] = json.loads(meta.get("warnings", "[]"))

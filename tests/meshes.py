@@ -46,3 +46,43 @@ def known_schedule(mesh):
         mesh.compute(10)
         mesh.step("flops")
     return tile
+
+
+# Report fields that may differ between a numeric and a dry run, or between rank splits.
+RUN_DEPENDENT_FIELDS = ("wall_seconds", "max_abs_err", "check", "check_failure", "ranks", "dry_run")
+
+
+def modeled(report: dict) -> dict:
+    """A kernel report without the fields that depend on how it was run."""
+    return {k: v for k, v in report.items() if k not in RUN_DEPENDENT_FIELDS}
+
+
+def record_live_buffers(mesh) -> list:
+    """From now on, at the end of every phase, append (phase name, {buffer: bytes on this
+    block's fullest core}, bytes resident on this block's fullest core) to the returned list.
+    Per rank: read it through :func:`whole_mesh_buffers`."""
+    seen, end = [], mesh.timeline.end
+
+    def end_and_record():
+        timeline, memory = mesh.timeline, mesh.memory
+        name = timeline.phases[timeline._open[-1]]["name"]
+        seen.append((name, memory.live(), memory.most_resident()))
+        end()
+
+    mesh.timeline.end = end_and_record
+    return seen
+
+
+def whole_mesh_buffers(mesh, seen: list) -> list:
+    """The records of :func:`record_live_buffers` for the whole mesh (the max over ranks of
+    each buffer and of the resident bytes), the same on every rank; ``seen`` is emptied."""
+    merged = []
+    for records in zip(*mesh.cart.allgather(list(seen))):
+        name = records[0][0]
+        live = {}
+        for _, buffers, _ in records:
+            for buffer, size in buffers.items():
+                live[buffer] = max(live.get(buffer, 0), size)
+        merged.append((name, live, max(r[2] for r in records)))
+    seen.clear()
+    return merged

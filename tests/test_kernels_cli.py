@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 
+import numpy as np
 import pytest
 
 from kernels.__main__ import main
@@ -65,3 +66,49 @@ def test_gemm_broadcast_option(tmp_path, python_exe, run_env):
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["broadcast"] == "relay" and report["routes_per_core_max"] <= 4
+
+
+@pytest.mark.parametrize("mesh", ["1x16", "16x1", "1x3", "2x1"])
+@pytest.mark.parametrize("algo", ["meshgemm", "cannon"])
+def test_gemm_on_one_wide_meshes_passes_its_own_check(mesh, algo, capsys):
+    assert main(["gemm", "--algo", algo, "--mesh", mesh, "--m", "32", "--k", "32", "--n", "32", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["check"] == "passed" and report["max_abs_err"] < 1e-4
+
+
+def test_a_wrong_product_fails_the_command(monkeypatch):
+    """A kernel whose result disagrees with numpy must not exit 0 (cli.run exits 2 on CheckError)."""
+    from kernels import gemm
+    from meshmpi import CheckError
+
+    real = gemm.ring_gemm
+
+    def off_by_one_tile(mesh, plan, a, b, name="gemm"):
+        c = real(mesh, plan, a, b, name=name)
+        c.data[0, 0] += 1.0
+        return c
+
+    monkeypatch.setattr(gemm, "ring_gemm", off_by_one_tile)
+    with pytest.raises(CheckError, match="differs from numpy"):
+        main(["gemm", "--mesh", "3x3", "--m", "12", "--k", "12", "--n", "12"])
+
+
+def test_check_product_bounds():
+    """The forward error bound passes float32 products computed in any order and fails a
+    wrong element, NaN and infinity."""
+    from meshmpi import CheckError
+    from meshmpi.check import check_product
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((20, 300)).astype(np.float32), rng.standard_normal((300, 7)).astype(np.float32)
+    by_chunks = sum(a[:, i:i + 30] @ b[i:i + 30] for i in range(0, 300, 30))   # another order
+    assert check_product("c", by_chunks, a, b, np.float32) < 1e-3
+    wrong = by_chunks.copy()
+    wrong[3, 4] += 1e-2
+    with pytest.raises(CheckError, match=r"at \(3, 4\)"):
+        check_product("c", wrong, a, b, np.float32)
+    for bad in (np.nan, np.inf):
+        broken = by_chunks.copy()
+        broken[0, 1] = bad
+        with pytest.raises(CheckError, match="non-finite"):
+            check_product("c", broken, a, b, np.float32)

@@ -9,6 +9,8 @@ R + C routes, which a wafer-sized mesh cannot have.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -18,11 +20,12 @@ from kernels.ring import interleaved_ring, plain_ring
 from kernels.run import run_gemm
 from meshmpi import Mesh, RoutingError, load_hardware
 from meshmpi import host
-from meshes import make_mesh
+from meshes import make_mesh, modeled
 
 pytestmark = pytest.mark.mpi
 
 MESHES = [(1, 1), (2, 2), (2, 3), (3, 4), (4, 2), (5, 3), (4, 4), (8, 8)]
+LINES = [(1, 2), (2, 1), (1, 3), (1, 16), (16, 1), (4, 1)]   # 1-wide meshes: one ring has one core
 
 
 def tolerance(reference, dtype):
@@ -31,7 +34,7 @@ def tolerance(reference, dtype):
 
 
 # ------------------------------------------------------------------------------ correctness
-@pytest.mark.parametrize("rows,cols", MESHES)
+@pytest.mark.parametrize("rows,cols", MESHES + LINES)
 @pytest.mark.parametrize("algo", ["meshgemm", "cannon", "summa"])
 def test_gemm_matches_numpy(algo, rows, cols):
     m, k, n = 2 * rows + 3, 3 * cols + 2, rows + cols + 1   # never divisible by the mesh
@@ -81,7 +84,7 @@ def test_summa_direct_call_matches_numpy():
     mesh.free()
 
 
-@pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (2, 3), (3, 4), (4, 2), (5, 3), (8, 8)])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (2, 3), (3, 4), (4, 2), (5, 3), (8, 8)] + LINES)
 @pytest.mark.parametrize("algo", ["meshgemm", "cannon"])
 def test_gemm_t_matches_a_times_b_transposed(algo, rows, cols):
     m, kk, n = 2 * rows + 1, 3 * cols + 2, 2 * cols + 3   # C = A (m x kk) @ B^T, B is n x kk
@@ -208,20 +211,90 @@ def test_meshgemm_routes_per_core(rows, cols):
     assert report["routes_per_core_max"] == expected
 
 
-@pytest.mark.parametrize("rows,cols", [(4, 4), (3, 5), (6, 4)])
+def closed_form_tiles(rows, cols, m, k, n):
+    """Elements per core of A, B (pre-skewed) and C for (m x k) @ (k x n) on rows x cols:
+    K is cut into lcm(rows, cols) chunks; A holds lcm/cols of them, B lcm/rows (PAPER.md §2)."""
+    chunks = math.lcm(rows, cols)
+    chunk, tm, tn = -(-k // chunks), -(-m // rows), -(-n // cols)
+    return tm * chunk * (chunks // cols), chunk * (chunks // rows) * tn, tm * tn
+
+
+def live_buffers(mesh):
+    """Live buffer names and bytes per core (every core holds the same tiles here)."""
+    live = mesh.memory.live()
+    assert all(other == live for other in mesh.cart.allgather(live))
+    return live
+
+
+OWNERSHIP_MESHES = [(3, 3), (4, 4), (5, 5), (6, 6), (3, 5), (6, 4), (1, 4), (4, 1)]
+
+
+@pytest.mark.parametrize("rows,cols", OWNERSHIP_MESHES)
 @pytest.mark.parametrize("algo", ["meshgemm", "cannon"])
-def test_memory_per_core_is_two_a_two_b_and_c(algo, rows, cols):
+def test_gemm_memory_ledger_phase_by_phase(algo, rows, cols):
+    """Odd and even sides alike: the spare A and B buffers are charged only while the ring
+    turns (2 A + 2 B + C at peak; a 1-long ring needs no spare), the kernel frees exactly its
+    own spares, and the caller's A and B keep their names and charges until the caller frees them."""
     m, k, n = 50, 70, 30
-    plan = gemm.GemmPlan.build(algo, rows, cols, m, k, n)
-    a_tile = (plan.m_pad // rows) * (plan.k_pad // cols)
-    b_tile = (plan.chunks // rows) * plan.chunk * (plan.n_pad // cols)
-    c_tile = (plan.m_pad // rows) * (plan.n_pad // cols)
-    hardware = load_hardware("wse2")
+    a_el, b_el, c_el = closed_form_tiles(rows, cols, m, k, n)
+    eb = load_hardware("wse2").element_bytes
+    spare_a, spare_b = int(cols > 1), int(rows > 1)
+    rng = np.random.default_rng(rows * 31 + cols)
+    a_mat, b_mat = rng.standard_normal((m, k)), rng.standard_normal((k, n))
     for dry_run in (True, False):
         mesh = make_mesh(rows, cols, dry_run=dry_run)
-        report = run_gemm(mesh, algo, m, k, n)
+        plan = gemm.GemmPlan.build(algo, rows, cols, m, k, n)
+        a = host.scatter(mesh, "caller.a", None if dry_run else gemm.place_a(plan, a_mat),
+                         (-(-m // rows), a_el // -(-m // rows)), np.float64)
+        b = host.scatter(mesh, "caller.b", None if dry_run else gemm.place_b_skewed(plan, b_mat),
+                         (b_el // -(-n // cols), -(-n // cols)), np.float64)
+        c = gemm.ring_gemm(mesh, plan, a, b, name="k")
+        phases = {p["name"]: p for p in mesh.timeline.collect()[0]}
+        assert phases["k.align"]["peak_bytes"] == (a_el + b_el) * eb
+        assert phases["k.compute_shift"]["peak_bytes"] == \
+            ((1 + spare_a) * a_el + (1 + spare_b) * b_el + c_el) * eb
+        assert live_buffers(mesh) == {"caller.a": a_el * eb, "caller.b": b_el * eb, "k.c": c_el * eb}
+        if not dry_run:
+            np.testing.assert_allclose(gemm.unplace_c(plan, host.gather(mesh, c)), a_mat @ b_mat,
+                                       atol=1e-12 * k * np.abs(a_mat).max() * np.abs(b_mat).max())
+        a.free()
+        b.free()
+        assert live_buffers(mesh) == {"k.c": c_el * eb}
+        assert mesh.max_over_ranks(mesh.memory.most_resident()) == c_el * eb
         mesh.free()
-        assert report["peak_bytes_per_core"] == (2 * a_tile + 2 * b_tile + c_tile) * hardware.element_bytes
+
+
+@pytest.mark.parametrize("rows,cols", OWNERSHIP_MESHES)
+def test_gemm_t_memory_ledger_phase_by_phase(rows, cols):
+    """GEMM-T returns C under its own name on odd and even sides (the partials and B turn;
+    A stays), frees exactly its spares, and leaves the caller's A and B charged."""
+    m, n, kk = 20, 33, 17                           # C = A (m x kk) @ B^T, B is n x kk
+    chunks = math.lcm(rows, cols)
+    chunk, tm = -(-n // chunks), -(-m // rows)
+    a_el = tm * -(-kk // cols)
+    b_el = chunk * (chunks // rows) * -(-kk // cols)
+    c_el = tm * chunk * (chunks // cols)
+    eb = load_hardware("wse2").element_bytes
+    spare_c, spare_b = int(cols > 1), int(rows > 1)
+    rng = np.random.default_rng(rows * 17 + cols)
+    a_mat, b_mat = rng.standard_normal((m, kk)), rng.standard_normal((n, kk))
+    for dry_run in (True, False):
+        mesh = make_mesh(rows, cols, dry_run=dry_run)
+        plan = gemm.GemmPlan.build("meshgemm", rows, cols, m, n, kk)
+        a = host.scatter(mesh, "caller.a", None if dry_run else gemm.place_a_for_t(plan, a_mat),
+                         (tm, a_el // tm), np.float64)
+        b = host.scatter(mesh, "caller.b", None if dry_run else gemm.place_b_skewed(plan, b_mat),
+                         (b_el // -(-kk // cols), -(-kk // cols)), np.float64)
+        c = gemm.ring_gemm_t(mesh, plan, a, b, name="t")
+        phases = {p["name"]: p for p in mesh.timeline.collect()[0]}
+        assert phases["t.compute_shift"]["peak_bytes"] == \
+            (a_el + (1 + spare_b) * b_el + (1 + spare_c) * c_el) * eb
+        assert phases["t.realign"]["peak_bytes"] == (a_el + b_el + c_el) * eb
+        assert live_buffers(mesh) == {"caller.a": a_el * eb, "caller.b": b_el * eb, "t.c": c_el * eb}
+        if not dry_run:
+            result = gemm.unplace_c(plan, host.gather(mesh, c), transposed_b=True)
+            np.testing.assert_allclose(result, a_mat @ b_mat.T, atol=1e-12 * kk * 25)
+        mesh.free()
 
 
 def test_summa_direct_runs_out_of_routes_on_a_large_mesh():
@@ -263,13 +336,6 @@ def test_summa_relay_step_grows_with_alpha_plus_beta_times_n():
 
 
 # ------------------------------------------------------------------------------ invariance
-FIELDS_THAT_MAY_DIFFER = ("wall_seconds", "max_abs_err", "ranks", "dry_run")
-
-
-def modeled(report):
-    return {k: v for k, v in report.items() if k not in FIELDS_THAT_MAY_DIFFER}
-
-
 @pytest.mark.parametrize("algo,broadcast", [("meshgemm", "relay"), ("cannon", "relay"),
                                             ("summa", "relay"), ("summa", "direct")])
 def test_modeled_numbers_do_not_depend_on_ranks_or_payload(algo, broadcast):

@@ -6,7 +6,7 @@ from llm.checkpoint import random_weights
 from llm.config import LlamaConfig, RopeScaling
 from llm.decode import Decoder
 from llm.reference import ReferenceModel
-from meshes import fits
+from meshes import fits, record_live_buffers, whole_mesh_buffers
 from meshmpi import CoreMemoryError, Mesh, load_hardware
 
 pytestmark = pytest.mark.mpi
@@ -135,3 +135,64 @@ def test_dry_and_numeric_decode_give_identical_modeled_numbers():
         results.append((cycles, head, mesh.modeled_cycles(), int(mesh.sum_over_ranks(
             int(mesh.counters["bytes_sent"].sum())))))
     assert results[0] == results[1]
+
+
+def closed_form_decode_buffers(config, rows, cols, tokens_on_fullest_row) -> dict:
+    """Elements per core of the decode buffers (PAPER.md §5): the hidden vector in row chunks,
+    each column holding s = 2*ceil(kv_dim / 2 cols) kv dims and the g query heads' dims at the
+    same offsets, the FFN and vocabulary in column chunks; scores hold the fullest row's tokens
+    for every head."""
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    h = cdiv(config.hidden_size, rows)
+    s = 2 * cdiv(config.num_key_value_heads * config.head_dim, 2 * cols)
+    g = config.num_attention_heads // config.num_key_value_heads
+    f, v = cdiv(config.intermediate_size, cols), cdiv(config.vocab_size, cols)
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    per_layer = 2 * h + h * (g + 2) * s + g * s * h + h * 2 * f + f * h
+    sizes = {"weights": layers * per_layer + h + h * v, "hidden": h,
+             "kv_cache": tokens_on_fullest_row * 2 * s * layers, "lm_head.y": v,
+             "final_norm.ss": 1, "final_norm.out": h}
+    for i in range(layers):
+        sizes.update({f"layer{i}.norm1.ss": 1, f"layer{i}.norm1.out": h, f"layer{i}.qkv.y": (g + 2) * s,
+                      f"layer{i}.scores": tokens_on_fullest_row * heads, f"layer{i}.max": heads,
+                      f"layer{i}.sum": heads, f"layer{i}.o": g * s, f"layer{i}.o_proj.y": h,
+                      f"layer{i}.norm2.ss": 1, f"layer{i}.norm2.out": h, f"layer{i}.gate_up.y": 2 * f,
+                      f"layer{i}.act": f, f"layer{i}.down.y": h})
+    return sizes
+
+
+@pytest.mark.parametrize("policy", ["shift", "concat"])
+@pytest.mark.parametrize("rows,cols", [(3, 3), (4, 4), (3, 4), (4, 3)])
+def test_memory_ledger_at_every_phase_is_the_live_buffers_closed_forms(rows, cols, policy):
+    """At the end of every phase of every decode step the ledger holds exactly the live named
+    buffers, each at its closed-form size (the KV cache at the fullest row's token count),
+    on odd and even sides; between steps only the weights and the cache stay."""
+    if not fits(rows, cols):
+        pytest.skip("mesh smaller than the rank grid")
+    config = LlamaConfig(**CONFIGS["gqa"])
+    eb = load_hardware("wse2").element_bytes
+    mesh = Mesh(rows, cols, dry_run=True)
+    decoder = Decoder(mesh, config, None, policy=policy, capacity_tokens=12)
+    assert decoder.plan.regions == 1
+    decoder.load_prompt_cache(None, None, 5)
+    seen = record_live_buffers(mesh)
+    for step in range(3):
+        decoder.step(None, 5 + step)
+        for phase, live, resident in whole_mesh_buffers(mesh, seen):
+            # the new token joins the cache after layer 0's q/k/v (it attends to itself)
+            tokens = 5 + step + (0 if phase.startswith(("layer0.norm1", "layer0.qkv")) else 1)
+            sizes = closed_form_decode_buffers(config, rows, cols, fullest_row(policy, rows, 5, tokens))
+            assert live == {name: sizes[name] * eb for name in live}, (step, phase)
+            assert resident == sum(live.values()), (step, phase)
+        fullest_core = {name: mesh.max_over_ranks(size) for name, size in mesh.memory.live().items()}
+        assert fullest_core == {"weights": sizes["weights"] * eb, "kv_cache": sizes["kv_cache"] * eb}
+    mesh.free()
+
+
+def fullest_row(policy: str, rows: int, prompt: int, tokens: int) -> int:
+    """Tokens on the fullest row: the prompt is split evenly (the first rows take the extra),
+    then shift keeps rows balanced and concat puts every new token on the last row."""
+    split = [prompt // rows + (1 if r < prompt % rows else 0) for r in range(rows)]
+    if policy == "shift":
+        return -(-tokens // rows)
+    return max(max(split), split[-1] + tokens - prompt)

@@ -6,6 +6,8 @@ on the rank split (compared with a one-rank run of this process on MPI.COMM_SELF
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -16,6 +18,7 @@ from llm.errors import ModelError
 from llm.prefill import PrefillLayout, prefill
 from llm.reference import ReferenceModel, apply_rope, rope_cos_sin
 from meshmpi import Mesh, load_hardware
+from meshes import record_live_buffers, whole_mesh_buffers
 
 pytestmark = pytest.mark.mpi
 
@@ -137,3 +140,59 @@ def test_head_slots_make_rope_local():
         rotated = np.stack([even * cos_full - odd * sin_full, odd * cos_full + even * sin_full], -1)
         back = lay.unpermute_heads(rotated.reshape(7, -1), 1)[0]
         np.testing.assert_allclose(back, expected, atol=1e-5)
+
+
+def closed_form_prefill_buffers(config, n, tokens) -> dict:
+    """Elements per core of every buffer a prefill layer holds, by name (layer 0), worked out
+    from the layout of PAPER.md §4 on an n x n mesh: tokens in row blocks of tb, features in
+    column blocks; each core holds 2*pc dims of every head; K-chunks of the square MeshGEMM are
+    the column blocks of A."""
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    tb, hb, fb = cdiv(tokens, n), cdiv(config.hidden_size, n), cdiv(config.intermediate_size, n)
+    dc = 2 * cdiv(config.head_dim // 2, n)
+    nq, nkv = config.num_attention_heads, config.num_key_value_heads
+    g, qkv = nq // nkv, (nq + 2 * nkv) * dc
+    sizes = {"prefill.x": tb * hb, "prefill.rope.cos": tb * dc // 2, "prefill.rope.sin": tb * dc // 2,
+             "L0.w_qkv": hb * qkv, "L0.qkv.c": tb * qkv, "L0.kv": 2 * tb * nkv * dc,
+             "L0.q": nkv * g * tb * dc, "L0.k": nkv * tb * dc, "L0.v": nkv * tb * dc,
+             "L0.qk.c": nkv * g * tb * tb, "L0.softmax.max": nkv * g * tb, "L0.softmax.sum": nkv * g * tb,
+             "L0.pv.c": nkv * g * tb * dc, "L0.attn": tb * nq * dc, "L0.w_o": nq * dc * hb,
+             "L0.o.c": tb * hb, "L0.w_gate_up": hb * 2 * fb, "L0.gate_up.c": tb * 2 * fb,
+             "L0.act": tb * fb, "L0.w_down": fb * hb, "L0.down.c": tb * hb}
+    spares = {"qkv": ("prefill.x", "L0.w_qkv"), "pv": ("L0.qk.c", "L0.v"), "o": ("L0.attn", "L0.w_o"),
+              "gate_up": ("prefill.x", "L0.w_gate_up"), "down": ("L0.act", "L0.w_down")}
+    for gemm, (a, b) in spares.items():
+        sizes[f"L0.{gemm}.a.next"], sizes[f"L0.{gemm}.b.next"] = sizes[a], sizes[b]
+    sizes["L0.qk.c.next"], sizes["L0.qk.b.next"] = sizes["L0.qk.c"], sizes["L0.k"]
+    for norm in ("L0.input_norm", "L0.post_norm", "final_norm"):
+        sizes.update({f"{norm}.ss": tb, f"{norm}.w": hb, f"{norm}.out": tb * hb})
+    return sizes
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_memory_ledger_at_every_phase_is_the_live_buffers_closed_forms(n):
+    """Odd and even sides alike: at the end of every phase the ledger holds exactly the named
+    buffers alive there, each at its closed-form size; the score matrix S stays charged
+    through the softmax, and the kernels' spare buffers never outlive them."""
+    config = dataclasses.replace(GQA, num_hidden_layers=1)
+    eb = load_hardware("wse2").element_bytes
+    sizes = closed_form_prefill_buffers(config, n, 7)
+    for dry_run in (True, False):
+        mesh = Mesh(n, n, dry_run=dry_run)
+        seen = record_live_buffers(mesh)
+        try:
+            prefill(mesh, config, None if dry_run else random_weights(config, 0),
+                    7 if dry_run else _ids(config, 7))
+            seen = whole_mesh_buffers(mesh, seen)
+        finally:
+            leftover = dict(mesh.memory.buffers)
+            mesh.free()
+        assert leftover == {}
+        for phase, live, resident in seen:
+            assert {name: live[name] for name in live} == {name: sizes[name] * eb for name in live}, phase
+            assert resident == sum(live.values()), phase
+        at_end = {phase: set(live) for phase, live, _ in seen}
+        assert at_end["L0.softmax"] == {"prefill.x", "prefill.rope.cos", "prefill.rope.sin",
+                                        "L0.qkv.c", "L0.kv", "L0.qk.c"}
+        assert not any(name.endswith(".next") for phase, live in at_end.items() for name in live
+                       if not phase.endswith("compute_shift"))

@@ -56,7 +56,7 @@ def test_trace_schema_read_with_plain_h5py(new_mesh, world, gather_full, mpi_tmp
         counters = {k: f["counters"][k][()] for k in f["counters"]}
         docs = {k: f["counters"][k].attrs["doc"] for k in f["counters"]}
         phases, steps = f["phases"][()], f["steps"][()]
-    assert meta["schema_version"] == SCHEMA_VERSION == 1
+    assert meta["schema_version"] == SCHEMA_VERSION == 2
     assert (meta["mesh_rows"], meta["mesh_cols"]) == (ROWS, COLS)
     assert tuple(meta["rank_grid"]) == mesh.rank_grid and meta["mpi_world_size"] == world.size
     assert meta["kind"] == "unit" and meta["command_line"] == "prog --mesh 4x6"
@@ -88,6 +88,8 @@ def test_trace_schema_read_with_plain_h5py(new_mesh, world, gather_full, mpi_tmp
     assert shift["max_hops"] == 1 and compute["flops"] == 10 * ROWS * COLS and compute["messages"] == 0
     assert shift["parent"] == compute["parent"] == -1 and shift["depth"] == 0
     assert shift["wall_seconds"] >= 0
+    tile_bytes = KNOWN_TILE * HW.element_bytes     # the one buffer, live through both phases
+    assert shift["resident_bytes"] == shift["peak_bytes"] == compute["peak_bytes"] == tile_bytes
     assert [(s["phase"], s["step"]) for s in steps] == [(0, 0), (1, 0)]
     assert [s["label"].decode() if isinstance(s["label"], bytes) else s["label"] for s in steps] == \
         ["one hop", "flops"]
