@@ -65,8 +65,9 @@ def _chains(mesh, acc, axis, op, name, tag, links_left, links_right, buffers) ->
                 pattern = fabric.plan(f"allreduce.{tag}.{side}", axis, src, dst,
                                       group=f"allreduce.{tag}.{side}.{axis}")
                 started.append((pattern.start(acc, buf), buf, dst))
-        for transfer, buf, dst in started:
+        for transfer, _, _ in started:       # every delivery of the stage lands, then the adds
             transfer.wait()
+        for _, buf, dst in started:
             _combine(mesh, acc, buf, op, mesh.positions_mask(axis, dst))
         mesh.step(f"{tag} stage {stage}")
 

@@ -7,7 +7,8 @@ and HDF5 traces. Only this package imports mpi4py.
 from importlib.metadata import PackageNotFoundError, version
 
 from .array import MeshArray
-from .errors import CheckError, CoreMemoryError, LocalityError, MeshmpiError, RoutingError, UsageError
+from .errors import (CheckError, CoreMemoryError, HazardError, LocalityError, MeshmpiError, RoutingError,
+                     UsageError)
 from .hardware import Hardware, load_hardware
 from .mesh import Mesh, parse_grid
 
@@ -22,6 +23,6 @@ def mpi_library_version() -> str:
     return " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
 
 
-__all__ = ["Mesh", "MeshArray", "Hardware", "load_hardware", "parse_grid", "MeshmpiError", "CheckError",
+__all__ = ["Mesh", "MeshArray", "Hardware", "load_hardware", "parse_grid", "MeshmpiError", "CheckError", "HazardError",
            "UsageError", "LocalityError", "CoreMemoryError", "RoutingError", "__version__",
            "mpi_library_version"]

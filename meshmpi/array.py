@@ -9,14 +9,35 @@ import math
 
 import numpy as np
 
+from .errors import HazardError
+
 
 class MeshArray:
+    """``data`` is this rank's payload; while a transfer into the array is in flight (between
+    the pattern's ``start`` and ``wait``) touching it raises :class:`HazardError`, because on
+    the wafer the destination holds the new tiles only after the receive completes."""
+
     def __init__(self, mesh, name: str, tile_shape: tuple, dtype: np.dtype):
         self.mesh = mesh
         self.name = name
         self.tile_shape = tuple(tile_shape)
         self.dtype = np.dtype(dtype)
-        self.data: np.ndarray | None = None
+        self._data: np.ndarray | None = None
+        self.incoming = None     # the pattern whose transfer into this array is in flight
+
+    @property
+    def data(self) -> np.ndarray | None:
+        if self.incoming is not None:
+            raise HazardError(f"buffer {self.name!r} was used while pattern {self.incoming!r} "
+                              f"was still delivering into it (before its wait)")
+        return self._data
+
+    @data.setter
+    def data(self, value) -> None:
+        if self.incoming is not None:
+            raise HazardError(f"buffer {self.name!r} was replaced while pattern {self.incoming!r} "
+                              f"was still delivering into it (before its wait)")
+        self._data = value
 
     @property
     def tile_elements(self) -> int:

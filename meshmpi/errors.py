@@ -35,3 +35,8 @@ class CheckError(MeshmpiError):
     (raised identically on every rank)."""
 
     collective = True
+
+
+class HazardError(MeshmpiError):
+    """A kernel used a buffer in flight: it touched a transfer's destination before ``wait``, or
+    wrote its source between ``start`` and ``wait`` (an overlap bug the wafer would not forgive)."""

@@ -3,15 +3,17 @@
 A *line pattern* is a set of deliveries ``src -> dst`` between positions along one axis,
 applied to every line (row for ``x``, column for ``y``) at once. Shifts, ring steps, chain
 steps and multicasts are all line patterns. A pattern is planned once — its hops, relays,
-link loads and routes are closed-form functions of the positions — and started many times:
-``start`` moves the tiles (forwarded rank by rank through Cartesian neighbours) and returns a
-:class:`Transfer` whose ``wait`` advances the receivers' modeled clocks.
+link loads and routes are closed-form functions of the positions — and started many times.
+``start`` forwards the source tiles rank by rank through Cartesian neighbours and returns a
+:class:`Transfer`; ``wait`` lands the tiles in the destination and advances the receivers'
+modeled clocks. Between the two, the destination may not be touched and the source may not
+be written (:class:`~meshmpi.errors.HazardError`; the source check copies the payload, so it
+runs only with hazard checks on, as in the tests).
 
-Cost model (PAPER.md §1): a delivery arrives at ``t_send + alpha*hops + beta*relays +
-bytes/link_bandwidth * load``, where ``load`` is the most messages of this pattern sharing
-one directed link on the delivery's path (1 when no link is shared). A receive sets the
-receiver's clock to ``max(own, arrival)``. Senders are not delayed (transfers are
-asynchronous, as on the wafer).
+Times come from :mod:`meshmpi.costs`: a delivery arrives at ``costs.arrival`` of the sender's
+clock (cut-through: ``alpha`` a hop, ``beta`` a software relay, the payload once, shared
+``load`` ways when messages of the pattern share a link). A receive sets the receiver's
+clock to ``max(own, arrival)``. Senders are not delayed (transfers are asynchronous).
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from . import costs
 from .array import MeshArray
-from .errors import UsageError
+from .errors import HazardError, UsageError
 
 _DATA_TAG, _CLOCK_TAG = 11, 12
 _BIG_SLICE = 1 << 15  # bytes of one position's tiles above which deliveries are copied one by one
@@ -135,9 +138,6 @@ class LinePattern:
             for i, (s, d) in enumerate(zip(self.src.tolist(), self.dst.tolist())):
                 path = right[s:d] if d > s else left[d:s]
                 self.load[i] = path.max()
-        hw = self.mesh.hardware
-        self.fixed_cycles = hw.alpha_cycles_per_hop * self.hops + hw.beta_cycles_per_relay * self.relays
-        self.cycles_per_byte = self.load / hw.link_bytes_per_cycle
 
     # ---------------------------------------------------------------- transport plan
     def _plan_transport(self) -> None:
@@ -172,19 +172,27 @@ class LinePattern:
         self.block_start = int(start)
 
     # ---------------------------------------------------------------- execution
-    def start(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> "Transfer":
+    def start(self, src: MeshArray, dst: MeshArray | None = None, lines=None, *,
+              depart: np.ndarray | None = None, payload: bool = True) -> "Transfer":
         """Begin delivering ``src`` tiles into ``dst`` (default: into ``src``) on the given
-        lines (global indices; default all). Returns a :class:`Transfer` to ``wait`` on."""
+        lines (global indices; default all). Returns a :class:`Transfer`; the tiles land at its
+        ``wait``. ``depart`` (block-shaped) replaces the senders' clocks as departure times, and
+        ``payload=False`` times the head alone (a streaming stage's schedule, see
+        :func:`meshmpi.costs.streaming_stage_head`)."""
         if not self.live:
             raise RuntimeError(f"pattern {self.name!r} was freed")
         dst = src if dst is None else dst
         if dst.tile_shape != src.tile_shape:
             raise ValueError(f"{self.name}: tile shapes differ ({src.tile_shape} vs {dst.tile_shape})")
+        for buffer in {id(src): src, id(dst): dst}.values():
+            if buffer.incoming is not None:
+                raise HazardError(f"pattern {self.name!r} started on buffer {buffer.name!r} while pattern "
+                                  f"{buffer.incoming!r} was still delivering into it")
         mesh, axis = self.mesh, self.axis
         line_mask = self.fabric.line_mask(axis, lines)
-        payload = None if mesh.dry_run else _pos_first(src.data, axis)
-        send_clock = _pos_first(mesh.clock, axis)
-        pool_data, pool_clock, pool_src = self._exchange(payload, send_clock)
+        payload_data = None if mesh.dry_run else _pos_first(src.data, axis)
+        send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
+        pool_data, pool_clock, pool_src = self._exchange(payload_data, send_clock)
         nbytes = src.tile_bytes
         self._account(line_mask, nbytes)
         # Deliveries whose destination is in this block: source tile and source clock.
@@ -198,27 +206,17 @@ class LinePattern:
         # Only the active lines are touched (None: all of them, the common case).
         lines_idx = None if line_mask.all() else np.flatnonzero(line_mask)
         if lines_idx is not None and lines_idx.size == 0:
-            return Transfer(self, [], lines_idx)
-        if not mesh.dry_run:
-            out = _pos_first(dst.data, axis)
-            for dests, data, srcs in ((d_block, payload, s_block), (d_pool, pool_data, s_pool)):
-                if not dests.size:
-                    continue
-                if lines_idx is None and data[0].nbytes >= _BIG_SLICE and not (data is payload and dst is src):
-                    for d, s in zip(dests.tolist(), srcs.tolist()):  # big tiles: no temporary copy
-                        out[d] = data[s]
-                elif lines_idx is None:
-                    out[dests] = data[srcs]
-                else:
-                    out[dests[:, None], lines_idx[None, :]] = data[srcs[:, None], lines_idx[None, :]]
-        arrivals = []
+            return Transfer(self, src, dst, [], [], lines_idx)
+        hw, arrivals = mesh.hardware, []
         for dests, clocks, srcs, which in ((d_block, send_clock, s_block, self.from_block),
                                            (d_pool, pool_clock, s_pool, self.from_pool)):
             if dests.size:
                 sent = clocks[srcs] if lines_idx is None else clocks[srcs[:, None], lines_idx[None, :]]
-                sent += (self.fixed_cycles[which] + self.cycles_per_byte[which] * nbytes)[:, None]
+                sent = costs.arrival(hw, sent, self.hops[which][:, None], self.relays[which][:, None],
+                                     nbytes if payload else 0, self.load[which][:, None])
                 arrivals.append((dests, sent))
-        return Transfer(self, arrivals, lines_idx)
+        landings = [] if mesh.dry_run else [(d_block, None, s_block), (d_pool, pool_data, s_pool)]
+        return Transfer(self, src, dst, arrivals, landings, lines_idx)
 
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:
         """``start`` and ``wait`` at once."""
@@ -269,39 +267,72 @@ class LinePattern:
 
 
 class Transfer:
-    """An in-flight pattern: ``wait`` moves each receiver's clock to max(own, arrival).
+    """An in-flight pattern. ``wait`` lands the tiles in the destination and moves each
+    receiver's clock (or the ``into`` array's entry) to max(own, arrival).
+    ``landings``: (destinations, received tiles or None for this block's own, sources) pairs;
     ``lines``: this block's active line indices, or None for all lines."""
 
-    def __init__(self, pattern: LinePattern, arrivals, lines):
-        self.pattern, self.arrivals, self.lines = pattern, arrivals, lines
+    def __init__(self, pattern: LinePattern, src: MeshArray, dst: MeshArray, arrivals, landings, lines):
+        self.pattern, self.src, self.dst = pattern, src, dst
+        self.arrivals, self.landings, self.lines = arrivals, landings, lines
         self.done = False
+        self.source_copy = None
+        if pattern.fabric.hazard_checks and src.data is not None:
+            self.source_copy = src.data.copy()
+        dst.incoming = pattern.name
 
-    def wait(self) -> None:
+    def wait(self, into: np.ndarray | None = None) -> None:
         if self.done:
             return
-        pattern = self.pattern
-        clock = _pos_first(pattern.mesh.clock, pattern.axis)
+        pattern, dst = self.pattern, self.dst
+        dst.incoming = None
+        if self.source_copy is not None and not np.array_equal(self.src.data, self.source_copy,
+                                                                equal_nan=True):
+            raise HazardError(f"pattern {pattern.name!r}: its source buffer {self.src.name!r} was "
+                              f"written between start and wait")
+        self._land()
+        clock = _pos_first(pattern.mesh.clock if into is None else into, pattern.axis)
         for dests, arrival in self.arrivals:
             where = dests if self.lines is None else np.ix_(dests, self.lines)
             current = clock[where]
             np.maximum(current, arrival, out=current)
             clock[where] = current
-        if pattern.multicast and pattern.relay and self.arrivals:
-            # a chain: every core that forwarded the message spent beta of its own time on it
+        if pattern.multicast and pattern.relay and self.arrivals and into is None:
+            # a chain: every core that forwarded the message spent a software stage on it
             first = pattern.block_start
-            work = pattern.relays_at[first:first + clock.shape[0]] * pattern.mesh.hardware.beta_cycles_per_relay
+            work = pattern.relays_at[first:first + clock.shape[0]] * costs.software_stage(pattern.mesh.hardware)
             if self.lines is None:
                 clock += work[:, None]
             else:
                 clock[:, self.lines] += work[:, None]
         self.done = True
 
+    def _land(self) -> None:
+        """Write the delivered tiles into the destination (numeric runs)."""
+        if not self.landings:
+            return
+        out = _pos_first(self.dst.data, self.pattern.axis)
+        own = _pos_first(self.src.data, self.pattern.axis)
+        in_place = self.dst is self.src
+        for dests, data, srcs in self.landings:
+            if not dests.size:
+                continue
+            data = own if data is None else data
+            if self.lines is None and data[0].nbytes >= _BIG_SLICE and not (in_place and data is own):
+                for d, s in zip(dests.tolist(), srcs.tolist()):  # big tiles: no temporary copy
+                    out[d] = data[s]
+            elif self.lines is None:
+                out[dests] = data[srcs]
+            else:
+                out[dests[:, None], self.lines[None, :]] = data[srcs[:, None], self.lines[None, :]]
+
 
 class Fabric:
     """Plans line patterns (cached by shape) and keeps the routes they declare."""
 
-    def __init__(self, mesh):
+    def __init__(self, mesh, hazard_checks: bool = False):
         self.mesh = mesh
+        self.hazard_checks = hazard_checks
         self._plans: dict[tuple, LinePattern] = {}
 
     def line_mask(self, axis: str, lines) -> np.ndarray:

@@ -8,6 +8,7 @@ on all cores is one vectorised call. No result or modeled number depends on the 
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 from mpi4py import MPI
 
+from . import costs
 from .array import MeshArray
 from .errors import UsageError
 from .hardware import Hardware, load_hardware
@@ -68,12 +70,15 @@ class Mesh:
     """A virtual core grid over MPI ranks, with modeled clocks and PLMR accounting.
 
     Parameters mirror the command-line options: ``dry_run`` drops payloads (shapes only);
-    ``memory`` and ``routes`` are ``"strict"`` (raise) or ``"warn"`` (record, continue).
+    ``memory`` and ``routes`` are ``"strict"`` (raise) or ``"warn"`` (record, continue);
+    ``hazard_checks`` also catches writes to a transfer's source before its ``wait`` (it copies
+    every payload; default: on when the environment sets ``MESHMPI_HAZARD_CHECKS=1``).
     """
 
     def __init__(self, rows: int, cols: int, hardware: Hardware | None = None, *,
                  comm: MPI.Comm | None = None, rank_grid: tuple[int, int] | None = None,
-                 dry_run: bool = False, memory: str = "strict", routes: str = "strict"):
+                 dry_run: bool = False, memory: str = "strict", routes: str = "strict",
+                 hazard_checks: bool | None = None):
         self.rows, self.cols = int(rows), int(cols)
         if self.rows < 1 or self.cols < 1:
             raise UsageError(f"mesh must be at least 1x1, got {rows}x{cols}")
@@ -106,7 +111,9 @@ class Mesh:
         self.routes = RouteTable(self, self.hardware.routes_per_core, routes)
         self.timeline = Timeline(self)
         from .fabric import Fabric  # the fabric needs a finished mesh
-        self.fabric = Fabric(self)
+        if hazard_checks is None:
+            hazard_checks = os.environ.get("MESHMPI_HAZARD_CHECKS", "") not in ("", "0")
+        self.fabric = Fabric(self, hazard_checks=bool(hazard_checks))
 
     # ------------------------------------------------------------------ geometry
     def axis_start(self, axis: str) -> int:
@@ -173,7 +180,7 @@ class Mesh:
     def compute(self, flops, where=None) -> None:
         """Charge ``flops`` (scalar or block-shaped) of local work to each core's clock."""
         if where is None and np.ndim(flops) == 0:  # the common case: no block-sized temporaries
-            cycles = float(flops) / self.hardware.flops_per_cycle
+            cycles = float(costs.compute(self.hardware, float(flops)))
             self.clock += cycles
             self.busy += cycles
             self.counters["flops"] += int(flops)
@@ -181,7 +188,7 @@ class Mesh:
         flops = np.broadcast_to(np.asarray(flops, np.int64), self.block_shape)
         if where is not None:
             flops = np.where(where, flops, 0)
-        cycles = flops / self.hardware.flops_per_cycle
+        cycles = costs.compute(self.hardware, flops)
         self.clock += cycles
         self.busy += cycles
         self.counters["flops"] += flops
@@ -190,7 +197,7 @@ class Mesh:
         """One software step of a multi-stage collective (receive, combine, forward) on the
         masked cores: ``beta`` cycles each, counted as a relay (PAPER.md §1, L)."""
         mask = np.ones(self.block_shape, bool) if where is None else np.asarray(where, bool)
-        self.clock[mask] += self.hardware.beta_cycles_per_relay
+        self.clock[mask] += costs.software_stage(self.hardware)
         self.counters["relays"][mask] += 1
 
     def positions_mask(self, axis: str, positions) -> np.ndarray:

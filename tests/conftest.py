@@ -18,6 +18,8 @@ from meshmpi import Mesh, load_hardware
 from meshmpi.host import gather_block_arrays
 
 REPO = Path(__file__).resolve().parents[1]
+# Every mesh of the tests (and of the commands they start) checks for buffers used in flight.
+os.environ["MESHMPI_HAZARD_CHECKS"] = "1"
 HELPERS = Path(__file__).resolve().parent / "helpers"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from meshmpi import HazardError
 from meshmpi.host import gather, scatter
 from meshes import ring_dest, ring_order
 
@@ -209,3 +210,26 @@ def test_in_place_shift_and_async_overlap(new_mesh, world):
     step1 = want.copy()
     want[:-2, :] = step1[2:, :]
     assert np.array_equal(got, want)
+
+
+def test_tiles_land_at_wait_and_buffers_in_flight_are_hazards(new_mesh, world):
+    """The destination holds the new tiles only after ``wait``; touching it before, or writing
+    the source between start and wait, is an overlap bug that names the pattern and the buffer."""
+    mesh = new_mesh(4, 6)
+    rng = np.random.default_rng(5)
+    src_full, dst_full = rng.standard_normal((4, 6) + TILE), rng.standard_normal((4, 6) + TILE)
+    src, dst = scatter(mesh, "send", src_full), scatter(mesh, "recv", dst_full)
+    with mesh.fabric.scope():
+        east = mesh.fabric.shift("east", "x", 1)
+        transfer = east.start(src, dst)
+        assert np.array_equal(dst._data, dst_full[mesh.row_start:mesh.row_stop, mesh.col_start:mesh.col_stop])
+        with pytest.raises(HazardError, match=r"'recv'.*'east'.*before its wait"):
+            dst.data.sum()                                   # reading the receive buffer too early
+        assert src.data is not None                          # reading the source is allowed
+        transfer.wait()
+        assert np.array_equal(gather(mesh, dst), expected_after(src_full, dst_full, "x",
+                                                                [(p, p + 1) for p in range(5)]))
+        transfer = east.start(src, dst)
+        src.data[...] = 0.0                                  # overwriting the send buffer in flight
+        with pytest.raises(HazardError, match=r"'east'.*source buffer 'send' was written"):
+            transfer.wait()

@@ -1,0 +1,54 @@
+"""The cost model: every formula for modeled time, in cycles (PAPER.md §1, the PLMR model).
+
+The fabric, the mesh and the kernels take their times from here and nowhere else; each
+formula has a test against its closed form (tests/test_runtime_costs.py). ``hw`` is a
+:class:`meshmpi.hardware.Hardware` profile: ``alpha`` (cycles per hop on a pass-through route),
+``beta`` (cycles of one software stage on a core), ``link_bytes_per_cycle`` and
+``flops_per_cycle``, all stated with their sources in the profile.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def serialisation(hw, nbytes, load=1):
+    """Cycles to push ``nbytes`` through one directed link, shared by ``load`` messages of the
+    same pattern (each then gets 1/load of the link): ``load * nbytes / bandwidth``."""
+    return np.asarray(load) * nbytes / hw.link_bytes_per_cycle
+
+
+def route_latency(hw, hops, relays=0):
+    """Head latency of a message over ``hops`` links: ``alpha`` per hop on a pass-through route
+    and ``beta`` for each intermediate core that forwards it in software (PAPER.md §1, L)."""
+    return hw.alpha_cycles_per_hop * np.asarray(hops) + hw.beta_cycles_per_relay * np.asarray(relays)
+
+
+def arrival(hw, depart, hops, relays, nbytes, load=1):
+    """When a message's tail reaches its destination: cut-through, the head moves ``alpha`` a hop
+    (plus ``beta`` per software relay) and the payload follows once,
+    ``depart + alpha*hops + beta*relays + load*bytes/bandwidth``."""
+    return depart + route_latency(hw, hops, relays) + serialisation(hw, nbytes, load)
+
+
+def compute(hw, flops):
+    """Cycles of ``flops`` floating-point operations on one core: ``flops / flops_per_cycle``."""
+    return np.asarray(flops) / hw.flops_per_cycle
+
+
+def software_stage(hw):
+    """One software stage of a collective on a core (receive, combine, forward control): ``beta``."""
+    return hw.beta_cycles_per_relay
+
+
+def streamed_payload(hw, nbytes, flops_per_core=0):
+    """How long a vector takes to pass through a streaming stage that combines it on the way
+    (a fabric-in, fabric-out add, PAPER.md §3): the link's serialisation or the core's
+    arithmetic, whichever is slower, ``max(bytes/bandwidth, flops/flops_per_cycle)``."""
+    return np.maximum(serialisation(hw, nbytes), compute(hw, flops_per_core))
+
+
+def streaming_stage_head(hw, head_arrival, ready):
+    """When a streaming stage starts sending its combined output: once the incoming head has
+    arrived and the core is ready, after one software stage of control,
+    ``max(head_arrival, ready) + beta``."""
+    return np.maximum(head_arrival, ready) + software_stage(hw)
