@@ -8,6 +8,7 @@ from meshmpi.errors import CheckError, UsageError
 from meshmpi.mesh import parse_grid
 from meshmpi.trace import write_trace
 
+from .allreduce import FORWARDING
 from .run import GEMM_ALGOS, GEMV_ALGOS, run_gemm, run_gemv
 
 EXAMPLES = """\
@@ -49,6 +50,9 @@ def build_parser():
         else:
             s.add_argument("--groups", type=_positive("groups"),
                            help="K-tree groups per line (default about sqrt(N))")
+            s.add_argument("--forwarding", choices=FORWARDING, default="stream",
+                           help="how a chain core forwards: add and send as the data streams past "
+                                "(stream, as the wafer's fabric add does) or receive it all first (store)")
         s.add_argument("--n", type=_positive("n"), required=True)
         s.add_argument("--dtype", choices=("float32", "float64"), default="float32")
         s.add_argument("--seed", type=int, default=0)
@@ -67,7 +71,7 @@ def run_kernel(args, argv=None) -> int:
     if args.command == "gemm":
         report = run_gemm(mesh, args.algo, args.m, args.k, args.n, dtype, args.seed, args.broadcast)
     else:
-        report = run_gemv(mesh, args.algo, args.m, args.n, args.groups, dtype, args.seed)
+        report = run_gemv(mesh, args.algo, args.m, args.n, args.groups, dtype, args.seed, args.forwarding)
     if args.trace:
         write_trace(mesh, args.trace, kind=args.command, result=report)
     if args.json:

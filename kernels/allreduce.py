@@ -7,6 +7,19 @@ Every core of a line ends with the reduction (sum or max) of the line's vectors.
 - ``ktree`` (K = 2): chains from both ends of each of G groups into the group root, chains
   of group roots (pass-through routes) into the global root, then one multicast back:
   about g/2 + G/2 + 1 software stages and N hops.
+
+How a chain stage forwards (``forwarding``):
+
+- ``stream`` (default, as WaferLLM's kernels do): a chain core runs one fabric-in, fabric-out
+  add (``@faddh`` in the CSL) that adds its own vector to the wavelets as they pass and
+  forwards the sums. The head moves on after ``alpha`` per hop and one software stage
+  (``beta``) per core; the payload passes once, at the pace of the link or of the add,
+  whichever is slower (:func:`meshmpi.costs.streamed_payload`); every core of the chain is
+  busy until the tail has passed it.
+- ``store``: each stage receives the whole vector, adds it, pays ``beta`` and only then sends
+  the sum on: the payload is serialised once per stage (for comparison).
+
+The ring's steps exchange different segments and stay store-and-forward per step.
 """
 from __future__ import annotations
 
@@ -14,11 +27,13 @@ import math
 
 import numpy as np
 
+from meshmpi import costs
 from meshmpi.mesh import block_offsets
 
 from .ring import interleaved_ring
 
 ALGOS = ("ktree", "pipeline", "ring")
+FORWARDING = ("stream", "store")
 _OPS = {"sum": np.add, "max": np.maximum}
 
 
@@ -28,10 +43,12 @@ def default_groups(n: int) -> int:
 
 
 def allreduce(mesh, acc, axis: str, op: str = "sum", algo: str = "ktree",
-              groups: int | None = None, name: str = "allreduce") -> None:
+              groups: int | None = None, name: str = "allreduce", forwarding: str = "stream") -> None:
     """Reduce ``acc`` (1-D tiles) in place along ``axis``; every core gets the result."""
     if algo not in ALGOS:
         raise ValueError(f"allreduce algorithm must be one of {ALGOS}, not {algo!r}")
+    if forwarding not in FORWARDING:
+        raise ValueError(f"chain forwarding must be one of {FORWARDING}, not {forwarding!r}")
     n = mesh.axis_length(axis)
     if n == 1:
         return
@@ -40,22 +57,21 @@ def allreduce(mesh, acc, axis: str, op: str = "sum", algo: str = "ktree",
             _ring(mesh, acc, axis, op, name)
         else:
             g = 1 if algo == "pipeline" else min(n, groups or default_groups(n))
-            _tree(mesh, acc, axis, op, g, name, root_last=(algo == "pipeline"))
+            _tree(mesh, acc, axis, op, g, name, root_last=(algo == "pipeline"), forwarding=forwarding)
 
 
 def _combine(mesh, acc, incoming, op: str, where: np.ndarray) -> None:
-    """acc = op(acc, incoming) on the masked cores, one software stage there."""
-    if not where.any():
-        return
-    if not mesh.dry_run:
+    """acc = op(acc, incoming) on the masked cores (numeric runs)."""
+    if where.any() and not mesh.dry_run:
         acc.data[where] = _OPS[op](acc.data[where], incoming.data[where])
-    mesh.compute(np.where(where, acc.tile_elements, 0))
-    mesh.software_stage(where)
 
 
-def _chains(mesh, acc, axis, op, name, tag, links_left, links_right, buffers) -> None:
+def _chains(mesh, acc, axis, op, name, tag, links_left, links_right, buffers, forwarding) -> None:
     """Run two chains stage by stage; ``links_*[s]`` are the (src, dst) pairs of stage s."""
-    fabric = mesh.fabric
+    fabric, hw = mesh.fabric, mesh.hardware
+    streaming = forwarding == "stream"
+    head = mesh.clock.copy() if streaming else None     # when each core's stream can leave
+    involved = np.zeros(mesh.block_shape, bool)
     for stage in range(max(len(links_left), len(links_right))):
         started = []
         for side, links, buf in (("left", links_left, buffers[0]), ("right", links_right, buffers[1])):
@@ -64,15 +80,29 @@ def _chains(mesh, acc, axis, op, name, tag, links_left, links_right, buffers) ->
                 # One schedule's colours serve every allreduce along this axis.
                 pattern = fabric.plan(f"allreduce.{tag}.{side}", axis, src, dst,
                                       group=f"allreduce.{tag}.{side}.{axis}")
-                started.append((pattern.start(acc, buf), buf, dst))
-        for transfer, _, _ in started:       # every delivery of the stage lands, then the adds
-            transfer.wait()
-        for _, buf, dst in started:
-            _combine(mesh, acc, buf, op, mesh.positions_mask(axis, dst))
+                transfer = pattern.start(acc, buf, depart=head, payload=not streaming)
+                started.append((transfer, buf, mesh.positions_mask(axis, src), mesh.positions_mask(axis, dst)))
+        heads_in = np.full(mesh.block_shape, -np.inf) if streaming else None
+        for transfer, _, _, _ in started:    # every delivery of the stage lands, then the adds
+            transfer.wait(into=heads_in)
+        for _, buf, senders, receivers in started:
+            _combine(mesh, acc, buf, op, receivers)
+            flops = np.where(receivers, acc.tile_elements, 0)
+            if streaming:
+                head[receivers] = costs.streaming_stage_head(hw, heads_in[receivers], head[receivers])
+                mesh.compute(flops, advance_clock=False)
+                mesh.software_stage(receivers, advance_clock=False)
+                involved |= senders | receivers
+            else:
+                mesh.compute(flops)
+                mesh.software_stage(receivers)
         mesh.step(f"{tag} stage {stage}")
+    if streaming:  # every core of the chains is busy until the tail of the stream has passed it
+        done = head + costs.streamed_payload(hw, acc.tile_bytes, acc.tile_elements)
+        np.maximum(mesh.clock, np.where(involved, done, -np.inf), out=mesh.clock)
 
 
-def _tree(mesh, acc, axis, op, n_groups, name, root_last=False) -> None:
+def _tree(mesh, acc, axis, op, n_groups, name, root_last=False, forwarding="stream") -> None:
     n = mesh.axis_length(axis)
     bounds = block_offsets(n, n_groups)
     spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
@@ -84,12 +114,12 @@ def _tree(mesh, acc, axis, op, n_groups, name, root_last=False) -> None:
             for s in range(1, n + 1)]
     right = [[(hi - s, hi - s - 1) for (_, hi), r in zip(spans, roots) if hi - s - 1 >= r]
              for s in range(1, n + 1)]
-    _chains(mesh, acc, axis, op, name, "group", _trim(left), _trim(right), buffers)
+    _chains(mesh, acc, axis, op, name, "group", _trim(left), _trim(right), buffers, forwarding)
     # Phase 2: group roots forward along pass-through routes into the global root.
     centre = len(roots) // 2 if not root_last else len(roots) - 1
     left = [[(roots[k - 1], roots[k])] for k in range(1, centre + 1)]
     right = [[(roots[k + 1], roots[k])] for k in range(len(roots) - 2, centre - 1, -1)]
-    _chains(mesh, acc, axis, op, name, "roots", left, right, buffers)
+    _chains(mesh, acc, axis, op, name, "roots", left, right, buffers, forwarding)
     for buf in buffers:
         buf.free()
     # Phase 3: the global root multicasts the result back along the line.

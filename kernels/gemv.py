@@ -48,7 +48,7 @@ def read_vector(tiles: np.ndarray, indexed_along: str, length: int) -> np.ndarra
 
 
 def meshgemv(mesh, x, w, reduce_axis: str = "y", algo: str = "ktree", groups: int | None = None,
-             name: str = "gemv", out=None):
+             name: str = "gemv", out=None, forwarding: str = "stream"):
     """y = x @ W on every core, indexed along the other axis. ``x`` tiles: (in_chunk,);
     ``w`` tiles: (in_chunk, out_chunk). Returns the output mesh array (allocated unless ``out``)."""
     in_chunk, out_chunk = w.tile_shape
@@ -59,5 +59,5 @@ def meshgemv(mesh, x, w, reduce_axis: str = "y", algo: str = "ktree", groups: in
         if not mesh.dry_run:
             y.data[...] = np.matmul(x.data[:, :, None, :], w.data)[:, :, 0, :]
         mesh.compute(2 * in_chunk * out_chunk)
-    allreduce(mesh, y, reduce_axis, "sum", algo, groups, name=f"{name}.allreduce")
+    allreduce(mesh, y, reduce_axis, "sum", algo, groups, name=f"{name}.allreduce", forwarding=forwarding)
     return y

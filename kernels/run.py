@@ -96,7 +96,7 @@ def run_gemm(mesh, algo: str, m: int, k: int, n: int, dtype=np.float32, seed: in
 
 
 def run_gemv(mesh, algo: str, m: int, n: int, groups: int | None = None, dtype=np.float32,
-             seed: int = 0) -> dict:
+             seed: int = 0, forwarding: str = "stream") -> dict:
     """y = x @ W with x (1 x m) and W (m x n), reduced along the columns; checked against numpy."""
     rows, cols = mesh.rows, mesh.cols
     in_chunk, out_chunk = -(-m // rows), -(-n // cols)
@@ -108,11 +108,13 @@ def run_gemv(mesh, algo: str, m: int, n: int, groups: int | None = None, dtype=n
         w_tiles = gemv.place_matrix(w_mat, rows, cols, "y")
     x = host.scatter(mesh, "gemv.x", x_tiles, (in_chunk,), dtype)
     w = host.scatter(mesh, "gemv.w", w_tiles, (in_chunk, out_chunk), dtype)
-    y, wall = _timed(mesh, lambda: gemv.meshgemv(mesh, x, w, "y", GEMV_ALGOS[algo], groups, name=algo))
+    y, wall = _timed(mesh, lambda: gemv.meshgemv(mesh, x, w, "y", GEMV_ALGOS[algo], groups, name=algo,
+                                                 forwarding=forwarding))
     error = failure = None
     if not mesh.dry_run:
         result = gemv.read_vector(host.gather(mesh, y), "x", n)
         error, failure = _checked(f"{algo} y", result, x_vec, w_mat, dtype)
     report = _report(mesh, algo, {"m": m, "k": None, "n": n}, wall, error, failure)
     report["groups"] = groups
+    report["forwarding"] = forwarding
     return report

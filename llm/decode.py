@@ -95,11 +95,11 @@ class Decoder:
 
     def __init__(self, mesh, config, weights, policy: str = "shift", layers: int | None = None,
                  capacity_tokens: int = 64, allreduce_algo: str = "ktree", groups: int | None = None,
-                 plan_tokens: int | None = None):
+                 plan_tokens: int | None = None, forwarding: str = "stream"):
         if policy not in POLICIES:
             raise UsageError(f"--kv must be one of {POLICIES}, not {policy!r}")
         self.mesh, self.config, self.policy = mesh, config, policy
-        self.algo, self.groups = allreduce_algo, groups
+        self.reduce = dict(algo=allreduce_algo, groups=groups, forwarding=forwarding)
         self.layout = lay = DecodeLayout.for_config(config, mesh.rows, mesh.cols)
         self.sim_layers = layers or config.num_hidden_layers
         eb = mesh.hardware.element_bytes
@@ -254,7 +254,7 @@ class Decoder:
         if not mesh.dry_run:
             total.data[..., 0] = np.einsum("rci,rci->rc", x.data, x.data)
         mesh.compute(2 * x.tile_elements)
-        allreduce(mesh, total, "y", "sum", self.algo, self.groups, name=f"{name}.allreduce")
+        allreduce(mesh, total, "y", "sum", **self.reduce, name=f"{name}.allreduce")
         out = mesh.alloc(f"{name}.out", x.tile_shape, np.float32)
         if not mesh.dry_run:
             scale = 1.0 / np.sqrt(total.data / np.float32(self.config.hidden_size) + np.float32(eps))
@@ -270,7 +270,7 @@ class Decoder:
         g, s = lay.group, lay.s
         tag = f"layer{index}"
         xn = self._rms_norm(x, w["norm1"], f"{tag}.norm1")
-        qkv = meshgemv(mesh, xn, w["qkv"], "y", self.algo, self.groups, name=f"{tag}.qkv")
+        qkv = meshgemv(mesh, xn, w["qkv"], "y", **self.reduce, name=f"{tag}.qkv")
         xn.free()
         k_new = v_new = None
         if not mesh.dry_run:
@@ -300,7 +300,7 @@ class Decoder:
             part = np.einsum("rcts,rcas,csh->rctha", keys, q, onehot, optimize=True)
             scores.data[...] = part.reshape(scores.data.shape)
         mesh.compute(2 * cap * g * s)
-        allreduce(mesh, scores, "x", "sum", self.algo, self.groups, name=f"{tag}.scores")
+        allreduce(mesh, scores, "x", "sum", **self.reduce, name=f"{tag}.scores")
         valid = np.arange(cap)[None, :] < counts[:, None]                  # (br, cap)
         peak = mesh.alloc(f"{tag}.max", (heads,), np.float32)
         total = mesh.alloc(f"{tag}.sum", (heads,), np.float32)
@@ -309,12 +309,12 @@ class Decoder:
             sc = np.where(valid[:, None, :, None], sc, np.float32(-np.inf))
             peak.data[...] = np.where(valid.any(1)[:, None, None], sc.max(axis=2), np.float32(-3e38))
         mesh.compute(cap * heads)
-        allreduce(mesh, peak, "y", "max", self.algo, self.groups, name=f"{tag}.softmax_max")
+        allreduce(mesh, peak, "y", "max", **self.reduce, name=f"{tag}.softmax_max")
         if not mesh.dry_run:
             e = np.where(valid[:, None, :, None], np.exp(sc - peak.data[:, :, None, :]), np.float32(0))
             total.data[...] = e.sum(axis=2)
         mesh.compute(3 * cap * heads)
-        allreduce(mesh, total, "y", "sum", self.algo, self.groups, name=f"{tag}.softmax_sum")
+        allreduce(mesh, total, "y", "sum", **self.reduce, name=f"{tag}.softmax_sum")
         o = mesh.alloc(f"{tag}.o", (g * s,), np.float32)
         if not mesh.dry_run:
             p = (e / total.data[:, :, None, :]).reshape(mesh.block_shape + (cap, kvh, g))
@@ -324,15 +324,15 @@ class Decoder:
             o.data[...] = np.einsum("rcts,rctas->rcas", values, p_full * (slot_head >= 0)[None, :, None, None, :]
                                     ).reshape(o.data.shape)
         mesh.compute(2 * cap * g * s)
-        allreduce(mesh, o, "y", "sum", self.algo, self.groups, name=f"{tag}.pv")
+        allreduce(mesh, o, "y", "sum", **self.reduce, name=f"{tag}.pv")
         for buf in (scores, peak, total):
             buf.free()
-        attn = meshgemv(mesh, o, w["o"], "x", self.algo, self.groups, name=f"{tag}.o_proj")
+        attn = meshgemv(mesh, o, w["o"], "x", **self.reduce, name=f"{tag}.o_proj")
         o.free()
         self._add_into(x, attn)
         attn.free()
         xn = self._rms_norm(x, w["norm2"], f"{tag}.norm2")
-        gate_up = meshgemv(mesh, xn, w["gate_up"], "y", self.algo, self.groups, name=f"{tag}.gate_up")
+        gate_up = meshgemv(mesh, xn, w["gate_up"], "y", **self.reduce, name=f"{tag}.gate_up")
         xn.free()
         f = lay.ffn_chunk
         act = mesh.alloc(f"{tag}.act", (f,), np.float32)
@@ -341,7 +341,7 @@ class Decoder:
             act.data[...] = gate / (1.0 + np.exp(-gate)) * up
         mesh.compute(5 * f)
         gate_up.free()
-        down = meshgemv(mesh, act, w["down"], "x", self.algo, self.groups, name=f"{tag}.down")
+        down = meshgemv(mesh, act, w["down"], "x", **self.reduce, name=f"{tag}.down")
         act.free()
         self._add_into(x, down)
         down.free()
@@ -372,7 +372,7 @@ class Decoder:
             start = mesh.modeled_cycles()
             with mesh.phase("lm_head"):
                 xn = self._rms_norm(x, self.norm, "final_norm")
-                logits = meshgemv(mesh, xn, self.lm_head, "y", self.algo, self.groups, name="lm_head")
+                logits = meshgemv(mesh, xn, self.lm_head, "y", **self.reduce, name="lm_head")
                 xn.free()
             head_cycles = mesh.modeled_cycles() - start
         x.free()
@@ -399,7 +399,7 @@ class Decoder:
         tiles = None if hidden is None else place_vector(np.asarray(hidden, np.float32), mesh.rows, mesh.cols, "y")
         x = host.scatter(mesh, "hidden", tiles, (lay.hidden_chunk,), np.float32)
         with mesh.phase("lm_head"):
-            logits = meshgemv(mesh, x, self.lm_head, "y", self.algo, self.groups, name="lm_head")
+            logits = meshgemv(mesh, x, self.lm_head, "y", **self.reduce, name="lm_head")
         x.free()
         result = None if mesh.dry_run else read_vector(host.gather(mesh, logits), "x", self.config.vocab_size)
         logits.free()

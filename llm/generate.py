@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels.allreduce import FORWARDING
 from meshmpi import cli
 from meshmpi.check import require_finite
 from meshmpi.errors import CheckError, UsageError
@@ -47,6 +48,9 @@ def build_parser():
     g.add_argument("--kv", choices=POLICIES, default="shift", help="KV cache policy (default shift)")
     g.add_argument("--allreduce", choices=("ktree", "pipeline", "ring"), default="ktree")
     g.add_argument("--groups", type=int, help="K-tree groups per line (default about sqrt(N))")
+    g.add_argument("--forwarding", choices=FORWARDING, default="stream",
+                   help="allreduce chains: add and forward as the data streams past (stream, default) "
+                        "or receive, add, then send (store)")
     g.add_argument("--layers", type=int, help="layers to simulate (default all; presets: 1, extrapolated)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -146,14 +150,16 @@ def run_generate(args) -> dict:
 
     from .prefill import prefill
     pmesh = cli.mesh_from_args(args, side[0], side[1], hardware)
-    pre = prefill(pmesh, config, weights, ids if weights is not None else len(ids), layers=sim_layers)
+    pre = prefill(pmesh, config, weights, ids if weights is not None else len(ids), layers=sim_layers,
+                  forwarding=args.forwarding)
     prefill_cycles = pre.modeled_cycles + (scale - 1) * pre.cycles_per_layer * sim_layers
     pmesh.free()
 
     mesh = cli.mesh_from_args(args, rows, cols, hardware)
     total = len(ids) + args.max_new_tokens
     capacity = total if args.kv == "concat" else -(-total // rows) + 1
-    decoder = Decoder(mesh, config, weights, args.kv, sim_layers, capacity, args.allreduce, args.groups)
+    decoder = Decoder(mesh, config, weights, args.kv, sim_layers, capacity, args.allreduce, args.groups,
+                      forwarding=args.forwarding)
     decoder.load_prompt_cache(pre.k_cache, pre.v_cache, len(ids))
     relayout_cycles = decoder.relayout_cycles(len(ids))
     plan = decoder.plan

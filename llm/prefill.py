@@ -160,8 +160,8 @@ def _check_mesh(mesh) -> int:
 
 
 class _Prefill:
-    def __init__(self, mesh, config: LlamaConfig, weights, tokens: int):
-        self.mesh, self.config, self.weights = mesh, config, weights
+    def __init__(self, mesh, config: LlamaConfig, weights, tokens: int, forwarding: str = "stream"):
+        self.mesh, self.config, self.weights, self.forwarding = mesh, config, weights, forwarding
         self.n = _check_mesh(mesh)
         self.lay = PrefillLayout(config, self.n, tokens)
         self.numeric = not mesh.dry_run
@@ -189,7 +189,7 @@ class _Prefill:
                 ss.data[...] = np.einsum("abij,abij->abi", x.data, x.data)
             mesh.compute(FLOPS_RMS_SUMSQ * tb * hb)
             with mesh.fabric.scope():
-                allreduce(mesh, ss, "x", "sum", name=f"{name}.allreduce")
+                allreduce(mesh, ss, "x", "sum", name=f"{name}.allreduce", forwarding=self.forwarding)
             out = mesh.alloc(f"{name}.out", x.tile_shape, np.float32)
             if self.numeric:
                 inv = 1.0 / np.sqrt(ss.data / np.float32(self.config.hidden_size)
@@ -252,14 +252,14 @@ class _Prefill:
             m.data[...] = s.data.max(axis=-1)
         mesh.compute(rows_t * keys_t)
         with mesh.fabric.scope():
-            allreduce(mesh, m, "x", "max", name=f"{name}.max")
+            allreduce(mesh, m, "x", "max", name=f"{name}.max", forwarding=self.forwarding)
         l = mesh.alloc(f"{name}.sum", row_shape, np.float32)
         if self.numeric:
             s.data[...] = np.exp(s.data - m.data[..., None])
             l.data[...] = s.data.sum(axis=-1)
         mesh.compute(3 * rows_t * keys_t)
         with mesh.fabric.scope():
-            allreduce(mesh, l, "x", "sum", name=f"{name}.sum")
+            allreduce(mesh, l, "x", "sum", name=f"{name}.sum", forwarding=self.forwarding)
         if self.numeric:
             s.data /= l.data[..., None]
         mesh.compute((FLOPS_SOFTMAX - 4) * rows_t * keys_t)
@@ -344,12 +344,14 @@ class _Prefill:
         return k_cache, v_cache
 
 
-def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = None) -> PrefillResult:
+def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = None,
+            forwarding: str = "stream") -> PrefillResult:
     """Run the prompt through ``layers`` decoder layers (default all) and the final norm.
 
     ``tokens``: token ids (numeric run) or just the prompt length (dry run). ``weights`` may
-    be None only when ``mesh.dry_run``. Returns a :class:`PrefillResult`; ``last_hidden`` and
-    the caches are None in a dry run. The mesh must be square.
+    be None only when ``mesh.dry_run``. ``forwarding``: how the allreduce chains forward
+    (:mod:`kernels.allreduce`). Returns a :class:`PrefillResult`; ``last_hidden`` and the caches
+    are None in a dry run. The mesh must be square.
     """
     n = _check_mesh(mesh)
     if isinstance(tokens, (int, np.integer)):
@@ -369,7 +371,7 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
     count = config.num_hidden_layers if layers is None else int(layers)
     if not 1 <= count <= config.num_hidden_layers:
         raise ModelError(f"layers must be in 1..{config.num_hidden_layers}, got {layers}")
-    run = _Prefill(mesh, config, weights, length)
+    run = _Prefill(mesh, config, weights, length, forwarding)
     lay = run.lay
 
     def embedded():

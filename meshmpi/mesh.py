@@ -177,11 +177,14 @@ class Mesh:
                 np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype))
         return arr
 
-    def compute(self, flops, where=None) -> None:
-        """Charge ``flops`` (scalar or block-shaped) of local work to each core's clock."""
+    def compute(self, flops, where=None, advance_clock: bool = True) -> None:
+        """Charge ``flops`` (scalar or block-shaped) of local work to each core: its FLOP count,
+        its busy cycles and (unless the work overlaps a transfer the caller times itself,
+        ``advance_clock=False``) its clock."""
         if where is None and np.ndim(flops) == 0:  # the common case: no block-sized temporaries
             cycles = float(costs.compute(self.hardware, float(flops)))
-            self.clock += cycles
+            if advance_clock:
+                self.clock += cycles
             self.busy += cycles
             self.counters["flops"] += int(flops)
             return
@@ -189,15 +192,18 @@ class Mesh:
         if where is not None:
             flops = np.where(where, flops, 0)
         cycles = costs.compute(self.hardware, flops)
-        self.clock += cycles
+        if advance_clock:
+            self.clock += cycles
         self.busy += cycles
         self.counters["flops"] += flops
 
-    def software_stage(self, where=None) -> None:
+    def software_stage(self, where=None, advance_clock: bool = True) -> None:
         """One software step of a multi-stage collective (receive, combine, forward) on the
-        masked cores: ``beta`` cycles each, counted as a relay (PAPER.md §1, L)."""
+        masked cores: ``beta`` cycles each (unless the caller times it), counted as a relay
+        (PAPER.md §1, L)."""
         mask = np.ones(self.block_shape, bool) if where is None else np.asarray(where, bool)
-        self.clock[mask] += costs.software_stage(self.hardware)
+        if advance_clock:
+            self.clock[mask] += costs.software_stage(self.hardware)
         self.counters["relays"][mask] += 1
 
     def positions_mask(self, axis: str, positions) -> np.ndarray:

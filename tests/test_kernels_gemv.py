@@ -114,3 +114,46 @@ def test_gemv_modeled_numbers_do_not_depend_on_ranks_or_payload(algo):
         reports.append(modeled(report))
     assert reports[1] == reports[0] and reports[2] == reports[0]
     assert all(r == reports[0] for r in MPI.COMM_WORLD.allgather(reports[0]))
+
+
+@pytest.mark.parametrize("forwarding", ["stream", "store"])
+@pytest.mark.parametrize("n", [2, 7, 16])
+def test_pipeline_allreduce_closed_form(n, forwarding):
+    """A pipeline allreduce of E elements along a column of n cores from zero clocks. The chain
+    to the last core streams: n - 1 stages of alpha + beta on the head, then the payload once
+    at the pace of the link or the add, max(B/bw, E/rate); stored and forwarded it pays
+    alpha + B/bw + E/rate + beta per stage. Then the root multicasts back: alpha per hop to
+    the far end plus the payload (PAPER.md §3)."""
+    elements = 96
+    hw = load_hardware("wse2")
+    a, b, bw, rate = (hw.alpha_cycles_per_hop, hw.beta_cycles_per_relay, hw.link_bytes_per_cycle,
+                      hw.flops_per_cycle)
+    nbytes = elements * hw.element_bytes
+    if forwarding == "stream":
+        chain = (n - 1) * (a + b) + max(nbytes / bw, elements / rate)
+    else:
+        chain = (n - 1) * (a + nbytes / bw + elements / rate + b)
+    expected = chain + (n - 1) * a + nbytes / bw
+    for dry_run in (True, False):
+        mesh = make_mesh(n, 3, dry_run=dry_run)
+        acc = mesh.alloc("acc", (elements,), np.float64)
+        if not dry_run:
+            acc.data[...] = np.arange(elements) + mesh.global_rows()[:, None, None]
+        allreduce(mesh, acc, "y", "sum", "pipeline", forwarding=forwarding)
+        assert mesh.modeled_cycles() == pytest.approx(expected)
+        if not dry_run:
+            total = n * np.arange(elements) + n * (n - 1) / 2
+            assert np.array_equal(acc.data, np.broadcast_to(total, acc.data.shape))
+        mesh.free()
+
+
+def test_streaming_beats_store_and_forward_by_the_payload_per_stage():
+    """On a long chain the difference is (stages - 1) payload serialisations and adds."""
+    cycles = {}
+    for forwarding in ("stream", "store"):
+        mesh = make_mesh(64, 2, dry_run=True)
+        acc = mesh.alloc("acc", (512,), np.float32)
+        allreduce(mesh, acc, "y", "sum", "ktree", groups=8, forwarding=forwarding)
+        cycles[forwarding] = mesh.modeled_cycles()
+        mesh.free()
+    assert cycles["stream"] < cycles["store"]
