@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import costs
+from . import costs, worms
 from .array import MeshArray
 from .errors import HazardError, UsageError
 
@@ -46,13 +46,13 @@ def _link_loads(n: int, spans_right: list, spans_left: list) -> tuple[np.ndarray
     return np.cumsum(right)[: max(n - 1, 0)], np.cumsum(left)[: max(n - 1, 0)]
 
 
-def _pick(sources: np.ndarray, local: np.ndarray, held: dict, slot: int, first: int) -> np.ndarray:
+def _pick(sources: np.ndarray, local: np.ndarray, held: dict, first: int) -> np.ndarray:
     """Contiguous rows for ``sources``: from this block when it owns them, else from ``held``."""
     if sources.size == 0:
         return np.empty((0,) + local.shape[1:], local.dtype)
     if sources[0] >= first and sources[-1] < first + local.shape[0]:
         return np.ascontiguousarray(local[sources - first])
-    return np.ascontiguousarray(np.stack([held[int(s)][slot] for s in sources]))
+    return np.ascontiguousarray(np.stack([held[int(s)] for s in sources]))
 
 
 class LinePattern:
@@ -90,6 +90,7 @@ class LinePattern:
         self.relays = np.maximum(self.hops - 1, 0) if relay else np.zeros_like(self.hops)
         self.max_hops = int(self.hops.max()) if self.hops.size else 0
         self._count_closed_forms()
+        self.worms = worms.Worms.of_pattern(src, dst, multicast, relay, self.load)
         self._plan_transport()
         mesh.routes.declare(axis, self.group, id(self), self.routes)
         self.live = True
@@ -163,8 +164,28 @@ class LinePattern:
             send = sources[(q_src == q + k - 1) & (q_lo <= q - 1)]
             recv = sources[(q_src == q + k) & (q_lo <= q)]
             self.rounds.append((-1, send, recv))
+        # The worms' heads cross rank boundaries in the same rounds as the tiles.
+        w = self.worms
+        far = w.src + w.direction * w.hops
+        q_wsrc, q_far = owner(w.src), owner(far)
+        self.worm_rounds = []  # (direction, worms sent, worms received)
+        for direction, rounds in ((+1, right), (-1, left)):
+            along = w.direction == direction
+            for k in range(1, rounds + 1):
+                if direction > 0:
+                    send = np.flatnonzero(along & (q_wsrc == q - k + 1) & (q_far >= q + 1))
+                    recv = np.flatnonzero(along & (q_wsrc == q - k) & (q_far >= q))
+                else:
+                    send = np.flatnonzero(along & (q_wsrc == q + k - 1) & (q_far <= q - 1))
+                    recv = np.flatnonzero(along & (q_wsrc == q + k) & (q_far <= q))
+                self.worm_rounds.append((direction, send, recv))
         start, stop = offsets[q], offsets[q + 1]
+        self.worm_j0, self.worm_links = worms.local_hops(w, int(start), int(stop))
+        self.own_worms = np.flatnonzero((w.src >= start) & (w.src < stop))
         mine = (self.dst >= start) & (self.dst < stop)
+        self.delivery_worm = w.delivery_worm[mine]
+        self.delivery_column = w.delivery_hop[mine] - self.worm_j0[self.delivery_worm]
+        self.links_shared = bool(self.load.max(initial=1) > 1)
         self.local_deliveries = np.flatnonzero(mine)
         local_src = (self.src >= start) & (self.src < stop)
         self.from_block = np.flatnonzero(mine & local_src)
@@ -191,11 +212,9 @@ class LinePattern:
         mesh, axis = self.mesh, self.axis
         line_mask = self.fabric.line_mask(axis, lines)
         payload_data = None if mesh.dry_run else _pos_first(src.data, axis)
-        send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
-        pool_data, pool_clock, pool_src = self._exchange(payload_data, send_clock)
+        pool_data, pool_src = self._exchange(payload_data)
         nbytes = src.tile_bytes
         self._account(line_mask, nbytes)
-        # Deliveries whose destination is in this block: source tile and source clock.
         first = self.block_start
         lookup = np.full(self.n, -1, np.int64)
         lookup[pool_src] = np.arange(pool_src.size)
@@ -207,42 +226,77 @@ class LinePattern:
         lines_idx = None if line_mask.all() else np.flatnonzero(line_mask)
         if lines_idx is not None and lines_idx.size == 0:
             return Transfer(self, src, dst, [], [], lines_idx)
-        hw, arrivals = mesh.hardware, []
-        for dests, clocks, srcs, which in ((d_block, send_clock, s_block, self.from_block),
-                                           (d_pool, pool_clock, s_pool, self.from_pool)):
-            if dests.size:
-                sent = clocks[srcs] if lines_idx is None else clocks[srcs[:, None], lines_idx[None, :]]
-                sent = costs.arrival(hw, sent, self.hops[which][:, None], self.relays[which][:, None],
-                                     nbytes if payload else 0, self.load[which][:, None])
-                arrivals.append((dests, sent))
+        send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
+        arrivals = self._move_heads(send_clock, nbytes, payload, line_mask)
+        if lines_idx is not None:
+            arrivals = [(dests, times[:, lines_idx]) for dests, times in arrivals]
         landings = [] if mesh.dry_run else [(d_block, None, s_block), (d_pool, pool_data, s_pool)]
         return Transfer(self, src, dst, arrivals, landings, lines_idx)
+
+    def _move_heads(self, send_clock: np.ndarray, nbytes: int, payload: bool, line_mask) -> list:
+        """Move every worm's head over this block's links (:mod:`meshmpi.worms`), forwarding
+        heads rank by rank, and mark the links busy; return the arrivals of the deliveries
+        into this block as (destinations, times [D, lines]) pairs."""
+        mesh, w, first = self.mesh, self.worms, self.block_start
+        hw = mesh.hardware
+        free = self.fabric.link_free(self.axis)
+        snapshot = {sign: f.copy() for sign, f in free.items()} if self.links_shared else None
+        occupancy = costs.serialisation(hw, nbytes, w.load)
+        tails = costs.serialisation(hw, nbytes if payload else 0, self.load)
+        alpha, beta = hw.alpha_cycles_per_hop, costs.software_stage(hw)
+        row_of = np.full(w.src.size, -1, np.int64)
+        arrivals = []
+
+        def advance(which, head_in):
+            last, heads = worms.advance(w, which, self.worm_j0[which], self.worm_links[which], head_in,
+                                        free, first, alpha, beta, occupancy, line_mask,
+                                        keep_path=self.multicast, snapshot=snapshot)
+            row_of[which] = np.arange(which.size)
+            here = row_of[self.delivery_worm] >= 0                 # this batch's deliveries here
+            if here.any():
+                index = self.local_deliveries[here]
+                rows = row_of[self.delivery_worm[here]]
+                times = heads[rows, self.delivery_column[here]] if heads is not None else last[rows]
+                arrivals.append((self.dst[index] - first, times + tails[index][:, None]))
+            row_of[which] = -1
+            return which, last
+
+        lines = send_clock.shape[1]
+        own = advance(self.own_worms, send_clock[w.src[self.own_worms] - first])
+        latest = {+1: own, -1: own}        # the batch each direction's next round forwards from
+        links = mesh.links
+        for direction, send, recv in self.worm_rounds:
+            which, last = latest[direction]
+            row_of[which] = np.arange(which.size)
+            out = np.ascontiguousarray(last[row_of[send]])      # the heads at the next block's first core
+            row_of[which] = -1
+            got = np.empty((recv.size, lines))
+            links.sendrecv(out, links.neighbour(self.axis, direction), got,
+                           links.neighbour(self.axis, -direction), _CLOCK_TAG)
+            latest[direction] = advance(recv, got)
+        return arrivals
 
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:
         """``start`` and ``wait`` at once."""
         self.start(src, dst, lines).wait()
 
-    def _exchange(self, payload, send_clock):
-        """Forward source tiles and clocks rank by rank; returns what arrived here."""
+    def _exchange(self, payload):
+        """Forward source tiles rank by rank; returns what arrived here and from which sources."""
         links, axis, first = self.mesh.links, self.axis, self.block_start
-        held = {}  # source position -> (tile rows, clock row) received in an earlier round
-        got_data, got_clock, got_src = [], [], []
+        held = {}  # source position -> tile rows received in an earlier round
+        got_data, got_src = [], []
         for direction, send, recv in self.rounds:
             dest, source = links.neighbour(axis, direction), links.neighbour(axis, -direction)
             if payload is not None:
                 data_in = np.empty((recv.size,) + payload.shape[1:], payload.dtype)
-                links.sendrecv(_pick(send, payload, held, 0, first), dest, data_in, source, _DATA_TAG)
+                links.sendrecv(_pick(send, payload, held, first), dest, data_in, source, _DATA_TAG)
                 got_data.append(data_in)
-            clock_in = np.empty((recv.size,) + send_clock.shape[1:], np.float64)
-            links.sendrecv(_pick(send, send_clock, held, 1, first), dest, clock_in, source, _CLOCK_TAG)
-            got_clock.append(clock_in)
+                for i, s in enumerate(recv.tolist()):
+                    held[s] = data_in[i]
             got_src.append(recv)
-            for i, s in enumerate(recv.tolist()):
-                held[s] = (None if payload is None else data_in[i], clock_in[i])
         if not got_src:
-            return None, np.empty((0,) + send_clock.shape[1:]), np.empty(0, np.int64)
-        return (np.concatenate(got_data) if got_data else None,
-                np.concatenate(got_clock), np.concatenate(got_src))
+            return None, np.empty(0, np.int64)
+        return (np.concatenate(got_data) if got_data else None), np.concatenate(got_src)
 
     def _account(self, line_mask: np.ndarray, nbytes: int) -> None:
         mesh = self.mesh
@@ -334,6 +388,20 @@ class Fabric:
         self.mesh = mesh
         self.hazard_checks = hazard_checks
         self._plans: dict[tuple, LinePattern] = {}
+        # When each directed link out of each core is free again, stored positions first
+        # ([position along the axis, line]) so that a pattern reads whole lines at a time.
+        rows, cols = mesh.block_shape
+        self._link_free = {axis: {sign: np.full(shape, -np.inf) for sign in (+1, -1)}
+                           for axis, shape in (("x", (cols, rows)), ("y", (rows, cols)))}
+
+    def link_free(self, axis: str) -> dict:
+        """Free times of the links along ``axis`` as ``{+1: ..., -1: ...}`` arrays of shape
+        [position along the axis, line]: entry (p, l) is the link leaving core p of line l."""
+        return self._link_free[axis]
+
+    def link_free_at(self, axis: str, sign: int) -> np.ndarray:
+        """Block-shaped free times of the links leaving each core along ``axis`` toward ``sign``."""
+        return _pos_first(self._link_free[axis][sign], axis)
 
     def line_mask(self, axis: str, lines) -> np.ndarray:
         """Boolean mask over this block's lines (rows for ``x``, columns for ``y``)."""

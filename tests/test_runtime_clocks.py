@@ -146,9 +146,8 @@ def test_one_pattern_from_zero_clocks(new_mesh, world, gather_full, case, axis):
 
 def test_shift_by_k_closed_form(new_mesh, world, gather_full):
     """Receivers of a shift by k in the middle of a long line: alpha*|k| + bytes/bw * |k|."""
-    mesh = new_mesh(2, 12, profile(), rank_grid=(1, world.size))
     for k in (1, 2, 3, -3):
-        mesh.clock[...] = 0
+        mesh = new_mesh(2, 12, profile(), rank_grid=(1, world.size))   # clocks and links fresh
         arr = mesh.alloc(f"t{k}", (10,), np.float32)
         with mesh.fabric.scope():
             mesh.fabric.shift(f"s{k}", "x", k).run(arr)
@@ -249,3 +248,39 @@ def test_clocks_chain_through_two_patterns(new_mesh, world, gather_full):
     clock, c2 = expected_mesh(mesh, "y", [(4, d) for d in range(4)], clock, multicast=True, nbytes=10)
     problems = compare(observed(mesh, gather_full), clock, {k: c1[k] + c2[k] for k in c1})
     assert not problems, "\n".join(problems)
+
+
+# ------------------------------------------------------------------------------ link occupancy
+def test_pipelined_messages_over_one_link_are_bandwidth_bound(new_mesh, world, gather_full):
+    """k messages of S = bytes/bw cycles started back to back on the same directed link (the
+    sender does not wait): message i enters the link when message i-1 has left it, at i*S, and
+    arrives at i*S + alpha + S. The link carries one payload at a time (PAPER.md §1)."""
+    mesh = new_mesh(2, 12, profile(), rank_grid=(1, world.size))
+    tile = mesh.alloc("tile", (10,), np.float32)                 # 20 B at 2 B per element
+    serial = 20 / LINK_BW
+    with mesh.fabric.scope():
+        east = mesh.fabric.shift("east", "x", 1, lo=4, hi=6)     # core 4 -> core 5 only
+        for i in range(6):
+            east.start(tile).wait()
+            clock = gather_full(mesh, {"c": mesh.clock})["c"]
+            assert np.all(clock[:, 5] == i * serial + ALPHA + serial), i
+            assert np.all(clock[:, 4] == 0)                      # the sender is never delayed
+
+
+def test_two_patterns_sharing_a_link_serialise(new_mesh, world, gather_full):
+    """A shift by +2 and, in the same window, a shift by +1 of another pattern: the +1 message
+    needs the link the +2 worm holds, so it enters it only when the worm's tail has left."""
+    mesh = new_mesh(1, 12, profile(), rank_grid=(1, world.size))
+    buffers = [mesh.alloc(f"b{i}", (10,), np.float32) for i in range(6)]
+    serial = 20 / LINK_BW
+    with mesh.fabric.scope():
+        far = mesh.fabric.shift("two", "x", 2, lo=0, hi=3).start(buffers[0], buffers[1])   # 0 -> 2
+        near = mesh.fabric.shift("near", "x", 1, lo=1, hi=3).start(buffers[2], buffers[3])  # 1 -> 2
+        alone = mesh.fabric.shift("one", "x", 1, lo=5, hi=7).start(buffers[4], buffers[5])  # 5 -> 6
+        for transfer in (far, near, alone):
+            transfer.wait()
+    clock = gather_full(mesh, {"c": mesh.clock})["c"][0]
+    # the +2 worm enters link 1-2 at alpha and holds it until alpha + S; the +1 message then
+    # crosses it: alpha + S + alpha + S, later than the worm's own arrival 2 alpha + S
+    assert clock[2] == 2 * ALPHA + 2 * serial
+    assert clock[6] == ALPHA + serial                            # a link of its own

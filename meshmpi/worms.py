@@ -1,0 +1,140 @@
+"""Messages as worms on the directed links of a line: when each head passes each core.
+
+Every message of a pattern is a *worm*: it leaves its source, crosses ``hops`` directed links
+one way along the line, and delivers at one core (unicast) or at every core it passes
+(multicast). A directed link carries one message's payload at a time: it is busy for the
+payload's serialisation from the moment the head enters it, and a later message enters it no
+earlier (first come, first served in program order). Messages of one pattern that share a link
+do not queue behind each other: they share it ``load`` ways (:func:`meshmpi.costs.serialisation`)
+and see the link as it was when the pattern started, so the order of messages inside a
+pattern never matters and no result depends on the rank split.
+
+Head recurrence (cut-through, :mod:`meshmpi.costs`): the head reaches core ``p_0`` (the
+source) at the send time and enters link ``j`` at ``e_j = max(h_j + b_j, free_j)``, where
+``h_j`` is its arrival at the core before the link, ``b_j`` is ``beta`` when that core forwards
+the message in software, and ``free_j`` the link's free time; it reaches the next core at
+``e_j + alpha``. The payload's tail arrives ``load * bytes / bandwidth`` after the head, and
+the link is free again at ``e_j`` plus that time. With every link free this is
+``costs.arrival``.
+
+The links of a line are stored by the core they leave: ``free[+1][p]`` is the link p -> p+1,
+``free[-1][p]`` the link p -> p-1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Worms:
+    """The worms of one pattern (global positions along the line)."""
+    src: np.ndarray        # [W] source position
+    direction: np.ndarray  # [W] +1 or -1
+    hops: np.ndarray       # [W] links crossed
+    load: np.ndarray       # [W] ways each of its links is shared inside the pattern
+    relay: bool            # intermediate cores forward in software (beta each)
+    delivery_worm: np.ndarray   # [D] per delivery of the pattern: its worm
+    delivery_hop: np.ndarray    # [D] per delivery: how many hops from the source
+
+    @classmethod
+    def of_pattern(cls, src, dst, multicast: bool, relay: bool, load) -> "Worms":
+        """Unicast: one worm per delivery. Multicast: one worm per source and direction,
+        reaching its farthest destination on that side."""
+        src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
+        direction = np.sign(dst - src)
+        if not multicast:
+            return cls(src, direction, np.abs(dst - src), np.asarray(load, np.int64), relay,
+                       np.arange(src.size), np.abs(dst - src))
+        keys = np.stack([src, direction], 1)
+        unique, worm_of = np.unique(keys, axis=0, return_inverse=True)
+        worm_of = worm_of.reshape(-1)
+        hops = np.zeros(unique.shape[0], np.int64)
+        np.maximum.at(hops, worm_of, np.abs(dst - src))
+        worm_load = np.ones(unique.shape[0], np.int64)
+        np.maximum.at(worm_load, worm_of, np.asarray(load, np.int64))
+        return cls(unique[:, 0].copy(), unique[:, 1].copy(), hops, worm_load, relay,
+                   worm_of, np.abs(dst - src))
+
+    def position(self, worm: np.ndarray, hop: np.ndarray) -> np.ndarray:
+        return self.src[worm] + self.direction[worm] * hop
+
+
+def local_hops(worms: Worms, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per worm, the first hop index whose core is in ``[start, stop)`` and how many of its
+    links leave cores of that block (0 when it only ends there, -1 when it never touches it)."""
+    d = worms.direction
+    far = worms.src + d * worms.hops
+    lo_pos, hi_pos = np.minimum(worms.src, far), np.maximum(worms.src, far)
+    touches = (hi_pos >= start) & (lo_pos < stop)
+    # the worm's positions in path order: hop j is at src + d*j
+    first_pos = np.where(d > 0, np.maximum(worms.src, start), np.minimum(worms.src, stop - 1))
+    last_link_pos = np.where(d > 0, np.minimum(far - 1, stop - 1), np.maximum(far + 1, start))
+    j0 = np.abs(first_pos - worms.src)
+    j_last = np.abs(last_link_pos - worms.src)
+    count = np.where(touches, np.maximum(j_last - j0 + 1, 0), -1)
+    return j0, count
+
+
+def advance(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, head_in: np.ndarray,
+            free: dict, first: int, alpha: float, beta: float, occupancy: np.ndarray,
+            line_mask: np.ndarray, keep_path: bool, snapshot: dict | None = None):
+    """Move the heads of worms ``which`` (entering the block at hop ``j0`` at ``head_in``,
+    shape [W, lines]) over their ``count`` local links, and mark those links busy
+    (``occupancy`` [W] cycles from the head's entry; inactive lines untouched). Returns
+    ``last`` [W, lines], the head at the core after the last local link (``head_in`` when
+    there is none), and, with ``keep_path``, ``heads`` [W, max count + 1, lines], the head at
+    each local core along the path (hop ``j0 + i`` at column i), else None.
+
+    When worms of the pattern share links, ``snapshot`` holds the links' free times from before
+    the pattern started: every worm reads those, and each link ends busy until the latest of
+    its worms has left it. Otherwise each link is read and written by one worm only."""
+    width = int(count.max(initial=0))
+    lines = head_in.shape[1]
+    last = head_in.copy()
+    heads = None
+    if keep_path:
+        heads = np.empty((which.size, width + 1, lines))
+        heads[:, 0] = head_in
+    if width == 0:
+        return last, heads
+    forwards = beta if worms.relay else 0.0
+    step = alpha + forwards
+    every_line = bool(line_mask.all())
+    direction = worms.direction[which]
+    for sign in (+1, -1):
+        along = direction == sign
+        for n_links in np.unique(count[along]):
+            if n_links <= 0:
+                continue
+            rows = np.flatnonzero((count == n_links) & along)
+            w = which[rows]
+            hop = j0[rows, None] + np.arange(n_links)[None, :]                   # [G, L]
+            pos = worms.src[w][:, None] + sign * hop - first                      # local link owners
+            link_free = (free if snapshot is None else snapshot)[sign][pos]         # [G, L, lines]
+            entry = head_in[rows]
+            if worms.relay:                     # a core that forwards in software pays beta
+                entry = entry + np.where(hop[:, :1] > 0, forwards, 0.0)
+            # e_0 = max(entry, free_0), e_i = max(e_{i-1} + step, free_i)
+            enter = np.empty_like(link_free)
+            np.maximum(entry, link_free[:, 0], out=enter[:, 0])
+            if 1 < n_links <= 4:
+                for i in range(1, n_links):
+                    np.maximum(enter[:, i - 1] + step, link_free[:, i], out=enter[:, i])
+            elif n_links > 4:                   # a running max of free - step*i, then add back
+                offsets = step * np.arange(n_links)[None, :, None]
+                running = np.maximum.accumulate(link_free - offsets, axis=1)
+                np.maximum(enter[:, :1], running, out=running)
+                enter = running + offsets
+            last[rows] = enter[:, -1] + alpha
+            if heads is not None:
+                heads[rows, 1:n_links + 1] = enter + alpha
+            busy = enter + occupancy[w][:, None, None]          # >= the link's old free time
+            if not every_line:
+                busy = np.where(line_mask, busy, link_free)
+            if snapshot is None:
+                free[sign][pos] = busy
+            else:
+                np.maximum.at(free[sign], pos.ravel(), busy.reshape(-1, lines))
+    return last, heads
