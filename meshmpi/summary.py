@@ -25,6 +25,7 @@ def summarize(trace: dict) -> dict:
         "start_cycles": p["start_cycles"], "end_cycles": p["end_cycles"],
         "wall_seconds": p["wall_seconds"], "messages": p["messages"], "bytes": p["bytes"],
         "flops": p["flops"], "max_hops": p["max_hops"],
+        "peak_bytes": p.get("peak_bytes"),          # schema 2; None in a version-1 trace
         "steps": sum(1 for s in trace["steps"] if s["phase"] == i),
     } for i, p in enumerate(trace["phases"])]
     return {"totals": totals, "phases": phases, "warnings": meta["warnings"], "result": meta["result"]}
@@ -47,10 +48,12 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  warning        {w}")
     if summary["phases"]:
         lines.append("")
-        header = f"  {'phase':<36} {'cycles':>14} {'steps':>6} {'messages':>12} {'bytes':>14} {'hops':>5} {'wall s':>9}"
+        header = (f"  {'phase':<36} {'cycles':>14} {'steps':>6} {'messages':>12} {'bytes':>14} {'hops':>5} "
+                  f"{'peak B/core':>12} {'wall s':>9}")
         lines.append(header)
         for p in summary["phases"]:
             name = "  " * p["depth"] + p["name"]
+            peak = "" if p["peak_bytes"] is None else f"{p['peak_bytes']:,}"
             lines.append(f"  {name:<36} {p['modeled_cycles']:>14,.0f} {p['steps']:>6} {p['messages']:>12,} "
-                         f"{p['bytes']:>14,} {p['max_hops']:>5} {p['wall_seconds']:>9.3f}")
+                         f"{p['bytes']:>14,} {p['max_hops']:>5} {peak:>12} {p['wall_seconds']:>9.3f}")
     return "\n".join(lines)

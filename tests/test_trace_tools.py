@@ -384,3 +384,15 @@ def test_bad_input_is_one_error_line(argv, traces, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_summary_gives_each_phase_s_peak_memory(traces, capsys):
+    """The one buffer of the kernel trace (16 elements at the profile's 2 bytes) is resident
+    through both phases; the summary reports the phases' peak as the trace stores it."""
+    assert main(["trace", "summary", str(traces["alpha"]), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    with h5py.File(traces["alpha"], "r") as f:
+        stored = [int(p["peak_bytes"]) for p in f["phases"][()]]
+    assert [p["peak_bytes"] for p in summary["phases"]] == stored == [32, 32]
+    assert main(["trace", "summary", str(traces["alpha"])]) == 0
+    assert "peak B/core" in capsys.readouterr().out
