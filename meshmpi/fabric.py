@@ -25,7 +25,7 @@ from . import costs, worms
 from .array import MeshArray
 from .errors import HazardError, UsageError
 
-_DATA_TAG, _CLOCK_TAG = 11, 12
+_DATA_TAG, _HEAD_TAG = 11, 12
 _BIG_SLICE = 1 << 15  # bytes of one position's tiles above which deliveries are copied one by one
 
 
@@ -272,7 +272,7 @@ class LinePattern:
             row_of[which] = -1
             got = np.empty((recv.size, lines))
             links.sendrecv(out, links.neighbour(self.axis, direction), got,
-                           links.neighbour(self.axis, -direction), _CLOCK_TAG)
+                           links.neighbour(self.axis, -direction), _HEAD_TAG)
             latest[direction] = advance(recv, got)
         return arrivals
 
@@ -398,10 +398,6 @@ class Fabric:
         """Free times of the links along ``axis`` as ``{+1: ..., -1: ...}`` arrays of shape
         [position along the axis, line]: entry (p, l) is the link leaving core p of line l."""
         return self._link_free[axis]
-
-    def link_free_at(self, axis: str, sign: int) -> np.ndarray:
-        """Block-shaped free times of the links leaving each core along ``axis`` toward ``sign``."""
-        return _pos_first(self._link_free[axis][sign], axis)
 
     def line_mask(self, axis: str, lines) -> np.ndarray:
         """Boolean mask over this block's lines (rows for ``x``, columns for ``y``)."""
