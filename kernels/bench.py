@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 
-from meshmpi import cli
+from meshmpi import cli, costs
 from meshmpi.errors import UsageError
 from meshmpi.hardware import load_hardware
 from meshmpi.mesh import Mesh
@@ -160,15 +160,14 @@ def lockstep_cycles(algo: str, broadcast, side: int, size: int, hw) -> float:
     ``steps x max(compute, latency)``, latency = alpha*hops + beta*relays + tile bytes / bandwidth."""
     plan = GemmPlan.build("cannon" if algo == "cannon" else "meshgemm", side, side, size, size, size)
     tm, s, tn = plan.m_pad // side, plan.chunk, plan.n_pad // side
-    compute = 2 * tm * s * tn / hw.flops_per_cycle
+    compute = float(costs.compute(hw, 2 * tm * s * tn))
     if algo == "summa":
         tile = max(tm, tn) * s * hw.element_bytes
         hops, relays, align_rounds = side - 1, (side - 2 if broadcast == "relay" else 0), 0
     else:
         tile = max(tm * (plan.k_pad // side), (plan.chunks // side) * s * tn) * hw.element_bytes
         hops, relays, align_rounds = plan.ring_x.max_hops(), 0, side // 2
-    latency = hw.alpha_cycles_per_hop * hops + hw.beta_cycles_per_relay * max(relays, 0) \
-        + tile / hw.link_bytes_per_cycle
+    latency = float(costs.arrival(hw, 0.0, hops, max(relays, 0), tile))
     return align_rounds * latency + plan.chunks * max(compute, latency)
 
 

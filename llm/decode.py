@@ -17,7 +17,7 @@ import numpy as np
 
 from kernels.allreduce import allreduce
 from kernels.gemv import meshgemv, place_vector, read_vector
-from meshmpi import host
+from meshmpi import costs, host
 from meshmpi.errors import UsageError
 from meshmpi.mesh import block_offsets
 
@@ -410,9 +410,9 @@ class Decoder:
         the farthest core's share crosses the region (alpha per hop) at one link's bandwidth."""
         hw, lay = self.mesh.hardware, self.layout
         per_core = int(self.kv.counts.max()) * self.plan.kv_bytes_per_token_per_core
-        return hw.alpha_cycles_per_hop * (lay.rows + lay.cols) + per_core / hw.link_bytes_per_cycle
+        return float(costs.arrival(hw, 0.0, lay.rows + lay.cols, 0, per_core))
 
     def region_hop_cycles(self) -> float:
         """Handing the hidden vector to the next region of layers: across a region, one chunk per link."""
         hw, lay = self.mesh.hardware, self.layout
-        return hw.alpha_cycles_per_hop * lay.rows + lay.hidden_chunk * hw.element_bytes / hw.link_bytes_per_cycle
+        return float(costs.arrival(hw, 0.0, lay.rows, 0, lay.hidden_chunk * hw.element_bytes))
