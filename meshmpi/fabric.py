@@ -10,10 +10,11 @@ modeled clocks. Between the two, the destination may not be touched and the sour
 be written (:class:`~meshmpi.errors.HazardError`; the source check copies the payload, so it
 runs only with hazard checks on, as in the tests).
 
-Times come from :mod:`meshmpi.costs`: a delivery arrives at ``costs.arrival`` of the sender's
-clock (cut-through: ``alpha`` a hop, ``beta`` a software relay, the payload once, shared
-``load`` ways when messages of the pattern share a link). A receive sets the receiver's
-clock to ``max(own, arrival)``. Senders are not delayed (transfers are asynchronous).
+Times come from :mod:`meshmpi.costs`, applied link by link in :mod:`meshmpi.worms`: on free
+links a delivery arrives at ``costs.arrival`` of the sender's clock (cut-through: ``alpha`` a
+hop, ``beta`` a software relay, the payload once, shared ``load`` ways when messages of the
+pattern share a link); a link still busy with an earlier message delays the head. A receive
+sets the receiver's clock to ``max(own, arrival)``. Senders are not delayed.
 """
 from __future__ import annotations
 
@@ -243,7 +244,7 @@ class LinePattern:
         snapshot = {sign: f.copy() for sign, f in free.items()} if self.links_shared else None
         occupancy = costs.serialisation(hw, nbytes, w.load)
         tails = costs.serialisation(hw, nbytes if payload else 0, self.load)
-        alpha, beta = hw.alpha_cycles_per_hop, costs.software_stage(hw)
+        alpha, beta = float(costs.route_latency(hw, 1)), costs.software_stage(hw)   # one hop; one relay
         row_of = np.full(w.src.size, -1, np.int64)
         arrivals = []
 
