@@ -52,3 +52,26 @@ def streaming_stage_head(hw, head_arrival, ready):
     arrived and the core is ready, after one software stage of control,
     ``max(head_arrival, ready) + beta``."""
     return np.maximum(head_arrival, ready) + software_stage(hw)
+
+
+def path_capacity(hw, hops):
+    """Cycles of payload a path of ``hops`` links holds in flight when its head is blocked at
+    the destination: each hop's pipeline (``alpha`` cycles at link rate) plus its router's input
+    queue (``router_queue_bytes``), ``hops * (alpha + queue/bandwidth)``."""
+    per_hop = hw.alpha_cycles_per_hop + hw.router_queue_bytes / hw.link_bytes_per_cycle
+    return np.asarray(hops) * per_hop
+
+
+def landing(head_arrival, posted, tail):
+    """When a message is in the receiver's buffer: the receiver accepts it once the head has
+    arrived and it has posted the receive (its program reached the receive, the buffer is
+    free), then the payload drains in at link rate, ``max(head, posted) + tail``."""
+    return np.maximum(head_arrival, posted) + tail
+
+
+def send_completion(depart, occupancy, landed, capacity):
+    """When the sender's buffer is free again (its send operation completes): the tail has left
+    the source, ``depart + occupancy``, and at most ``capacity`` cycles of payload are still in
+    the fabric, ``landed - capacity``. A late receiver therefore stalls the sender once the
+    path is full (back-pressure); a ready one never does."""
+    return np.maximum(np.asarray(depart) + occupancy, np.asarray(landed) - capacity)

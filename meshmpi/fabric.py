@@ -11,10 +11,15 @@ be written (:class:`~meshmpi.errors.HazardError`; the source check copies the pa
 runs only with hazard checks on, as in the tests).
 
 Times come from :mod:`meshmpi.costs`, applied link by link in :mod:`meshmpi.worms`: on free
-links a delivery arrives at ``costs.arrival`` of the sender's clock (cut-through: ``alpha`` a
-hop, ``beta`` a software relay, the payload once, shared ``load`` ways when messages of the
-pattern share a link); a link still busy with an earlier message delays the head. A receive
-sets the receiver's clock to ``max(own, arrival)``. Senders are not delayed.
+links a head arrives ``alpha`` a hop (``beta`` a software relay) after the sender's clock; a
+link still busy with an earlier message delays it. The receiver posts its receive when its
+program reaches ``start`` (its clock; a core receiving into the buffer it sends from posts
+once its own tile has left) and holds the tile at ``costs.landing``: the later of the head and
+the posting, plus the payload once (shared ``load`` ways when messages of the pattern share a
+link). Its clock becomes ``max(own, landing)`` at ``wait``. A sender's clock becomes the
+completion of its send (``costs.send_completion``): when its tail has left, or, behind a
+receiver that posted late, when no more than the path's capacity is still in flight — the
+receivers' landings travel back to the sources along the worms' rounds (back-pressure).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from . import costs, worms
 from .array import MeshArray
 from .errors import HazardError, UsageError
 
-_DATA_TAG, _HEAD_TAG = 11, 12
+_DATA_TAG, _HEAD_TAG, _BACK_TAG = 11, 12, 13
 _BIG_SLICE = 1 << 15  # bytes of one position's tiles above which deliveries are copied one by one
 
 
@@ -140,6 +145,8 @@ class LinePattern:
             for i, (s, d) in enumerate(zip(self.src.tolist(), self.dst.tolist())):
                 path = right[s:d] if d > s else left[d:s]
                 self.load[i] = path.max()
+        self.send_load = np.zeros(n, np.int64)       # per position: the sharing of its own send
+        np.maximum.at(self.send_load, self.src, self.load)
 
     # ---------------------------------------------------------------- transport plan
     def _plan_transport(self) -> None:
@@ -183,6 +190,9 @@ class LinePattern:
         start, stop = offsets[q], offsets[q + 1]
         self.worm_j0, self.worm_links = worms.local_hops(w, int(start), int(stop))
         self.own_worms = np.flatnonzero((w.src >= start) & (w.src < stop))
+        self.touching = np.flatnonzero(self.worm_links >= 0)      # worms that reach this block
+        self.touch_row = np.full(w.src.size, -1, np.int64)
+        self.touch_row[self.touching] = np.arange(self.touching.size)
         mine = (self.dst >= start) & (self.dst < stop)
         self.delivery_worm = w.delivery_worm[mine]
         self.delivery_column = w.delivery_hop[mine] - self.worm_j0[self.delivery_worm]
@@ -228,16 +238,20 @@ class LinePattern:
         if lines_idx is not None and lines_idx.size == 0:
             return Transfer(self, src, dst, [], [], lines_idx)
         send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
-        arrivals = self._move_heads(send_clock, nbytes, payload, line_mask)
+        arrivals, sends = self._move_heads(send_clock, nbytes, payload, line_mask, in_place=src is dst)
         if lines_idx is not None:
             arrivals = [(dests, times[:, lines_idx]) for dests, times in arrivals]
+            if sends is not None:
+                sends = (sends[0], sends[1][:, lines_idx])
         landings = [] if mesh.dry_run else [(d_block, None, s_block), (d_pool, pool_data, s_pool)]
-        return Transfer(self, src, dst, arrivals, landings, lines_idx)
+        return Transfer(self, src, dst, arrivals + ([sends] if sends is not None else []), landings, lines_idx)
 
-    def _move_heads(self, send_clock: np.ndarray, nbytes: int, payload: bool, line_mask) -> list:
+    def _move_heads(self, send_clock: np.ndarray, nbytes: int, payload: bool, line_mask, in_place: bool):
         """Move every worm's head over this block's links (:mod:`meshmpi.worms`), forwarding
-        heads rank by rank, and mark the links busy; return the arrivals of the deliveries
-        into this block as (destinations, times [D, lines]) pairs."""
+        heads rank by rank, and mark the links busy. Returns the landings of the deliveries
+        into this block as (destinations, times [D, lines]) pairs, and (unless ``payload`` is
+        off) when this block's senders complete their sends, as one more such pair: the
+        receivers' "landed - path capacity" travels back along the worms' rounds."""
         mesh, w, first = self.mesh, self.worms, self.block_start
         hw = mesh.hardware
         free = self.fabric.link_free(self.axis)
@@ -247,6 +261,17 @@ class LinePattern:
         alpha, beta = float(costs.route_latency(hw, 1)), costs.software_stage(hw)   # one hop; one relay
         row_of = np.full(w.src.size, -1, np.int64)
         arrivals = []
+        # A receive is posted when the receiver's program reaches it (its clock, or ``depart``);
+        # a core receiving into the buffer it sends from posts once its own tile has left.
+        posted = send_clock
+        if in_place:
+            posted = posted + costs.serialisation(hw, nbytes, self.send_load[first:first + posted.shape[0]])[:, None]
+        capacity = costs.path_capacity(hw, self.hops)
+        touch = self.touch_row
+        # Back-pressure reaches the source only on a pass-through route: a software relay takes
+        # the message off the fabric at the next core (its time is in ``beta``).
+        need = np.full((self.touching.size, send_clock.shape[1]), -np.inf) if payload else None
+        track = need is not None and not self.relay
 
         def advance(which, head_in):
             last, heads = worms.advance(w, which, self.worm_j0[which], self.worm_links[which], head_in,
@@ -258,7 +283,11 @@ class LinePattern:
                 index = self.local_deliveries[here]
                 rows = row_of[self.delivery_worm[here]]
                 times = heads[rows, self.delivery_column[here]] if heads is not None else last[rows]
-                arrivals.append((self.dst[index] - first, times + tails[index][:, None]))
+                dests = self.dst[index] - first
+                landed = costs.landing(times, posted[dests], tails[index][:, None])
+                arrivals.append((dests, landed))
+                if track:              # the latest each worm's source may finish its send
+                    np.maximum.at(need, touch[self.delivery_worm[here]], landed - capacity[index][:, None])
             row_of[which] = -1
             return which, last
 
@@ -275,7 +304,22 @@ class LinePattern:
             links.sendrecv(out, links.neighbour(self.axis, direction), got,
                            links.neighbour(self.axis, -direction), _HEAD_TAG)
             latest[direction] = advance(recv, got)
-        return arrivals
+        if need is None:
+            return arrivals, None
+        # Back-pressure: each worm's latest "landed - capacity" travels back to its source.
+        for direction, send, recv in reversed(self.worm_rounds if track else ()):
+            back = np.ascontiguousarray(need[touch[recv]])
+            got = np.empty((send.size, lines))
+            links.sendrecv(back, links.neighbour(self.axis, -direction), got,
+                           links.neighbour(self.axis, direction), _BACK_TAG)
+            np.maximum.at(need, touch[send], got)
+        own = self.own_worms
+        done = costs.send_completion(send_clock[w.src[own] - first], occupancy[own][:, None],
+                                     need[touch[own]], 0.0)
+        senders, which = np.unique(w.src[own] - first, return_inverse=True)
+        latest = np.full((senders.size, lines), -np.inf)
+        np.maximum.at(latest, which.reshape(-1), done)    # a multicast root sends both ways
+        return arrivals, (senders, latest)
 
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:
         """``start`` and ``wait`` at once."""

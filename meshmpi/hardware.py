@@ -26,6 +26,7 @@ class Hardware:
     alpha_cycles_per_hop: float
     beta_cycles_per_relay: float
     link_bytes_per_cycle: float
+    router_queue_bytes: float
     flops_per_cycle: float
     routes_per_core: int
     element_bytes: int
@@ -70,7 +71,7 @@ class Hardware:
                 if value != int(value):
                     raise UsageError(f"--set {key}: needs a whole number, got {raw}")
                 value = int(value)
-            if value <= 0 and key != "beta_cycles_per_relay" and key != "alpha_cycles_per_hop":
+            if value <= 0 and key not in ("beta_cycles_per_relay", "alpha_cycles_per_hop", "router_queue_bytes"):
                 raise UsageError(f"--set {key}: must be positive, got {raw}")
             if value < 0:
                 raise UsageError(f"--set {key}: must not be negative, got {raw}")

@@ -1,8 +1,13 @@
 """Modeled clocks and per-core counters against closed forms worked out by walking messages.
 
-A delivery s -> d arrives at  send clock + alpha*|d-s| + beta*relays + bytes/link_bw * load,
-where load is the most messages of the pattern on any directed link of its path; a receive
-takes max(own clock, arrival). The reference below walks every message link by link.
+A delivery s -> d's head arrives at  send clock + alpha*|d-s| + beta*relays; the receiver,
+which posts the receive at its own clock (after its own tile has left, when it receives into
+the buffer it sends from), has it at  max(head, posted) + bytes/link_bw * load,  where load is
+the most messages of the pattern on any directed link of its path; a receive takes
+max(own clock, landing). The sender's send completes when its tail has left,
+send clock + bytes/link_bw * load, or, if the receiver was late, when at most the path's
+capacity |d-s| * (alpha + queue/link_bw) is still in flight (on pass-through routes; a software
+relay takes the message off the fabric). The reference below walks every message link by link.
 """
 from __future__ import annotations
 
@@ -13,12 +18,12 @@ from meshmpi import load_hardware
 
 pytestmark = pytest.mark.mpi
 
-ALPHA, BETA, LINK_BW, FLOPS_PER_CYCLE = 3.0, 7.0, 4.0, 2.0
+ALPHA, BETA, LINK_BW, FLOPS_PER_CYCLE, QUEUE = 3.0, 7.0, 4.0, 2.0, 16.0
 
 
 def profile(**extra):
-    values = dict(alpha_cycles_per_hop=ALPHA, beta_cycles_per_relay=BETA,
-                  link_bytes_per_cycle=LINK_BW, flops_per_cycle=FLOPS_PER_CYCLE, **extra)
+    values = dict(alpha_cycles_per_hop=ALPHA, beta_cycles_per_relay=BETA, link_bytes_per_cycle=LINK_BW,
+                  flops_per_cycle=FLOPS_PER_CYCLE, router_queue_bytes=QUEUE, **extra)
     return load_hardware("wse2", [f"{k}={v}" for k, v in values.items()])
 
 
@@ -30,20 +35,34 @@ def messages_of(deliveries, multicast):
     return [(r, [d for s, d in deliveries if s == r]) for r in roots]
 
 
-def reference(n, deliveries, *, multicast=False, relay=False, nbytes, send_clock):
-    """Arrival time per destination position (one line) and per-position counters."""
+def reference(n, deliveries, *, multicast=False, relay=False, nbytes, send_clock, in_place=True,
+              senders=None):
+    """Landing time per destination position (one line) and per-position counters; with a
+    ``senders`` dict, also each source's send completion."""
     use = {}  # (link p between positions p and p+1, direction) -> messages of the pattern on it
     for s, dests in messages_of(deliveries, multicast):
         for p in range(s, max(dests)):        # rightwards, up to the farthest destination
             use[(p, +1)] = use.get((p, +1), 0) + 1
         for p in range(min(dests), s):        # leftwards
             use[(p, -1)] = use.get((p, -1), 0) + 1
+    def path_load(s, d):
+        path = [(p, +1) for p in range(s, d)] if d > s else [(p, -1) for p in range(d, s)]
+        return max(use[link] for link in path)
+
+    own_send = {}   # per source: how long its tile takes to leave (its busiest message's sharing)
+    for s, dests in messages_of(deliveries, multicast):
+        own_send[s] = max(own_send.get(s, 0), max(nbytes / LINK_BW * path_load(s, d) for d in dests))
     arrival = {}
     for s, d in deliveries:
-        path = [(p, +1) for p in range(s, d)] if d > s else [(p, -1) for p in range(d, s)]
-        load = max(use[link] for link in path)
+        load = path_load(s, d)
         relays = abs(d - s) - 1 if relay else 0
-        arrival[d] = send_clock[s] + ALPHA * abs(d - s) + BETA * relays + nbytes / LINK_BW * load
+        head = send_clock[s] + ALPHA * abs(d - s) + BETA * relays
+        posted = send_clock[d] + (own_send.get(d, 0) if in_place else 0)
+        arrival[d] = max(head, posted) + nbytes / LINK_BW * load
+        if senders is not None:
+            # a software relay takes the message off the fabric at the next core
+            capacity = np.inf if relay else abs(d - s) * (ALPHA + QUEUE / LINK_BW)
+            senders[s] = max(senders.get(s, send_clock[s] + own_send[s]), arrival[d] - capacity)
     counters = {k: np.zeros(n, np.int64) for k in ("messages_sent", "hops", "bytes_sent", "bytes_recv", "relays")}
     for s, dests in messages_of(deliveries, multicast):
         counters["messages_sent"][s] += 1
@@ -84,9 +103,11 @@ def expected_mesh(mesh, axis, deliveries, clock_full, *, lines=None, **kwargs):
         if lines is not None and line not in lines:
             continue
         view = (lambda a: a[line, :]) if axis == "x" else (lambda a: a[:, line])
-        arrival, per_position = reference(n, deliveries, send_clock=view(clock_full).copy(), **kwargs)
+        senders = {}
+        arrival, per_position = reference(n, deliveries, send_clock=view(clock_full).copy(),
+                                          senders=senders, **kwargs)
         line_clock = view(clock)
-        for d, t in arrival.items():
+        for d, t in list(arrival.items()) + list(senders.items()):
             line_clock[d] = max(line_clock[d], t)
         for k, v in per_position.items():
             view(counters[k])[:] += v
@@ -145,7 +166,10 @@ def test_one_pattern_from_zero_clocks(new_mesh, world, gather_full, case, axis):
 
 
 def test_shift_by_k_closed_form(new_mesh, world, gather_full):
-    """Receivers of a shift by k in the middle of a long line: alpha*|k| + bytes/bw * |k|."""
+    """An in-place shift by k on a long line: with S = bytes/bw and load the busiest link's
+    messages, a core that also sends posts its receive once its own tile has left (S * its
+    load), so it holds the new tile at max(alpha*|k|, S*own load) + S*load; a core that only
+    sends is done when its tail has left, S * its load. In the middle, load = |k|."""
     for k in (1, 2, 3, -3):
         mesh = new_mesh(2, 12, profile(), rank_grid=(1, world.size))   # clocks and links fresh
         arr = mesh.alloc(f"t{k}", (10,), np.float32)
@@ -157,15 +181,21 @@ def test_shift_by_k_closed_form(new_mesh, world, gather_full):
         # path is at least |k| away from both ends.
         for d in range(12):
             s = d - k
-            if not 0 <= s < 12:
-                assert np.all(clock[:, d] == 0)
+            if not 0 <= s < 12:            # sends only: busy until its tail has left
+                assert np.all(clock[:, d] == 20 / LINK_BW * load_of(d, k)), (k, d)
                 continue
-            links = range(min(s, d), max(s, d))
-            load = max(sum(1 for s2 in range(12) if 0 <= s2 + k < 12
-                           and min(s2, s2 + k) <= link < max(s2, s2 + k)) for link in links)
-            assert np.all(clock[:, d] == ALPHA * abs(k) + 20 / LINK_BW * load), (k, d)
+            serial = 20 / LINK_BW
+            load, own = load_of(s, k), (load_of(d, k) if 0 <= d + k < 12 else 0)
+            assert np.all(clock[:, d] == max(max(ALPHA * abs(k), serial * own) + serial * load, serial * own)), (k, d)
             if abs(k) <= d <= 11 - abs(k) and abs(k) <= s <= 11 - abs(k):
                 assert load == abs(k)
+
+
+def load_of(s, k, n=12):
+    """The most shift-by-k messages on any link of the path from s (on a line of n)."""
+    links = range(min(s, s + k), max(s, s + k))
+    return max(sum(1 for s2 in range(n) if 0 <= s2 + k < n and min(s2, s2 + k) <= link < max(s2, s2 + k))
+               for link in links)
 
 
 def test_compute_then_receive_takes_the_later_time(new_mesh, world, gather_full):
@@ -185,7 +215,9 @@ def test_compute_then_receive_takes_the_later_time(new_mesh, world, gather_full)
     with mesh.fabric.scope():
         mesh.fabric.shift("east", "x", 1).run(arr)
     clock, counters = expected_mesh(mesh, "x", [(s, s + 1) for s in range(6)], done, nbytes=12)
-    assert np.all(clock[:, 3] == 5000)
+    # column 3 posts its receive at 5000, after its own 3-cycle tile has left; the new one then
+    # drains in for 3 cycles
+    assert np.all(clock[:, 3] == 5000 + 2 * 12 / LINK_BW)
     problems = compare(observed(mesh, gather_full), clock, counters)
     assert not problems, "\n".join(problems)
     assert np.array_equal(observed(mesh, gather_full)["busy"], done), "receiving is not compute"
@@ -200,12 +232,17 @@ def test_overlap_start_compute_wait(new_mesh, world, gather_full):
         mesh.compute(np.broadcast_to(flops, (3, 8))[:, mesh.col_start:mesh.col_stop])
         transfer.wait()
     own = flops / FLOPS_PER_CYCLE
-    arrival, _ = reference(8, [(s, s - 2) for s in range(2, 8)], nbytes=16, send_clock=np.zeros(8))
+    senders = {}
+    arrival, _ = reference(8, [(s, s - 2) for s in range(2, 8)], nbytes=16, send_clock=np.zeros(8),
+                           senders=senders)
     want = np.broadcast_to(own, (3, 8)).copy()
-    for d, t in arrival.items():
-        want[:, d] = max(own[d], t)
-    # Arrivals (sent at clock 0) are 2*alpha + 16/bw*2 = 14: later than some cores, not others.
-    assert set(arrival.values()) == {2 * ALPHA + 16 / LINK_BW * 2}
+    for d, t in list(arrival.items()) + list(senders.items()):
+        want[:, d] = max(want[0, d], t)
+    # Sent at clock 0 on links shared two ways (16/bw*2 = 8 cycles): cores 0 and 1 only receive,
+    # at 2*alpha + 8 = 14; cores 2-5 first push their own tile out (8), so theirs lands at 16.
+    # Both are later than some cores' compute, not others'.
+    assert [arrival[d] for d in range(6)] == [14, 14, 16, 16, 16, 16]
+    assert set(senders.values()) == {8}
     got = observed(mesh, gather_full)
     assert np.array_equal(got["clock"], want)
 
@@ -253,8 +290,8 @@ def test_clocks_chain_through_two_patterns(new_mesh, world, gather_full):
 # ------------------------------------------------------------------------------ link occupancy
 def test_pipelined_messages_over_one_link_are_bandwidth_bound(new_mesh, world, gather_full):
     """k messages of S = bytes/bw cycles started back to back on the same directed link (the
-    sender does not wait): message i enters the link when message i-1 has left it, at i*S, and
-    arrives at i*S + alpha + S. The link carries one payload at a time (PAPER.md §1)."""
+    sender is busy only until its tail has left): message i enters the link when message i-1
+    has left it, at i*S, and arrives at i*S + alpha + S. The link carries one payload at a time (PAPER.md §1)."""
     mesh = new_mesh(2, 12, profile(), rank_grid=(1, world.size))
     tile = mesh.alloc("tile", (10,), np.float32)                 # 20 B at 2 B per element
     serial = 20 / LINK_BW
@@ -264,7 +301,7 @@ def test_pipelined_messages_over_one_link_are_bandwidth_bound(new_mesh, world, g
             east.start(tile).wait()
             clock = gather_full(mesh, {"c": mesh.clock})["c"]
             assert np.all(clock[:, 5] == i * serial + ALPHA + serial), i
-            assert np.all(clock[:, 4] == 0)                      # the sender is never delayed
+            assert np.all(clock[:, 4] == (i + 1) * serial)       # the sender: until its tail has left
 
 
 def test_two_patterns_sharing_a_link_serialise(new_mesh, world, gather_full):
@@ -284,3 +321,52 @@ def test_two_patterns_sharing_a_link_serialise(new_mesh, world, gather_full):
     # crosses it: alpha + S + alpha + S, later than the worm's own arrival 2 alpha + S
     assert clock[2] == 2 * ALPHA + 2 * serial
     assert clock[6] == ALPHA + serial                            # a link of its own
+
+
+# ------------------------------------------------------------------------------ back-pressure
+@pytest.mark.parametrize("hops", [1, 4, 8])
+def test_a_late_receiver_stalls_the_sender_once_the_path_is_full(new_mesh, world, gather_full, hops):
+    """Core 1 sends S = 5 cycles of payload at clock 0 to a core that posts its receive only at
+    clock 100. The message lands at 100 + S; the path holds hops * (alpha + queue/bw) cycles
+    of it, so the sender's send completes at max(S, 100 + S - hops*(alpha + queue/bw))."""
+    mesh = new_mesh(2, 12, profile(), rank_grid=(1, world.size))
+    src, dst = mesh.alloc("src", (10,), np.float32), mesh.alloc("dst", (10,), np.float32)
+    late = 1 + hops
+    mesh.compute(np.where(mesh.global_cols() == late, 200, 0)[None, :].repeat(mesh.block_shape[0], 0))
+    serial = 20 / LINK_BW
+    with mesh.fabric.scope():
+        mesh.fabric.plan("late", "x", [1], [late]).run(src, dst)
+        mesh.fabric.plan("ready", "x", [10], [11]).run(src, dst)     # a ready receiver: no stall
+    clock = gather_full(mesh, {"c": mesh.clock})["c"]
+    capacity = hops * (ALPHA + QUEUE / LINK_BW)
+    assert np.all(clock[:, late] == 100 + serial)
+    assert np.all(clock[:, 1] == max(serial, 100 + serial - capacity))
+    assert np.all(clock[:, 10] == serial) and np.all(clock[:, 11] == ALPHA + serial)
+
+
+@pytest.mark.parametrize("n", [6, 8, 11])
+@pytest.mark.parametrize("ring", ["cannon", "interleaved"])
+def test_a_double_buffered_ring_settles_at_its_cycle_mean(new_mesh, world, gather_full, n, ring):
+    """A ring step as the GEMM kernels do it (start into the spare, compute, wait, swap), many
+    times. A core's step ends when its tile has left and the next one has landed, so a tile
+    that goes once around the ring (N steps) gathers every edge's latency once: on a line both
+    Cannon's ring (N-1 one-hop edges and the N-1-hop wrap) and MeshGEMM's interleaved ring
+    (2-hop edges) add up to 2(N-1) hops, and the period settles at
+    max(compute, 2*alpha*(N-1)/N + S). Cannon pays its wrap in full only on the first step."""
+    from kernels.ring import interleaved_ring
+    mesh = new_mesh(1, n, profile(), rank_grid=(1, world.size) if world.size <= n else None)
+    dest = (np.arange(n) - 1) % n if ring == "cannon" else interleaved_ring(n).send()
+    cur, spare = mesh.alloc("cur", (10,), np.float32), mesh.alloc("spare", (10,), np.float32)
+    serial, compute = 20 / LINK_BW, 1.0
+    ends = []
+    with mesh.fabric.scope():
+        step = mesh.fabric.permutation("ring", "x", dest)
+        for _ in range(4 * n):
+            transfer = step.start(cur, spare)
+            mesh.compute(compute * FLOPS_PER_CYCLE)
+            transfer.wait()
+            cur, spare = spare, cur
+            ends.append(mesh.modeled_cycles())
+    first = ALPHA * (n - 1 if ring == "cannon" else 2) + serial
+    assert ends[0] == first
+    assert (ends[-1] - ends[-1 - n]) / n == pytest.approx(max(compute, 2 * ALPHA * (n - 1) / n + serial), rel=1e-12)

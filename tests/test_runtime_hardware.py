@@ -11,8 +11,8 @@ from meshmpi.cli import add_hardware_options, hardware_from_args, parser
 
 PROFILES = Path(__file__).resolve().parents[1] / "meshmpi" / "profiles"
 PARAMETERS = ("mesh_rows", "mesh_cols", "sram_bytes_per_core", "clock_hz", "alpha_cycles_per_hop",
-              "beta_cycles_per_relay", "link_bytes_per_cycle", "flops_per_cycle", "routes_per_core",
-              "element_bytes")
+              "beta_cycles_per_relay", "link_bytes_per_cycle", "router_queue_bytes", "flops_per_cycle",
+              "routes_per_core", "element_bytes")
 
 
 @pytest.mark.parametrize("name", ["wse2", "wse3"])
@@ -100,7 +100,7 @@ def test_user_json_file(tmp_path):
     doc = {"name": "toy", "description": "a toy chip"}
     doc.update({k: {"value": v, "source": "made up", "guessed": k == "flops_per_cycle"} for k, v in
                 dict(mesh_rows=8, mesh_cols=8, sram_bytes_per_core=4096, clock_hz=1e9,
-                     alpha_cycles_per_hop=2, beta_cycles_per_relay=5, link_bytes_per_cycle=8,
+                     alpha_cycles_per_hop=2, beta_cycles_per_relay=5, link_bytes_per_cycle=8, router_queue_bytes=16,
                      flops_per_cycle=16, routes_per_core=12, element_bytes=4).items()})
     doc["routes_per_core"] = 12  # a bare number is accepted too
     path = tmp_path / "toy.json"

@@ -49,15 +49,16 @@ def test_nested_phase_does_not_hide_outer_traffic(new_mesh, world):
 def test_step_end_cycles_follow_the_clocks(new_mesh, world):
     mesh = new_mesh(ROWS, COLS, HW, rank_grid=(1, world.size))
     a = mesh.alloc("a", (6,))                           # 12 bytes: 3 cycles a link
+    b = mesh.alloc("b", (6,))
     ends = []
     with mesh.fabric.scope(), mesh.phase("work"):
-        mesh.fabric.shift("east", "x", 1).run(a)       # alpha + 3
+        mesh.fabric.shift("east", "x", 1).run(a, b)    # alpha + 3
         mesh.step()
         ends.append(2 + 3)
         mesh.compute(10)                                # every core +10
         mesh.step()
         ends.append(ends[-1] + 10)
-        mesh.fabric.shift("west2", "x", -2).run(a)     # alpha*2 + 3*2 (two messages per link)
+        mesh.fabric.shift("west2", "x", -2).run(a, b)  # alpha*2 + 3*2 (two messages per link)
         mesh.step()
         ends.append(ends[-1] + 4 + 6)
     phases, steps = mesh.timeline.collect()
