@@ -177,7 +177,7 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm"):
                 a_part = _pick_chunk(a.data, label // C, -1, L // C)
                 b_part = _pick_chunk(b.data, label // R, -2, L // R)
                 c.data += np.matmul(a_part, b_part)
-            mesh.compute(2 * tm * s * tn * math.prod(batch))
+            mesh.compute(2 * tm * s * tn * math.prod(batch), ops=s * math.prod(batch))
             for transfer in sends:
                 transfer.wait()
             if not last:
@@ -219,7 +219,7 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t"):
                 idx = (label // C).reshape(label.shape + (1,) * (out.ndim - 2))
                 current = np.take_along_axis(out, idx, axis=out.ndim - 2)
                 np.put_along_axis(out, idx, current + update[..., None, :], axis=out.ndim - 2)
-            mesh.compute(2 * tm * s * b.tile_shape[-1] * math.prod(batch))
+            mesh.compute(2 * tm * s * b.tile_shape[-1] * math.prod(batch), ops=s * math.prod(batch))
             if step < L - 1:
                 sends = [pattern.start(tile, spare) for tile, spare, pattern in moving]
                 for transfer in sends:

@@ -58,6 +58,6 @@ def meshgemv(mesh, x, w, reduce_axis: str = "y", algo: str = "ktree", groups: in
     with mesh.phase(f"{name}.local"):
         if not mesh.dry_run:
             y.data[...] = np.matmul(x.data[:, :, None, :], w.data)[:, :, 0, :]
-        mesh.compute(2 * in_chunk * out_chunk)
+        mesh.compute(2 * in_chunk * out_chunk, ops=in_chunk)    # one multiply-add vector op per x element
     allreduce(mesh, y, reduce_axis, "sum", algo, groups, name=f"{name}.allreduce", forwarding=forwarding)
     return y

@@ -76,7 +76,7 @@ def summa(mesh, plan: GemmPlan, a, b, name: str = "summa", broadcast: str = "rel
             pending = start(k + 1, panels[(k + 1) % 2]) if k + 1 < L else []
             if not mesh.dry_run:
                 c.data += np.matmul(current[0].data, current[1].data)
-            mesh.compute(2 * tm * s * tn)
+            mesh.compute(2 * tm * s * tn, ops=s)
             mesh.step(f"step {k}")
     for pa, pb in panels:
         pa.free()

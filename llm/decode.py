@@ -259,7 +259,7 @@ class Decoder:
         if not mesh.dry_run:
             scale = 1.0 / np.sqrt(total.data / np.float32(self.config.hidden_size) + np.float32(eps))
             out.data[...] = x.data * scale * weight.data
-        mesh.compute(3 * x.tile_elements)
+        mesh.compute(3 * x.tile_elements, scalars=1)    # the reciprocal square root
         total.free()
         return out
 

@@ -195,7 +195,7 @@ class _Prefill:
                 inv = 1.0 / np.sqrt(ss.data / np.float32(self.config.hidden_size)
                                     + np.float32(self.config.rms_norm_eps))
                 out.data[...] = x.data * inv[..., None] * w.data[:, :, None, :]
-            mesh.compute(FLOPS_RMS_ROW * tb + FLOPS_RMS_SCALE * tb * hb)
+            mesh.compute(FLOPS_RMS_ROW * tb + FLOPS_RMS_SCALE * tb * hb, scalars=tb)   # a reciprocal root per row
         ss.free()
         w.free()
         return out

@@ -3,8 +3,9 @@
 The fabric, the mesh and the kernels take their times from here and nowhere else; each
 formula has a test against its closed form (tests/test_runtime_costs.py). ``hw`` is a
 :class:`meshmpi.hardware.Hardware` profile: ``alpha`` (cycles per hop on a pass-through route),
-``beta`` (cycles of one software stage on a core), ``link_bytes_per_cycle`` and
-``flops_per_cycle``, all stated with their sources in the profile.
+``beta`` (cycles of one software stage on a core), ``link_bytes_per_cycle``,
+``router_queue_bytes``, ``flops_per_cycle`` and the fixed costs of starting a vector
+operation, a scalar operation and a transfer, all stated with their sources in the profile.
 """
 from __future__ import annotations
 
@@ -30,9 +31,19 @@ def arrival(hw, depart, hops, relays, nbytes, load=1):
     return depart + route_latency(hw, hops, relays) + serialisation(hw, nbytes, load)
 
 
-def compute(hw, flops):
-    """Cycles of ``flops`` floating-point operations on one core: ``flops / flops_per_cycle``."""
-    return np.asarray(flops) / hw.flops_per_cycle
+def compute(hw, flops, ops=0, scalars=0):
+    """Cycles of local work on one core: ``flops / flops_per_cycle`` for the arithmetic, plus
+    the fixed cost of starting each of its ``ops`` vector operations (``vector_op_cycles``)
+    and of each of its ``scalars`` scalar operations such as a square root or a reciprocal
+    (``scalar_op_cycles``)."""
+    return (np.asarray(flops) / hw.flops_per_cycle + np.asarray(ops) * hw.vector_op_cycles
+            + np.asarray(scalars) * hw.scalar_op_cycles)
+
+
+def transfer_start(hw):
+    """Cycles a core spends starting one fabric operation (a send or a receive: setting up its
+    descriptors and routes' queues) before the data can move: ``transfer_start_cycles``."""
+    return hw.transfer_start_cycles
 
 
 def software_stage(hw):

@@ -13,8 +13,8 @@ runs only with hazard checks on, as in the tests).
 Times come from :mod:`meshmpi.costs`, applied link by link in :mod:`meshmpi.worms`: on free
 links a head arrives ``alpha`` a hop (``beta`` a software relay) after the sender's clock; a
 link still busy with an earlier message delays it. The receiver posts its receive when its
-program reaches ``start`` (its clock; a core receiving into the buffer it sends from posts
-once its own tile has left) and holds the tile at ``costs.landing``: the later of the head and
+program reaches ``start`` (its clock plus ``costs.transfer_start``, as a sender's departure;
+a core receiving into the buffer it sends from posts once its own tile has left) and holds the tile at ``costs.landing``: the later of the head and
 the posting, plus the payload once (shared ``load`` ways when messages of the pattern share a
 link). Its clock becomes ``max(own, landing)`` at ``wait``. A sender's clock becomes the
 completion of its send (``costs.send_completion``): when its tail has left, or, behind a
@@ -238,6 +238,8 @@ class LinePattern:
         if lines_idx is not None and lines_idx.size == 0:
             return Transfer(self, src, dst, [], [], lines_idx)
         send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
+        if payload:   # senders and receivers each start a fabric operation first
+            send_clock = send_clock + costs.transfer_start(mesh.hardware)
         arrivals, sends = self._move_heads(send_clock, nbytes, payload, line_mask, in_place=src is dst)
         if lines_idx is not None:
             arrivals = [(dests, times[:, lines_idx]) for dests, times in arrivals]

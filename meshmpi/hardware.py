@@ -14,6 +14,9 @@ from pathlib import Path
 from .errors import UsageError
 
 BUILTIN = ("wse2", "wse3")
+# Parameters that may be 0 (latencies and fixed costs); every other one must be positive.
+_MAY_BE_ZERO = ("alpha_cycles_per_hop", "beta_cycles_per_relay", "router_queue_bytes", "vector_op_cycles",
+                "scalar_op_cycles", "transfer_start_cycles")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,9 @@ class Hardware:
     link_bytes_per_cycle: float
     router_queue_bytes: float
     flops_per_cycle: float
+    vector_op_cycles: float
+    scalar_op_cycles: float
+    transfer_start_cycles: float
     routes_per_core: int
     element_bytes: int
     description: str = ""
@@ -71,7 +77,7 @@ class Hardware:
                 if value != int(value):
                     raise UsageError(f"--set {key}: needs a whole number, got {raw}")
                 value = int(value)
-            if value <= 0 and key not in ("beta_cycles_per_relay", "alpha_cycles_per_hop", "router_queue_bytes"):
+            if value <= 0 and key not in _MAY_BE_ZERO:
                 raise UsageError(f"--set {key}: must be positive, got {raw}")
             if value < 0:
                 raise UsageError(f"--set {key}: must not be negative, got {raw}")

@@ -177,12 +177,16 @@ class Mesh:
                 np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype))
         return arr
 
-    def compute(self, flops, where=None, advance_clock: bool = True) -> None:
+    def compute(self, flops, where=None, advance_clock: bool = True, ops: int = 1, scalars: int = 0) -> None:
         """Charge ``flops`` (scalar or block-shaped) of local work to each core: its FLOP count,
         its busy cycles and (unless the work overlaps a transfer the caller times itself,
-        ``advance_clock=False``) its clock."""
+        ``advance_clock=False``) its clock. The work takes ``ops`` vector operations and
+        ``scalars`` scalar ones, each with its fixed start cost (:func:`meshmpi.costs.compute`),
+        on the cores that do any of it."""
         if where is None and np.ndim(flops) == 0:  # the common case: no block-sized temporaries
-            cycles = float(costs.compute(self.hardware, float(flops)))
+            if not flops and not scalars:
+                return
+            cycles = float(costs.compute(self.hardware, float(flops), ops, scalars))
             if advance_clock:
                 self.clock += cycles
             self.busy += cycles
@@ -191,7 +195,8 @@ class Mesh:
         flops = np.broadcast_to(np.asarray(flops, np.int64), self.block_shape)
         if where is not None:
             flops = np.where(where, flops, 0)
-        cycles = costs.compute(self.hardware, flops)
+        working = flops > 0 if not scalars else (np.ones(self.block_shape, bool) if where is None else where)
+        cycles = np.where(working, costs.compute(self.hardware, flops, ops, scalars), 0.0)
         if advance_clock:
             self.clock += cycles
         self.busy += cycles
@@ -224,7 +229,7 @@ class Mesh:
         if not self.dry_run:
             rhs = np.swapaxes(b.data, -1, -2) if transpose_b else b.data
             out.data += np.matmul(a.data, rhs)
-        self.compute(2 * m * k * n)
+        self.compute(2 * m * k * n, ops=k)
 
     # ------------------------------------------------------------------ clocks and phases
     def modeled_cycles(self) -> float:

@@ -355,8 +355,8 @@ def test_modeled_numbers_do_not_depend_on_ranks_or_payload(algo, broadcast):
 @pytest.mark.parametrize("n,root", [(9, 3), (6, 0), (7, 6)])
 def test_relay_chain_costs(n, root):
     """SUMMA's relayed broadcast: a chain from the root; the core at distance h gets the panel
-    after h hops and h-1 relays, every core that forwards it spends beta of its own time, and
-    the root is busy until the panel has left it."""
+    after h hops and h-1 relays (all after the root started its send), every core that
+    forwards it spends beta of its own time, and the root is busy until the panel has left it."""
     hw = load_hardware("wse2")
     world = MPI.COMM_WORLD
     mesh = Mesh(2, n, hw, comm=world if world.Get_size() <= n else MPI.COMM_SELF,
@@ -368,10 +368,10 @@ def test_relay_chain_costs(n, root):
     expected = np.zeros(n)
     for d in range(n):
         if d == root:    # busy until the panel's tail has left it
-            expected[d] = nbytes / hw.link_bytes_per_cycle
+            expected[d] = hw.transfer_start_cycles + nbytes / hw.link_bytes_per_cycle
             continue
         h = abs(d - root)
-        expected[d] = hw.alpha_cycles_per_hop * h + hw.beta_cycles_per_relay * (h - 1) \
+        expected[d] = hw.transfer_start_cycles + hw.alpha_cycles_per_hop * h + hw.beta_cycles_per_relay * (h - 1) \
             + nbytes / hw.link_bytes_per_cycle
         if 0 < d < n - 1:   # forwards to the next core
             expected[d] += hw.beta_cycles_per_relay

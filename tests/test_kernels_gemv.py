@@ -121,19 +121,21 @@ def test_gemv_modeled_numbers_do_not_depend_on_ranks_or_payload(algo):
 def test_pipeline_allreduce_closed_form(n, forwarding):
     """A pipeline allreduce of E elements along a column of n cores from zero clocks. The chain
     to the last core streams: n - 1 stages of alpha + beta on the head, then the payload once
-    at the pace of the link or the add, max(B/bw, E/rate); stored and forwarded it pays
-    alpha + B/bw + E/rate + beta per stage. Then the root multicasts back: alpha per hop to
-    the far end plus the payload (PAPER.md §3)."""
+    at the pace of the link or the add, max(B/bw, E/rate); stored and forwarded it pays a
+    transfer's start, alpha + B/bw, the add (E/rate and a vector operation's start) and beta per
+    stage. Then the root multicasts back: a transfer's start, alpha per hop to the far end plus
+    the payload (PAPER.md §3)."""
     elements = 96
     hw = load_hardware("wse2")
     a, b, bw, rate = (hw.alpha_cycles_per_hop, hw.beta_cycles_per_relay, hw.link_bytes_per_cycle,
                       hw.flops_per_cycle)
+    start, op = hw.transfer_start_cycles, hw.vector_op_cycles
     nbytes = elements * hw.element_bytes
     if forwarding == "stream":
         chain = (n - 1) * (a + b) + max(nbytes / bw, elements / rate)
     else:
-        chain = (n - 1) * (a + nbytes / bw + elements / rate + b)
-    expected = chain + (n - 1) * a + nbytes / bw
+        chain = (n - 1) * (start + a + nbytes / bw + elements / rate + op + b)
+    expected = chain + start + (n - 1) * a + nbytes / bw
     for dry_run in (True, False):
         mesh = make_mesh(n, 3, dry_run=dry_run)
         acc = mesh.alloc("acc", (elements,), np.float64)

@@ -23,7 +23,9 @@ ALPHA, BETA, LINK_BW, FLOPS_PER_CYCLE, QUEUE = 3.0, 7.0, 4.0, 2.0, 16.0
 
 def profile(**extra):
     values = dict(alpha_cycles_per_hop=ALPHA, beta_cycles_per_relay=BETA, link_bytes_per_cycle=LINK_BW,
-                  flops_per_cycle=FLOPS_PER_CYCLE, router_queue_bytes=QUEUE, **extra)
+                  flops_per_cycle=FLOPS_PER_CYCLE, router_queue_bytes=QUEUE, vector_op_cycles=0,
+                  scalar_op_cycles=0, transfer_start_cycles=0)
+    values.update(extra)
     return load_hardware("wse2", [f"{k}={v}" for k, v in values.items()])
 
 
@@ -36,9 +38,11 @@ def messages_of(deliveries, multicast):
 
 
 def reference(n, deliveries, *, multicast=False, relay=False, nbytes, send_clock, in_place=True,
-              senders=None):
+              senders=None, start=0.0):
     """Landing time per destination position (one line) and per-position counters; with a
-    ``senders`` dict, also each source's send completion."""
+    ``senders`` dict, also each source's send completion. ``start``: the cycles every sender
+    and receiver spends starting its fabric operation."""
+    send_clock = np.asarray(send_clock, float) + start
     use = {}  # (link p between positions p and p+1, direction) -> messages of the pattern on it
     for s, dests in messages_of(deliveries, multicast):
         for p in range(s, max(dests)):        # rightwards, up to the farthest destination
@@ -154,13 +158,15 @@ CASES = [  # (name, axis, how to plan, deliveries on a line of n, multicast, rel
 def test_one_pattern_from_zero_clocks(new_mesh, world, gather_full, case, axis):
     name, deliveries_of, plan, multicast, relay = case
     rows, cols = (3, 9) if axis == "x" else (9, 3)
-    mesh = new_mesh(rows, cols, profile(), rank_grid=(1, world.size) if axis == "x" else (world.size, 1))
+    start = 5.0 if axis == "y" else 0.0              # the fixed cost of starting a send or receive
+    mesh = new_mesh(rows, cols, profile(transfer_start_cycles=start),
+                    rank_grid=(1, world.size) if axis == "x" else (world.size, 1))
     n = 9
     arr = mesh.alloc("t", (6,), np.float64)          # 6 elements at element_bytes=2: 12 bytes
     with mesh.fabric.scope():
         plan(mesh.fabric, axis, n).run(arr)
     clock, counters = expected_mesh(mesh, axis, deliveries_of(n), np.zeros((rows, cols)),
-                                    multicast=multicast, relay=relay, nbytes=12)
+                                    multicast=multicast, relay=relay, nbytes=12, start=start)
     problems = compare(observed(mesh, gather_full), clock, counters)
     assert not problems, "\n".join(problems)
 
@@ -370,3 +376,17 @@ def test_a_double_buffered_ring_settles_at_its_cycle_mean(new_mesh, world, gathe
     first = ALPHA * (n - 1 if ring == "cannon" else 2) + serial
     assert ends[0] == first
     assert (ends[-1] - ends[-1 - n]) / n == pytest.approx(max(compute, 2 * ALPHA * (n - 1) / n + serial), rel=1e-12)
+
+
+def test_fixed_costs_of_local_work(new_mesh, world, gather_full):
+    """Each vector operation and each scalar operation has a start cost on the cores that work;
+    cores given no work pay nothing."""
+    mesh = new_mesh(3, 4, profile(vector_op_cycles=4, scalar_op_cycles=16), rank_grid=(world.size, 1)
+                    if world.size <= 3 else None)
+    mesh.compute(20, ops=3)                                            # 10 + 3*4
+    flops = np.where(mesh.global_rows()[:, None] == 1, 0, 8) * np.ones(mesh.block_shape, np.int64)
+    mesh.compute(flops, scalars=2)                                     # + 4 + 4 + 2*16 (all cores)
+    mesh.compute(flops)                                                # + 4 + 4 where there is work
+    clock = gather_full(mesh, {"c": mesh.clock})["c"]
+    working = 22 + 40 + 8
+    assert np.array_equal(clock, np.array([[working] * 4, [22 + 36] * 4, [working] * 4], float))

@@ -12,7 +12,7 @@ from meshmpi.cli import add_hardware_options, hardware_from_args, parser
 PROFILES = Path(__file__).resolve().parents[1] / "meshmpi" / "profiles"
 PARAMETERS = ("mesh_rows", "mesh_cols", "sram_bytes_per_core", "clock_hz", "alpha_cycles_per_hop",
               "beta_cycles_per_relay", "link_bytes_per_cycle", "router_queue_bytes", "flops_per_cycle",
-              "routes_per_core", "element_bytes")
+              "vector_op_cycles", "scalar_op_cycles", "transfer_start_cycles", "routes_per_core", "element_bytes")
 
 
 @pytest.mark.parametrize("name", ["wse2", "wse3"])
@@ -101,6 +101,7 @@ def test_user_json_file(tmp_path):
     doc.update({k: {"value": v, "source": "made up", "guessed": k == "flops_per_cycle"} for k, v in
                 dict(mesh_rows=8, mesh_cols=8, sram_bytes_per_core=4096, clock_hz=1e9,
                      alpha_cycles_per_hop=2, beta_cycles_per_relay=5, link_bytes_per_cycle=8, router_queue_bytes=16,
+                     vector_op_cycles=1, scalar_op_cycles=2, transfer_start_cycles=3,
                      flops_per_cycle=16, routes_per_core=12, element_bytes=4).items()})
     doc["routes_per_core"] = 12  # a bare number is accepted too
     path = tmp_path / "toy.json"

@@ -8,7 +8,8 @@ from meshmpi import load_hardware
 pytestmark = pytest.mark.mpi
 
 ROWS, COLS = 3, 8
-HW = load_hardware("wse2", ["alpha_cycles_per_hop=2", "link_bytes_per_cycle=4", "flops_per_cycle=1"])
+HW = load_hardware("wse2", ["alpha_cycles_per_hop=2", "link_bytes_per_cycle=4", "flops_per_cycle=1",
+                           "transfer_start_cycles=0", "vector_op_cycles=0"])
 
 
 def shift_messages(k):

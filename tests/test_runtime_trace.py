@@ -15,10 +15,12 @@ from meshes import KNOWN_TILE, known_schedule
 ROWS, COLS, TILE = 4, 6, KNOWN_TILE
 HW = load_hardware("wse2")
 SERIAL = TILE * HW.element_bytes / HW.link_bytes_per_cycle
-# The shift is in place: the last core only receives (alpha + S); the others first push their
-# own tile out (S) before the new one drains in, and the first one only sends.
-SHIFT_CYCLES = max(HW.alpha_cycles_per_hop, SERIAL) + SERIAL
-COMPUTE_CYCLES = 10 / HW.flops_per_cycle
+START = HW.transfer_start_cycles
+# The shift is in place and every core first starts its send and receive (START): the last
+# core only receives (alpha + S); the others first push their own tile out (S) before the new
+# one drains in, and the first one only sends.
+SHIFT_CYCLES = START + max(HW.alpha_cycles_per_hop, SERIAL) + SERIAL
+COMPUTE_CYCLES = 10 / HW.flops_per_cycle + HW.vector_op_cycles
 
 
 def expected_counters():
@@ -33,8 +35,8 @@ def expected_counters():
             c["bytes_sent"][r, s] += nbytes
             c["hops"][r, s] += 1
             c["bytes_recv"][r, s + 1] += nbytes
-            clock[r, s + 1] = SHIFT_CYCLES if s + 1 < COLS - 1 else HW.alpha_cycles_per_hop + SERIAL
-        clock[r, 0] = SERIAL
+            clock[r, s + 1] = SHIFT_CYCLES if s + 1 < COLS - 1 else START + HW.alpha_cycles_per_hop + SERIAL
+        clock[r, 0] = START + SERIAL
     c["flops"][:] = 10
     c["clock_cycles"] = clock + COMPUTE_CYCLES
     c["busy_cycles"] = np.full((ROWS, COLS), COMPUTE_CYCLES)
