@@ -6,6 +6,7 @@ import numpy as np
 from meshmpi import cli
 from meshmpi.errors import CheckError, UsageError
 from meshmpi.mesh import parse_grid
+from meshmpi.text import plural
 from meshmpi.trace import write_trace
 
 from .allreduce import FORWARDING
@@ -85,7 +86,7 @@ def run_kernel(args, argv=None) -> int:
 
 def format_report(r: dict) -> str:
     sizes = f"m={r['m']} k={r['k']} n={r['n']}" if r.get("k") else f"m={r['m']} n={r['n']}"
-    lines = [f"{r['algo']} on {r['mesh']} ({r['hardware']}, {r['ranks']} ranks{', dry run' if r['dry_run'] else ''}), {sizes}",
+    lines = [f"{r['algo']} on {r['mesh']} ({r['hardware']}, {plural(r['ranks'], 'rank')}{', dry run' if r['dry_run'] else ''}), {sizes}",
              f"  modeled    {r['modeled_cycles']:,.0f} cycles = {r['modeled_seconds'] * 1e6:.3f} us "
              f"(compute {r['compute_cycles']:,.0f}, communication {r['comm_cycles']:,.0f}, "
              f"efficiency {r['efficiency']:.1%})",

@@ -14,6 +14,7 @@ from meshmpi import cli
 from meshmpi.check import require_finite
 from meshmpi.errors import CheckError, UsageError
 from meshmpi.mesh import parse_grid
+from meshmpi.text import article, plural
 from meshmpi.trace import write_trace
 
 from .checkpoint import load_checkpoint, resolve_model_dir
@@ -272,14 +273,14 @@ def _format(r: dict) -> str:
     elif r["tokens"]:
         lines.append(f"tokens: {r['tokens']}")
     rate = r["modeled_decode_tokens_per_s"]
-    lines += [f"{r['model']} on {r['mesh']} (prefill {r['prefill_mesh']}, {r['hardware']}, {r['ranks']} ranks"
+    lines += [f"{r['model']} on {r['mesh']} (prefill {r['prefill_mesh']}, {r['hardware']}, {plural(r['ranks'], 'rank')}"
               f"{', dry run' if r['dry_run'] else ''}), KV {r['kv_policy']}",
               f"  prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new",
               f"  modeled prefill   {r['modeled_prefill_seconds'] * 1e3:.4f} ms",
               "  modeled decode    " + (f"{rate:,.0f} tokens/s per request "
                                          f"({r['modeled_cycles_per_layer']:,.0f} cycles per layer)" if rate else "n/a (one token)"),
               f"  regions           {regions_text(r)} "
-              f"({r['cores_used']:,} cores, {r['wafers']:.2f} of a {r['hardware']} wafer)",
+              f"({r['cores_used']:,} cores, {r['wafers']:.2f} of {article(r['hardware'])} {r['hardware']} wafer)",
               f"  KV capacity       {r['kv_capacity_tokens']:,} tokens ({r['kv_policy']})",
               f"  peak memory       {r['peak_bytes_per_core']:,} B per core",
               f"  wall time         {r['wall_seconds']:.2f} s"]

@@ -146,7 +146,8 @@ SCHEMA = {
 }
 
 
-def _from_document(doc: dict, origin: str) -> Hardware:
+def from_document(doc: dict, origin: str) -> Hardware:
+    """The profile a parsed JSON document describes, every parameter checked against :data:`SCHEMA`."""
     kwargs, sources, guessed = {}, {}, []
     for key in ("name", "description"):
         value = doc.get(key, "" if key == "description" else origin)
@@ -201,4 +202,4 @@ def load_hardware(spec: str | None = "wse2", overrides=None) -> Hardware:
         raise UsageError(f"hardware profile {origin}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(doc, dict):
         raise UsageError(f"hardware profile {origin}: expected a JSON object")
-    return _from_document(doc, origin).with_overrides(overrides)
+    return from_document(doc, origin).with_overrides(overrides)
