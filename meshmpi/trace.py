@@ -60,8 +60,9 @@ def _records(rows: list[dict], dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def write_trace(mesh, path, *, kind: str, result: dict | None = None, argv=None) -> None:
-    """Write the run's trace (collective: call on every rank)."""
+def write_trace(mesh, path, *, kind: str, result: dict | None = None, argv=None, warnings=None) -> None:
+    """Write the run's trace (collective: call on every rank). ``warnings`` (default: the
+    mesh's) are the limits a ``--memory warn`` / ``--routes warn`` run went over."""
     from . import __version__, mpi_library_version  # late: avoids an import cycle
 
     phases, steps = mesh.timeline.collect()
@@ -77,7 +78,7 @@ def write_trace(mesh, path, *, kind: str, result: dict | None = None, argv=None)
             "dry_run": mesh.dry_run, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "python": platform.python_version(), "host": platform.node(),
             "result_json": json.dumps(result or {}),
-            "warnings": json.dumps(mesh.memory.warnings + mesh.routes.warnings),
+            "warnings": json.dumps(mesh.memory.warnings + mesh.routes.warnings if warnings is None else warnings),
         }
         try:
             _write_file(Path(path), meta, counters, phases, steps)
