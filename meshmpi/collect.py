@@ -93,7 +93,7 @@ def read_trace(path: Path) -> dict | None:
             if "meta" in trace:
                 for key, value in trace["meta"].attrs.items():
                     row.update(_meta_columns(key, _plain(value)))
-            if "counters" in trace:
+            if isinstance(trace.get("counters"), h5py.Group):
                 def add_totals(name, node):
                     if isinstance(node, h5py.Dataset) and node.size and node.dtype.kind in "biuf":
                         data = node[()]
