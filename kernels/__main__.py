@@ -6,6 +6,7 @@ import numpy as np
 from meshmpi import cli
 from meshmpi.errors import CheckError, UsageError
 from meshmpi.mesh import parse_grid
+from meshmpi.text import plural
 from meshmpi.trace import write_trace
 
 from .allreduce import FORWARDING
@@ -66,18 +67,28 @@ def build_parser():
 
 def run_kernel(args, argv=None) -> int:
     rows, cols = parse_grid(args.mesh)
+    if args.command == "gemv" and args.groups is not None:
+        if args.algo != "meshgemv":
+            raise UsageError(f"--groups is for --algo meshgemv (K-tree groups); {args.algo} has none")
+        if args.groups > rows:
+            raise UsageError(f"--groups {args.groups}: more groups than the {rows} cores of a column of "
+                             f"--mesh {args.mesh} (the reduction runs along the columns)")
+    cli.check_fits(args, (rows, cols), f"--mesh {args.mesh}")
+    cli.check_outputs(args)
     mesh = cli.mesh_from_args(args, rows, cols)
     dtype = np.dtype(args.dtype)
     if args.command == "gemm":
         report = run_gemm(mesh, args.algo, args.m, args.k, args.n, dtype, args.seed, args.broadcast)
     else:
         report = run_gemv(mesh, args.algo, args.m, args.n, args.groups, dtype, args.seed, args.forwarding)
+    report["warnings"] = mesh.memory.warnings + mesh.routes.warnings
     if args.trace:
         write_trace(mesh, args.trace, kind=args.command, result=report)
     if args.json:
         cli.print_json(report)
     else:
         cli.say(format_report(report))
+    cli.warn_summary(report["warnings"])
     if report["check_failure"]:
         raise CheckError(report["check_failure"])
     return 0
@@ -85,7 +96,7 @@ def run_kernel(args, argv=None) -> int:
 
 def format_report(r: dict) -> str:
     sizes = f"m={r['m']} k={r['k']} n={r['n']}" if r.get("k") else f"m={r['m']} n={r['n']}"
-    lines = [f"{r['algo']} on {r['mesh']} ({r['hardware']}, {r['ranks']} ranks{', dry run' if r['dry_run'] else ''}), {sizes}",
+    lines = [f"{r['algo']} on {r['mesh']} ({r['hardware']}, {plural(r['ranks'], 'rank')}{', dry run' if r['dry_run'] else ''}), {sizes}",
              f"  modeled    {r['modeled_cycles']:,.0f} cycles = {r['modeled_seconds'] * 1e6:.3f} us "
              f"(compute {r['compute_cycles']:,.0f}, communication {r['comm_cycles']:,.0f}, "
              f"efficiency {r['efficiency']:.1%})",

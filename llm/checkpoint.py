@@ -115,8 +115,35 @@ def read_safetensors_header(path: pathlib.Path) -> tuple[dict, int]:
         raise ModelError(f"missing file {path}") from None
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path} is not a safetensors file: {exc}") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path} is not a safetensors file: its header is not a JSON object")
     header.pop("__metadata__", None)
+    data_bytes = size - 8 - length
+    for name, entry in header.items():
+        problem = _entry_problem(entry, data_bytes)
+        if problem:
+            raise ModelError(f"{path} is damaged or truncated: tensor {name} {problem}")
     return header, 8 + length
+
+
+_ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def _entry_problem(entry, data_bytes: int) -> str | None:
+    """Why one header entry cannot be read from ``data_bytes`` bytes of data, or None."""
+    if not isinstance(entry, dict):
+        return "has no dtype, shape and data_offsets"
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        return "has a malformed shape or data_offsets"
+    if offsets[1] > data_bytes:
+        return f"ends at data byte {offsets[1]:,} but the file holds {data_bytes:,}"
+    item = _ITEM_BYTES.get(entry.get("dtype"))
+    if item is not None and offsets[1] - offsets[0] != item * int(np.prod(shape, dtype=np.int64)):
+        return f"holds {offsets[1] - offsets[0]:,} bytes, not the {item} x {shape} its dtype and shape need"
+    return None
 
 
 class _TensorFiles:
@@ -167,8 +194,12 @@ class _TensorFiles:
         if entry["dtype"] not in _NUMPY_DTYPES:
             raise ModelError(f"tensor {name} in {file} has unsupported dtype {entry['dtype']} "
                              f"(expected F32, F16 or BF16)")
-        with safe_open(self.directory / file, framework="np") as fh:
-            return fh.get_tensor(name).astype(dtype, copy=False)
+        try:
+            with safe_open(self.directory / file, framework="np") as fh:
+                return fh.get_tensor(name).astype(dtype, copy=False)
+        except Exception as exc:  # safetensors' own error type is not part of its API
+            raise ModelError(f"cannot read tensor {name} from {self.directory / file}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def load_checkpoint(model: str | pathlib.Path, dtype=np.float32) -> LlamaWeights:

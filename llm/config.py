@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from dataclasses import dataclass, field
 
@@ -104,9 +105,18 @@ class LlamaConfig:
 
     # ---------------------------------------------------------------------- from/to HF
     @classmethod
-    def from_dict(cls, raw: dict) -> "LlamaConfig":
-        """Parse a Hugging Face config dictionary; unsupported models raise ModelError."""
+    def from_dict(cls, raw: dict, origin: str = "config") -> "LlamaConfig":
+        """Parse a Hugging Face config dictionary; unsupported models and fields of the wrong
+        type raise ModelError (naming ``origin``, the file, and the field)."""
+        try:
+            return cls._from_dict(raw)
+        except ModelError as exc:
+            raise ModelError(f"{origin}: {exc}") from None
+
+    @classmethod
+    def _from_dict(cls, raw: dict) -> "LlamaConfig":
         _check_architecture(raw)
+        _check_types(raw)
         for key in ("attention_bias", "mlp_bias"):
             if raw.get(key):
                 raise ModelError(f"{key}=true is not supported (LLaMA projections have no bias)")
@@ -125,7 +135,7 @@ class LlamaConfig:
             num_attention_heads=raw["num_attention_heads"], vocab_size=raw["vocab_size"],
             num_key_value_heads=raw.get("num_key_value_heads"), head_dim=raw.get("head_dim"),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-            rope_scaling=scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            rope_scaling=scaling, tie_word_embeddings=raw.get("tie_word_embeddings", False),
             bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids,
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"))
@@ -144,7 +154,7 @@ class LlamaConfig:
             raise ModelError(f"{path} is not valid JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise ModelError(f"{path} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(raw, str(path))
 
     def to_dict(self) -> dict:
         """Hugging Face ``config.json`` contents (top-level ``rope_theta`` style)."""
@@ -171,6 +181,45 @@ def _check_architecture(raw: dict) -> None:
                          f"{', '.join(SUPPORTED_ARCHITECTURES)} can be loaded")
 
 
+_INTEGERS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+             "num_key_value_heads", "head_dim", "max_position_embeddings")
+_NUMBERS = ("rms_norm_eps", "rope_theta")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_types(raw: dict) -> None:
+    """Every field this loader reads has the JSON type Hugging Face writes (``null`` = absent)."""
+    def found(key):
+        return f"found {json.dumps(raw[key])}"
+
+    for key in _INTEGERS:
+        if raw.get(key) is not None and not (_is_int(raw[key]) and raw[key] > 0):
+            raise ModelError(f"{key} must be a positive integer, {found(key)}")
+    for key in _NUMBERS:
+        if raw.get(key) is not None and not (_is_number(raw[key]) and raw[key] > 0):
+            raise ModelError(f"{key} must be a positive number, {found(key)}")
+    if raw.get("tie_word_embeddings") is not None and not isinstance(raw["tie_word_embeddings"], bool):
+        raise ModelError(f"tie_word_embeddings must be true or false, {found('tie_word_embeddings')}")
+    if raw.get("bos_token_id") is not None and not _is_int(raw["bos_token_id"]):
+        raise ModelError(f"bos_token_id must be an integer or null, {found('bos_token_id')}")
+    eos = raw.get("eos_token_id")
+    if eos is not None and not (_is_int(eos) or isinstance(eos, list) and all(_is_int(t) for t in eos)):
+        raise ModelError(f"eos_token_id must be an integer, a list of integers or null, {found('eos_token_id')}")
+    for key in ("rope_scaling", "rope_parameters"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ModelError(f"{key} must be an object or null, {found(key)}")
+    for key in ("torch_dtype", "dtype"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise ModelError(f"{key} must be a string, {found(key)}")
+
+
 def _parse_rope(raw: dict) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from ``rope_theta``/``rope_scaling`` or ``rope_parameters``."""
     params = raw.get("rope_parameters")
@@ -180,6 +229,8 @@ def _parse_rope(raw: dict) -> tuple[float, RopeScaling | None]:
     else:
         theta = raw.get("rope_theta", 10000.0)
         scaling = raw.get("rope_scaling")
+    if not _is_number(theta) or theta <= 0:
+        raise ModelError(f"rope_theta must be a positive number, found {json.dumps(theta)}")
     if not scaling:
         return float(theta), None
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -190,6 +241,11 @@ def _parse_rope(raw: dict) -> tuple[float, RopeScaling | None]:
     missing = [k for k in _LLAMA3_KEYS if k not in scaling]
     if missing:
         raise ModelError(f"llama3 rope scaling is missing {', '.join(missing)}")
+    for key in _LLAMA3_KEYS:
+        whole = key == "original_max_position_embeddings"
+        if not (_is_int if whole else _is_number)(scaling[key]) or scaling[key] <= 0:
+            raise ModelError(f"rope scaling {key} must be a positive {'integer' if whole else 'number'}, "
+                             f"found {json.dumps(scaling[key])}")
     return float(theta), RopeScaling(
         factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
         high_freq_factor=float(scaling["high_freq_factor"]),

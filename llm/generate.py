@@ -1,19 +1,19 @@
 """``python -m llm generate``: prefill a prompt with MeshGEMM, decode with MeshGEMV, stream tokens."""
 from __future__ import annotations
 
-import os
+import math
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from kernels.allreduce import FORWARDING
-from meshmpi import cli
+from meshmpi import cli, outputs
 from meshmpi.check import require_finite
 from meshmpi.errors import CheckError, UsageError
+from meshmpi.host import agree
 from meshmpi.mesh import parse_grid
+from meshmpi.text import article, plural
 from meshmpi.trace import write_trace
 
 from .checkpoint import load_checkpoint, resolve_model_dir
@@ -114,12 +114,54 @@ def _choose(logits: np.ndarray, args, rng) -> int:
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, target)
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    outputs.write_atomic(path, write)
+
+
+def _check_options(args) -> None:
+    """What can be told wrong from the options alone, before any model is read."""
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if not (0 < args.top_p <= 1):
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.layers is not None and args.layers < 1:
+        raise UsageError(f"--layers must be at least 1, got {args.layers}")
+    if args.check and args.dry_run:
+        raise UsageError("--check compares numbers with the reference: it cannot be combined with --dry-run")
+    if args.save_logits and args.dry_run:
+        raise UsageError("--save-logits needs the logits of a numeric run: it cannot be combined with --dry-run")
+    if args.groups is not None:
+        if args.allreduce != "ktree":
+            raise UsageError(f"--groups is for --allreduce ktree (K-tree groups); {args.allreduce} has none")
+        if args.groups < 1:
+            raise UsageError(f"--groups must be at least 1, got {args.groups}")
+
+
+def _regions(args) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The decode region (``--mesh``) and the square prefill region, checked against each
+    other and against the job's ranks."""
+    rows, cols = parse_grid(args.mesh)
+    if args.prefill_mesh:
+        side = parse_grid(args.prefill_mesh, "prefill-mesh")
+        if side[0] != side[1]:
+            raise UsageError(f"--prefill-mesh must be square (MeshGEMM prefill), got {args.prefill_mesh}")
+        if side[0] > min(rows, cols):
+            raise UsageError(f"--prefill-mesh {args.prefill_mesh} does not fit inside --mesh {args.mesh}")
+        what = f"--prefill-mesh {args.prefill_mesh}"
+    else:
+        side = (min(rows, cols),) * 2
+        what = f"the prefill region implied by --mesh {args.mesh} (its largest square)"
+    if args.groups is not None and args.groups > min(rows, cols):
+        raise UsageError(f"--groups {args.groups}: more groups than the {min(rows, cols)} cores of the shorter "
+                         f"side of --mesh {args.mesh} (decode reduces along both axes)")
+    cli.check_fits(args, side, what)
+    cli.check_fits(args, (rows, cols), f"--mesh {args.mesh}")
+    return (rows, cols), side
 
 
 def generate(args) -> int:
@@ -128,24 +170,25 @@ def generate(args) -> int:
         cli.print_json(report)
     else:
         cli.say(_format(report))
+    cli.warn_summary(report["warnings"])
     return 0
 
 
 def run_generate(args) -> dict:
     """The whole ``generate`` command on this job's ranks; returns the report (every rank)."""
     t_start = time.perf_counter()
-    if args.max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
+    _check_options(args)
+    (rows, cols), side = _regions(args)
+    hardware = cli.hardware_from_args(args)
+    cli.check_outputs(args, (args.save_logits, "--save-logits"))
     config, weights, tokenizer = _load_model(args)
     ids = _prompt_ids(args, config, tokenizer)
-    rows, cols = parse_grid(args.mesh)
-    side = parse_grid(args.prefill_mesh, "prefill-mesh") if args.prefill_mesh else (min(rows, cols),) * 2
-    if side[0] != side[1]:
-        raise UsageError(f"--prefill-mesh must be square (MeshGEMM prefill), got {args.prefill_mesh}")
-    sim_layers = args.layers or (1 if args.model in PRESETS else config.num_hidden_layers)
+    if len(ids) > config.max_position_embeddings:
+        raise UsageError(f"the prompt has {len(ids)} tokens, more than the model's max_position_embeddings "
+                         f"({config.max_position_embeddings})")
+    sim_layers = args.layers if args.layers is not None else (1 if args.model in PRESETS else config.num_hidden_layers)
     if not 1 <= sim_layers <= config.num_hidden_layers:
-        raise UsageError(f"--layers must be in 1..{config.num_hidden_layers}")
-    hardware = cli.hardware_from_args(args)
+        raise UsageError(f"--layers must be in 1..{config.num_hidden_layers}, got {sim_layers}")
     scale = config.num_hidden_layers / sim_layers
 
     from .prefill import prefill
@@ -153,6 +196,7 @@ def run_generate(args) -> dict:
     pre = prefill(pmesh, config, weights, ids if weights is not None else len(ids), layers=sim_layers,
                   forwarding=args.forwarding)
     prefill_cycles = pre.modeled_cycles + (scale - 1) * pre.cycles_per_layer * sim_layers
+    warnings = [f"prefill {w}" for w in pmesh.memory.warnings + pmesh.routes.warnings]
     pmesh.free()
 
     mesh = cli.mesh_from_args(args, rows, cols, hardware)
@@ -218,11 +262,20 @@ def run_generate(args) -> dict:
         "peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0)))),
         "routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
         "checked": bool(args.check), "wall_seconds": time.perf_counter() - t_start,
+        "warnings": warnings + mesh.memory.warnings + mesh.routes.warnings,
     }
-    if args.save_logits and weights is not None and mesh.rank == 0:
-        _save_npy(args.save_logits, np.stack(all_logits).astype(np.float32))
+    if args.save_logits:
+        error = None
+        if mesh.rank == 0:
+            try:
+                _save_npy(args.save_logits, np.stack(all_logits).astype(np.float32))
+            except OSError as exc:
+                error = f"cannot write --save-logits {args.save_logits}: {exc.strerror or exc}"
+        error = agree(mesh, error)
+        if error:
+            raise UsageError(error)
     if args.trace:
-        write_trace(mesh, args.trace, kind="generate", result=report)
+        write_trace(mesh, args.trace, kind="generate", result=report, warnings=report["warnings"])
     mesh.free()
     return report
 
@@ -237,8 +290,6 @@ def _progress(args, mesh):
 def _check(config, weights, ids, tokens, logits, args) -> None:
     """Tokens equal to the numpy reference's, logits within 1e-4 (relative to the largest),
     and every logit finite on both sides."""
-    if weights is None:
-        raise UsageError("--check needs weights (not a dry run)")
     from .reference import ReferenceModel
     ref_tokens, ref_logits = ReferenceModel(config, weights).generate(
         ids, len(tokens), eos=[] if args.ignore_eos else None, ignore_eos=True)
@@ -272,14 +323,14 @@ def _format(r: dict) -> str:
     elif r["tokens"]:
         lines.append(f"tokens: {r['tokens']}")
     rate = r["modeled_decode_tokens_per_s"]
-    lines += [f"{r['model']} on {r['mesh']} (prefill {r['prefill_mesh']}, {r['hardware']}, {r['ranks']} ranks"
+    lines += [f"{r['model']} on {r['mesh']} (prefill {r['prefill_mesh']}, {r['hardware']}, {plural(r['ranks'], 'rank')}"
               f"{', dry run' if r['dry_run'] else ''}), KV {r['kv_policy']}",
               f"  prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new",
               f"  modeled prefill   {r['modeled_prefill_seconds'] * 1e3:.4f} ms",
               "  modeled decode    " + (f"{rate:,.0f} tokens/s per request "
                                          f"({r['modeled_cycles_per_layer']:,.0f} cycles per layer)" if rate else "n/a (one token)"),
               f"  regions           {regions_text(r)} "
-              f"({r['cores_used']:,} cores, {r['wafers']:.2f} of a {r['hardware']} wafer)",
+              f"({r['cores_used']:,} cores, {r['wafers']:.2f} of {article(r['hardware'])} {r['hardware']} wafer)",
               f"  KV capacity       {r['kv_capacity_tokens']:,} tokens ({r['kv_policy']})",
               f"  peak memory       {r['peak_bytes_per_core']:,} B per core",
               f"  wall time         {r['wall_seconds']:.2f} s"]

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import platform
+import sys
 
-from . import __version__, cli, collect, compare, export, mpi_library_version, plots
+from . import __version__, cli, collect, compare, export, mpi_library_version, outputs, plots
 from .errors import UsageError
 from .hardware import BUILTIN, load_hardware
 from .summary import format_summary, summarize
@@ -76,6 +77,11 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "trace":
+        inputs = getattr(args, "files", None) or [args.file]
+        line = outputs.leftovers_line([p for path in inputs for p in outputs.leftovers(path)])
+        if line:
+            cli.say(line, file=sys.stderr)
     try:
         return args.func(args)
     except ValueError as exc:  # the collector's bad-input errors

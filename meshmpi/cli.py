@@ -10,9 +10,11 @@ import traceback
 
 from mpi4py import MPI
 
+from . import outputs
 from .errors import MeshmpiError, UsageError
 from .hardware import load_hardware
-from .mesh import Mesh, parse_grid
+from .mesh import Mesh, choose_rank_grid, parse_grid
+from .text import article, plural
 
 
 def world_rank() -> int:
@@ -31,9 +33,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser(prog: str, description: str, examples: str = "") -> Parser:
-    return Parser(prog=prog, description=description,
-                  epilog=("examples:\n" + examples) if examples else None,
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+    p = Parser(prog=prog, description=description,
+               epilog=("examples:\n" + examples) if examples else None,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s (meshmpi {__version__})")
+    return p
 
 
 def add_hardware_options(p: argparse.ArgumentParser) -> None:
@@ -55,7 +60,35 @@ def add_run_options(p: argparse.ArgumentParser, dry_run: bool = True) -> None:
         g.add_argument("--dry-run", action="store_true",
                        help="payload-free run: every message, route, allocation and clock, no arithmetic")
     g.add_argument("--trace", metavar="FILE", help="write an HDF5 trace of the run")
+    g.add_argument("--force", action="store_true",
+                   help="overwrite an existing output file (--trace, --save-logits); without it that is an error")
     g.add_argument("--json", action="store_true", help="print one JSON object (rank 0) instead of text")
+
+
+def check_outputs(args, *more) -> None:
+    """Before the run: every output file (``--trace`` and ``more`` (path, option) pairs) can be
+    written, and exists only with ``--force``; else the same one-line error on every rank."""
+    outputs.check([(getattr(args, "trace", None), "--trace"), *more], force=getattr(args, "force", False))
+
+
+def check_fits(args, region: tuple[int, int], label: str) -> None:
+    """The job's ranks can be laid over ``region`` (named ``label`` in the error); with
+    ``--rank-grid`` the mesh itself checks the grid given."""
+    if getattr(args, "rank_grid", None):
+        return
+    size, shape = MPI.COMM_WORLD.Get_size(), f"{region[0]}x{region[1]}"
+    try:
+        choose_rank_grid(size, *region)
+    except UsageError:
+        raise UsageError(f"{plural(size, 'rank')} cannot be laid over {article(shape)} {shape} mesh, {label}: "
+                         "a rank needs at least one core along each axis; use fewer ranks or a larger region") from None
+
+
+def warn_summary(warnings) -> None:
+    """One line (rank 0, stderr) for the limits a ``--memory warn`` / ``--routes warn`` run went over."""
+    if warnings:
+        say(f"warning: {plural(len(warnings), 'limit')} exceeded under --memory/--routes warn, the first: "
+            f"{warnings[0]} (all in the JSON result's and the trace's \"warnings\")", file=sys.stderr)
 
 
 def hardware_from_args(args):

@@ -22,6 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import outputs
+from .outputs import is_temporary, leftovers_line
+from .text import plural
+
 
 def flatten(obj: dict, prefix: str = "") -> dict:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are kept whole (one cell)."""
@@ -89,7 +93,7 @@ def read_trace(path: Path) -> dict | None:
             if "meta" in trace:
                 for key, value in trace["meta"].attrs.items():
                     row.update(_meta_columns(key, _plain(value)))
-            if "counters" in trace:
+            if isinstance(trace.get("counters"), h5py.Group):
                 def add_totals(name, node):
                     if isinstance(node, h5py.Dataset) and node.size and node.dtype.kind in "biuf":
                         data = node[()]
@@ -97,9 +101,14 @@ def read_trace(path: Path) -> dict | None:
                         row[f"counters.{name}.max"] = _plain(data.max())
                 trace["counters"].visititems(add_totals)
             return row
-    except OSError as err:
-        print(f"collect: skipping {path}: not a readable HDF5 file ({err})", file=sys.stderr)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:  # h5py's ways to say "damaged"
+        print(f"collect: skipping {path}: not a readable HDF5 file ({_first_line(err)})", file=sys.stderr)
         return None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().strip("'\"")
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def collect(directory: str | Path) -> list[dict]:
@@ -107,8 +116,11 @@ def collect(directory: str | Path) -> list[dict]:
     root = Path(directory)
     if not root.is_dir():
         raise ValueError(f"results directory not found: {root}")
-    rows = []
+    rows, temporaries = [], []
     for path in sorted(root.rglob("*")):
+        if is_temporary(path):
+            temporaries.append(path.relative_to(root))
+            continue
         if path.suffix == ".json":
             row = read_json(path)
         elif path.suffix == ".h5" and not path.with_suffix(".json").exists():
@@ -117,6 +129,9 @@ def collect(directory: str | Path) -> list[dict]:
             continue
         if row is not None:
             rows.append({"source": str(path.relative_to(root)), **row})
+    line = leftovers_line(temporaries, f" under {root}")
+    if line:
+        print(f"collect: {line}", file=sys.stderr)
     if not rows:
         raise ValueError(f"no result files (*.json or *.h5) with data under {root}")
     return rows
@@ -156,14 +171,22 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    if args.output != "-":
+        found = outputs.problem(args.output, "-o")
+        if found:
+            raise ValueError(found)
     rows = collect(args.directory)
     if args.output == "-":
         write_csv(rows, sys.stdout)
     else:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "w", newline="") as out:
-            write_csv(rows, out)
-        print(f"collect: {len(rows)} rows -> {args.output}", file=sys.stderr)
+        def write(tmp):
+            with open(tmp, "w", newline="") as out:
+                write_csv(rows, out)
+        try:
+            outputs.write_atomic(args.output, write)
+        except OSError as exc:
+            raise ValueError(f"cannot write -o {args.output}: {exc.strerror or exc}") from None
+        print(f"collect: {plural(len(rows), 'row')} -> {args.output}", file=sys.stderr)
     return 0
 
 

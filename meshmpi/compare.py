@@ -15,7 +15,7 @@ from .summary import summarize
 
 TOTALS = (  # (key in summarize()["totals"], label, format)
     ("modeled_cycles", "modeled cycles", "{:,.0f}"),
-    ("modeled_seconds", "modeled time (us)", "us"),
+    ("modeled_seconds", "modeled time (s)", "us"),        # the value in seconds; the table shows us
     ("busy_cycles_max", "busiest core, compute cycles", "{:,.0f}"),
     ("messages", "messages", "{:,}"),
     ("bytes_moved", "bytes moved", "{:,}"),
@@ -116,7 +116,8 @@ def format_compare(doc: dict) -> str:
         values = [str(info[key]) for info in doc["info"]]
         table.append([key] + sum(([v] if i == 0 else [v, ""] for i, v in enumerate(values)), []))
     for t in doc["totals"]:
-        add(t["label"], t["values"], t["ratios"], next(f for k, _, f in TOTALS if k == t["metric"]))
+        fmt = next(f for k, _, f in TOTALS if k == t["metric"])
+        add(t["label"].replace("(s)", "(us)") if fmt == "us" else t["label"], t["values"], t["ratios"], fmt)
     if doc["phases"]:
         table.append(None)
         note = (" (matched without the prefix " + " / ".join(doc["phase_prefixes"]) + ")"

@@ -22,14 +22,13 @@ their modeled cycles; steps of phases that also have child phases are left out.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UsageError
+from .outputs import write_atomic
 
 DEFAULT_FILTER = 8  # cores per side shown when --cores is not given
 MAX_FLOWS = 20_000  # arrows beyond this are dropped (and the output says so)
@@ -272,15 +271,11 @@ def _scalar(value):
 
 def write_json(doc: dict, path: Path) -> None:
     """Write atomically (temporary file beside the target, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as out:
+    def write(tmp):
+        with open(tmp, "w") as out:
             json.dump(doc, out, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
 
 
 # ---------------------------------------------------------------------- command line

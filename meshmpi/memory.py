@@ -72,4 +72,3 @@ class MemoryLedger:
             raise CoreMemoryError(message)
         if not any(w.startswith(f"{name}:") for w in self.warnings):
             self.warnings.append(f"{name}: {message}")
-            self.mesh.say(f"warning: {message}")

@@ -66,4 +66,3 @@ class RouteTable:
             raise RoutingError(message)
         if not any(w.startswith(f"{group}:") for w in self.warnings):
             self.warnings.append(f"{group}: {message}")
-            self.mesh.say(f"warning: {message}")

@@ -1,6 +1,8 @@
 """``python -m meshmpi trace summary``: the totals and the per-phase table of a trace."""
 from __future__ import annotations
 
+from .text import article, plural
+
 
 def summarize(trace: dict) -> dict:
     meta, counters = trace["meta"], trace["counters"]
@@ -34,7 +36,7 @@ def summarize(trace: dict) -> dict:
 def format_summary(summary: dict) -> str:
     t = summary["totals"]
     lines = [
-        f"{t['kind']} on a {t['mesh']} mesh ({t['hardware']}, {t['ranks']} ranks"
+        f"{t['kind']} on {article(t['mesh'])} {t['mesh']} mesh ({t['hardware']}, {plural(t['ranks'], 'rank')}"
         f"{', dry run' if t['dry_run'] else ''})",
         f"  modeled time   {t['modeled_cycles']:,.0f} cycles = {t['modeled_seconds'] * 1e3:.6f} ms",
         f"  busiest core   {t['busy_cycles_max']:,.0f} compute cycles",

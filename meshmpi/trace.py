@@ -6,10 +6,8 @@ it into place, so a crash never leaves a half-written trace under the final name
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +15,9 @@ import h5py
 import numpy as np
 
 from .errors import UsageError
+from .hardware import from_document
 from .host import agree, gather_block_arrays
+from .outputs import is_temporary, write_atomic
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)   # v2 adds the phases' resident_bytes and peak_bytes
@@ -60,8 +60,9 @@ def _records(rows: list[dict], dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def write_trace(mesh, path, *, kind: str, result: dict | None = None, argv=None) -> None:
-    """Write the run's trace (collective: call on every rank)."""
+def write_trace(mesh, path, *, kind: str, result: dict | None = None, argv=None, warnings=None) -> None:
+    """Write the run's trace (collective: call on every rank). ``warnings`` (default: the
+    mesh's) are the limits a ``--memory warn`` / ``--routes warn`` run went over."""
     from . import __version__, mpi_library_version  # late: avoids an import cycle
 
     phases, steps = mesh.timeline.collect()
@@ -77,7 +78,7 @@ def write_trace(mesh, path, *, kind: str, result: dict | None = None, argv=None)
             "dry_run": mesh.dry_run, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "python": platform.python_version(), "host": platform.node(),
             "result_json": json.dumps(result or {}),
-            "warnings": json.dumps(mesh.memory.warnings + mesh.routes.warnings),
+            "warnings": json.dumps(mesh.memory.warnings + mesh.routes.warnings if warnings is None else warnings),
         }
         try:
             _write_file(Path(path), meta, counters, phases, steps)
@@ -89,10 +90,7 @@ def write_trace(mesh, path, *, kind: str, result: dict | None = None, argv=None)
 
 
 def _write_file(path: Path, meta: dict, counters: dict, phases: list, steps: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    def write(tmp):
         with h5py.File(tmp, "w") as f:
             group = f.create_group("meta")
             for key, value in meta.items():
@@ -103,16 +101,20 @@ def _write_file(path: Path, meta: dict, counters: dict, phases: list, steps: lis
                 ds.attrs["doc"] = COUNTER_DOCS[name]
             f.create_dataset("phases", data=_records(phases, PHASE_DTYPE))
             f.create_dataset("steps", data=_records(steps, STEP_DTYPE))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
+
+
+REQUIRED_META = ("schema_version", "kind", "mesh_rows", "mesh_cols", "mpi_world_size", "hardware_name",
+                 "hardware_json", "result_json", "dry_run")
 
 
 def read_trace(path) -> dict:
     """A trace as plain Python: ``meta`` (dict), ``counters`` (name -> array), ``phases`` and
     ``steps`` (lists of dicts)."""
     path = Path(path)
+    if is_temporary(path):
+        raise UsageError(f"{path} is a leftover temporary file of an interrupted write, not a trace")
     if not path.is_file():
         raise UsageError(f"no such trace file: {path}")
     try:
@@ -121,14 +123,24 @@ def read_trace(path) -> dict:
             counters = {k: f["counters"][k][()] for k in f["counters"]}
             phases = [_row(r) for r in f["phases"][()]]
             steps = [_row(r) for r in f["steps"][()]]
-    except (OSError, KeyError) as exc:
-        raise UsageError(f"{path} is not a meshmpi trace ({exc})") from None
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise UsageError(f"{path} is not a meshmpi trace ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
     if meta.get("schema_version") not in READABLE_VERSIONS:
         raise UsageError(f"{path}: trace schema {meta.get('schema_version')} is not supported "
                          f"(this meshmpi reads {', '.join(map(str, READABLE_VERSIONS))})")
-    meta["hardware"] = json.loads(meta.pop("hardware_json"))
-    meta["result"] = json.loads(meta.pop("result_json"))
-    meta["warnings"] = json.loads(meta.get("warnings", "[]"))
+    missing = [name for name in COUNTER_DOCS if name not in counters]
+    missing += [f"/meta {key}" for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise UsageError(f"{path} is not a complete meshmpi trace: it has no {missing[0]}")
+    for key in ("hardware_json", "result_json", "warnings"):
+        try:
+            value = json.loads(meta.pop(key) if key.endswith("_json") else meta.get(key, "[]"))
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{path}: /meta {key} is not valid JSON ({exc})") from None
+        meta[key.removesuffix("_json")] = value
+    if not isinstance(meta["hardware"], dict):
+        raise UsageError(f"{path}: /meta hardware_json is not a JSON object")
+    from_document(meta["hardware"], f"{path} (/meta hardware_json)")   # the profile's own checks
     return {"meta": meta, "counters": counters, "phases": phases, "steps": steps}
 
 
