@@ -22,6 +22,7 @@ from meshmpi.errors import UsageError
 from meshmpi.mesh import block_offsets
 
 from .layout import DecodeLayout
+from .relayout import relayout_kv
 
 POLICIES = ("shift", "concat")
 
@@ -102,6 +103,7 @@ class Decoder:
         self.reduce = dict(algo=allreduce_algo, groups=groups, forwarding=forwarding)
         self.layout = lay = DecodeLayout.for_config(config, mesh.rows, mesh.cols)
         self.sim_layers = layers or config.num_hidden_layers
+        self.relayout_cycles = self.hand_off_cycles = 0.0
         eb = mesh.hardware.element_bytes
         reserve = self._scratch_elements(capacity_tokens) * eb
         # Layers per region leave room for plan_tokens (default: the buffers' capacity) per row.
@@ -154,9 +156,17 @@ class Decoder:
                 "down": lay.place(f32(np.pad(w.down_proj, ((0, lay.ffn_chunk * lay.cols - w.down_proj.shape[0]), (0, 0)))), "x")}
 
     # ---------------------------------------------------------------- KV cache
-    def load_prompt_cache(self, k_cache, v_cache, tokens: int) -> None:
-        """Place a prefilled cache (per layer [kv_heads, T, head_dim]) with rows balanced."""
+    def load_prompt_cache(self, k_cache, v_cache, tokens: int, prefill_side: int | None = None) -> None:
+        """Place a prefilled cache (per layer [kv_heads, T, head_dim]) with rows balanced. With
+        ``prefill_side``, the move from the prefill square's layout is timed on the fabric
+        (:mod:`llm.relayout`); its cycles are ``self.relayout_cycles``."""
         mesh, lay = self.mesh, self.layout
+        if prefill_side and tokens:
+            from .prefill import PrefillLayout
+            start = mesh.modeled_cycles()
+            relayout_kv(mesh, PrefillLayout(self.config, prefill_side, tokens), lay, tokens,
+                        self.plan.layers_per_region)
+            self.relayout_cycles = mesh.modeled_cycles() - start
         bounds = block_offsets(tokens, mesh.rows) if tokens >= mesh.rows else np.minimum(
             np.arange(mesh.rows + 1), tokens)
         self.kv.counts = np.diff(bounds).astype(np.int64)
@@ -352,7 +362,9 @@ class Decoder:
         self.mesh.compute(x.tile_elements)
 
     def step(self, embedding: np.ndarray | None, position: int):
-        """Decode one token: returns (logits on the host or None in a dry run, cycles per simulated layer)."""
+        """Decode one token: returns (logits on the host or None in a dry run, cycles per simulated
+        layer, cycles of the LM head). With several regions, one hand-off between regions is
+        simulated too (``self.hand_off_cycles``)."""
         mesh, lay = self.mesh, self.layout
         tiles = None if embedding is None else place_vector(
             np.asarray(embedding, np.float32), mesh.rows, mesh.cols, "y")
@@ -369,6 +381,7 @@ class Decoder:
                     self._store_new(index, k_new, v_new, newest_row)
                     self._attend(index, q, x, position)
                 layer_cycles.append(mesh.modeled_cycles() - start)
+            self.hand_off_cycles = self.hand_off(x) if self.plan.regions > 1 else 0.0
             start = mesh.modeled_cycles()
             with mesh.phase("lm_head"):
                 xn = self._rms_norm(x, self.norm, "final_norm")
@@ -405,14 +418,16 @@ class Decoder:
         logits.free()
         return result
 
-    def relayout_cycles(self, tokens: int) -> float:
-        """Modeled cost of moving the prefilled KV cache into the decode layout (closed form):
-        the farthest core's share crosses the region (alpha per hop) at one link's bandwidth."""
-        hw, lay = self.mesh.hardware, self.layout
-        per_core = int(self.kv.counts.max()) * self.plan.kv_bytes_per_token_per_core
-        return float(costs.arrival(hw, 0.0, lay.rows + lay.cols, 0, per_core))
-
-    def region_hop_cycles(self) -> float:
-        """Handing the hidden vector to the next region of layers: across a region, one chunk per link."""
-        hw, lay = self.mesh.hardware, self.layout
-        return float(costs.arrival(hw, 0.0, lay.rows, 0, lay.hidden_chunk * hw.element_bytes))
+    def hand_off(self, x) -> float:
+        """Hand the hidden vector to the next region of layers (PAPER.md §5: regions run as a
+        pipeline): the previous region's last column sends each row's chunk one hop across the
+        boundary (a free link: :func:`meshmpi.costs.arrival`), and this region's first column
+        multicasts it along its row on the fabric. Returns the cycles it took."""
+        mesh, hw = self.mesh, self.mesh.hardware
+        start = mesh.modeled_cycles()
+        crossing = costs.transfer_start(hw) + costs.arrival(hw, 0.0, 1, 0, x.tile_bytes)
+        with mesh.phase("hand_off"), mesh.fabric.scope():
+            arrive = mesh.clock + crossing
+            mesh.fabric.multicast("hand_off", "x", 0).start(x, depart=arrive).wait()
+            mesh.step("hand-off")
+        return mesh.modeled_cycles() - start

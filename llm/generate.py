@@ -204,8 +204,8 @@ def run_generate(args) -> dict:
     capacity = total if args.kv == "concat" else -(-total // rows) + 1
     decoder = Decoder(mesh, config, weights, args.kv, sim_layers, capacity, args.allreduce, args.groups,
                       forwarding=args.forwarding)
-    decoder.load_prompt_cache(pre.k_cache, pre.v_cache, len(ids))
-    relayout_cycles = decoder.relayout_cycles(len(ids))
+    decoder.load_prompt_cache(pre.k_cache, pre.v_cache, len(ids), prefill_side=side[0])
+    relayout_cycles = decoder.relayout_cycles
     plan = decoder.plan
 
     rng = np.random.default_rng(args.seed)
@@ -231,7 +231,7 @@ def run_generate(args) -> dict:
         embedding = None if weights is None else weights.embed[token]
         logits, cycles, head = decoder.step(embedding, position)
         layer_cycles = layer_cycles or cycles
-        step_cycles.append(sum(cycles) * scale + head + (plan.regions - 1) * decoder.region_hop_cycles())
+        step_cycles.append(sum(cycles) * scale + head + (plan.regions - 1) * decoder.hand_off_cycles)
     if bar is not None:
         bar.close()
     if stream is not None:

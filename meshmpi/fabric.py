@@ -66,7 +66,9 @@ class LinePattern:
 
     ``multicast``: deliveries sharing a source are one message on a pass-through route that
     drops a copy at every destination. ``relay``: unicasts are forwarded in software by every
-    intermediate core (beta each) instead of on a pass-through route. ``multicast`` and
+    intermediate core (beta each) instead of on a pass-through route; all relayed messages of
+    one direction share 1-hop colours, so each router needs at most a send and a receive route
+    per direction. ``multicast`` and
     ``relay`` together: a software chain from each source, in which every core on the way
     receives the message, keeps a copy and forwards it one hop (beta each, added to the
     deliveries' arrival and, at ``wait``, to the forwarding core's own clock); it needs only
@@ -133,11 +135,23 @@ class LinePattern:
         else:
             np.add.at(self.messages_sent, self.src, 1)
             np.add.at(self.hops_sent, self.src, self.hops)
+            # relayed: every message in one direction shares a 1-hop colour, so a router needs a
+            # send and a receive route per direction it relays in, whatever the messages
+            relay_routes = {+1: (np.zeros(n, bool), np.zeros(n, bool)), -1: (np.zeros(n, bool), np.zeros(n, bool))}
             for s, d in zip(self.src.tolist(), self.dst.tolist()):
                 lo, hi = min(s, d), max(s, d)
-                self.routes[lo:hi + 1] += 1
-                self.relays_at[lo + 1:hi] += int(self.relay)
+                if self.relay:
+                    sends, recvs = relay_routes[1 if d > s else -1]
+                    sends[lo:hi] |= d > s
+                    sends[lo + 1:hi + 1] |= d < s
+                    recvs[lo + 1:hi + 1] |= d > s
+                    recvs[lo:hi] |= d < s
+                    self.relays_at[lo + 1:hi] += 1
+                else:
+                    self.routes[lo:hi + 1] += 1
                 (spans_right if d > s else spans_left).append((lo, hi))
+            for sends, recvs in relay_routes.values():
+                self.routes += sends.astype(np.int64) + recvs
         right, left = _link_loads(n, spans_right, spans_left)
         self.link_load = {"right": right, "left": left}
         self.load = np.ones(self.src.size, np.int64)
