@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 
 
-from meshmpi import cli, costs
+from meshmpi import cli
 from meshmpi.errors import UsageError
 from meshmpi.hardware import load_hardware
 from meshmpi.mesh import Mesh
 
-from .gemm import GemmPlan
 from .run import GEMV_ALGOS, run_gemm, run_gemv
 
 BENCHES = ("gemm", "gemv", "groups", "calibrate", "speed")
@@ -153,24 +152,6 @@ KEEP = ("modeled_cycles", "compute_cycles", "comm_cycles", "efficiency", "max_ho
 
 
 # ---------------------------------------------------------------------------- GEMM
-def lockstep_cycles(algo: str, broadcast, side: int, size: int, hw) -> float:
-    """The paper's per-step critical path (PAPER.md §2 table) on a square mesh, if every step
-    waited for its slowest delivery (bulk-synchronous; real double buffering with flow control
-    lies between this and the emulator's asynchronous clocks): the alignment rounds, then
-    ``steps x max(compute, latency)``, latency = alpha*hops + beta*relays + tile bytes / bandwidth."""
-    plan = GemmPlan.build("cannon" if algo == "cannon" else "meshgemm", side, side, size, size, size)
-    tm, s, tn = plan.m_pad // side, plan.chunk, plan.n_pad // side
-    compute = float(costs.compute(hw, 2 * tm * s * tn))
-    if algo == "summa":
-        tile = max(tm, tn) * s * hw.element_bytes
-        hops, relays, align_rounds = side - 1, (side - 2 if broadcast == "relay" else 0), 0
-    else:
-        tile = max(tm * (plan.k_pad // side), (plan.chunks // side) * s * tn) * hw.element_bytes
-        hops, relays, align_rounds = plan.ring_x.max_hops(), 0, side // 2
-    latency = float(costs.arrival(hw, 0.0, hops, max(relays, 0), tile))
-    return align_rounds * latency + plan.chunks * max(compute, latency)
-
-
 def bench_gemm(args, hardware, out: Path) -> list[dict]:
     sides = parse_sides(args, GEMM_MESHES)
     jobs = [(size, side, algo, bc) for size in GEMM_SIZES for side in sides for algo, bc in GEMM_VARIANTS]
@@ -181,11 +162,8 @@ def bench_gemm(args, hardware, out: Path) -> list[dict]:
             routes = "warn" if broadcast == "direct" else "strict"
             report = _dry(side, hardware, lambda mesh: run_gemm(
                 mesh, algo, size, size, size, broadcast=broadcast or "relay"), routes=routes)
-            lockstep = lockstep_cycles(algo, broadcast, side, size, hardware)
             rows.append({"size": size, "mesh": side, "algo": algo, "broadcast": broadcast or "",
-                         **{k: report[k] for k in KEEP}, **_fits(report, hardware),
-                         "lockstep_cycles": lockstep,
-                         "lockstep_efficiency": report["compute_cycles"] / lockstep})
+                         **{k: report[k] for k in KEEP}, **_fits(report, hardware)})
             bar.update()
     write_csv(out / "gemm.csv", rows)
     if _is_root():
@@ -210,13 +188,10 @@ def plot_gemm(rows: list[dict], path: Path, hardware_name: str) -> None:
             style = dict(marker="o", color=f"C{index}", linestyle="--" if broadcast == "direct" else "-")
             axes[0, col].plot(x, [r["modeled_cycles"] for r in sel], label=_label(algo, broadcast), **style)
             axes[1, col].plot(x, [100 * r["efficiency"] for r in sel], label=_label(algo, broadcast), **style)
-            if broadcast != "direct":
-                axes[1, col].plot(x, [100 * r["lockstep_efficiency"] for r in sel], marker=".",
-                                  color=f"C{index}", linestyle=":", linewidth=0.8)
         axes[0, col].set(yscale="log", title=f"GEMM {size // 1024}K ({hardware_name})",
                          xlabel="cores per side", ylabel="modeled cycles")
         axes[1, col].set(ylim=(0, 100), xlabel="cores per side",
-                         ylabel="compute efficiency % (dotted: lockstep)")
+                         ylabel="compute efficiency %")
         for ax in axes[:, col]:
             mesh_axis(ax, [r["mesh"] for r in rows])
         axes[0, col].legend(fontsize=7)
