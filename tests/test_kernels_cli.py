@@ -40,13 +40,13 @@ def test_bench_gemm_gemv_groups_write_csv_and_png(tmp_path):
 
 def test_bench_calibrate_writes_a_loadable_profile(tmp_path):
     assert main(["bench", "calibrate", "--meshes", "8", "--out", str(tmp_path)]) == 0
-    profile = json.loads((tmp_path / "wse2_calibrated.json").read_text())
+    profile = json.loads((tmp_path / "wse2_calibrated_8.json").read_text())
     assert profile["beta_cycles_per_relay"]["guessed"] is True
     assert "calibration" in profile["beta_cycles_per_relay"]["source"]
     rows = read_csv(tmp_path / "sensitivity.csv")
     assert {r["setting"] for r in rows} >= {"beta=0", "beta=16", "calibrated"}
     from meshmpi import load_hardware
-    assert load_hardware(str(tmp_path / "wse2_calibrated.json")).name == "wse2-calibrated"
+    assert load_hardware(str(tmp_path / "wse2_calibrated_8.json")).name == "wse2-calibrated-8"
 
 
 def test_speed_bench_launches_two_ranks():
