@@ -14,7 +14,7 @@ from meshmpi.errors import CheckError, UsageError
 from meshmpi.host import agree
 from meshmpi.mesh import parse_grid
 from meshmpi.text import article, plural
-from meshmpi.trace import write_trace
+from meshmpi.trace import closed_form_phase, concat_timelines, write_trace
 
 from .checkpoint import load_checkpoint, resolve_model_dir
 from .config import LlamaConfig
@@ -197,6 +197,7 @@ def run_generate(args) -> dict:
                   forwarding=args.forwarding)
     prefill_cycles = pre.modeled_cycles + (scale - 1) * pre.cycles_per_layer * sim_layers
     warnings = [f"prefill {w}" for w in pmesh.memory.warnings + pmesh.routes.warnings]
+    prefill_timeline = pmesh.timeline.collect() if args.trace else None
     pmesh.free()
 
     mesh = cli.mesh_from_args(args, rows, cols, hardware)
@@ -212,7 +213,11 @@ def run_generate(args) -> dict:
     tokens, all_logits, step_cycles, layer_cycles = [], [], [], None
     stream = tokenizer.stream() if tokenizer is not None and not args.json else None
     bar = _progress(args, mesh)
-    logits = decoder.logits_from(pre.last_hidden)
+    # Phase "decode" once per token, labelled with the position it reads; the first token's
+    # logits come from the prefill's last hidden vector (the LM head only).
+    mesh.timeline.label_next(f"position {len(ids) - 1}")
+    with mesh.phase("decode"):
+        logits = decoder.logits_from(pre.last_hidden)
     eos = set(config.eos_token_ids)
     for index in range(args.max_new_tokens):
         if logits is not None:  # a NaN would otherwise pass as token 0
@@ -229,6 +234,7 @@ def run_generate(args) -> dict:
             break
         position = len(ids) + index
         embedding = None if weights is None else weights.embed[token]
+        mesh.timeline.label_next(f"position {position}")
         logits, cycles, head = decoder.step(embedding, position)
         layer_cycles = layer_cycles or cycles
         step_cycles.append(sum(cycles) * scale + head + (plan.regions - 1) * decoder.region_hop_cycles())
@@ -275,7 +281,12 @@ def run_generate(args) -> dict:
         if error:
             raise UsageError(error)
     if args.trace:
-        write_trace(mesh, args.trace, kind="generate", result=report, warnings=report["warnings"])
+        # prefill (on its own region), the re-layout (closed form), decode, one after the other
+        timeline = concat_timelines([prefill_timeline,
+                                     ([closed_form_phase("relayout", relayout_cycles)], []),
+                                     mesh.timeline.collect()])
+        write_trace(mesh, args.trace, kind="generate", result=report, warnings=report["warnings"],
+                    timeline=timeline)
     mesh.free()
     return report
 
