@@ -169,7 +169,7 @@ def generate(args) -> int:
     if args.json:
         cli.print_json(report)
     else:
-        cli.say(_format(report))
+        cli.say(_format(report, streamed=_streams(args, report)))
     cli.warn_summary(report["warnings"])
     return 0
 
@@ -211,8 +211,8 @@ def run_generate(args) -> dict:
 
     rng = np.random.default_rng(args.seed)
     tokens, all_logits, step_cycles, layer_cycles = [], [], [], None
-    stream = tokenizer.stream() if tokenizer is not None and not args.json else None
-    bar = _progress(args, mesh)
+    stream = _stream(args, tokenizer, weights, ids)
+    bar = _progress(args, mesh, streaming=stream is not None)
     # Phase "decode" once per token, labelled with the position it reads; the first token's
     # logits come from the prefill's last hidden vector (the LM head only).
     mesh.timeline.label_next(f"position {len(ids) - 1}")
@@ -291,8 +291,26 @@ def run_generate(args) -> dict:
     return report
 
 
-def _progress(args, mesh):
-    if args.json or mesh.rank != 0 or not sys.stderr.isatty():
+def _streams(args, report) -> bool:
+    """The text is printed as it is generated: a numeric run of a model with a tokenizer, not --json."""
+    return not args.json and report["text"] is not None
+
+
+def _stream(args, tokenizer, weights, ids):
+    """The decoder that prints the new text as it comes, after printing the prompt: it starts
+    from the prompt's ids, so the continuation joins the prompt as the tokenizer would join them."""
+    if args.json or tokenizer is None or weights is None:
+        return None
+    stream = tokenizer.stream()
+    prompt = "".join(stream.push(i) for i in ids)
+    cli.say(prompt, end="")
+    return stream
+
+
+def _progress(args, mesh, streaming: bool):
+    """A progress bar on a terminal's stderr, unless the text streams to the same terminal (the
+    bar's redraws would overwrite it; the streamed text shows the progress)."""
+    if args.json or mesh.rank != 0 or not sys.stderr.isatty() or (streaming and sys.stdout.isatty()):
         return None
     from tqdm import tqdm
     return tqdm(total=args.max_new_tokens, desc="decode", unit="tok", leave=False)
@@ -327,9 +345,12 @@ def regions_text(r: dict) -> str:
     return f"{r['regions']} ({each}, the last {r['last_region_layers']} + LM head)"
 
 
-def _format(r: dict) -> str:
+def _format(r: dict, streamed: bool = False) -> str:
+    """The report in words; the text only when it was not already printed as it came."""
     lines = []
-    if r["text"] is not None:
+    if streamed:
+        pass
+    elif r["text"] is not None:
         lines.append(f"text: {r['text']}")
     elif r["tokens"]:
         lines.append(f"tokens: {r['tokens']}")
