@@ -71,6 +71,18 @@ def check_outputs(args, *more) -> None:
     outputs.check([(getattr(args, "trace", None), "--trace"), *more], force=getattr(args, "force", False))
 
 
+def fresh_run_dir(base: str = "results/runs") -> str:
+    """A new folder name ``base/<local time>`` (a suffix if it exists), the same on every rank."""
+    name = None
+    if world_rank() == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name, n = os.path.join(base, stamp), 1
+        while os.path.exists(name):
+            n += 1
+            name = os.path.join(base, f"{stamp}-{n}")
+    return MPI.COMM_WORLD.bcast(name, root=0)
+
+
 def check_fits(args, region: tuple[int, int], label: str) -> None:
     """The job's ranks can be laid over ``region`` (named ``label`` in the error); with
     ``--rank-grid`` the mesh itself checks the grid given."""
