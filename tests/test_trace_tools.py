@@ -482,3 +482,26 @@ def test_a_schema_2_trace_is_still_read(traces, tmp_path, capsys):
     doc = json.loads(run_main(capsys, "trace", "summary", str(old), "--aggregate", "none", "--json"))
     assert [p["name"] for p in doc["phases"]] == stored and {p["label"] for p in doc["phases"]} == {""}
     assert doc["totals"]["modeled_cycles"] == clock
+
+
+# ---------------------------------------------------------------------- results collect
+def test_collect_puts_a_metric_in_one_column_from_json_and_trace(tmp_path, capsys):
+    """One run's --json output and its trace (no JSON twin) give the same columns for the
+    result's keys: a row from either file has modeled_cycles, none has result.modeled_cycles."""
+    from kernels.__main__ import main as kernels_main
+    import csv
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    assert kernels_main(["gemm", "--algo", "cannon", "--mesh", "4x4", "--m", "16", "--k", "16", "--n", "16",
+                         "--json", "--trace", str(sweep / "b.h5")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (sweep / "a.json").write_text(json.dumps(report))
+    assert main(["results", "collect", str(sweep), "-o", str(tmp_path / "t.csv")]) == 0
+    with open(tmp_path / "t.csv", newline="") as f:
+        rows = {r["source"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"a.json", "b.h5"}
+    assert not [c for c in rows["a.json"] if c.startswith("result.")]
+    for row in rows.values():
+        assert float(row["modeled_cycles"]) == report["modeled_cycles"]
+        assert float(row["max_abs_err"]) == report["max_abs_err"] and row["algo"] == "cannon"
+    assert rows["b.h5"]["kind"] == "gemm" and rows["a.json"]["kind"] == ""
