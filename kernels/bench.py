@@ -65,7 +65,7 @@ EXAMPLES = """\
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="the paper's kernel benchmarks (CSV + PNG)",
-                       description=__doc__.replace("``", ""), epilog="examples:\n" + EXAMPLES,
+                       description=cli.help_text(__doc__), epilog="examples:\n" + EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=BENCHES + ("all",), help="which benchmark")
     add_out_options(p, "PNGs", "CSVs")

@@ -37,7 +37,7 @@ EXAMPLES = """\
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="dry-run predictions for the presets on the paper's meshes",
-                       description=__doc__.replace("``", ""), epilog="examples:\n" + EXAMPLES,
+                       description=cli.help_text(__doc__), epilog="examples:\n" + EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(PRESET_NAMES), metavar="NAME,...",
                    help=f"presets (default all: {', '.join(PRESET_NAMES)})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -39,6 +40,11 @@ def parser(prog: str, description: str, examples: str = "") -> Parser:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s (meshmpi {__version__})")
     return p
+
+
+def help_text(doc: str) -> str:
+    """A docstring as --help shows it: no reStructuredText markup (double backquotes, roles)."""
+    return re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc).replace("``", "")
 
 
 def add_hardware_options(p: argparse.ArgumentParser) -> None:

@@ -408,7 +408,10 @@ def run(args) -> int:
     from .trace import read_trace
 
     written = plot_trace(read_trace(args.file), args.output, args.aggregate)
-    cli.say("\n".join(str(p) for p in written))
+    if args.json:
+        cli.print_json({"files": [str(p) for p in written]})
+    else:
+        cli.say("\n".join(str(p) for p in written))
     return 0
 
 
@@ -440,4 +443,5 @@ def register(trace_commands) -> None:
     p.add_argument("--aggregate", choices=AGGREGATES, default="kind",
                    help="group repeated steps in steps.png: kind (default; layer numbers as *), "
                         "name (per phase name), none (every step in recorded order)")
+    p.add_argument("--json", action="store_true", help="print the files written as one JSON object")
     p.set_defaults(func=run)
