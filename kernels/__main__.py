@@ -16,7 +16,7 @@ EXAMPLES = """\
   mpiexec -n 4 python -m kernels gemm --algo meshgemm --mesh 8x8 --m 512 --k 512 --n 512
   python -m kernels gemm --algo summa --mesh 720x720 --m 2048 --k 2048 --n 2048 --dry-run --json
   python -m kernels gemm --algo summa --broadcast direct --mesh 64x64 --m 2048 --k 2048 --n 2048 --dry-run --routes warn
-  mpiexec -n 2 python -m kernels gemv --algo meshgemv --mesh 16x16 --m 4096 --n 4096 --groups 4
+  mpiexec -n 2 python -m kernels gemv --algo meshgemv --mesh 32x32 --m 4096 --n 4096 --groups 4
   python -m kernels bench gemm --out results
 """
 

@@ -12,8 +12,10 @@
   ``mpiexec -n 2``) against ``numpy.matmul`` of the same matrices on 2 threads.
 - ``all``: everything above.
 
-Rank 0 writes ``<out>/<bench>.csv`` and ``<out>/<bench>.png``. The sweeps run on the ranks of
-the job (dry runs: modeled numbers do not depend on the rank split).
+Rank 0 writes <out>/<bench>.csv and <out>/<bench>.png, the CSV rewritten as each row completes
+(an interrupted bench keeps the rows it finished). --out defaults to a new folder
+results/runs/<time>; --out results refreshes the committed tables and figures. The sweeps run
+on the ranks of the job (dry runs: modeled numbers do not depend on the rank split).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 
 
-from meshmpi import cli
+from meshmpi import cli, outputs
 from meshmpi.errors import UsageError
 from meshmpi.hardware import load_hardware
 from meshmpi.mesh import Mesh
@@ -62,11 +64,11 @@ EXAMPLES = """\
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="the paper's kernel benchmarks (CSV + PNG)",
-                       description=__doc__, epilog="examples:\n" + EXAMPLES,
+                       description=cli.help_text(__doc__), epilog="examples:\n" + EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=BENCHES + ("all",), help="which benchmark")
-    p.add_argument("--out", default="results", metavar="DIR", help="output folder (default results)")
-    p.add_argument("--replot", action="store_true", help="only redraw the PNGs from the CSVs in --out")
+    add_out_options(p, "PNGs", "CSVs")
+    p.add_argument("--json", action="store_true", help="print the rows of each bench as one JSON object")
     p.add_argument("--meshes", metavar="N,N,...", help="square mesh sides (overrides the defaults)")
     p.add_argument("--hardware", default="wse2", metavar="NAME|PATH", help="profile (default wse2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -75,6 +77,39 @@ def register(sub) -> None:
 
 
 # ---------------------------------------------------------------------------- plumbing
+def add_out_options(p, pngs: str, csvs: str) -> None:
+    p.add_argument("--out", metavar="DIR", help="output folder (default: a new folder results/runs/<time>, "
+                   "named on stderr; --out results refreshes the committed results)")
+    p.add_argument("--replot", action="store_true", help=f"only redraw the {pngs} from the {csvs} in --out")
+
+
+def out_dir(args) -> Path:
+    """--out, or a fresh folder; --replot needs the folder of an earlier run."""
+    if args.out is None:
+        if args.replot:
+            raise UsageError("--replot redraws the figures of an earlier run: give its folder with --out DIR")
+        args.out = cli.fresh_run_dir()
+        cli.say(f"writing into {args.out} (--out DIR to choose)", file=sys.stderr)
+    return Path(args.out)
+
+
+class CsvTable:
+    """A CSV that is whole after every row: ``add`` rewrites it (atomically, rank 0), so an
+    interrupted bench leaves the rows it finished."""
+
+    def __init__(self, path: Path):
+        self.path, self.rows = Path(path), []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        write_csv(self.path, self.rows, quiet=True)
+
+    def close(self) -> list[dict]:
+        if _is_root() and self.rows:
+            cli.say(f"wrote {self.path}", file=sys.stderr)
+        return self.rows
+
+
 def parse_sides(args, default):
     if not args.meshes:
         return default
@@ -116,16 +151,21 @@ def _fits(report: dict, hardware) -> dict:
             "fits_routes": report["routes_per_core_max"] <= hardware.routes_per_core}
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], quiet: bool = False) -> None:
     if not _is_root() or not rows:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    cli.say(f"wrote {path}", file=sys.stderr)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    outputs.write_atomic(path, write)
+    if not quiet:
+        cli.say(f"wrote {path}", file=sys.stderr)
 
 
 def figure(ncols: int, nrows: int = 1, width: float = 4.2, height: float = 3.4):
@@ -155,17 +195,17 @@ KEEP = ("modeled_cycles", "compute_cycles", "comm_cycles", "efficiency", "max_ho
 def bench_gemm(args, hardware, out: Path) -> list[dict]:
     sides = parse_sides(args, GEMM_MESHES)
     jobs = [(size, side, algo, bc) for size in GEMM_SIZES for side in sides for algo, bc in GEMM_VARIANTS]
-    rows = []
+    rows = CsvTable(out / "gemm.csv")
     with progress(len(jobs), "gemm") as bar:
         for size, side, algo, broadcast in jobs:
             bar.set_postfix_str(f"{size} {side}x{side} {_label(algo, broadcast)}")
             routes = "warn" if broadcast == "direct" else "strict"
             report = _dry(side, hardware, lambda mesh: run_gemm(
                 mesh, algo, size, size, size, broadcast=broadcast or "relay"), routes=routes)
-            rows.append({"size": size, "mesh": side, "algo": algo, "broadcast": broadcast or "",
-                         **{k: report[k] for k in KEEP}, **_fits(report, hardware)})
+            rows.add({"size": size, "mesh": side, "algo": algo, "broadcast": broadcast or "",
+                      **{k: report[k] for k in KEEP}, **_fits(report, hardware)})
             bar.update()
-    write_csv(out / "gemm.csv", rows)
+    rows = rows.close()
     if _is_root():
         plot_gemm(rows, out / "gemm.png", hardware.name)
     return rows
@@ -204,15 +244,15 @@ def plot_gemm(rows: list[dict], path: Path, hardware_name: str) -> None:
 def bench_gemv(args, hardware, out: Path) -> list[dict]:
     sides = parse_sides(args, GEMV_MESHES)
     jobs = [(size, side, algo) for size in GEMV_SIZES for side in sides for algo in GEMV_ALGOS]
-    rows = []
+    rows = CsvTable(out / "gemv.csv")
     with progress(len(jobs), "gemv") as bar:
         for size, side, algo in jobs:
             bar.set_postfix_str(f"{size} {side}x{side} {algo}")
             report = _dry(side, hardware, lambda mesh: run_gemv(mesh, algo, size, size))
-            rows.append({"size": size, "mesh": side, "algo": algo, **{k: report[k] for k in KEEP},
+            rows.add({"size": size, "mesh": side, "algo": algo, **{k: report[k] for k in KEEP},
                          **_fits(report, hardware)})
             bar.update()
-    write_csv(out / "gemv.csv", rows)
+    rows = rows.close()
     if _is_root():
         plot_gemv(rows, out / "gemv.png", hardware.name)
     return rows
@@ -238,14 +278,14 @@ def plot_gemv(rows: list[dict], path: Path, hardware_name: str) -> None:
 def bench_groups(args, hardware, out: Path) -> list[dict]:
     side = parse_sides(args, (GROUP_MESH,))[0]
     counts = [g for g in GROUP_COUNTS if g <= side]
-    rows = []
+    rows = CsvTable(out / "groups.csv")
     with progress(len(counts), "groups") as bar:
         for groups in counts:
             report = _dry(side, hardware, lambda mesh: run_gemv(mesh, "meshgemv", GROUP_SIZE, GROUP_SIZE, groups))
-            rows.append({"size": GROUP_SIZE, "mesh": side, "groups": groups, "group_size": side / groups,
+            rows.add({"size": GROUP_SIZE, "mesh": side, "groups": groups, "group_size": side / groups,
                          **{k: report[k] for k in KEEP}})
             bar.update()
-    write_csv(out / "groups.csv", rows)
+    rows = rows.close()
     if _is_root():
         plot_groups(rows, out / "groups.png", hardware.name)
     return rows
@@ -295,12 +335,12 @@ def bench_calibrate(args, hardware, out: Path) -> list[dict]:
     it was not fitted to: MeshGEMV over the pipeline allreduce (4-8x) and the GEMM efficiency
     claims at 720² (MeshGEMM > 70%, Cannon and SUMMA < 50%)."""
     sides = parse_sides(args, CALIBRATION_SIDES)
-    rows = []
+    table = CsvTable(out / "calibration.csv")
     with progress(len(sides), "calibrate") as bar:
         for side in sides:
-            rows.append(_calibrate_side(hardware, side))
+            table.add(_calibrate_side(hardware, side))
             bar.update()
-    write_csv(out / "calibration.csv", rows)
+    rows = table.close()
     if _is_root():
         for row in rows:
             doc = json.loads(hardware.to_json())
@@ -466,7 +506,7 @@ def bench_speed(args, hardware, out: Path) -> list[dict]:
     if not _is_root():
         return []
     wafer_cmd, numpy_cmd = speed_commands()
-    rows = []
+    table = CsvTable(out / "speed.csv")
     with progress(2 * SPEED["repeats"], "speed") as bar:
         for attempt in range(SPEED["repeats"]):
             report = _child_json(wafer_cmd, 1)
@@ -475,10 +515,11 @@ def bench_speed(args, hardware, out: Path) -> list[dict]:
             floor_seconds = _child_json([sys.executable, "-c", _FLOOR_TIMER, str(SPEED["mesh"]),
                                          str(SPEED["size"]), str(SPEED["ranks"]), "2"], 1)
             bar.update()
-            rows.append({"attempt": attempt, "mesh": f"{SPEED['mesh']}x{SPEED['mesh']}", "size": SPEED["size"],
+            table.add({"attempt": attempt, "mesh": f"{SPEED['mesh']}x{SPEED['mesh']}", "size": SPEED["size"],
                          "ranks": SPEED["ranks"], "meshgemm_seconds": report["wall_seconds"],
                          "numpy_seconds": numpy_seconds, "tile_products_floor_seconds": floor_seconds,
                          "max_abs_err": report["max_abs_err"], "load_average_1min": os.getloadavg()[0]})
+    rows = table.rows
     best_wafer = min(r["meshgemm_seconds"] for r in rows)
     best_numpy = min(r["numpy_seconds"] for r in rows)
     best_floor = min(r["tile_products_floor_seconds"] for r in rows)
@@ -488,8 +529,8 @@ def bench_speed(args, hardware, out: Path) -> list[dict]:
                "floor_ratio": best_floor / best_numpy, "max_abs_err": rows[0]["max_abs_err"],
                "load_average_1min": os.getloadavg()[0], "cpus": os.cpu_count(),
                "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(wafer_cmd))}
-    rows.append(summary)
-    write_csv(out / "speed.csv", rows)
+    table.add(summary)
+    table.close()
     cli.say(f"speed: MeshGEMM {best_wafer:.3f} s vs numpy {best_numpy:.3f} s -> {summary['ratio']:.2f}x "
             f"(tile products alone {best_floor:.3f} s -> {summary['floor_ratio']:.2f}x)", file=sys.stderr)
     return rows
@@ -502,15 +543,18 @@ RUNNERS = {"gemm": bench_gemm, "gemv": bench_gemv, "groups": bench_groups,
 
 def run_bench(args, argv=None) -> int:
     hardware = load_hardware(args.hardware, args.set)
-    out = Path(args.out)
+    out = out_dir(args)
     if _is_root():
         out.mkdir(parents=True, exist_ok=True)
     which = BENCHES if args.which == "all" else (args.which,)
     if args.replot:
         replot(which, hardware, out)
         return 0
+    done = {}
     for name in which:
         t0 = time.perf_counter()
-        RUNNERS[name](args, hardware, out)
+        done[name] = RUNNERS[name](args, hardware, out)
         cli.say(f"bench {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if args.json:
+        cli.print_json({"out": str(out), "benches": done})
     return 0

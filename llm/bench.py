@@ -3,8 +3,10 @@
 Every (preset, square mesh) pair runs the whole ``generate`` command as a dry run: a prefill of
 ``--prompt-len`` tokens on the region, the prefill->decode re-layout, and ``--new-tokens``
 decode steps at that context. One layer is simulated and the others extrapolated (every layer
-has the same shapes). Rank 0 writes ``<out>/llm_presets.csv`` and ``<out>/llm_presets.png``
-and prints the table as Markdown.
+has the same shapes). Rank 0 writes <out>/llm_presets.csv (rewritten as each run completes,
+so an interrupted bench keeps the rows it finished) and <out>/llm_presets.png, and prints the
+table as Markdown. --out defaults to a new folder results/runs/<time>; --out results refreshes
+the committed table and figure.
 
 KV capacity is given for both policies from the same region plan (the same weights resident,
 the same free memory per core): ``shift`` fills every row, ``concat`` only the last one.
@@ -16,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from kernels.bench import figure, mesh_axis, parse_sides, progress, save_figure, write_csv
+from kernels.bench import CsvTable, add_out_options, figure, mesh_axis, out_dir, parse_sides, progress, save_figure
 from meshmpi import cli
 from meshmpi.errors import MeshmpiError, UsageError
 
@@ -35,7 +37,7 @@ EXAMPLES = """\
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="dry-run predictions for the presets on the paper's meshes",
-                       description=__doc__, epilog="examples:\n" + EXAMPLES,
+                       description=cli.help_text(__doc__), epilog="examples:\n" + EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(PRESET_NAMES), metavar="NAME,...",
                    help=f"presets (default all: {', '.join(PRESET_NAMES)})")
@@ -43,8 +45,8 @@ def register(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help=f"context tokens (default {PROMPT_LEN})")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
                    help=f"decode steps to time at that context (default {NEW_TOKENS})")
-    p.add_argument("--out", default="results", metavar="DIR", help="output folder (default results)")
-    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV in --out")
+    add_out_options(p, "PNG", "CSV")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON object instead of the table")
     cli.add_hardware_options(p)
     p.set_defaults(func=run_bench)
 
@@ -85,30 +87,33 @@ def _row(model: str, side: int, r: dict) -> dict:
 
 
 def run_bench(args) -> int:
-    out = Path(args.out)
+    out = out_dir(args)
     if args.replot:
         plot(_read_csv(out / f"{CSV_NAME}.csv"), out / f"{CSV_NAME}.png", args.hardware)
         return 0
     models, sides = _models(args.models), parse_sides(args, MESHES)
     if args.prompt_len < 1 or args.new_tokens < 2:
         raise UsageError("--prompt-len must be >= 1 and --new-tokens >= 2 (one decode step to time)")
-    rows = []
+    table = CsvTable(out / f"{CSV_NAME}.csv")
     t0 = time.perf_counter()
     with progress(len(models) * len(sides), "presets") as bar:
         for model in models:
             for side in sides:
                 bar.set_postfix_str(f"{model} {side}x{side}")
                 try:
-                    rows.append(_row(model, side, run_generate(_generate_args(args, model, side))))
+                    table.add(_row(model, side, run_generate(_generate_args(args, model, side))))
                 except MeshmpiError as exc:   # e.g. one layer does not fit this region: a table entry
                     if not exc.collective:
                         raise
-                    rows.append({"model": model, "mesh": side, "prompt_tokens": args.prompt_len,
-                                 "error": str(exc)})
+                    table.add({"model": model, "mesh": side, "prompt_tokens": args.prompt_len,
+                               "error": str(exc)})
                 bar.update()
-    write_csv(out / f"{CSV_NAME}.csv", rows)
+    rows = table.close()
     if cli.world_rank() == 0:
         plot(rows, out / f"{CSV_NAME}.png", args.hardware)
+    if args.json:
+        cli.print_json({"out": str(out), "rows": rows})
+    else:
         cli.say(markdown(rows))
     cli.say(f"bench presets: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0

@@ -278,7 +278,7 @@ class Decoder:
         returns this block's q, k, v tiles (None in a dry run)."""
         mesh, lay, w = self.mesh, self.layout, self.layers[index]
         g, s = lay.group, lay.s
-        tag = f"layer{index}"
+        tag = f"decode.layer{index}"
         xn = self._rms_norm(x, w["norm1"], f"{tag}.norm1")
         qkv = meshgemv(mesh, xn, w["qkv"], "y", **self.reduce, name=f"{tag}.qkv")
         xn.free()
@@ -298,7 +298,7 @@ class Decoder:
         then W_O (reduce X), residual; then the FFN with its two GEMVs."""
         mesh, lay, w = self.mesh, self.layout, self.layers[index]
         g, s, kvh, heads = lay.group, lay.s, lay.kv_heads, lay.heads
-        tag = f"layer{index}"
+        tag = f"decode.layer{index}"
         cap = int(self.kv.counts.max())
         counts = self.kv.counts[mesh.row_start:mesh.row_stop]
         scores = mesh.alloc(f"{tag}.scores", (cap * heads,), np.float32)
@@ -370,10 +370,10 @@ class Decoder:
             np.asarray(embedding, np.float32), mesh.rows, mesh.cols, "y")
         x = host.scatter(mesh, "hidden", tiles, (lay.hidden_chunk,), np.float32)
         layer_cycles = []
-        with mesh.phase(f"decode.pos{position}"):
+        with mesh.phase("decode"):
             for index in range(self.sim_layers):
                 start = mesh.modeled_cycles()
-                with mesh.phase(f"layer{index}"):
+                with mesh.phase(f"decode.layer{index}"):
                     q, k_new, v_new = self._layer(index, x, position)
                     # the new token joins the cache before attention (it attends to itself)
                     if index == 0:
@@ -383,9 +383,9 @@ class Decoder:
                 layer_cycles.append(mesh.modeled_cycles() - start)
             self.hand_off_cycles = self.hand_off(x) if self.plan.regions > 1 else 0.0
             start = mesh.modeled_cycles()
-            with mesh.phase("lm_head"):
-                xn = self._rms_norm(x, self.norm, "final_norm")
-                logits = meshgemv(mesh, xn, self.lm_head, "y", **self.reduce, name="lm_head")
+            with mesh.phase("decode.lm_head"):
+                xn = self._rms_norm(x, self.norm, "decode.final_norm")
+                logits = meshgemv(mesh, xn, self.lm_head, "y", **self.reduce, name="decode.lm_head")
                 xn.free()
             head_cycles = mesh.modeled_cycles() - start
         x.free()
@@ -411,8 +411,8 @@ class Decoder:
         mesh, lay = self.mesh, self.layout
         tiles = None if hidden is None else place_vector(np.asarray(hidden, np.float32), mesh.rows, mesh.cols, "y")
         x = host.scatter(mesh, "hidden", tiles, (lay.hidden_chunk,), np.float32)
-        with mesh.phase("lm_head"):
-            logits = meshgemv(mesh, x, self.lm_head, "y", **self.reduce, name="lm_head")
+        with mesh.phase("decode.lm_head"):
+            logits = meshgemv(mesh, x, self.lm_head, "y", **self.reduce, name="decode.lm_head")
         x.free()
         result = None if mesh.dry_run else read_vector(host.gather(mesh, logits), "x", self.config.vocab_size)
         logits.free()

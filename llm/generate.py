@@ -14,7 +14,7 @@ from meshmpi.errors import CheckError, UsageError
 from meshmpi.host import agree
 from meshmpi.mesh import parse_grid
 from meshmpi.text import article, plural
-from meshmpi.trace import write_trace
+from meshmpi.trace import concat_timelines, write_trace
 
 from .checkpoint import load_checkpoint, resolve_model_dir
 from .config import LlamaConfig
@@ -169,7 +169,7 @@ def generate(args) -> int:
     if args.json:
         cli.print_json(report)
     else:
-        cli.say(_format(report))
+        cli.say(_format(report, streamed=_streams(args, report)))
     cli.warn_summary(report["warnings"])
     return 0
 
@@ -197,6 +197,7 @@ def run_generate(args) -> dict:
                   forwarding=args.forwarding)
     prefill_cycles = pre.modeled_cycles + (scale - 1) * pre.cycles_per_layer * sim_layers
     warnings = [f"prefill {w}" for w in pmesh.memory.warnings + pmesh.routes.warnings]
+    prefill_timeline = pmesh.timeline.collect() if args.trace else None
     pmesh.free()
 
     mesh = cli.mesh_from_args(args, rows, cols, hardware)
@@ -210,9 +211,13 @@ def run_generate(args) -> dict:
 
     rng = np.random.default_rng(args.seed)
     tokens, all_logits, step_cycles, layer_cycles = [], [], [], None
-    stream = tokenizer.stream() if tokenizer is not None and not args.json else None
-    bar = _progress(args, mesh)
-    logits = decoder.logits_from(pre.last_hidden)
+    stream = _stream(args, tokenizer, weights, ids)
+    bar = _progress(args, mesh, streaming=stream is not None)
+    # Phase "decode" once per token, labelled with the position it reads; the first token's
+    # logits come from the prefill's last hidden vector (the LM head only).
+    mesh.timeline.label_next(f"position {len(ids) - 1}")
+    with mesh.phase("decode"):
+        logits = decoder.logits_from(pre.last_hidden)
     eos = set(config.eos_token_ids)
     for index in range(args.max_new_tokens):
         if logits is not None:  # a NaN would otherwise pass as token 0
@@ -229,6 +234,7 @@ def run_generate(args) -> dict:
             break
         position = len(ids) + index
         embedding = None if weights is None else weights.embed[token]
+        mesh.timeline.label_next(f"position {position}")
         logits, cycles, head = decoder.step(embedding, position)
         layer_cycles = layer_cycles or cycles
         step_cycles.append(sum(cycles) * scale + head + (plan.regions - 1) * decoder.hand_off_cycles)
@@ -275,13 +281,34 @@ def run_generate(args) -> dict:
         if error:
             raise UsageError(error)
     if args.trace:
-        write_trace(mesh, args.trace, kind="generate", result=report, warnings=report["warnings"])
+        # prefill (on its own region), then the re-layout and decode on the decode region
+        timeline = concat_timelines([prefill_timeline, mesh.timeline.collect()])
+        write_trace(mesh, args.trace, kind="generate", result=report, warnings=report["warnings"],
+                    timeline=timeline)
     mesh.free()
     return report
 
 
-def _progress(args, mesh):
-    if args.json or mesh.rank != 0 or not sys.stderr.isatty():
+def _streams(args, report) -> bool:
+    """The text is printed as it is generated: a numeric run of a model with a tokenizer, not --json."""
+    return not args.json and report["text"] is not None
+
+
+def _stream(args, tokenizer, weights, ids):
+    """The decoder that prints the new text as it comes, after printing the prompt: it starts
+    from the prompt's ids, so the continuation joins the prompt as the tokenizer would join them."""
+    if args.json or tokenizer is None or weights is None:
+        return None
+    stream = tokenizer.stream()
+    prompt = "".join(stream.push(i) for i in ids)
+    cli.say(prompt, end="")
+    return stream
+
+
+def _progress(args, mesh, streaming: bool):
+    """A progress bar on a terminal's stderr, unless the text streams to the same terminal (the
+    bar's redraws would overwrite it; the streamed text shows the progress)."""
+    if args.json or mesh.rank != 0 or not sys.stderr.isatty() or (streaming and sys.stdout.isatty()):
         return None
     from tqdm import tqdm
     return tqdm(total=args.max_new_tokens, desc="decode", unit="tok", leave=False)
@@ -316,9 +343,12 @@ def regions_text(r: dict) -> str:
     return f"{r['regions']} ({each}, the last {r['last_region_layers']} + LM head)"
 
 
-def _format(r: dict) -> str:
+def _format(r: dict, streamed: bool = False) -> str:
+    """The report in words; the text only when it was not already printed as it came."""
     lines = []
-    if r["text"] is not None:
+    if streamed:
+        pass
+    elif r["text"] is not None:
         lines.append(f"text: {r['text']}")
     elif r["tokens"]:
         lines.append(f"tokens: {r['tokens']}")

@@ -269,7 +269,7 @@ class _Prefill:
     # ------------------------------------------------------------------ one layer
     def layer(self, index, x, cos, sin):
         mesh, lay, n = self.mesh, self.lay, self.n
-        p = f"L{index}"
+        p = f"prefill.layer{index}"
         w = self.weights.layers[index] if self.numeric else None
         tb, dc, nq, nkv, g = lay.tb, lay.dc, lay.nq, lay.nkv, lay.group
         plan_qkv = GemmPlan.build("meshgemm", n, n, lay.t_pad, self.config.hidden_size, n * lay.qkv_cols)
@@ -395,7 +395,7 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
                 per_layer = mesh.modeled_cycles() - start
             k_cache.append(k)
             v_cache.append(v)
-        final = run.rms_norm(x, lay.norm_tiles(weights.norm) if run.numeric else None, "final_norm")
+        final = run.rms_norm(x, lay.norm_tiles(weights.norm) if run.numeric else None, "prefill.final_norm")
     total = mesh.modeled_cycles() - start
     last = None
     if run.numeric:

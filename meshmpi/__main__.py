@@ -7,7 +7,7 @@ import sys
 from . import __version__, cli, collect, compare, export, mpi_library_version, outputs, plots
 from .errors import UsageError
 from .hardware import BUILTIN, load_hardware
-from .summary import format_summary, summarize
+from .summary import AGGREGATES, format_summary, summarize
 from .trace import read_trace
 
 EXAMPLES = """\
@@ -49,7 +49,9 @@ def info(args) -> int:
 
 
 def trace_summary(args) -> int:
-    summary = summarize(read_trace(args.file))
+    if args.depth is not None and args.depth < 1:
+        raise UsageError(f"--depth must be at least 1, got {args.depth}")
+    summary = summarize(read_trace(args.file), args.aggregate, args.depth, args.phase)
     if args.json:
         cli.print_json(summary)
     else:
@@ -67,7 +69,13 @@ def build_parser():
     t = sub.add_parser("trace", help="look at HDF5 traces").add_subparsers(dest="trace_command", required=True)
     s = t.add_parser("summary", help="totals and per-phase table of one trace")
     s.add_argument("file")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--depth", type=int, metavar="N", help="only phases nested less than N deep (1: the top level)")
+    s.add_argument("--phase", metavar="GLOB", help="only phases whose name matches, e.g. 'decode.layer0*'")
+    s.add_argument("--aggregate", choices=AGGREGATES, default="kind",
+                   help="group repeated phases: kind (default; layer numbers as *, all layers in one row), "
+                        "name (one row per name, e.g. per layer), none (every instance)")
+    s.add_argument("--json", action="store_true",
+                   help="print the totals, the phases and their groups as one JSON object")
     s.set_defaults(func=trace_summary)
     for command in (plots, compare, export):
         command.register(t)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -41,6 +42,11 @@ def parser(prog: str, description: str, examples: str = "") -> Parser:
     return p
 
 
+def help_text(doc: str) -> str:
+    """A docstring as --help shows it: no reStructuredText markup (double backquotes, roles)."""
+    return re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc).replace("``", "")
+
+
 def add_hardware_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("hardware")
     g.add_argument("--hardware", default="wse2", metavar="NAME|PATH",
@@ -69,6 +75,18 @@ def check_outputs(args, *more) -> None:
     """Before the run: every output file (``--trace`` and ``more`` (path, option) pairs) can be
     written, and exists only with ``--force``; else the same one-line error on every rank."""
     outputs.check([(getattr(args, "trace", None), "--trace"), *more], force=getattr(args, "force", False))
+
+
+def fresh_run_dir(base: str = "results/runs") -> str:
+    """A new folder name ``base/<local time>`` (a suffix if it exists), the same on every rank."""
+    name = None
+    if world_rank() == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name, n = os.path.join(base, stamp), 1
+        while os.path.exists(name):
+            n += 1
+            name = os.path.join(base, f"{stamp}-{n}")
+    return MPI.COMM_WORLD.bcast(name, root=0)
 
 
 def check_fits(args, region: tuple[int, int], label: str) -> None:

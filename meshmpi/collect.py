@@ -7,7 +7,11 @@ dicts flattened to dotted keys). A ``*.h5`` trace becomes a row only when it has
 no JSON twin (same name, ``.json``): the JSON a command prints already says what
 the run was, the trace is the fallback for jobs run without ``--json``. From a
 trace we read the attributes of ``/meta`` (``*_json`` ones opened up into dotted
-columns) and, per dataset under ``/counters``, its sum and max over cores.
+columns) and, per dataset under ``/counters``, its sum and max over cores. The
+command's result (``/meta result_json``) gives the same columns as its JSON
+(``modeled_cycles``, not ``result.modeled_cycles``), so one metric is one column
+whichever file a row came from; where a ``/meta`` attribute has the name of a
+result key, the result's value is kept.
 Columns are the union over all rows; ``source`` is the file's path relative to DIR.
 
 This is host-side post-processing: serial, no MPI.
@@ -62,7 +66,7 @@ def _meta_columns(key: str, value) -> dict:
         except json.JSONDecodeError:
             parsed = None
         if isinstance(parsed, dict):
-            return flatten(parsed, key[: -len("_json")] + ".")
+            return flatten(parsed, "" if key == "result_json" else key[: -len("_json")] + ".")
     return {key: value}
 
 
@@ -89,10 +93,11 @@ def read_trace(path: Path) -> dict | None:
 
     try:
         with h5py.File(path, "r") as trace:
-            row = {}
+            row, result = {}, {}
             if "meta" in trace:
                 for key, value in trace["meta"].attrs.items():
-                    row.update(_meta_columns(key, _plain(value)))
+                    (result if key == "result_json" else row).update(_meta_columns(key, _plain(value)))
+            row.update(result)
             if isinstance(trace.get("counters"), h5py.Group):
                 def add_totals(name, node):
                     if isinstance(node, h5py.Dataset) and node.size and node.dtype.kind in "biuf":

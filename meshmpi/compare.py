@@ -1,6 +1,6 @@
 """``python -m meshmpi trace compare A.h5 B.h5 ...``: runs side by side, ratios against A.
 
-Totals come from :func:`meshmpi.summary.summarize`. Phases are matched by name; a phase that
+Totals are those of ``trace summary``. Phases are matched by name; a phase that
 occurs several times (one per token or layer) is summed over its occurrences. When all files
 are of the same kind and each file's phases share one leading name component that differs
 between files (``meshgemm.compute_shift`` vs ``cannon.compute_shift``: the algorithm), the
@@ -154,9 +154,10 @@ def run(args) -> int:
 
 def register(trace_commands) -> None:
     """Add ``trace compare`` to the ``trace`` subparsers."""
+    from . import cli
     p = trace_commands.add_parser(
         "compare", help="several traces side by side, ratios against the first",
-        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        description=cli.help_text("\n\n".join(__doc__.split("\n\n")[:2])),
         epilog="examples:\n  python -m meshmpi trace compare meshgemm.h5 cannon.h5 summa.h5\n"
                "  python -m meshmpi trace compare wse2.h5 wse3.h5 --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)

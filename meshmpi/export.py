@@ -300,6 +300,10 @@ def run(args) -> int:
     slices = sum(1 for e in events if e["ph"] == "X")
     arrows = sum(1 for e in events if e["ph"] == "s")
     note = f" ({doc['otherData']['flows_dropped']} more not written)" if doc["otherData"]["flows_dropped"] else ""
+    if args.json:
+        cli.print_json({"output": str(out), "cores": {"rows": cores[:2], "cols": cores[2:]}, "slices": slices,
+                        "arrows": arrows, "flows_dropped": doc["otherData"]["flows_dropped"], "clock": args.clock})
+        return 0
     cli.say(f"{out}: {n_cores} cores (rows {cores[0]}:{cores[1]}, cols {cores[2]}:{cores[3]}), "
             f"{slices} slices, {arrows} reconstructed message arrows{note}, {args.clock} clock")
     return 0
@@ -308,9 +312,11 @@ def run(args) -> int:
 def register(trace_commands) -> None:
     """Add ``trace export`` to the ``trace`` subparsers."""
     import argparse
+
+    from . import cli
     p = trace_commands.add_parser(
         "export", help="Chrome/Perfetto trace-event JSON (one track per core)",
-        description=__doc__.split("\n\n")[0] + " Open it in https://ui.perfetto.dev or chrome://tracing.",
+        description=cli.help_text(__doc__.split("\n\n")[0]) + " Open it in https://ui.perfetto.dev or chrome://tracing.",
         epilog="examples:\n  python -m meshmpi trace export run.h5 --format chrome -o run.json\n"
                "  python -m meshmpi trace export big.h5 -o big.json --cores 0:4,100:108 --clock wall\n\n"
                "Message arrows are reconstructed from the per-core counters and the steps (the "
@@ -325,4 +331,5 @@ def register(trace_commands) -> None:
                         f"{DEFAULT_FILTER}x{DEFAULT_FILTER} cores)")
     p.add_argument("--clock", choices=("modeled", "wall"), default="modeled",
                    help="slice times: modeled cycles at the profile's clock, or wall seconds")
+    p.add_argument("--json", action="store_true", help="print what was written as one JSON object")
     p.set_defaults(func=run)

@@ -7,11 +7,13 @@
 - ``phases.png``: modeled cycles of each phase, split into compute and communication.
   Nested phases are shown by their own (self) cycles — the time not inside a child phase —
   so bars add up to the run; repeated phases (one per token, per layer) are summed under one
-  name with numbers replaced by ``*`` (``decode.layer*.attention``).
+  name with layer numbers replaced by ``*`` (``decode.layer*.attention``).
 - ``layers.png`` (when phase names carry ``layer<N>``): the same split per layer, and the
   cycles of each layer by sub-phase.
-- ``steps.png`` (when the trace has steps): each step's cycles on the critical path (without
-  the nested phases that ran inside it, which have steps of their own) and the running total.
+- ``steps.png`` (when the trace has steps): the steps' cycles on the critical path (without
+  the nested phases that ran inside them, which have steps of their own), grouped by phase and
+  step label as ``trace summary`` groups phases (mean and total per group); with
+  ``aggregate="none"`` each step and the running total.
 
 Compute cycles are estimated as FLOPs / cores / the profile's FLOPs per cycle (work spread
 evenly over the cores), capped at the phase's modeled cycles; the rest of the modeled cycles
@@ -28,6 +30,7 @@ import numpy as np
 
 from .errors import UsageError
 from .export import children_of, phase_paths, step_spans
+from .summary import AGGREGATES, phase_kind
 
 MAX_CELLS = 400  # most cells drawn along a heatmap axis; larger meshes are max-pooled
 MAX_BARS = 40  # most phase rows in phases.png; the rest are summed into "other"
@@ -161,11 +164,6 @@ def _heatmap(Figure, trace, profile, counter, title, unit, out: Path) -> Path:
 
 
 # ---------------------------------------------------------------------- phases
-def _kind(path: str) -> str:
-    """``decode.layer12.attention`` -> ``decode.layer*.attention``."""
-    return ".".join(re.sub(r"^([A-Za-z_]+)\d+$", r"\1*", part) for part in path.split("."))
-
-
 def self_costs(trace: dict) -> list[dict]:
     """Per phase: path, own (self) cycles and FLOPs, i.e. not inside one of its children."""
     phases = trace["phases"]
@@ -176,7 +174,7 @@ def self_costs(trace: dict) -> list[dict]:
         cycles = (p["end_cycles"] - p["start_cycles"]) - sum(
             phases[k]["end_cycles"] - phases[k]["start_cycles"] for k in kids[i])
         flops = p["flops"] - sum(phases[k]["flops"] for k in kids[i])
-        out.append({"path": paths[i], "kind": _kind(paths[i]) + (" (self)" if kids[i] else ""),
+        out.append({"path": paths[i], "kind": phase_kind(paths[i]) + (" (self)" if kids[i] else ""),
                     "cycles": max(cycles, 0.0), "flops": max(flops, 0)})
     return out
 
@@ -237,7 +235,7 @@ def _layer_chart(Figure, trace, profile, out: Path) -> Path | None:
         cycles[i] += r["cycles"]
         flops[i] += r["flops"]
         part = r["path"][match.end():].strip(".").split(".")[0] or "(layer itself)"
-        parts.setdefault(_kind(part), np.zeros(len(layers)))[i] += r["cycles"]
+        parts.setdefault(phase_kind(part), np.zeros(len(layers)))[i] += r["cycles"]
     compute = profile.compute_cycles(flops, cycles)
     fig = Figure(figsize=(max(7.0, 0.25 * len(layers) + 3), 7.5), dpi=110, layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True)
@@ -287,10 +285,58 @@ def step_self_costs(trace: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(cycles, 0.0), np.maximum(flops, 0.0)
 
 
-def _step_chart(Figure, trace, profile, out: Path) -> Path | None:
+def step_groups(trace: dict, aggregate: str) -> list[dict]:
+    """Steps grouped like ``trace summary`` groups phases: by their phase's path (``name``) or
+    its kind (``kind``, layer numbers as ``*``) and their label, in first-seen order, with the
+    number of steps and their own cycles and FLOPs summed."""
+    paths = phase_paths(trace["phases"])
+    cycles, flops = step_self_costs(trace)
+    groups: dict = {}
+    for i, s in enumerate(trace["steps"]):
+        path = paths[s["phase"]]
+        key = (phase_kind(path) if aggregate == "kind" else path, s["label"])
+        g = groups.setdefault(key, {"phase": key[0], "label": key[1], "count": 0, "cycles": 0.0, "flops": 0.0})
+        g["count"] += 1
+        g["cycles"] += cycles[i]
+        g["flops"] += flops[i]
+    return list(groups.values())
+
+
+def _step_group_chart(Figure, trace, profile, out: Path, aggregate: str) -> Path | None:
+    groups = step_groups(trace, aggregate)
+    if not groups:
+        return None
+    count = np.array([g["count"] for g in groups], float)
+    total = np.array([g["cycles"] for g in groups])
+    compute = profile.compute_cycles([g["flops"] for g in groups], total)
+    x = np.arange(len(groups))
+    fig = Figure(figsize=(max(8.0, min(20.0, 0.18 * len(groups) + 5)), 8.5), dpi=110, layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for ax, scale, what in ((top, count, "mean per occurrence"), (bottom, 1.0, "total over occurrences")):
+        ax.bar(x, compute / scale, width=0.85, color=COMPUTE, label="compute (FLOPs / cores / rate)")
+        ax.bar(x, (total - compute) / scale, width=0.85, bottom=compute / scale, color=COMMUNICATION,
+               label="communication and waiting")
+        ax.set_ylabel(f"modeled cycles, {what}\n(without nested phases)")
+        ax.yaxis.set_major_formatter(THOUSANDS)
+        profile.seconds_axis(ax, "y")
+    top.legend(fontsize=8, loc="upper left", framealpha=0.9)
+    top.set_title(f"steps grouped by phase and label ({_title(trace['meta'])}; "
+                  f"{len(trace['steps']):,} steps in {len(groups)} groups)", fontsize=9)
+    if len(groups) <= 120:
+        bottom.set_xticks(x, [f"{g['phase']}: {g['label']}  x{g['count']}" for g in groups],
+                          rotation=90, fontsize=6)
+    else:
+        bottom.set_xlabel("step group (first-seen order)")
+    fig.savefig(out)
+    return out
+
+
+def _step_chart(Figure, trace, profile, out: Path, aggregate: str = "kind") -> Path | None:
     steps = trace["steps"]
     if not steps:
         return None
+    if aggregate != "none":
+        return _step_group_chart(Figure, trace, profile, out, aggregate)
     durations, flops = step_self_costs(trace)
     compute = profile.compute_cycles(flops, durations)
     ends = np.array([s["end_cycles"] for s in steps], float)
@@ -333,8 +379,9 @@ def _step_chart(Figure, trace, profile, out: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------- the command
-def plot_trace(trace: dict, out_dir) -> list[Path]:
-    """Write every chart of ``trace`` into ``out_dir``; returns the files written."""
+def plot_trace(trace: dict, out_dir, aggregate: str = "kind") -> list[Path]:
+    """Write every chart of ``trace`` into ``out_dir``; returns the files written. ``aggregate``
+    groups repeated steps in steps.png as ``trace summary`` groups phases (``none``: every step)."""
     _, Figure = _matplotlib()
     out_dir = Path(out_dir)
     try:
@@ -349,8 +396,8 @@ def plot_trace(trace: dict, out_dir) -> list[Path]:
                                     out_dir / f"core_{counter}.png"))
     if trace["phases"]:
         written.append(_phase_chart(Figure, trace, profile, out_dir / "phases.png"))
-    for chart, name in ((_layer_chart, "layers.png"), (_step_chart, "steps.png")):
-        path = chart(Figure, trace, profile, out_dir / name)
+    for path in (_layer_chart(Figure, trace, profile, out_dir / "layers.png"),
+                 _step_chart(Figure, trace, profile, out_dir / "steps.png", aggregate)):
         if path:
             written.append(path)
     return written
@@ -360,18 +407,41 @@ def run(args) -> int:
     from . import cli
     from .trace import read_trace
 
-    written = plot_trace(read_trace(args.file), args.output)
-    cli.say("\n".join(str(p) for p in written))
+    written = plot_trace(read_trace(args.file), args.output, args.aggregate)
+    if args.json:
+        cli.print_json({"files": [str(p) for p in written]})
+    else:
+        cli.say("\n".join(str(p) for p in written))
     return 0
+
+
+PLOT_HELP = f"""\
+PNG charts of one trace, written into DIR (their paths are printed).
+
+  core_<counter>.png  a heatmap over the mesh per per-core counter; peak memory is coloured
+                      up to the SRAM size and routes up to the route limit (red: over it).
+                      Meshes wider than {MAX_CELLS} cores are drawn as the maximum over small
+                      square blocks of cores.
+  phases.png          modeled cycles of each phase, compute and communication; nested phases
+                      count their own cycles only, repeats are summed (layer numbers as *).
+  layers.png          the same per layer, and each layer's cycles by sub-phase.
+  steps.png           the steps' own cycles grouped by phase and step label (see --aggregate).
+
+Compute cycles are FLOPs / cores / the profile's FLOPs per cycle, capped at the phase's cycles;
+the rest is communication and waiting."""
 
 
 def register(trace_commands) -> None:
     """Add ``trace plot`` to the ``trace`` subparsers."""
     p = trace_commands.add_parser(
         "plot", help="PNG heatmaps over the mesh and per-phase / per-step charts",
-        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:]),
+        description=PLOT_HELP,
         epilog="example:\n  python -m meshmpi trace plot results/run/generate.h5 -o results/run/plots",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="HDF5 trace")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for the PNGs")
+    p.add_argument("--aggregate", choices=AGGREGATES, default="kind",
+                   help="group repeated steps in steps.png: kind (default; layer numbers as *), "
+                        "name (per phase name), none (every step in recorded order)")
+    p.add_argument("--json", action="store_true", help="print the files written as one JSON object")
     p.set_defaults(func=run)

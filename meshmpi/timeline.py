@@ -28,6 +28,12 @@ class Timeline:
         self._step_mark = None
         self._hops_since_step = 0
         self._hops_by_phase: dict[int, int] = {}
+        self._next_label = ""
+
+    def label_next(self, label: str) -> None:
+        """Give the next phase begun this label (e.g. ``position 7``): what tells repeats of one
+        phase name apart, kept out of the name so that names stay the same from run to run."""
+        self._next_label = label
 
     def _snapshot(self) -> tuple:
         c = self.mesh.counters
@@ -37,7 +43,8 @@ class Timeline:
     def begin(self, name: str) -> None:
         clock, messages, nbytes, flops = self._snapshot()
         parent = self._open[-1] if self._open else -1
-        self.phases.append(dict(name=name, parent=parent, depth=len(self._open), start_cycles=clock,
+        label, self._next_label = self._next_label, ""
+        self.phases.append(dict(name=name, label=label, parent=parent, depth=len(self._open), start_cycles=clock,
                                 wall_start=time.perf_counter(), start_counts=(messages, nbytes, flops),
                                 max_hops=0))
         self._open.append(len(self.phases) - 1)

@@ -19,8 +19,10 @@ from .hardware import from_document
 from .host import agree, gather_block_arrays
 from .outputs import is_temporary, write_atomic
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)   # v2 adds the phases' resident_bytes and peak_bytes
+SCHEMA_VERSION = 3
+# v2 added the phases' resident_bytes and peak_bytes; v3 the phases' label, /meta modeled_cycles,
+# stable LLM phase names and the prefill and relayout phases of a generate run
+READABLE_VERSIONS = (1, 2, 3)
 COUNTER_DOCS = {
     "bytes_sent": "bytes the core sent (at the profile's element size)",
     "bytes_recv": "bytes delivered to the core",
@@ -34,7 +36,7 @@ COUNTER_DOCS = {
     "busy_cycles": "modeled cycles spent computing",
     "clock_cycles": "the core's modeled clock at the end of the run",
 }
-PHASE_DTYPE = np.dtype([("name", h5py.string_dtype()), ("parent", "i4"), ("depth", "i4"),
+PHASE_DTYPE = np.dtype([("name", h5py.string_dtype()), ("label", h5py.string_dtype()), ("parent", "i4"), ("depth", "i4"),
                         ("start_cycles", "f8"), ("end_cycles", "f8"), ("wall_seconds", "f8"),
                         ("messages", "i8"), ("bytes", "i8"), ("flops", "i8"), ("max_hops", "i8"),
                         ("resident_bytes", "i8"), ("peak_bytes", "i8")])
@@ -60,19 +62,40 @@ def _records(rows: list[dict], dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def write_trace(mesh, path, *, kind: str, result: dict | None = None, argv=None, warnings=None) -> None:
+def concat_timelines(parts) -> tuple[list[dict], list[dict]]:
+    """One timeline of several run one after the other (e.g. a prefill region's, then the decode
+    region's): ``parts`` are ``(phases, steps)`` pairs, each with its own clock from 0; every part
+    is shifted to begin where the previous one ended, and its rows renumbered."""
+    phases, steps, offset = [], [], 0.0
+    for part_phases, part_steps in parts:
+        base = len(phases)
+        for p in part_phases:
+            phases.append(dict(p, start_cycles=p["start_cycles"] + offset, end_cycles=p["end_cycles"] + offset,
+                               parent=p["parent"] + base if p["parent"] >= 0 else -1))
+        for s in part_steps:
+            steps.append(dict(s, phase=s["phase"] + base, end_cycles=s["end_cycles"] + offset))
+        offset = max([offset] + [p["end_cycles"] for p in phases])
+    return phases, steps
+
+
+def write_trace(mesh, path, *, kind: str, result: dict | None = None, argv=None, warnings=None,
+                timeline=None) -> None:
     """Write the run's trace (collective: call on every rank). ``warnings`` (default: the
-    mesh's) are the limits a ``--memory warn`` / ``--routes warn`` run went over."""
+    mesh's) are the limits a ``--memory warn`` / ``--routes warn`` run went over. ``timeline``
+    (default: the mesh's) is a ``(phases, steps)`` pair from :func:`concat_timelines` when the run
+    used more than one mesh; the last part must be this mesh's, whose counters are written."""
     from . import __version__, mpi_library_version  # late: avoids an import cycle
 
-    phases, steps = mesh.timeline.collect()
+    phases, steps = mesh.timeline.collect() if timeline is None else timeline
     counters = gather_block_arrays(mesh, mesh_counters(mesh))
     error = None
     if mesh.rank == 0:
+        # the run's modeled time: this mesh's latest clock, or the end of the last part's phases
+        modeled = max([float(counters["clock_cycles"].max(initial=0.0))] + [p["end_cycles"] for p in phases])
         meta = {
             "schema_version": SCHEMA_VERSION, "meshmpi_version": __version__, "kind": kind,
             "mpi_library": mpi_library_version(), "mpi_world_size": mesh.size,
-            "mesh_rows": mesh.rows, "mesh_cols": mesh.cols, "rank_grid": np.array(mesh.rank_grid),
+            "modeled_cycles": modeled, "mesh_rows": mesh.rows, "mesh_cols": mesh.cols, "rank_grid": np.array(mesh.rank_grid),
             "hardware_name": mesh.hardware.name, "hardware_json": mesh.hardware.to_json(),
             "command_line": " ".join(argv if argv is not None else sys.argv),
             "dry_run": mesh.dry_run, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -141,6 +164,10 @@ def read_trace(path) -> dict:
     if not isinstance(meta["hardware"], dict):
         raise UsageError(f"{path}: /meta hardware_json is not a JSON object")
     from_document(meta["hardware"], f"{path} (/meta hardware_json)")   # the profile's own checks
+    if "modeled_cycles" not in meta:       # before schema 3: one mesh, its latest clock
+        meta["modeled_cycles"] = float(counters["clock_cycles"].max(initial=0.0))
+    for p in phases:
+        p.setdefault("label", "")          # before schema 3
     return {"meta": meta, "counters": counters, "phases": phases, "steps": steps}
 
 

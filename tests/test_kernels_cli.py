@@ -10,6 +10,7 @@ import pytest
 
 from kernels.__main__ import main
 from kernels.bench import speed_commands
+from meshmpi import UsageError
 
 
 def read_csv(path):
@@ -36,6 +37,47 @@ def test_bench_gemm_gemv_groups_write_csv_and_png(tmp_path):
     assert (tmp_path / "gemm.png").stat().st_size > 0
     assert main(["bench", "groups", "--meshes", "9", "--out", str(tmp_path)]) == 0
     assert [int(r["groups"]) for r in read_csv(tmp_path / "groups.csv")] == [1, 2, 3, 4, 6, 9]
+
+
+def test_bench_writes_into_a_fresh_folder_unless_told(tmp_path, monkeypatch, capsys):
+    """Without --out a bench writes into a new results/runs/<time> folder (a second run gets
+    another), so the committed results are refreshed only with --out results."""
+    monkeypatch.chdir(tmp_path)
+    outs = []
+    for _ in range(2):
+        assert main(["bench", "groups", "--meshes", "4", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        outs.append(tmp_path / doc["out"])
+        assert [int(r["groups"]) for r in read_csv(outs[-1] / "groups.csv")] == [1, 2, 3, 4]
+        assert [r["groups"] for r in doc["benches"]["groups"]] == [1, 2, 3, 4]
+    assert outs[0] != outs[1] and {p.parent for p in outs} == {tmp_path / "results" / "runs"}
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["runs"]
+    with pytest.raises(UsageError, match="--replot redraws the figures of an earlier run"):
+        main(["bench", "gemm", "--replot"])
+
+
+class Stop(Exception):
+    pass
+
+
+def test_an_interrupted_bench_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    import kernels.bench as bench
+    calls = []
+    real = bench.run_gemv
+
+    def third_fails(*args, **kwargs):
+        calls.append(args[1:])
+        if len(calls) == 3:
+            raise Stop
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_gemv", third_fails)
+    with pytest.raises(Stop):
+        main(["bench", "groups", "--meshes", "4", "--out", str(tmp_path)])
+    rows = read_csv(tmp_path / "groups.csv")
+    assert [int(r["groups"]) for r in rows] == [1, 2]
+    assert all(float(r["modeled_cycles"]) > 0 for r in rows)
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_bench_calibrate_writes_a_loadable_profile(tmp_path):

@@ -65,3 +65,32 @@ def test_bench_rows_agree_with_generate_and_closed_forms():
     assert concat == PROMPT + per_row - math.ceil(PROMPT / SIDE)
     assert int(row["decode_room_shift"]) == shift - PROMPT
     assert int(row["peak_bytes_per_core"]) <= hw.sram_bytes_per_core
+
+
+class Stop(Exception):
+    pass
+
+
+def test_an_interrupted_bench_keeps_the_rows_it_finished(monkeypatch):
+    """Stopped in its third run, the bench's CSV already holds the first two rows, whole."""
+    import llm.bench as bench
+    out, calls, real = _shared_dir(), [], bench.run_generate
+
+    def third_fails(args):
+        calls.append(args.mesh)
+        if len(calls) == 3:
+            raise Stop
+        return real(args)
+
+    monkeypatch.setattr(bench, "run_generate", third_fails)
+    with redirect_stdout(StringIO()), pytest.raises(Stop):
+        main(["bench", "--models", "llama3-8b", "--meshes", "16,32,48", "--prompt-len", "8",
+              "--new-tokens", "2", "--out", str(out)])
+    MPI.COMM_WORLD.Barrier()
+    rows = None
+    if MPI.COMM_WORLD.rank == 0:
+        with open(out / "llm_presets.csv", newline="") as f:
+            rows = [(r["model"], r["mesh"]) for r in csv.DictReader(f)]
+    rows = MPI.COMM_WORLD.bcast(rows)
+    assert calls == ["16x16", "32x32", "48x48"]
+    assert rows == [("llama3-8b", "16"), ("llama3-8b", "32")]

@@ -150,14 +150,13 @@ def closed_form_decode_buffers(config, rows, cols, tokens_on_fullest_row) -> dic
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     per_layer = 2 * h + h * (g + 2) * s + g * s * h + h * 2 * f + f * h
     sizes = {"weights": layers * per_layer + h + h * v, "hidden": h,
-             "kv_cache": tokens_on_fullest_row * 2 * s * layers, "lm_head.y": v,
-             "final_norm.ss": 1, "final_norm.out": h}
+             "kv_cache": tokens_on_fullest_row * 2 * s * layers, "decode.lm_head.y": v,
+             "decode.final_norm.ss": 1, "decode.final_norm.out": h}
     for i in range(layers):
-        sizes.update({f"layer{i}.norm1.ss": 1, f"layer{i}.norm1.out": h, f"layer{i}.qkv.y": (g + 2) * s,
-                      f"layer{i}.scores": tokens_on_fullest_row * heads, f"layer{i}.max": heads,
-                      f"layer{i}.sum": heads, f"layer{i}.o": g * s, f"layer{i}.o_proj.y": h,
-                      f"layer{i}.norm2.ss": 1, f"layer{i}.norm2.out": h, f"layer{i}.gate_up.y": 2 * f,
-                      f"layer{i}.act": f, f"layer{i}.down.y": h})
+        per_buffer = {"norm1.ss": 1, "norm1.out": h, "qkv.y": (g + 2) * s,
+                      "scores": tokens_on_fullest_row * heads, "max": heads, "sum": heads, "o": g * s,
+                      "o_proj.y": h, "norm2.ss": 1, "norm2.out": h, "gate_up.y": 2 * f, "act": f, "down.y": h}
+        sizes.update({f"decode.layer{i}.{name}": size for name, size in per_buffer.items()})
     return sizes
 
 
@@ -180,7 +179,7 @@ def test_memory_ledger_at_every_phase_is_the_live_buffers_closed_forms(rows, col
         decoder.step(None, 5 + step)
         for phase, live, resident in whole_mesh_buffers(mesh, seen):
             # the new token joins the cache after layer 0's q/k/v (it attends to itself)
-            tokens = 5 + step + (0 if phase.startswith(("layer0.norm1", "layer0.qkv")) else 1)
+            tokens = 5 + step + (0 if phase.startswith(("decode.layer0.norm1", "decode.layer0.qkv")) else 1)
             sizes = closed_form_decode_buffers(config, rows, cols, fullest_row(policy, rows, 5, tokens))
             assert live == {name: sizes[name] * eb for name in live}, (step, phase)
             assert resident == sum(live.values()), (step, phase)

@@ -9,6 +9,8 @@ place goes wrong.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -108,3 +110,42 @@ def test_shipped_model_short_prompts_match_the_reference(mesh, prompt):
                                       "--ignore-eos", "--mesh", mesh, "--check", "--json"])
     report = run_generate(args)
     assert report["new_tokens"] == 6 and report["checked"]
+
+
+def test_trace_tells_prefill_relayout_and_decode_with_names_that_do_not_depend_on_the_prompt(mpi_tmp_path):
+    """The generate trace holds the prefill region's phases, the re-layout and one ``decode``
+    phase per token, one after the other, and their times are those of the JSON result; two
+    prompts of different lengths give the same phase names (positions are labels)."""
+    from meshmpi.trace import read_trace
+    model = shared_checkpoint(mpi_tmp_path, CONFIG, seed=3)
+    traces, reports = [], []
+    for ids in ([1, 2], [4, 5, 6, 7, 8]):
+        path = mpi_tmp_path / f"generate-{len(ids)}.h5"
+        reports.append(generate(model, ids, "4x4", "--trace", str(path)))
+        traces.append(read_trace(path))
+    for trace, report, prompt in zip(traces, reports, (2, 5)):
+        top = [p for p in trace["phases"] if p["depth"] == 0]
+        assert [p["name"] for p in top] == ["prefill", "relayout"] + ["decode"] * NEW_TOKENS
+        # the first token's logits read the prompt's last position, each decode step the one after
+        assert [p["label"] for p in top[2:]] == [f"position {prompt - 1 + i}" for i in range(NEW_TOKENS)]
+        prefill, relayout, decode = top[0], top[1], top[2:]
+        assert prefill["start_cycles"] == 0
+        assert prefill["end_cycles"] == pytest.approx(report["modeled_prefill_cycles"])
+        assert relayout["start_cycles"] == prefill["end_cycles"]
+        assert relayout["end_cycles"] - relayout["start_cycles"] == pytest.approx(report["modeled_relayout_cycles"])
+        assert decode[0]["start_cycles"] == pytest.approx(relayout["end_cycles"])
+        steps = [b["end_cycles"] - b["start_cycles"] for b in decode[1:]]
+        assert np.mean(steps) == pytest.approx(report["modeled_decode_cycles_per_token"])
+        assert trace["meta"]["modeled_cycles"] == pytest.approx(decode[-1]["end_cycles"])
+        names = {p["name"] for p in trace["phases"]}
+        assert {f"prefill.layer{i}" for i in range(CONFIG.num_hidden_layers)} <= names
+        assert {f"decode.layer{i}" for i in range(CONFIG.num_hidden_layers)} <= names
+        # no position in any name; every name begins with its top-level phase's and its layer's
+        for p in trace["phases"]:
+            assert not re.search(r"pos(ition)?\d", p["name"]), p["name"]
+            ancestor = p
+            while ancestor["parent"] >= 0:
+                ancestor = trace["phases"][ancestor["parent"]]
+                if ancestor["depth"] == 0 or ancestor["name"].split(".")[-1].startswith("layer"):
+                    assert p["name"].startswith(ancestor["name"] + "."), (p["name"], ancestor["name"])
+    assert [p["name"] for p in traces[0]["phases"]] == [p["name"] for p in traces[1]["phases"]]

@@ -39,3 +39,39 @@ def test_tiny_model_too_big_for_one_region_runs_as_a_pipeline_of_regions():
     report = json.loads(out.stdout)
     assert report["regions"] * report["layers_per_region"] >= 4 and report["regions"] > 1
     assert report["peak_bytes_per_core"] <= 49152
+
+
+def test_text_output_is_the_prompt_then_the_continuation_once():
+    """Without --json the prompt is echoed and the new text follows it once (as the tokenizer
+    decodes prompt and new tokens together), before the report; the tokens are those of --json."""
+    from llm.checkpoint import resolve_model_dir
+    from llm.tokenizer import load_tokenizer
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "MPI_", "HYDRA_"))}
+    argv = [sys.executable, "-m", "llm", "generate", "--model", "tiny", "--prompt", "The meaning of",
+            "--max-new-tokens", "5", "--mesh", "8x8"]
+    runs = [subprocess.run(argv + extra, capture_output=True, text=True, timeout=120, env=env)
+            for extra in (["--json"], [])]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    report = json.loads(runs[0].stdout)
+    tokenizer = load_tokenizer(resolve_model_dir("tiny"))
+    ids = tokenizer.encode("The meaning of")
+    whole = tokenizer.decode(ids + report["tokens"])
+    assert whole.startswith("The meaning of") and len(whole) > len("The meaning of")
+    text = runs[1].stdout
+    assert text.startswith(whole + "\n"), text
+    assert text.count(whole[len("The meaning of"):]) == 1 and "text:" not in text
+    assert text.splitlines()[1].startswith("tiny on 8x8")
+
+
+def test_no_progress_bar_over_text_streamed_to_the_terminal(monkeypatch):
+    from types import SimpleNamespace
+    from llm import generate
+    mesh = SimpleNamespace(rank=0)
+    args = SimpleNamespace(json=False, max_new_tokens=3)
+    for stdout_tty, streaming, bar in ((True, True, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(sys.stdout, "isatty", lambda: stdout_tty, raising=False)
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+        progress = generate._progress(args, mesh, streaming=streaming)
+        assert (progress is not None) == bar, (stdout_tty, streaming)
+        if progress is not None:
+            progress.close()

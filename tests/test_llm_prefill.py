@@ -153,18 +153,18 @@ def closed_form_prefill_buffers(config, n, tokens) -> dict:
     nq, nkv = config.num_attention_heads, config.num_key_value_heads
     g, qkv = nq // nkv, (nq + 2 * nkv) * dc
     sizes = {"prefill.x": tb * hb, "prefill.rope.cos": tb * dc // 2, "prefill.rope.sin": tb * dc // 2,
-             "L0.w_qkv": hb * qkv, "L0.qkv.c": tb * qkv, "L0.kv": 2 * tb * nkv * dc,
-             "L0.q": nkv * g * tb * dc, "L0.k": nkv * tb * dc, "L0.v": nkv * tb * dc,
-             "L0.qk.c": nkv * g * tb * tb, "L0.softmax.max": nkv * g * tb, "L0.softmax.sum": nkv * g * tb,
-             "L0.pv.c": nkv * g * tb * dc, "L0.attn": tb * nq * dc, "L0.w_o": nq * dc * hb,
-             "L0.o.c": tb * hb, "L0.w_gate_up": hb * 2 * fb, "L0.gate_up.c": tb * 2 * fb,
-             "L0.act": tb * fb, "L0.w_down": fb * hb, "L0.down.c": tb * hb}
-    spares = {"qkv": ("prefill.x", "L0.w_qkv"), "pv": ("L0.qk.c", "L0.v"), "o": ("L0.attn", "L0.w_o"),
-              "gate_up": ("prefill.x", "L0.w_gate_up"), "down": ("L0.act", "L0.w_down")}
+             "prefill.layer0.w_qkv": hb * qkv, "prefill.layer0.qkv.c": tb * qkv, "prefill.layer0.kv": 2 * tb * nkv * dc,
+             "prefill.layer0.q": nkv * g * tb * dc, "prefill.layer0.k": nkv * tb * dc, "prefill.layer0.v": nkv * tb * dc,
+             "prefill.layer0.qk.c": nkv * g * tb * tb, "prefill.layer0.softmax.max": nkv * g * tb, "prefill.layer0.softmax.sum": nkv * g * tb,
+             "prefill.layer0.pv.c": nkv * g * tb * dc, "prefill.layer0.attn": tb * nq * dc, "prefill.layer0.w_o": nq * dc * hb,
+             "prefill.layer0.o.c": tb * hb, "prefill.layer0.w_gate_up": hb * 2 * fb, "prefill.layer0.gate_up.c": tb * 2 * fb,
+             "prefill.layer0.act": tb * fb, "prefill.layer0.w_down": fb * hb, "prefill.layer0.down.c": tb * hb}
+    spares = {"qkv": ("prefill.x", "prefill.layer0.w_qkv"), "pv": ("prefill.layer0.qk.c", "prefill.layer0.v"), "o": ("prefill.layer0.attn", "prefill.layer0.w_o"),
+              "gate_up": ("prefill.x", "prefill.layer0.w_gate_up"), "down": ("prefill.layer0.act", "prefill.layer0.w_down")}
     for gemm, (a, b) in spares.items():
-        sizes[f"L0.{gemm}.a.next"], sizes[f"L0.{gemm}.b.next"] = sizes[a], sizes[b]
-    sizes["L0.qk.c.next"], sizes["L0.qk.b.next"] = sizes["L0.qk.c"], sizes["L0.k"]
-    for norm in ("L0.input_norm", "L0.post_norm", "final_norm"):
+        sizes[f"prefill.layer0.{gemm}.a.next"], sizes[f"prefill.layer0.{gemm}.b.next"] = sizes[a], sizes[b]
+    sizes["prefill.layer0.qk.c.next"], sizes["prefill.layer0.qk.b.next"] = sizes["prefill.layer0.qk.c"], sizes["prefill.layer0.k"]
+    for norm in ("prefill.layer0.input_norm", "prefill.layer0.post_norm", "prefill.final_norm"):
         sizes.update({f"{norm}.ss": tb, f"{norm}.w": hb, f"{norm}.out": tb * hb})
     return sizes
 
@@ -192,7 +192,7 @@ def test_memory_ledger_at_every_phase_is_the_live_buffers_closed_forms(n):
             assert {name: live[name] for name in live} == {name: sizes[name] * eb for name in live}, phase
             assert resident == sum(live.values()), phase
         at_end = {phase: set(live) for phase, live, _ in seen}
-        assert at_end["L0.softmax"] == {"prefill.x", "prefill.rope.cos", "prefill.rope.sin",
-                                        "L0.qkv.c", "L0.kv", "L0.qk.c"}
+        assert at_end["prefill.layer0.softmax"] == {"prefill.x", "prefill.rope.cos", "prefill.rope.sin",
+                                        "prefill.layer0.qkv.c", "prefill.layer0.kv", "prefill.layer0.qk.c"}
         assert not any(name.endswith(".next") for phase, live in at_end.items() for name in live
                        if not phase.endswith("compute_shift"))

@@ -396,3 +396,112 @@ def test_summary_gives_each_phase_s_peak_memory(traces, capsys):
     assert [p["peak_bytes"] for p in summary["phases"]] == stored == [32, 32]
     assert main(["trace", "summary", str(traces["alpha"])]) == 0
     assert "peak B/core" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- summary
+def stored_phases(path) -> list[tuple[str, int, float]]:
+    with h5py.File(path, "r") as f:
+        return [(p["name"].decode(), int(p["depth"]), float(p["end_cycles"] - p["start_cycles"]))
+                for p in f["phases"][()]]
+
+
+@pytest.mark.parametrize("aggregate,key", [
+    ("name", lambda name: name),
+    ("kind", lambda name: name.replace("layer0", "layer*").replace("layer1", "layer*").replace("layer2", "layer*")),
+])
+def test_summary_groups_repeated_phases(traces, capsys, aggregate, key):
+    """Each group is the stored phases of one name (or, by kind, of one name up to the layer
+    number): their count, total and mean modeled cycles, in first-seen order."""
+    stored = stored_phases(traces["llm"])
+    expected: dict = {}
+    for name, _, cycles in stored:
+        expected.setdefault(key(name), []).append(cycles)
+    doc = json.loads(run_main(capsys, "trace", "summary", str(traces["llm"]), "--aggregate", aggregate, "--json"))
+    groups = doc["phase_groups"]
+    assert [g["name"] for g in groups] == list(expected)
+    for g in groups:
+        assert g["count"] == len(expected[g["name"]])
+        assert g["modeled_cycles"] == pytest.approx(sum(expected[g["name"]]))
+        assert g["mean_cycles"] == pytest.approx(sum(expected[g["name"]]) / g["count"])
+    assert len(doc["phases"]) == len(stored)       # every instance stays in the JSON
+    text = run_main(capsys, "trace", "summary", str(traces["llm"]), "--aggregate", aggregate)
+    table = text.split("\n\n", 1)[1].splitlines()
+    assert len(table) == 1 + len(expected) + 1     # header, one row per group, the note
+    if aggregate == "kind":
+        assert len(groups) < len(set(name for name, _, _ in stored)) < len(stored)
+
+
+def test_summary_every_instance_depth_and_glob(traces, capsys):
+    stored = stored_phases(traces["llm"])
+    doc = json.loads(run_main(capsys, "trace", "summary", str(traces["llm"]), "--aggregate", "none", "--json"))
+    assert [(g["name"], g["count"]) for g in doc["phase_groups"]] == [(name, 1) for name, _, _ in stored]
+    doc = json.loads(run_main(capsys, "trace", "summary", str(traces["llm"]), "--depth", "1", "--json"))
+    assert [(g["name"], g["count"]) for g in doc["phase_groups"]] == [("decode", 2)]
+    doc = json.loads(run_main(capsys, "trace", "summary", str(traces["llm"]), "--phase", "decode.layer1*",
+                              "--aggregate", "name", "--json"))
+    want = [name for name, _, _ in stored if name.startswith("decode.layer1")]
+    assert [g["name"] for g in doc["phase_groups"]] == list(dict.fromkeys(want))
+    assert sum(g["count"] for g in doc["phase_groups"]) == len(want)
+    # the totals are the whole run's whatever the filter
+    with h5py.File(traces["llm"], "r") as f:
+        assert doc["totals"]["modeled_cycles"] == f["counters/clock_cycles"][()].max()
+    usage_error_line = subprocess.run([sys.executable, "-m", "meshmpi", "trace", "summary", str(traces["llm"]),
+                                       "--depth", "0"], capture_output=True, text=True, env=os.environ | {
+                                           "PYTHONPATH": str(REPO)})
+    assert usage_error_line.returncode == 2
+    assert usage_error_line.stderr.strip().splitlines() == ["error: --depth must be at least 1, got 0"]
+
+
+def test_steps_chart_groups_repeated_steps(traces):
+    """The decoder-like trace's steps fall in one group per (phase, label), layers merged by kind."""
+    from meshmpi.plots import step_groups
+    from meshmpi.trace import read_trace
+    trace = read_trace(traces["llm"])
+    groups = step_groups(trace, "kind")
+    assert [(g["phase"], g["label"], g["count"]) for g in groups] == [
+        ("decode.layer*.attention", "scores", 6), ("decode.layer*.attention", "softmax", 6),
+        ("decode.layer*.ffn", "up", 6), ("decode.layer*", "residual", 6)]
+    by_name = step_groups(trace, "name")
+    assert len(by_name) == 3 * 4 and sum(g["count"] for g in by_name) == len(trace["steps"])
+
+
+def test_a_schema_2_trace_is_still_read(traces, tmp_path, capsys):
+    """Version 2 had no phase labels and no /meta modeled_cycles: rewritten that way, the trace
+    reads with empty labels and the latest core clock as the run's modeled time."""
+    old = tmp_path / "v2.h5"
+    old.write_bytes(traces["llm"].read_bytes())
+    with h5py.File(old, "r+") as f:
+        phases = f["phases"][()]
+        names = [n for n in phases.dtype.names if n != "label"]
+        del f["phases"]
+        f.create_dataset("phases", data=phases[names])
+        f["meta"].attrs["schema_version"] = 2
+        del f["meta"].attrs["modeled_cycles"]
+        clock = f["counters/clock_cycles"][()].max()
+        stored = [n.decode() for n in phases["name"]]
+    doc = json.loads(run_main(capsys, "trace", "summary", str(old), "--aggregate", "none", "--json"))
+    assert [p["name"] for p in doc["phases"]] == stored and {p["label"] for p in doc["phases"]} == {""}
+    assert doc["totals"]["modeled_cycles"] == clock
+
+
+# ---------------------------------------------------------------------- results collect
+def test_collect_puts_a_metric_in_one_column_from_json_and_trace(tmp_path, capsys):
+    """One run's --json output and its trace (no JSON twin) give the same columns for the
+    result's keys: a row from either file has modeled_cycles, none has result.modeled_cycles."""
+    from kernels.__main__ import main as kernels_main
+    import csv
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    assert kernels_main(["gemm", "--algo", "cannon", "--mesh", "4x4", "--m", "16", "--k", "16", "--n", "16",
+                         "--json", "--trace", str(sweep / "b.h5")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (sweep / "a.json").write_text(json.dumps(report))
+    assert main(["results", "collect", str(sweep), "-o", str(tmp_path / "t.csv")]) == 0
+    with open(tmp_path / "t.csv", newline="") as f:
+        rows = {r["source"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"a.json", "b.h5"}
+    assert not [c for c in rows["a.json"] if c.startswith("result.")]
+    for row in rows.values():
+        assert float(row["modeled_cycles"]) == report["modeled_cycles"]
+        assert float(row["max_abs_err"]) == report["max_abs_err"] and row["algo"] == "cannon"
+    assert rows["b.h5"]["kind"] == "gemm" and rows["a.json"]["kind"] == ""
