@@ -1,6 +1,8 @@
 """``python -m llm generate``: prefill a prompt with MeshGEMM, decode with MeshGEMV, stream tokens."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -17,7 +19,7 @@ from meshmpi.text import article, plural
 from meshmpi.trace import write_trace
 
 from .checkpoint import load_checkpoint, resolve_model_dir
-from .config import LlamaConfig
+from .config import LlamaConfig, generation_eos_ids
 from .decode import POLICIES, Decoder
 from .errors import ModelError
 from .presets import PRESET_NAMES as PRESETS, preset
@@ -38,11 +40,18 @@ def build_parser():
                        formatter_class=p.formatter_class)
     g.add_argument("--model", default="tiny", help=f"tiny, a preset ({', '.join(PRESETS)}) or a HF directory")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    src.add_argument("--prompt", help="prompt text (needs the model's tokenizer)")
+    src.add_argument("--chat", metavar="MESSAGE",
+                     help="a user message, rendered with the model's chat template (tokenizer_config.json)")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
     src.add_argument("--prompt-len", type=int, help="a prompt of N tokens without text (for dry runs)")
+    g.add_argument("--system", metavar="MESSAGE", help="a system message before --chat's")
+    g.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend the BOS token to --prompt, or not (default: the tokenizer's own rule)")
     g.add_argument("--max-new-tokens", type=int, default=16)
-    g.add_argument("--ignore-eos", action="store_true", help="keep going after an end-of-sequence token")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="keep going after an end-of-sequence token (generation_config.json's eos_token_id, "
+                        "else config.json's)")
     g.add_argument("--mesh", default="4x4", metavar="ROWSxCOLS", help="the decode region (default 4x4)")
     g.add_argument("--prefill-mesh", metavar="NxN", help="the (square) prefill region (default: the largest square in --mesh)")
     g.add_argument("--kv", choices=POLICIES, default="shift", help="KV cache policy (default shift)")
@@ -75,16 +84,27 @@ def _load_model(args):
         directory = resolve_model_dir(args.model)
         weights = None if args.dry_run else load_checkpoint(directory)
         config = weights.config if weights is not None else LlamaConfig.from_file(directory / "config.json")
+        eos = generation_eos_ids(directory)
+        if eos is not None:
+            config = dataclasses.replace(config, eos_token_ids=eos)
         return config, weights, load_tokenizer(directory, config.bos_token_id)
     except ModelError as exc:
         raise UsageError(str(exc)) from None
 
 
 def _prompt_ids(args, config, tokenizer) -> list[int]:
-    if args.prompt is not None:
+    if args.prompt is not None or args.chat is not None:
         if tokenizer is None:
-            raise UsageError("this model has no tokenizer.json: give --prompt-ids or --prompt-len")
-        ids = tokenizer.encode(args.prompt)
+            raise UsageError("this model has no tokenizer (tokenizer.json): give --prompt-ids or --prompt-len")
+        try:
+            if args.chat is not None:   # the template writes any BOS itself
+                from .chat import messages
+                text = tokenizer.apply_chat_template(messages(args.chat, args.system))
+                ids = tokenizer.encode(text, args.add_bos, special=False)
+            else:
+                ids = tokenizer.encode(args.prompt, args.add_bos)
+        except ModelError as exc:
+            raise UsageError(str(exc)) from None
     elif args.prompt_ids is not None:
         try:
             ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
@@ -125,6 +145,10 @@ def _check_options(args) -> None:
     """What can be told wrong from the options alone, before any model is read."""
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
+    if args.system is not None and args.chat is None:
+        raise UsageError("--system goes with --chat (a system message before the user's)")
+    if args.add_bos is not None and args.prompt is None and args.chat is None:
+        raise UsageError("--add-bos/--no-add-bos apply to text: give --prompt or --chat")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not (0 < args.top_p <= 1):
