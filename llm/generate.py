@@ -261,8 +261,12 @@ def run_generate(args) -> dict:
     if stream is not None:
         cli.say(stream.flush())
 
+    failure = None      # a failed --check still writes --save-logits and --trace, then fails
     if args.check:
-        _check(config, weights, ids, tokens, all_logits, args)
+        try:
+            _check(config, weights, ids, tokens, all_logits, args)
+        except CheckError as exc:
+            failure = exc
     clock = hardware.clock_hz
     per_token = float(np.mean(step_cycles)) if step_cycles else None
     report = {
@@ -285,7 +289,8 @@ def run_generate(args) -> dict:
         "kv_tokens_per_row": decoder.kv.counts.tolist(),
         "peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0)))),
         "routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
-        "checked": bool(args.check), "wall_seconds": time.perf_counter() - t_start,
+        "checked": bool(args.check), "check_failure": str(failure) if failure else None,
+        "wall_seconds": time.perf_counter() - t_start,
         "warnings": warnings + mesh.memory.warnings + mesh.routes.warnings,
     }
     if args.save_logits:
@@ -301,6 +306,8 @@ def run_generate(args) -> dict:
     if args.trace:
         write_trace(mesh, args.trace, kind="generate", result=report, warnings=report["warnings"])
     mesh.free()
+    if failure is not None:
+        raise failure
     return report
 
 

@@ -241,3 +241,34 @@ def test_generation_stops_at_a_generation_config_eos_and_keeps_it_in_the_text(mp
     assert report["tokens"] == want[:k + 1] and report["new_tokens"] == k + 1
     assert report["text"].endswith("<|im_end|>")
     assert run_generate(_args(*argv, "--ignore-eos"))["tokens"] == want
+
+
+@pytest.mark.mpi
+def test_a_failed_check_still_writes_the_logits_and_the_trace(mpi_tmp_path, monkeypatch):
+    import h5py
+    from mpi4py import MPI
+
+    from llm.generate import run_generate
+    from llm.reference import ReferenceModel
+    from meshes import fits
+    from meshmpi import CheckError
+
+    if not fits(4, 4):
+        pytest.skip("mesh smaller than the rank grid")
+    real = ReferenceModel.generate
+
+    def off_by_one(self, *args, **kwargs):
+        tokens, logits = real(self, *args, **kwargs)
+        return [tokens[0], (tokens[1] + 1) % 1024, *tokens[2:]], logits
+
+    monkeypatch.setattr(ReferenceModel, "generate", off_by_one)
+    logits, trace = mpi_tmp_path / "fail.npy", mpi_tmp_path / "fail.h5"
+    with pytest.raises(CheckError, match="check failed: token 1 is"):
+        run_generate(_args("--model", "tiny", "--prompt-ids", "0,5,9", "--max-new-tokens", "3", "--ignore-eos",
+                           "--mesh", "8x8", "--check", "--json", "--save-logits", str(logits),
+                           "--trace", str(trace)))
+    MPI.COMM_WORLD.Barrier()
+    assert np.load(logits).shape == (3, 1024)
+    with h5py.File(trace, "r") as f:
+        result = json.loads(f["meta"].attrs["result_json"])
+    assert result["check_failure"].startswith("check failed: token 1") and result["new_tokens"] == 3
