@@ -22,6 +22,7 @@ from .checkpoint import load_checkpoint, resolve_model_dir
 from .config import LlamaConfig, generation_eos_ids
 from .decode import POLICIES, Decoder
 from .errors import ModelError
+from .gguf import is_gguf, load_gguf
 from .presets import PRESET_NAMES as PRESETS, preset
 from .tokenizer import load_tokenizer
 
@@ -38,7 +39,7 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate tokens from a prompt", epilog="examples:\n" + EXAMPLES,
                        formatter_class=p.formatter_class)
-    g.add_argument("--model", default="tiny", help=f"tiny, a preset ({', '.join(PRESETS)}) or a HF directory")
+    g.add_argument("--model", default="tiny", help=f"tiny, a preset ({', '.join(PRESETS)}), a HF directory or a .gguf file")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs the model's tokenizer)")
     src.add_argument("--chat", metavar="MESSAGE",
@@ -81,6 +82,8 @@ def _load_model(args):
             raise UsageError(f"preset {args.model} has shapes only: add --dry-run, or give a checkpoint directory")
         return preset(args.model), None, None
     try:
+        if is_gguf(args.model):
+            return load_gguf(args.model, weights=not args.dry_run)
         directory = resolve_model_dir(args.model)
         weights = None if args.dry_run else load_checkpoint(directory)
         config = weights.config if weights is not None else LlamaConfig.from_file(directory / "config.json")
