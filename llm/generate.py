@@ -23,6 +23,7 @@ from .config import LlamaConfig, generation_eos_ids
 from .decode import POLICIES, Decoder
 from .errors import ModelError
 from .gguf import is_gguf, load_gguf
+from .plan import Planner, hint_on_failure, kv_rows
 from .presets import PRESET_NAMES as PRESETS, preset
 from .tokenizer import load_tokenizer
 
@@ -71,6 +72,8 @@ def build_parser():
     cli.add_run_options(g)
     g.set_defaults(func=generate)
     from .bench import register
+    register(sub)
+    from .plan import register
     register(sub)
     return p
 
@@ -219,18 +222,21 @@ def run_generate(args) -> dict:
     scale = config.num_hidden_layers / sim_layers
 
     from .prefill import prefill
+    planner = Planner(config, hardware, len(ids), args.max_new_tokens, args.kv, args.allreduce, args.forwarding)
     pmesh = cli.mesh_from_args(args, side[0], side[1], hardware)
-    pre = prefill(pmesh, config, weights, ids if weights is not None else len(ids), layers=sim_layers,
-                  forwarding=args.forwarding)
+    with hint_on_failure(planner):
+        pre = prefill(pmesh, config, weights, ids if weights is not None else len(ids), layers=sim_layers,
+                      forwarding=args.forwarding)
     prefill_cycles = pre.modeled_cycles + (scale - 1) * pre.cycles_per_layer * sim_layers
     warnings = [f"prefill {w}" for w in pmesh.memory.warnings + pmesh.routes.warnings]
     pmesh.free()
 
     mesh = cli.mesh_from_args(args, rows, cols, hardware)
     total = len(ids) + args.max_new_tokens
-    capacity = total if args.kv == "concat" else -(-total // rows) + 1
-    decoder = Decoder(mesh, config, weights, args.kv, sim_layers, capacity, args.allreduce, args.groups,
-                      forwarding=args.forwarding)
+    capacity = kv_rows(args.kv, total, rows)
+    with hint_on_failure(planner):
+        decoder = Decoder(mesh, config, weights, args.kv, sim_layers, capacity, args.allreduce, args.groups,
+                          forwarding=args.forwarding)
     decoder.load_prompt_cache(pre.k_cache, pre.v_cache, len(ids))
     relayout_cycles = decoder.relayout_cycles(len(ids))
     plan = decoder.plan
