@@ -5,7 +5,8 @@ square prefill region (every layer has the same buffers), then the decode region
 (layers per region, KV capacity, :func:`llm.decode.plan_regions`) with the prompt's cache in
 place and one decode step. A probe that runs out of core memory says which buffer did not fit.
 The smallest square mesh is found by doubling then bisecting the side (memory per core does not
-grow with the side), up to the shorter side of the profile's wafer.
+grow with the side), up to the shorter side of the profile's wafer: first with the decode plan
+alone (no run), then with whole probes from there.
 """
 from __future__ import annotations
 
@@ -88,22 +89,49 @@ class Planner:
     def largest_side(self) -> int:
         return min(self.hardware.mesh_rows, self.hardware.mesh_cols)
 
+    def _decode_plan_fits(self, n: int) -> bool:
+        """Whether the decode plan of an n x n region fits (cheap: no prefill, no step)."""
+        try:
+            mesh = self._mesh(n, n)
+        except UsageError:
+            return False
+        try:
+            Decoder(mesh, self.config, None, self.kv, 1, kv_rows(self.kv, self.context, n), self.allreduce,
+                    None, forwarding=self.forwarding)
+            return True
+        except (CoreMemoryError, UsageError):
+            return False
+        finally:
+            mesh.free()
+
+    def _first(self, good, low: int) -> int | None:
+        """The smallest side n > low with good(n) (good(low) false or low = 0), by doubling the
+        distance from low then bisecting; None when no side of the wafer is good."""
+        step, high = 1, low + 1
+        while high <= self.largest_side and not good(high):
+            low, step = high, 2 * step
+            high = min(low + step, self.largest_side) if low < self.largest_side else low + 1
+        if high > self.largest_side:
+            return None
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if good(middle) else (middle, high)
+        return high
+
     def smallest_square(self, one_region: bool = False) -> dict | None:
         """The probe of the smallest square mesh that holds the run (``one_region``: all layers
-        and the LM head in one region), or None when no square of the wafer does."""
+        and the LM head in one region), or None when no square of the wafer does. The cheap
+        decode plan narrows the search first; the full probe (prefill included) then starts there."""
+        start = self._first(self._decode_plan_fits, 0)
+        if start is None:
+            return None
+
         def good(n):
             p = self.probe(n, n)
             return p["fits"] and (p["regions"] == 1 or not one_region)
 
-        low, high = 0, 1                          # good(low) is false (or low = 0), good(high) unknown
-        while not good(high):
-            if high == self.largest_side:
-                return None
-            low, high = high, min(2 * high, self.largest_side)
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (low, middle) if good(middle) else (middle, high)
-        return self.probe(high, high)
+        side = self._first(good, start - 1)
+        return None if side is None else self.probe(side, side)
 
     def hint(self) -> str:
         """What would fit, for the end of a message about a region that does not."""
