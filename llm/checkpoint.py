@@ -82,7 +82,7 @@ def resolve_model_dir(model: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(model)
     if not path.is_dir():
         names = sorted(p.name for p in MODELS_DIR.iterdir() if p.is_dir()) if MODELS_DIR.is_dir() else []
-        raise ModelError(f"model {str(model)!r} is neither a directory nor a built-in model "
+        raise ModelError(f"model {str(model)!r} is neither a directory, a GGUF file nor a built-in model "
                          f"({', '.join(names) or 'none installed'})")
     return path
 

@@ -148,13 +148,7 @@ class LlamaConfig:
             path = path / "config.json"
         if not path.is_file():
             raise ModelError(f"missing file {path}")
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ModelError(f"{path} must hold a JSON object")
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(read_json(path), str(path))
 
     def to_dict(self) -> dict:
         """Hugging Face ``config.json`` contents (top-level ``rope_theta`` style)."""
@@ -250,3 +244,31 @@ def _parse_rope(raw: dict) -> tuple[float, RopeScaling | None]:
         factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
         high_freq_factor=float(scaling["high_freq_factor"]),
         original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_eos_ids(directory: str | pathlib.Path) -> tuple[int, ...] | None:
+    """``eos_token_id`` of a model directory's ``generation_config.json`` (an integer or a list),
+    or None when the file or the field is absent (then ``config.json``'s applies)."""
+    path = pathlib.Path(directory) / GENERATION_CONFIG
+    eos = read_json(path).get("eos_token_id")
+    if eos is None:
+        return None
+    if not (_is_int(eos) or isinstance(eos, list) and all(_is_int(t) for t in eos)):
+        raise ModelError(f"{path}: eos_token_id must be an integer or a list of integers, found {json.dumps(eos)}")
+    return tuple(eos) if isinstance(eos, list) else (eos,)
+
+
+def read_json(path: pathlib.Path) -> dict:
+    """The JSON object in ``path``; {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path} must hold a JSON object")
+    return raw

@@ -1,6 +1,8 @@
 """``python -m llm generate``: prefill a prompt with MeshGEMM, decode with MeshGEMV, stream tokens."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -17,9 +19,11 @@ from meshmpi.text import article, plural
 from meshmpi.trace import concat_timelines, write_trace
 
 from .checkpoint import load_checkpoint, resolve_model_dir
-from .config import LlamaConfig
+from .config import LlamaConfig, generation_eos_ids
 from .decode import POLICIES, Decoder
 from .errors import ModelError
+from .gguf import is_gguf, load_gguf
+from .plan import Planner, hint_on_failure, kv_rows
 from .presets import PRESET_NAMES as PRESETS, preset
 from .tokenizer import load_tokenizer
 
@@ -36,13 +40,20 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate tokens from a prompt", epilog="examples:\n" + EXAMPLES,
                        formatter_class=p.formatter_class)
-    g.add_argument("--model", default="tiny", help=f"tiny, a preset ({', '.join(PRESETS)}) or a HF directory")
+    g.add_argument("--model", default="tiny", help=f"tiny, a preset ({', '.join(PRESETS)}), a HF directory or a .gguf file")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    src.add_argument("--prompt", help="prompt text (needs the model's tokenizer)")
+    src.add_argument("--chat", metavar="MESSAGE",
+                     help="a user message, rendered with the model's chat template (tokenizer_config.json)")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
     src.add_argument("--prompt-len", type=int, help="a prompt of N tokens without text (for dry runs)")
+    g.add_argument("--system", metavar="MESSAGE", help="a system message before --chat's")
+    g.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend the BOS token to --prompt, or not (default: the tokenizer's own rule)")
     g.add_argument("--max-new-tokens", type=int, default=16)
-    g.add_argument("--ignore-eos", action="store_true", help="keep going after an end-of-sequence token")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="keep going after an end-of-sequence token (generation_config.json's eos_token_id, "
+                        "else config.json's)")
     g.add_argument("--mesh", default="4x4", metavar="ROWSxCOLS", help="the decode region (default 4x4)")
     g.add_argument("--prefill-mesh", metavar="NxN", help="the (square) prefill region (default: the largest square in --mesh)")
     g.add_argument("--kv", choices=POLICIES, default="shift", help="KV cache policy (default shift)")
@@ -62,6 +73,8 @@ def build_parser():
     g.set_defaults(func=generate)
     from .bench import register
     register(sub)
+    from .plan import register
+    register(sub)
     return p
 
 
@@ -72,19 +85,32 @@ def _load_model(args):
             raise UsageError(f"preset {args.model} has shapes only: add --dry-run, or give a checkpoint directory")
         return preset(args.model), None, None
     try:
+        if is_gguf(args.model):
+            return load_gguf(args.model, weights=not args.dry_run)
         directory = resolve_model_dir(args.model)
         weights = None if args.dry_run else load_checkpoint(directory)
         config = weights.config if weights is not None else LlamaConfig.from_file(directory / "config.json")
+        eos = generation_eos_ids(directory)
+        if eos is not None:
+            config = dataclasses.replace(config, eos_token_ids=eos)
         return config, weights, load_tokenizer(directory, config.bos_token_id)
     except ModelError as exc:
         raise UsageError(str(exc)) from None
 
 
 def _prompt_ids(args, config, tokenizer) -> list[int]:
-    if args.prompt is not None:
+    if args.prompt is not None or args.chat is not None:
         if tokenizer is None:
-            raise UsageError("this model has no tokenizer.json: give --prompt-ids or --prompt-len")
-        ids = tokenizer.encode(args.prompt)
+            raise UsageError("this model has no tokenizer (tokenizer.json): give --prompt-ids or --prompt-len")
+        try:
+            if args.chat is not None:   # the template writes any BOS itself
+                from .chat import messages
+                text = tokenizer.apply_chat_template(messages(args.chat, args.system))
+                ids = tokenizer.encode(text, args.add_bos, special=False)
+            else:
+                ids = tokenizer.encode(args.prompt, args.add_bos)
+        except ModelError as exc:
+            raise UsageError(str(exc)) from None
     elif args.prompt_ids is not None:
         try:
             ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
@@ -125,6 +151,10 @@ def _check_options(args) -> None:
     """What can be told wrong from the options alone, before any model is read."""
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
+    if args.system is not None and args.chat is None:
+        raise UsageError("--system goes with --chat (a system message before the user's)")
+    if args.add_bos is not None and args.prompt is None and args.chat is None:
+        raise UsageError("--add-bos/--no-add-bos apply to text: give --prompt or --chat")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not (0 < args.top_p <= 1):
@@ -192,9 +222,11 @@ def run_generate(args) -> dict:
     scale = config.num_hidden_layers / sim_layers
 
     from .prefill import prefill
+    planner = Planner(config, hardware, len(ids), args.max_new_tokens, args.kv, args.allreduce, args.forwarding)
     pmesh = cli.mesh_from_args(args, side[0], side[1], hardware)
-    pre = prefill(pmesh, config, weights, ids if weights is not None else len(ids), layers=sim_layers,
-                  forwarding=args.forwarding)
+    with hint_on_failure(planner):
+        pre = prefill(pmesh, config, weights, ids if weights is not None else len(ids), layers=sim_layers,
+                      forwarding=args.forwarding)
     prefill_cycles = pre.modeled_cycles + (scale - 1) * pre.cycles_per_layer * sim_layers
     warnings = [f"prefill {w}" for w in pmesh.memory.warnings + pmesh.routes.warnings]
     prefill_timeline = pmesh.timeline.collect() if args.trace else None
@@ -202,9 +234,10 @@ def run_generate(args) -> dict:
 
     mesh = cli.mesh_from_args(args, rows, cols, hardware)
     total = len(ids) + args.max_new_tokens
-    capacity = total if args.kv == "concat" else -(-total // rows) + 1
-    decoder = Decoder(mesh, config, weights, args.kv, sim_layers, capacity, args.allreduce, args.groups,
-                      forwarding=args.forwarding)
+    capacity = kv_rows(args.kv, total, rows)
+    with hint_on_failure(planner):
+        decoder = Decoder(mesh, config, weights, args.kv, sim_layers, capacity, args.allreduce, args.groups,
+                          forwarding=args.forwarding)
     decoder.load_prompt_cache(pre.k_cache, pre.v_cache, len(ids), prefill_side=side[0])
     relayout_cycles = decoder.relayout_cycles
     plan = decoder.plan
@@ -243,8 +276,12 @@ def run_generate(args) -> dict:
     if stream is not None:
         cli.say(stream.flush())
 
+    failure = None      # a failed --check still writes --save-logits and --trace, then fails
     if args.check:
-        _check(config, weights, ids, tokens, all_logits, args)
+        try:
+            _check(config, weights, ids, tokens, all_logits, args)
+        except CheckError as exc:
+            failure = exc
     clock = hardware.clock_hz
     per_token = float(np.mean(step_cycles)) if step_cycles else None
     report = {
@@ -267,7 +304,8 @@ def run_generate(args) -> dict:
         "kv_tokens_per_row": decoder.kv.counts.tolist(),
         "peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0)))),
         "routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
-        "checked": bool(args.check), "wall_seconds": time.perf_counter() - t_start,
+        "checked": bool(args.check), "check_failure": str(failure) if failure else None,
+        "wall_seconds": time.perf_counter() - t_start,
         "warnings": warnings + mesh.memory.warnings + mesh.routes.warnings,
     }
     if args.save_logits:
@@ -286,6 +324,8 @@ def run_generate(args) -> dict:
         write_trace(mesh, args.trace, kind="generate", result=report, warnings=report["warnings"],
                     timeline=timeline)
     mesh.free()
+    if failure is not None:
+        raise failure
     return report
 
 

@@ -264,6 +264,10 @@ def main(argv=None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     tok.save(str(args.out / "tokenizer.json"))
+    # trained with a BOS token before every document: say so, as Hugging Face tokenizers do
+    (args.out / "tokenizer_config.json").write_text(json.dumps(
+        dict(add_bos_token=True, add_eos_token=False, bos_token="<s>", eos_token="</s>",
+             tokenizer_class="PreTrainedTokenizerFast"), indent=2) + "\n")
     save_file(model.hf_state_dict(), str(args.out / "model.safetensors"), metadata={"format": "pt"})
     hf_config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
                      attention_bias=False, mlp_bias=False, tie_word_embeddings=False,

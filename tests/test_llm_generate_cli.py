@@ -56,10 +56,11 @@ def test_text_output_is_the_prompt_then_the_continuation_once():
     tokenizer = load_tokenizer(resolve_model_dir("tiny"))
     ids = tokenizer.encode("The meaning of")
     whole = tokenizer.decode(ids + report["tokens"])
-    assert whole.startswith("The meaning of") and len(whole) > len("The meaning of")
+    prompt = tokenizer.decode(ids)              # special tokens kept, as the model's tokenizer decodes
+    assert prompt.endswith("The meaning of") and whole.startswith(prompt) and len(whole) > len(prompt)
     text = runs[1].stdout
     assert text.startswith(whole + "\n"), text
-    assert text.count(whole[len("The meaning of"):]) == 1 and "text:" not in text
+    assert text.count(whole[len(prompt):]) == 1 and "text:" not in text
     assert text.splitlines()[1].startswith("tiny on 8x8")
 
 

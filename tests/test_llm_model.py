@@ -342,10 +342,10 @@ def test_tokenizer_round_trip_and_streaming(tmp_path):
     text = "The meaning of life is 42; naïve café — 日本語 ✓\n\tindented"
     ids = tok.encode(text)
     assert ids[0] == tok.token_to_id("<s>") and len(ids) < len(text.encode())
-    assert tok.decode(ids) == text
+    assert tok.decode(ids) == "<s>" + text and tok.decode(ids, skip_special_tokens=True) == text
     assert tok.encode(text, add_bos=False) == ids[1:]
     stream = tok.stream()
-    pieces = [stream.push(i) for i in ids]
+    pieces = [stream.push(i) for i in ids[1:]]
     assert "".join(pieces) + stream.flush() == text
     assert load_tokenizer(tmp_path) is None
 

@@ -39,6 +39,12 @@ SKIP = {
         "SLURM (tests/slurm)",
     "python -m meshmpi results collect results/slurm/sweep-81234 -o results/sweep.csv":
         "the same command as the sweep-42 one, on a sweep's output folder",
+    'python -m llm generate --model ./SmolLM2-135M-Instruct --chat "What is a wafer?" --system "Be brief." --mesh 48x48':
+        "a downloaded checkpoint; chat templates are tested on small ones (tests/test_llm_text.py)",
+    'python -m llm generate --model ./smollm2-135m-instruct-q8_0.gguf --prompt "Once upon a time" --mesh 48x48':
+        "a downloaded GGUF file; GGUF loading is tested on written ones (tests/test_llm_gguf.py)",
+    "python -m llm plan --model ./SmolLM2-135M-Instruct --prompt-len 512 --max-new-tokens 256 [--mesh 32x32] [--json]":
+        "a downloaded checkpoint; plan is tested against generate (tests/test_llm_plan.py)",
 }
 
 # README command -> (what runs instead, why)
