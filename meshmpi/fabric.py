@@ -303,7 +303,11 @@ class LinePattern:
                 landed = costs.landing(times, posted[dests], tails[index][:, None])
                 arrivals.append((dests, landed))
                 if track:              # the latest each worm's source may finish its send
-                    np.maximum.at(need, touch[self.delivery_worm[here]], landed - capacity[index][:, None])
+                    rows_here, late = touch[self.delivery_worm[here]], landed - capacity[index][:, None]
+                    if self.multicast:     # a worm delivers at several cores
+                        np.maximum.at(need, rows_here, late)
+                    else:
+                        need[rows_here] = np.maximum(need[rows_here], late)
             row_of[which] = -1
             return which, last
 
@@ -333,8 +337,12 @@ class LinePattern:
         done = costs.send_completion(send_clock[w.src[own] - first], occupancy[own][:, None],
                                      need[touch[own]], 0.0)
         senders, which = np.unique(w.src[own] - first, return_inverse=True)
-        latest = np.full((senders.size, lines), -np.inf)
-        np.maximum.at(latest, which.reshape(-1), done)    # a multicast root sends both ways
+        if senders.size == own.size:                       # one worm per sender
+            latest = np.empty((senders.size, lines))
+            latest[which.reshape(-1)] = done
+        else:                                              # a multicast root sends both ways
+            latest = np.full((senders.size, lines), -np.inf)
+            np.maximum.at(latest, which.reshape(-1), done)
         return arrivals, (senders, latest)
 
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:
