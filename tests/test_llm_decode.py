@@ -1,6 +1,7 @@
 """Decode on the mesh against the numpy reference; KV cache policies (PAPER.md §5-6)."""
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 from llm.checkpoint import random_weights
 from llm.config import LlamaConfig, RopeScaling
@@ -120,22 +121,29 @@ def test_regions_leave_room_for_the_context():
     assert per_region[0] > per_region[1] > per_region[2] >= 1
 
 
-def test_dry_and_numeric_decode_give_identical_modeled_numbers():
-    if not fits(3, 3):
+@pytest.mark.parametrize("rows,cols,algo", [(3, 3, "ktree"), (2, 12, "ktree"), (2, 12, "ring"), (3, 5, "pipeline")])
+def test_dry_numeric_and_one_rank_decode_give_identical_modeled_numbers(rows, cols, algo):
+    """Segmented score reductions included (uneven segments, padding columns, every algorithm)."""
+    if not fits(rows, cols):
         pytest.skip("mesh smaller than the rank grid")
     config = LlamaConfig(**CONFIGS["gqa"])
     weights = random_weights(config, seed=2)
     ref = ReferenceModel(config, weights)
     ref.prefill([1, 2, 3, 4])
-    results = []
-    for dry in (False, True):
-        mesh = Mesh(3, 3, dry_run=dry)
-        decoder = Decoder(mesh, config, None if dry else weights, capacity_tokens=10)
+    results, logits = [], []
+    for dry, comm in ((False, MPI.COMM_WORLD), (True, MPI.COMM_WORLD), (False, MPI.COMM_SELF)):
+        mesh = Mesh(rows, cols, dry_run=dry, comm=comm)
+        decoder = Decoder(mesh, config, None if dry else weights, capacity_tokens=10, allreduce_algo=algo)
         decoder.load_prompt_cache(None if dry else ref.k_cache, None if dry else ref.v_cache, 4)
-        _, cycles, head = decoder.step(None if dry else weights.embed[5], 4)
+        got, cycles, head = decoder.step(None if dry else weights.embed[5], 4)
         results.append((cycles, head, mesh.modeled_cycles(), int(mesh.sum_over_ranks(
             int(mesh.counters["bytes_sent"].sum())))))
-    assert results[0] == results[1]
+        logits += [] if dry else [got]
+        mesh.free()
+    want = ref.decode(5)
+    assert all(np.abs(got - want).max() < 1e-4 for got in logits)
+    assert results[0] == results[1] == results[2]
+    assert all(r == results[0] for r in MPI.COMM_WORLD.allgather(results[0]))
 
 
 def cdiv(a: int, b: int) -> int:
