@@ -2,7 +2,10 @@
 
 One token at a time. The hidden vector is row-indexed; every GEMV alternates its reduction
 axis (q/k/v fused and gate/up fused reduce along Y, W_O and W_down along X), so there are ten
-allreduces per layer and no transposes. The KV cache keeps tokens on rows and dims on columns:
+allreduces per layer and no transposes. The attention's reductions carry only what a core's
+columns need: the scores of a kv head are reduced over its own segment of columns
+(:class:`llm.layout.DecodeLayout`), for its ``group`` query heads only, and the softmax max and
+sum along Y carry one value per such head. The KV cache keeps tokens on rows and dims on columns:
 
 - ``shift`` (PAPER.md §6): rows stay balanced (counts within one) and in time order; when a
   token arrives, the rows below the one that grows pass their oldest token one row up over

@@ -61,24 +61,7 @@ class DecodeLayout:
         self.ffn_chunk = ceil_div(self.ffn, self.cols)
         self.vocab_chunk = ceil_div(self.vocab, self.cols)
         half = self.head_dim // 2
-        pair_order = np.stack([np.arange(half), np.arange(half) + half], 1).ravel()
-        # per column: (kv head, offset in head, index of the head among the column's) per slot
-        columns = []
-        if self.cols >= self.kv_heads:
-            widths = np.minimum(np.diff(block_offsets(self.cols, self.kv_heads)), half)
-            self.heads_per_column = 1
-            for head, width in enumerate(widths.tolist()):
-                pairs = block_offsets(half, width)
-                columns += [[(head, o, 0) for o in pair_order[2 * lo:2 * hi]]
-                            for lo, hi in zip(pairs[:-1].tolist(), pairs[1:].tolist())]
-            ends = np.cumsum(widths)
-            self.segments = list(zip((ends - widths).tolist(), ends.tolist()))
-        else:
-            bounds = block_offsets(self.kv_heads, self.cols)
-            self.heads_per_column = int(np.diff(bounds).max())
-            columns = [[(head, o, head - lo) for head in range(lo, hi) for o in pair_order]
-                       for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
-            self.segments = [(c, c + 1) for c in range(self.cols)]
+        columns, self.segments, self.heads_per_column = self._kv_columns()
         self.s = max(len(column) for column in columns)          # kv slots per column, even
         maps = np.full((3, self.cols, self.s), -1)
         for c, column in enumerate(columns):
@@ -89,6 +72,25 @@ class DecodeLayout:
         # rotary frequency index of each slot (pairs share one)
         self.slot_freq = np.where(self.slot_offset >= 0, self.slot_offset % half, 0)
         self.padding_columns = self.cols - len(columns)
+
+    def _kv_columns(self):
+        """Per used column, its (kv head, offset in head, head within the column) slots; the
+        segments of columns; the most kv heads one column holds (see the module docstring)."""
+        half = self.head_dim // 2
+        pair_order = np.stack([np.arange(half), np.arange(half) + half], 1).ravel()
+        if self.cols < self.kv_heads:                          # whole heads on each column
+            bounds = block_offsets(self.kv_heads, self.cols)
+            columns = [[(head, o, head - lo) for head in range(lo, hi) for o in pair_order]
+                       for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+            return columns, [(c, c + 1) for c in range(self.cols)], int(np.diff(bounds).max())
+        widths = np.minimum(np.diff(block_offsets(self.cols, self.kv_heads)), half)
+        columns = []
+        for head, width in enumerate(widths.tolist()):          # one head over each segment
+            pairs = block_offsets(half, width)
+            columns += [[(head, o, 0) for o in pair_order[2 * lo:2 * hi]]
+                        for lo, hi in zip(pairs[:-1].tolist(), pairs[1:].tolist())]
+        ends = np.cumsum(widths)
+        return columns, list(zip((ends - widths).tolist(), ends.tolist())), 1
 
     def summary(self) -> dict:
         """The attention layout in numbers (for reports)."""
