@@ -19,7 +19,12 @@ How a chain stage forwards (``forwarding``):
 - ``store``: each stage receives the whole vector, adds it, pays ``beta`` and only then sends
   the sum on: the payload is serialised once per stage (for comparison).
 
-The ring's steps exchange different segments and stay store-and-forward per step.
+The ring's steps exchange different parts of the vector and stay store-and-forward per step.
+
+``segments``: several disjoint ``[lo, hi)`` spans of a line reduced independently at once, each
+with its own chains (its own groups and root) and its own broadcast over the span; cores outside
+every span take no part. A span of one core has nothing to reduce. The spans share no link or
+router, so each costs what a line of its length costs; together they use the routes of one line.
 """
 from __future__ import annotations
 
@@ -43,21 +48,34 @@ def default_groups(n: int) -> int:
 
 
 def allreduce(mesh, acc, axis: str, op: str = "sum", algo: str = "ktree",
-              groups: int | None = None, name: str = "allreduce", forwarding: str = "stream") -> None:
-    """Reduce ``acc`` (1-D tiles) in place along ``axis``; every core gets the result."""
+              groups: int | None = None, name: str = "allreduce", forwarding: str = "stream",
+              segments=None) -> None:
+    """Reduce ``acc`` (1-D tiles) in place along ``axis``; every core gets the result of its
+    line, or of its segment of the line (``segments``: disjoint ``(lo, hi)`` spans, default the
+    whole line)."""
     if algo not in ALGOS:
         raise ValueError(f"allreduce algorithm must be one of {ALGOS}, not {algo!r}")
     if forwarding not in FORWARDING:
         raise ValueError(f"chain forwarding must be one of {FORWARDING}, not {forwarding!r}")
-    n = mesh.axis_length(axis)
-    if n == 1:
+    spans = _spans(mesh.axis_length(axis), segments)
+    if not spans:
         return
     with mesh.phase(f"{name}.{algo}"):
         if algo == "ring":
-            _ring(mesh, acc, axis, op, name)
+            for length in sorted({hi - lo for lo, hi in spans}):   # one ring schedule per length
+                _ring(mesh, acc, axis, op, name, [(lo, hi) for lo, hi in spans if hi - lo == length])
         else:
-            g = 1 if algo == "pipeline" else min(n, groups or default_groups(n))
-            _tree(mesh, acc, axis, op, g, name, root_last=(algo == "pipeline"), forwarding=forwarding)
+            _tree(mesh, acc, axis, op, groups, name, spans, root_last=(algo == "pipeline"),
+                  forwarding=forwarding)
+
+
+def _spans(n: int, segments) -> list:
+    """The segments that have something to reduce (two cores or more), checked disjoint."""
+    spans = [(0, n)] if segments is None else sorted((int(lo), int(hi)) for lo, hi in segments)
+    for (lo, hi), following in zip(spans, spans[1:] + [(n, n)]):
+        if not 0 <= lo < hi <= following[0] <= n:
+            raise ValueError(f"allreduce segments must be disjoint non-empty spans of a line of {n}: {segments}")
+    return [(lo, hi) for lo, hi in spans if hi - lo > 1]
 
 
 def _combine(mesh, acc, incoming, op: str, where: np.ndarray) -> None:
@@ -102,28 +120,38 @@ def _chains(mesh, acc, axis, op, name, tag, links_left, links_right, buffers, fo
         np.maximum(mesh.clock, np.where(involved, done, -np.inf), out=mesh.clock)
 
 
-def _tree(mesh, acc, axis, op, n_groups, name, root_last=False, forwarding="stream") -> None:
-    n = mesh.axis_length(axis)
-    bounds = block_offsets(n, n_groups)
-    spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
-    roots = [hi - 1 if root_last else lo + (hi - lo) // 2 for lo, hi in spans]
+def _tree(mesh, acc, axis, op, groups, name, spans, root_last=False, forwarding="stream") -> None:
+    """K-tree (or, ``root_last`` with one group, pipeline) allreduce on every span at once."""
+    n_max = max(hi - lo for lo, hi in spans)
+    groups_of, roots, centres = [], [], []   # per span: group spans, group roots, the global root
+    for lo, hi in spans:
+        length = hi - lo
+        count = 1 if root_last else min(length, groups or default_groups(length))
+        bounds = lo + block_offsets(length, count)
+        mine = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+        groups_of += mine
+        roots.append([b - 1 if root_last else a + (b - a) // 2 for a, b in mine])
+        centres.append(len(mine) - 1 if root_last else len(mine) // 2)
+    group_roots = [r for span_roots in roots for r in span_roots]
     buffers = (mesh.alloc(f"{name}.recv.left", acc.tile_shape, acc.dtype),
                mesh.alloc(f"{name}.recv.right", acc.tile_shape, acc.dtype))
     # Phase 1: inside each group, chains from both ends hop by hop into the group root.
-    left = [[(lo + s - 1, lo + s) for (lo, _), r in zip(spans, roots) if lo + s <= r]
-            for s in range(1, n + 1)]
-    right = [[(hi - s, hi - s - 1) for (_, hi), r in zip(spans, roots) if hi - s - 1 >= r]
-             for s in range(1, n + 1)]
+    left = [[(lo + s - 1, lo + s) for (lo, _), r in zip(groups_of, group_roots) if lo + s <= r]
+            for s in range(1, n_max + 1)]
+    right = [[(hi - s, hi - s - 1) for (_, hi), r in zip(groups_of, group_roots) if hi - s - 1 >= r]
+             for s in range(1, n_max + 1)]
     _chains(mesh, acc, axis, op, name, "group", _trim(left), _trim(right), buffers, forwarding)
-    # Phase 2: group roots forward along pass-through routes into the global root.
-    centre = len(roots) // 2 if not root_last else len(roots) - 1
-    left = [[(roots[k - 1], roots[k])] for k in range(1, centre + 1)]
-    right = [[(roots[k + 1], roots[k])] for k in range(len(roots) - 2, centre - 1, -1)]
-    _chains(mesh, acc, axis, op, name, "roots", left, right, buffers, forwarding)
+    # Phase 2: in each span, group roots forward along pass-through routes into the global root.
+    stages = max(len(r) for r in roots)
+    left = [[(r[k - 1], r[k]) for r, c in zip(roots, centres) if k <= c] for k in range(1, stages)]
+    right = [[(r[len(r) - k], r[len(r) - k - 1]) for r, c in zip(roots, centres) if len(r) - k - 1 >= c]
+             for k in range(1, stages)]
+    _chains(mesh, acc, axis, op, name, "roots", _trim(left), _trim(right), buffers, forwarding)
     for buf in buffers:
         buf.free()
-    # Phase 3: the global root multicasts the result back along the line.
-    mesh.fabric.multicast("allreduce.bcast", axis, roots[centre], group=f"allreduce.bcast.{axis}").run(acc)
+    # Phase 3: each span's root multicasts the result back along its span.
+    mesh.fabric.multicasts("allreduce.bcast", axis, [r[c] for r, c in zip(roots, centres)], spans,
+                           group=f"allreduce.bcast.{axis}").run(acc)
     mesh.step("broadcast")
 
 
@@ -133,14 +161,21 @@ def _trim(stages):
     return stages
 
 
-def _ring(mesh, acc, axis, op, name) -> None:
-    """Reduce-scatter then allgather on the interleaved ring; tiles split in N segments."""
-    n = mesh.axis_length(axis)
+def _ring(mesh, acc, axis, op, name, spans) -> None:
+    """Reduce-scatter then allgather on the interleaved ring of each span (spans of one length
+    ``n``); tiles split in n parts."""
+    n = spans[0][1] - spans[0][0]
     ring = interleaved_ring(n)
     length = acc.tile_elements
     seg = -(-length // n)
+    dest = np.full(mesh.axis_length(axis), -1, np.int64)
+    position = np.zeros(mesh.axis_length(axis), np.int64)
+    for lo, hi in spans:
+        dest[lo:hi] = lo + ring.send()
+        position[lo:hi] = ring.position
     local = mesh.global_cols() if axis == "x" else mesh.global_rows()
-    position = ring.position[local]
+    member = mesh.positions_mask(axis, np.flatnonzero(dest >= 0))
+    position = position[local]
     position = position[None, :] if axis == "x" else position[:, None]
     position = np.broadcast_to(position, mesh.block_shape)
     padded = None if mesh.dry_run else np.zeros(mesh.block_shape + (n * seg,), acc.dtype)
@@ -148,8 +183,7 @@ def _ring(mesh, acc, axis, op, name) -> None:
         padded[..., :length] = acc.data.reshape(mesh.block_shape + (-1,))
     out = mesh.alloc(f"{name}.ring.out", (seg,), acc.dtype)
     inc = mesh.alloc(f"{name}.ring.in", (seg,), acc.dtype)
-    step_pattern = mesh.fabric.permutation("allreduce.ring", axis, ring.send(), group=f"allreduce.ring.{axis}")
-    everywhere = np.ones(mesh.block_shape, bool)
+    step_pattern = mesh.fabric.permutation("allreduce.ring", axis, dest, group=f"allreduce.ring.{axis}")
     for phase in ("reduce_scatter", "allgather"):
         for t in range(n - 1):
             send_seg = (position - t) % n if phase == "reduce_scatter" else (position + 1 - t) % n
@@ -164,10 +198,10 @@ def _ring(mesh, acc, axis, op, name) -> None:
                 new = _OPS[op](current, inc.data) if phase == "reduce_scatter" else inc.data
                 np.put_along_axis(view, idx, new[..., None, :], axis=2)
             if phase == "reduce_scatter":
-                mesh.compute(seg)
-                mesh.software_stage(everywhere)
+                mesh.compute(seg, where=member)
+                mesh.software_stage(member)
             mesh.step(f"{phase} {t}")
     if padded is not None:
-        acc.data[...] = padded[..., :length].reshape(acc.data.shape)
+        acc.data[member] = padded[member][..., :length].reshape(acc.data[member].shape)
     out.free()
     inc.free()

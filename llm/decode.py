@@ -2,7 +2,10 @@
 
 One token at a time. The hidden vector is row-indexed; every GEMV alternates its reduction
 axis (q/k/v fused and gate/up fused reduce along Y, W_O and W_down along X), so there are ten
-allreduces per layer and no transposes. The KV cache keeps tokens on rows and dims on columns:
+allreduces per layer and no transposes. The attention's reductions carry only what a core's
+columns need: the scores of a kv head are reduced over its own segment of columns
+(:class:`llm.layout.DecodeLayout`), for its ``group`` query heads only, and the softmax max and
+sum along Y carry one value per such head. The KV cache keeps tokens on rows and dims on columns:
 
 - ``shift`` (PAPER.md §6): rows stay balanced (counts within one) and in time order; when a
   token arrives, the rows below the one that grows pass their oldest token one row up over
@@ -104,6 +107,7 @@ class Decoder:
         self.layout = lay = DecodeLayout.for_config(config, mesh.rows, mesh.cols)
         self.sim_layers = layers or config.num_hidden_layers
         self.relayout_cycles = self.hand_off_cycles = 0.0
+        self.reduction_payloads = {}     # the last step's, elements per core (see _note_payload)
         eb = mesh.hardware.element_bytes
         reserve = self._scratch_elements(capacity_tokens) * eb
         # Layers per region leave room for plan_tokens (default: the buffers' capacity) per row.
@@ -120,7 +124,7 @@ class Decoder:
     def _scratch_elements(self, tokens: int) -> int:
         """Working buffers of one decode step per core (scores, vectors, receive buffers)."""
         lay = self.layout
-        return (3 * tokens * lay.heads + 6 * (lay.group + 2) * lay.s + 6 * lay.hidden_chunk
+        return (3 * lay.score_elements(tokens) + 6 * (lay.group + 2) * lay.s + 6 * lay.hidden_chunk
                 + 6 * lay.ffn_chunk + 3 * lay.vocab_chunk)
 
     # ---------------------------------------------------------------- weights
@@ -264,7 +268,7 @@ class Decoder:
         if not mesh.dry_run:
             total.data[..., 0] = np.einsum("rci,rci->rc", x.data, x.data)
         mesh.compute(2 * x.tile_elements)
-        allreduce(mesh, total, "y", "sum", **self.reduce, name=f"{name}.allreduce")
+        self._allreduce(total, "y", "sum", f"{name}.allreduce")
         out = mesh.alloc(f"{name}.out", x.tile_shape, np.float32)
         if not mesh.dry_run:
             scale = 1.0 / np.sqrt(total.data / np.float32(self.config.hidden_size) + np.float32(eps))
@@ -280,7 +284,7 @@ class Decoder:
         g, s = lay.group, lay.s
         tag = f"decode.layer{index}"
         xn = self._rms_norm(x, w["norm1"], f"{tag}.norm1")
-        qkv = meshgemv(mesh, xn, w["qkv"], "y", **self.reduce, name=f"{tag}.qkv")
+        qkv = self._meshgemv(xn, w["qkv"], "y", f"{tag}.qkv")
         xn.free()
         k_new = v_new = None
         if not mesh.dry_run:
@@ -294,55 +298,58 @@ class Decoder:
         return (q, k_new, v_new) if not mesh.dry_run else (None, None, None)
 
     def _attend(self, index: int, q, x, position: int):
-        """Scores against the cache (allreduce X), softmax (allreduce Y twice), p·V (allreduce Y),
-        then W_O (reduce X), residual; then the FFN with its two GEMVs."""
+        """Scores against the cache (allreduce X over each kv head's segment of columns), softmax
+        (allreduce Y twice, the column's heads only), p·V (allreduce Y), then W_O (reduce X),
+        residual; then the FFN with its two GEMVs."""
         mesh, lay, w = self.mesh, self.layout, self.layers[index]
-        g, s, kvh, heads = lay.group, lay.s, lay.kv_heads, lay.heads
+        g, s, local_heads = lay.group, lay.s, lay.heads_per_column
         tag = f"decode.layer{index}"
         cap = int(self.kv.counts.max())
         counts = self.kv.counts[mesh.row_start:mesh.row_stop]
-        scores = mesh.alloc(f"{tag}.scores", (cap * heads,), np.float32)
+        scores = mesh.alloc(f"{tag}.scores", (lay.score_elements(cap),), np.float32)
         cols = slice(mesh.col_start * s, mesh.col_stop * s)
-        slot_head = lay.slot_head[cols].reshape(-1, s)                     # (bc, s)
+        slot_local = lay.slot_local[cols].reshape(-1, s)                   # (bc, s)
         if not mesh.dry_run:
-            onehot = (slot_head[:, :, None] == np.arange(kvh)).astype(np.float32)  # (bc, s, kvh)
+            onehot = (slot_local[:, :, None] == np.arange(local_heads)).astype(np.float32)  # (bc, s, lh)
             keys = self.kv.k[index][:, :, :cap]
             part = np.einsum("rcts,rcas,csh->rctha", keys, q, onehot, optimize=True)
             scores.data[...] = part.reshape(scores.data.shape)
         mesh.compute(2 * cap * g * s)
-        allreduce(mesh, scores, "x", "sum", **self.reduce, name=f"{tag}.scores")
+        self._allreduce(scores, "x", "sum", f"{tag}.scores", segments=lay.segments)
         valid = np.arange(cap)[None, :] < counts[:, None]                  # (br, cap)
-        peak = mesh.alloc(f"{tag}.max", (heads,), np.float32)
-        total = mesh.alloc(f"{tag}.sum", (heads,), np.float32)
+        peak = mesh.alloc(f"{tag}.max", (local_heads * g,), np.float32)
+        total = mesh.alloc(f"{tag}.sum", (local_heads * g,), np.float32)
         if not mesh.dry_run:
-            sc = scores.data.reshape(mesh.block_shape + (cap, heads)) / np.float32(np.sqrt(lay.head_dim))
+            sc = scores.data.reshape(mesh.block_shape + (cap, local_heads * g)) / np.float32(np.sqrt(lay.head_dim))
             sc = np.where(valid[:, None, :, None], sc, np.float32(-np.inf))
             peak.data[...] = np.where(valid.any(1)[:, None, None], sc.max(axis=2), np.float32(-3e38))
-        mesh.compute(cap * heads)
-        allreduce(mesh, peak, "y", "max", **self.reduce, name=f"{tag}.softmax_max")
+        mesh.compute(lay.score_elements(cap))
+        self._allreduce(peak, "y", "max", f"{tag}.softmax_max")
         if not mesh.dry_run:
             e = np.where(valid[:, None, :, None], np.exp(sc - peak.data[:, :, None, :]), np.float32(0))
             total.data[...] = e.sum(axis=2)
-        mesh.compute(3 * cap * heads)
-        allreduce(mesh, total, "y", "sum", **self.reduce, name=f"{tag}.softmax_sum")
+        mesh.compute(3 * lay.score_elements(cap))
+        self._allreduce(total, "y", "sum", f"{tag}.softmax_sum")
         o = mesh.alloc(f"{tag}.o", (g * s,), np.float32)
         if not mesh.dry_run:
-            p = (e / total.data[:, :, None, :]).reshape(mesh.block_shape + (cap, kvh, g))
-            p_full = np.stack([np.take_along_axis(p[..., a], np.broadcast_to(
-                np.maximum(slot_head, 0)[None, :, None, :], p.shape[:3] + (s,)), axis=3) for a in range(g)], 3)
+            p = (e / total.data[:, :, None, :]).reshape(mesh.block_shape + (cap, local_heads, g))
+            # p_slot[r, c, t, a, slot]: the probability of query head a of the slot's kv head
+            index_of = np.broadcast_to(np.maximum(slot_local, 0)[None, :, None, :, None],
+                                       p.shape[:3] + (s, g))
+            p_slot = np.take_along_axis(p, index_of, axis=3).swapaxes(3, 4)
             values = self.kv.v[index][:, :, :cap]
-            o.data[...] = np.einsum("rcts,rctas->rcas", values, p_full * (slot_head >= 0)[None, :, None, None, :]
+            o.data[...] = np.einsum("rcts,rctas->rcas", values, p_slot * (slot_local >= 0)[None, :, None, None, :]
                                     ).reshape(o.data.shape)
         mesh.compute(2 * cap * g * s)
-        allreduce(mesh, o, "y", "sum", **self.reduce, name=f"{tag}.pv")
+        self._allreduce(o, "y", "sum", f"{tag}.pv")
         for buf in (scores, peak, total):
             buf.free()
-        attn = meshgemv(mesh, o, w["o"], "x", **self.reduce, name=f"{tag}.o_proj")
+        attn = self._meshgemv(o, w["o"], "x", f"{tag}.o_proj")
         o.free()
         self._add_into(x, attn)
         attn.free()
         xn = self._rms_norm(x, w["norm2"], f"{tag}.norm2")
-        gate_up = meshgemv(mesh, xn, w["gate_up"], "y", **self.reduce, name=f"{tag}.gate_up")
+        gate_up = self._meshgemv(xn, w["gate_up"], "y", f"{tag}.gate_up")
         xn.free()
         f = lay.ffn_chunk
         act = mesh.alloc(f"{tag}.act", (f,), np.float32)
@@ -351,10 +358,26 @@ class Decoder:
             act.data[...] = gate / (1.0 + np.exp(-gate)) * up
         mesh.compute(5 * f)
         gate_up.free()
-        down = meshgemv(mesh, act, w["down"], "x", **self.reduce, name=f"{tag}.down")
+        down = self._meshgemv(act, w["down"], "x", f"{tag}.down")
         act.free()
         self._add_into(x, down)
         down.free()
+
+    def _allreduce(self, acc, axis: str, op: str, name: str, segments=None) -> None:
+        """An allreduce of the step, its payload per core noted in ``reduction_payloads``."""
+        self._note_payload(name, acc.tile_elements)
+        allreduce(self.mesh, acc, axis, op, **self.reduce, name=name, segments=segments)
+
+    def _meshgemv(self, x, w, reduce_axis: str, name: str):
+        """A MeshGEMV of the step; its allreduce carries the output chunk."""
+        self._note_payload(name, w.tile_shape[1])
+        return meshgemv(self.mesh, x, w, reduce_axis, **self.reduce, name=name)
+
+    def _note_payload(self, name: str, elements: int) -> None:
+        """Elements per core of a reduction, by its name inside a layer (``scores``, ``pv``, ...;
+        ``norm1`` for ``decode.layer0.norm1.allreduce``) or in the LM head (``final_norm``)."""
+        parts = name.removesuffix(".allreduce").split(".")
+        self.reduction_payloads[parts[-1]] = int(elements)
 
     def _add_into(self, x, y) -> None:
         if not self.mesh.dry_run:
@@ -385,7 +408,7 @@ class Decoder:
             start = mesh.modeled_cycles()
             with mesh.phase("decode.lm_head"):
                 xn = self._rms_norm(x, self.norm, "decode.final_norm")
-                logits = meshgemv(mesh, xn, self.lm_head, "y", **self.reduce, name="decode.lm_head")
+                logits = self._meshgemv(xn, self.lm_head, "y", "decode.lm_head")
                 xn.free()
             head_cycles = mesh.modeled_cycles() - start
         x.free()

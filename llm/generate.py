@@ -295,6 +295,8 @@ def run_generate(args) -> dict:
         "modeled_decode_cycles_per_token": per_token,
         "modeled_decode_tokens_per_s": clock / per_token if per_token else None,
         "modeled_cycles_per_layer": layer_cycles[0] if layer_cycles else None,
+        "decode_reduction_payloads": decoder.reduction_payloads,
+        "decode_kv_layout": decoder.layout.summary(),
         "layers_simulated": sim_layers, "layers_per_region": plan.layers_per_region, "regions": plan.regions,
         "last_region_layers": plan.last_region_layers,
         "cores_used": plan.regions * rows * cols,

@@ -4,11 +4,25 @@
 core of column j. Consecutive MeshGEMVs alternate the reduction axis, so no vector is ever
 transposed; W_O and W_down use the transposed placement.
 
-Attention dims are laid out per column: column j holds a slice of ``s`` key/value dims
+Attention dims are laid out per column: column j holds up to ``s`` key/value dims
 (``(kv head, offset)`` pairs) and, for each of the ``group`` query heads sharing a kv head,
 the query dims at the same offsets; so q·k and p·V need no data from other columns.
 Inside each head the dims are reordered so RoPE's rotate-half pairs (o, o + head_dim/2) sit
 side by side and never straddle two cores.
+
+The kv heads own disjoint *segments* of columns, so a head's partial scores are reduced only
+over the columns that hold its dims (:func:`kernels.allreduce.allreduce` with ``segments``):
+
+- ``cols >= kv_heads``: kv head a owns a contiguous segment of the balanced split of the
+  columns (``cols // kv_heads`` or one more), at most ``head_dim / 2`` columns (one rotate-half
+  pair each); its pairs are split evenly over the segment. The segments fill every column
+  unless ``cols > kv_heads * head_dim / 2``: then each segment has ``head_dim / 2`` columns and
+  the last ``cols - kv_heads * head_dim / 2`` columns hold padding only. Inside a column, slots
+  are padding where the segment's pair counts differ (``head_dim / 2`` not a multiple of the
+  segment's width): ``s = 2 * ceil(head_dim / 2 / (cols // kv_heads))``.
+- ``cols < kv_heads``: column c holds whole kv heads (the balanced split of the heads), up to
+  ``heads_per_column = ceil(kv_heads / cols)`` of them, ``s = heads_per_column * head_dim``;
+  every segment is one column and the scores need no reduction along X.
 """
 from __future__ import annotations
 
@@ -17,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.gemv import place_matrix
+from meshmpi.mesh import block_offsets
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -42,22 +57,51 @@ class DecodeLayout:
 
     def __post_init__(self):
         self.group = self.heads // self.kv_heads
-        kv_dim = self.kv_heads * self.head_dim
-        self.s = 2 * ceil_div(kv_dim, 2 * self.cols)            # kv dims per column, even
         self.hidden_chunk = ceil_div(self.hidden, self.rows)     # row-indexed hidden
         self.ffn_chunk = ceil_div(self.ffn, self.cols)
         self.vocab_chunk = ceil_div(self.vocab, self.cols)
         half = self.head_dim // 2
-        pair_order = np.stack([np.arange(half), np.arange(half) + half], 1).ravel()
-        # kv slot t (over all columns) -> (kv head, offset in head) or -1 for padding
-        slots = self.cols * self.s
-        kv_head = np.full(slots, -1)
-        offset = np.full(slots, -1)
-        kv_head[:kv_dim] = np.repeat(np.arange(self.kv_heads), self.head_dim)
-        offset[:kv_dim] = np.tile(pair_order, self.kv_heads)
-        self.slot_head, self.slot_offset = kv_head, offset
+        columns, self.segments, self.heads_per_column = self._kv_columns()
+        self.s = max(len(column) for column in columns)          # kv slots per column, even
+        maps = np.full((3, self.cols, self.s), -1)
+        for c, column in enumerate(columns):
+            if column:
+                maps[:, c, :len(column)] = np.array(column).T
+        # kv slot t (over all columns) -> (kv head, offset in head, head within its column), -1: padding
+        self.slot_head, self.slot_offset, self.slot_local = (m.ravel() for m in maps)
         # rotary frequency index of each slot (pairs share one)
-        self.slot_freq = np.where(offset >= 0, offset % half, 0)
+        self.slot_freq = np.where(self.slot_offset >= 0, self.slot_offset % half, 0)
+        self.padding_columns = self.cols - len(columns)
+
+    def _kv_columns(self):
+        """Per used column, its (kv head, offset in head, head within the column) slots; the
+        segments of columns; the most kv heads one column holds (see the module docstring)."""
+        half = self.head_dim // 2
+        pair_order = np.stack([np.arange(half), np.arange(half) + half], 1).ravel()
+        if self.cols < self.kv_heads:                          # whole heads on each column
+            bounds = block_offsets(self.kv_heads, self.cols)
+            columns = [[(head, o, head - lo) for head in range(lo, hi) for o in pair_order]
+                       for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+            return columns, [(c, c + 1) for c in range(self.cols)], int(np.diff(bounds).max())
+        widths = np.minimum(np.diff(block_offsets(self.cols, self.kv_heads)), half)
+        columns = []
+        for head, width in enumerate(widths.tolist()):          # one head over each segment
+            pairs = block_offsets(half, width)
+            columns += [[(head, o, 0) for o in pair_order[2 * lo:2 * hi]]
+                        for lo, hi in zip(pairs[:-1].tolist(), pairs[1:].tolist())]
+        ends = np.cumsum(widths)
+        return columns, list(zip((ends - widths).tolist(), ends.tolist())), 1
+
+    def summary(self) -> dict:
+        """The attention layout in numbers (for reports)."""
+        widths = [hi - lo for lo, hi in self.segments]
+        return {"kv_dims_per_column": self.s, "kv_heads_per_column": self.heads_per_column,
+                "score_segments": len(self.segments), "segment_columns": [min(widths), max(widths)],
+                "padding_columns": self.padding_columns}
+
+    def score_elements(self, tokens: int) -> int:
+        """Partial scores per core for ``tokens`` cached tokens: the column's heads only."""
+        return tokens * self.heads_per_column * self.group
 
     # ---------------------------------------------------------------- index maps
     def kv_index(self) -> np.ndarray:

@@ -159,3 +159,80 @@ def test_streaming_beats_store_and_forward_by_the_payload_per_stage():
         cycles[forwarding] = mesh.modeled_cycles()
         mesh.free()
     assert cycles["stream"] < cycles["store"]
+
+
+SEGMENTS = [[(0, 3), (3, 7), (9, 12)], [(1, 2), (2, 12)], [(0, 5), (5, 6), (7, 12)]]
+
+
+@pytest.mark.parametrize("segments", SEGMENTS)
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("op", ["sum", "max"])
+def test_segmented_allreduce_matches_numpy_per_segment(op, algo, segments):
+    """Each segment of a line of 12 ends with the reduction of its own cores' vectors; cores
+    outside every segment (and one-core segments) keep theirs."""
+    rng = np.random.default_rng(len(segments))
+    for axis, shape in (("x", (3, 12, 5)), ("y", (12, 3, 5))):
+        tiles = rng.standard_normal(shape)
+        mesh = make_mesh(*shape[:2])
+        acc = host.scatter(mesh, "acc", tiles)
+        allreduce(mesh, acc, axis, op, algo, groups=2, name="ar", segments=segments)
+        got = host.gather(mesh, acc)
+        mesh.free()
+        line = np.moveaxis(tiles, 1 if axis == "x" else 0, 0).copy()     # positions first
+        for lo, hi in segments:
+            reduced = np.sum(line[lo:hi], 0) if op == "sum" else np.max(line[lo:hi], 0)
+            line[lo:hi] = reduced
+        want = np.moveaxis(line, 0, 1 if axis == "x" else 0)
+        np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("forwarding", ["stream", "store"])
+def test_segmented_pipeline_allreduce_closed_form(forwarding):
+    """Every segment of length L costs what a line of L cores costs (the pipeline closed form
+    above) at the same time as the others: the last core of a segment's chain is its root, and
+    the root's multicast reaches the segment's first core last. Cores outside every segment
+    stay at zero."""
+    segments, elements = [(0, 3), (3, 10), (11, 13)], 40
+    hw = load_hardware("wse2")
+    a, b, bw, rate = (hw.alpha_cycles_per_hop, hw.beta_cycles_per_relay, hw.link_bytes_per_cycle,
+                      hw.flops_per_cycle)
+    start, op = hw.transfer_start_cycles, hw.vector_op_cycles
+    nbytes = elements * hw.element_bytes
+
+    def pipeline(n):
+        if forwarding == "stream":
+            chain = (n - 1) * (a + b) + max(nbytes / bw, elements / rate)
+        else:
+            chain = (n - 1) * (start + a + nbytes / bw + elements / rate + op + b)
+        return chain + start + (n - 1) * a + nbytes / bw
+
+    for dry_run in (True, False):
+        mesh = make_mesh(2, 14, dry_run=dry_run)
+        acc = mesh.alloc("acc", (elements,), np.float64)
+        allreduce(mesh, acc, "x", "sum", "pipeline", forwarding=forwarding, segments=segments)
+        latest = [mesh.max_over_ranks(float(mesh.clock[:, np.isin(mesh.global_cols(), range(lo, hi))].max(initial=0)))
+                  for lo, hi in segments + [(10, 11), (13, 14)]]
+        mesh.free()
+        assert latest[:3] == pytest.approx([pipeline(hi - lo) for lo, hi in segments])
+        assert latest[3:] == [0.0, 0.0]
+
+
+def test_segments_use_the_routes_of_one_line():
+    """Disjoint segments share no router: a segmented K-tree needs no more routes per core than
+    the same K-tree over the whole line."""
+    peaks = []
+    for segments in (None, [(0, 8), (8, 16), (16, 23), (23, 30)]):
+        mesh = make_mesh(2, 30, dry_run=True)
+        acc = mesh.alloc("acc", (4,), np.float32)
+        allreduce(mesh, acc, "x", "sum", "ktree", segments=segments)
+        peaks.append(mesh.max_over_ranks(int(mesh.routes.peak.max())))
+        mesh.free()
+    assert 0 < peaks[1] <= peaks[0]
+
+
+def test_segments_must_be_disjoint():
+    mesh = make_mesh(1, 6, dry_run=True)
+    acc = mesh.alloc("acc", (2,), np.float32)
+    with pytest.raises(ValueError, match="disjoint"):
+        allreduce(mesh, acc, "x", segments=[(0, 4), (3, 6)])
+    mesh.free()

@@ -1,12 +1,14 @@
 """Decode on the mesh against the numpy reference; KV cache policies (PAPER.md §5-6)."""
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 from llm.checkpoint import random_weights
 from llm.config import LlamaConfig, RopeScaling
 from llm.decode import Decoder
+from llm.layout import DecodeLayout
 from llm.reference import ReferenceModel
-from meshes import fits, record_live_buffers, whole_mesh_buffers
+from meshes import fits, make_mesh, record_live_buffers, whole_mesh_buffers
 from meshmpi import CoreMemoryError, Mesh, load_hardware
 
 pytestmark = pytest.mark.mpi
@@ -42,7 +44,7 @@ def _decode_against_reference(config, rows, cols, policy, steps=5, prompt=(3, 5,
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("grid", [(1, 1), (2, 2), (3, 4), (4, 2)])
+@pytest.mark.parametrize("grid", [(1, 1), (2, 2), (3, 4), (4, 2), (2, 3), (2, 12)])
 def test_decode_matches_reference(name, grid):
     if not fits(*grid):
         pytest.skip("mesh smaller than the rank grid")
@@ -119,49 +121,71 @@ def test_regions_leave_room_for_the_context():
     assert per_region[0] > per_region[1] > per_region[2] >= 1
 
 
-def test_dry_and_numeric_decode_give_identical_modeled_numbers():
-    if not fits(3, 3):
+@pytest.mark.parametrize("rows,cols,algo", [(3, 3, "ktree"), (2, 12, "ktree"), (2, 12, "ring"), (3, 5, "pipeline")])
+def test_dry_numeric_and_one_rank_decode_give_identical_modeled_numbers(rows, cols, algo):
+    """Segmented score reductions included (uneven segments, padding columns, every algorithm)."""
+    if not fits(rows, cols):
         pytest.skip("mesh smaller than the rank grid")
     config = LlamaConfig(**CONFIGS["gqa"])
     weights = random_weights(config, seed=2)
     ref = ReferenceModel(config, weights)
     ref.prefill([1, 2, 3, 4])
-    results = []
-    for dry in (False, True):
-        mesh = Mesh(3, 3, dry_run=dry)
-        decoder = Decoder(mesh, config, None if dry else weights, capacity_tokens=10)
+    results, logits = [], []
+    for dry, comm in ((False, MPI.COMM_WORLD), (True, MPI.COMM_WORLD), (False, MPI.COMM_SELF)):
+        mesh = Mesh(rows, cols, dry_run=dry, comm=comm)
+        decoder = Decoder(mesh, config, None if dry else weights, capacity_tokens=10, allreduce_algo=algo)
         decoder.load_prompt_cache(None if dry else ref.k_cache, None if dry else ref.v_cache, 4)
-        _, cycles, head = decoder.step(None if dry else weights.embed[5], 4)
+        got, cycles, head = decoder.step(None if dry else weights.embed[5], 4)
         results.append((cycles, head, mesh.modeled_cycles(), int(mesh.sum_over_ranks(
             int(mesh.counters["bytes_sent"].sum())))))
-    assert results[0] == results[1]
+        logits += [] if dry else [got]
+        mesh.free()
+    want = ref.decode(5)
+    assert all(np.abs(got - want).max() < 1e-4 for got in logits)
+    assert results[0] == results[1] == results[2]
+    assert all(r == results[0] for r in MPI.COMM_WORLD.allgather(results[0]))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def closed_form_kv_slots(kv_heads: int, head_dim: int, cols: int) -> tuple[int, int]:
+    """(kv dims per column s, kv heads per column): each kv head on its own segment of at least
+    cols // kv_heads columns with one rotate-half pair or more per column, so
+    s = 2 * ceil((head_dim / 2) / (cols // kv_heads)); with fewer columns than kv heads, whole
+    heads, ceil(kv_heads / cols) of them, s = that many head_dims."""
+    if cols >= kv_heads:
+        return 2 * cdiv(head_dim // 2, cols // kv_heads), 1
+    return cdiv(kv_heads, cols) * head_dim, cdiv(kv_heads, cols)
 
 
 def closed_form_decode_buffers(config, rows, cols, tokens_on_fullest_row) -> dict:
-    """Elements per core of the decode buffers (PAPER.md §5): the hidden vector in row chunks,
-    each column holding s = 2*ceil(kv_dim / 2 cols) kv dims and the g query heads' dims at the
-    same offsets, the FFN and vocabulary in column chunks; scores hold the fullest row's tokens
-    for every head."""
-    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    """Elements per core of the decode buffers (PAPER.md §5): the hidden vector in row chunks;
+    the kv slots of :func:`closed_form_kv_slots` and the g query heads' dims at the same
+    offsets; the FFN and vocabulary in column chunks; scores hold the fullest row's tokens for
+    the column's query heads only."""
     h = cdiv(config.hidden_size, rows)
-    s = 2 * cdiv(config.num_key_value_heads * config.head_dim, 2 * cols)
-    g = config.num_attention_heads // config.num_key_value_heads
+    kv = config.num_key_value_heads
+    s, local_heads = closed_form_kv_slots(kv, config.head_dim, cols)
+    g = config.num_attention_heads // kv
     f, v = cdiv(config.intermediate_size, cols), cdiv(config.vocab_size, cols)
-    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    layers, column_q_heads = config.num_hidden_layers, local_heads * g
     per_layer = 2 * h + h * (g + 2) * s + g * s * h + h * 2 * f + f * h
     sizes = {"weights": layers * per_layer + h + h * v, "hidden": h,
              "kv_cache": tokens_on_fullest_row * 2 * s * layers, "decode.lm_head.y": v,
              "decode.final_norm.ss": 1, "decode.final_norm.out": h}
     for i in range(layers):
         per_buffer = {"norm1.ss": 1, "norm1.out": h, "qkv.y": (g + 2) * s,
-                      "scores": tokens_on_fullest_row * heads, "max": heads, "sum": heads, "o": g * s,
+                      "scores": tokens_on_fullest_row * column_q_heads, "max": column_q_heads,
+                      "sum": column_q_heads, "o": g * s,
                       "o_proj.y": h, "norm2.ss": 1, "norm2.out": h, "gate_up.y": 2 * f, "act": f, "down.y": h}
         sizes.update({f"decode.layer{i}.{name}": size for name, size in per_buffer.items()})
     return sizes
 
 
 @pytest.mark.parametrize("policy", ["shift", "concat"])
-@pytest.mark.parametrize("rows,cols", [(3, 3), (4, 4), (3, 4), (4, 3)])
+@pytest.mark.parametrize("rows,cols", [(3, 3), (4, 4), (3, 4), (4, 3), (4, 1), (2, 10)])
 def test_memory_ledger_at_every_phase_is_the_live_buffers_closed_forms(rows, cols, policy):
     """At the end of every phase of every decode step the ledger holds exactly the live named
     buffers, each at its closed-form size (the KV cache at the fullest row's token count),
@@ -195,3 +219,91 @@ def fullest_row(policy: str, rows: int, prompt: int, tokens: int) -> int:
     if policy == "shift":
         return -(-tokens // rows)
     return max(max(split), split[-1] + tokens - prompt)
+
+
+@pytest.mark.parametrize("kv_heads,head_dim,cols", [(8, 128, 420), (8, 128, 360), (8, 128, 5), (2, 8, 3),
+                                                    (2, 8, 12), (4, 8, 3), (1, 8, 4), (1, 8, 3), (2, 8, 2)])
+def test_kv_heads_own_disjoint_segments_that_fill_the_columns(kv_heads, head_dim, cols):
+    """Every kv dim once, rotate-half pairs side by side; the segments are disjoint spans in
+    column order, each one kv head over its columns or whole kv heads on one column; only the
+    last cols - kv_heads * head_dim / 2 columns (if any) hold padding only, outside every segment."""
+    lay = DecodeLayout(rows=3, cols=cols, hidden=16, heads=2 * kv_heads, kv_heads=kv_heads,
+                       head_dim=head_dim, ffn=16, vocab=16)
+    half = head_dim // 2
+    assert (lay.s, lay.heads_per_column) == closed_form_kv_slots(kv_heads, head_dim, cols)
+    index = lay.kv_index().reshape(cols, lay.s)
+    assert sorted(index[index >= 0].tolist()) == list(range(kv_heads * head_dim))
+    pairs = index.reshape(cols, -1, 2)
+    real = pairs[..., 0] >= 0
+    assert np.all(pairs[..., 1][real] == pairs[..., 0][real] + half)
+    assert np.all(pairs[..., 0][real] % head_dim < half) and np.all(pairs[..., 1][~real] < 0)
+    heads_of = [set((index[c][index[c] >= 0] // head_dim).tolist()) for c in range(cols)]
+    padding = max(0, cols - kv_heads * half)
+    assert [c for c in range(cols) if not heads_of[c]] == list(range(cols - padding, cols))
+    covered, owner = [], {}
+    for k, (lo, hi) in enumerate(lay.segments):
+        heads = set().union(*heads_of[lo:hi])
+        assert hi - lo == 1 or (len(heads) == 1 and all(heads_of[c] == heads for c in range(lo, hi)))
+        owner.update({head: k for head in heads})
+        covered += range(lo, hi)
+    assert covered == list(range(cols - padding)) and sorted(owner) == list(range(kv_heads))
+
+
+def test_llama3_8b_scores_on_420_columns_carry_its_kv_group_only():
+    """LLaMA3-8B on 420 columns: 8 segments of 52 or 53 columns, 4 kv dims per column, and
+    the scores of 10 tokens a row are 4 query heads x 10 = 40 values per core (not 32 x 10)."""
+    lay = DecodeLayout(rows=420, cols=420, hidden=4096, heads=32, kv_heads=8, head_dim=128,
+                       ffn=14336, vocab=128256)
+    assert sorted({hi - lo for lo, hi in lay.segments}) == [52, 53] and len(lay.segments) == 8
+    assert lay.s == 4 and lay.padding_columns == 0 and lay.score_elements(10) == 40
+
+
+def closed_form_payloads(config, rows, cols, tokens_on_fullest_row) -> dict:
+    """Elements per core each decode reduction carries (PAPER.md §5 table): one sum of squares
+    per norm; the fused q/k/v output (g query heads and k, v at s kv slots); the scores of the
+    fullest row's tokens for the column's own query heads; one max and one sum per such head;
+    p·V over the column's g x s query slots; the row chunk of hidden out of W_O and W_down;
+    the column chunks of the FFN (gate and up) and of the vocabulary."""
+    kv = config.num_key_value_heads
+    s, local_heads = closed_form_kv_slots(kv, config.head_dim, cols)
+    g = config.num_attention_heads // kv
+    h = cdiv(config.hidden_size, rows)
+    return {"norm1": 1, "qkv": (g + 2) * s, "scores": tokens_on_fullest_row * local_heads * g,
+            "softmax_max": local_heads * g, "softmax_sum": local_heads * g, "pv": g * s, "o_proj": h,
+            "norm2": 1, "gate_up": 2 * cdiv(config.intermediate_size, cols), "down": h,
+            "final_norm": 1, "lm_head": cdiv(config.vocab_size, cols)}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("rows,cols", [(3, 4), (2, 3), (2, 12), (4, 1)])
+def test_decode_reduction_payloads_are_the_closed_forms(name, rows, cols):
+    config = LlamaConfig(**CONFIGS[name])
+    mesh = make_mesh(rows, cols, dry_run=True)
+    decoder = Decoder(mesh, config, None, capacity_tokens=12, layers=1)
+    decoder.load_prompt_cache(None, None, 7)
+    decoder.step(None, 7)
+    mesh.free()
+    assert decoder.reduction_payloads == closed_form_payloads(config, rows, cols, cdiv(8, rows))
+
+
+def test_attention_does_not_grow_with_padding_columns():
+    """The GQA model has 2 kv heads of 4 rotate-half pairs: from 8 columns on, each kv head's
+    segment has 4 columns and the columns past the 8th hold padding only. The algorithm then
+    predicts the same attention on 8, 10, 13 and 16 columns: the q/k/v GEMV (reduced along Y,
+    s = 2 slots), the scores (reduced along each 4-column segment, g x tokens values) and the
+    softmax and p·V (along Y) see the same tiles and lines, so they end at the same modeled
+    cycle. Only the W_O, gate/up and down GEMVs after them change with the width (their
+    reductions span the whole row and the FFN is split over every column)."""
+    config, ends = LlamaConfig(**CONFIGS["gqa"]), []
+    g = config.num_attention_heads // config.num_key_value_heads
+    for cols in (8, 10, 13, 16):
+        mesh = make_mesh(3, cols, dry_run=True)
+        decoder = Decoder(mesh, config, None, capacity_tokens=12, layers=1)
+        decoder.load_prompt_cache(None, None, 7)
+        decoder.step(None, 7)
+        phases, _ = mesh.timeline.collect()
+        mesh.free()
+        end = {p["name"]: p["end_cycles"] for p in phases}
+        ends.append([end[f"decode.layer0.{name}.ktree"] for name in ("scores", "softmax_max", "softmax_sum", "pv")])
+        assert decoder.reduction_payloads["scores"] == 3 * g      # 3 tokens on the fullest row
+    assert all(e == ends[0] for e in ends)

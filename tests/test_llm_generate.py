@@ -20,6 +20,7 @@ from llm.config import LlamaConfig
 from llm.generate import build_parser, run_generate
 from llm.reference import ReferenceModel
 from meshes import fits
+from test_llm_decode import closed_form_payloads
 from meshmpi import CheckError, UsageError
 
 pytestmark = pytest.mark.mpi
@@ -71,6 +72,8 @@ def test_every_prompt_length_decodes_the_reference_tokens(mpi_tmp_path, rows, co
         assert sum(counts) == length + NEW_TOKENS - 1
         if policy == "shift":     # balanced, the older tokens on the upper rows
             assert max(counts) - min(counts) <= 1 and counts == sorted(counts, reverse=True)
+        # the last step's reductions: its scores cover the fullest row's tokens
+        assert report["decode_reduction_payloads"] == closed_form_payloads(CONFIG, rows, cols, max(counts))
 
 
 def _nan_in_a_projection(weights):
