@@ -11,6 +11,13 @@ R. At step t core (i, j) multiplies chunk ``u mod L`` with ``u = pos_y(i) + pos_
 which both of its groups contain; after ``L`` steps every core has seen every chunk.
 For a square mesh ``L = N``, groups are single tiles and this is exactly the paper's schedule.
 Matrix sizes that do not divide the mesh are zero-padded (M to R, N to C, K to L).
+
+Head cells (square meshes, PAPER.md §4 "group the heads, then run the same operators per
+group"): when the heads of a model live on segments of columns, a core multiplies only its own
+heads. A :class:`CellMap` says, per column, which entry of a batch over all heads each of the
+core's ``cells`` reads (MeshGEMM's A) or adds into (GEMM-T's partial C); the operand that
+stays with the column holds ``cells / per_slot`` batch entries, each shared by ``per_slot``
+consecutive cells. The tile that travels along X carries every head; the FLOPs are the cells'.
 """
 from __future__ import annotations
 
@@ -71,6 +78,33 @@ class GemmPlan:
         """The K-chunk label core (row, col) multiplies at ``step`` (block-shaped array)."""
         u = self.ring_y.position[rows][:, None] + self.ring_x.position[cols][None, :] - step
         return u % self.chunks
+
+
+@dataclass
+class CellMap:
+    """Per column, the entry (of ``entries``) each of a core's cells uses; -1: a padding cell."""
+    entry: np.ndarray      # [cols, cells]
+    per_slot: int          # consecutive cells that share one entry of the column's own operand
+    entries: int
+
+    @property
+    def cells(self) -> int:
+        return self.entry.shape[1]
+
+    def slot_of_cell(self) -> np.ndarray:
+        return np.arange(self.cells) // self.per_slot
+
+    def local(self, mesh) -> np.ndarray:
+        """[block cols, cells]: this block's columns' entries."""
+        return self.entry[mesh.global_cols()]
+
+    def check(self, plan: "GemmPlan", slots, cells=None, entries=None) -> None:
+        """The square schedule; operands batched over slots, cells and entries as stated."""
+        if plan.rows != plan.cols:
+            raise ValueError("head cells need a square mesh")
+        for arr, size in ((slots, self.cells // self.per_slot), (cells, self.cells), (entries, self.entries)):
+            if arr is not None and arr.tile_shape[0] != size:
+                raise ValueError(f"{arr.name} {arr.tile_shape}: expected a batch of {size}")
 
 
 # ---------------------------------------------------------------------------- host placement
@@ -143,22 +177,39 @@ def _batch(a, b) -> tuple:
     return batch
 
 
+def _products(plan, a, b, heads, out: str, **operands) -> tuple[tuple, int]:
+    """The batch of the output tile and the tile products each core does per step; with a
+    :class:`CellMap` ``heads``, the output is batched over ``out`` ("cells" or "entries") and
+    the operands are checked against the map."""
+    if heads is None:
+        batch = _batch(a, b)
+        return batch, math.prod(batch)
+    heads.check(plan, **operands)
+    return (getattr(heads, out),), heads.cells
+
+
 def _ring_buffers(mesh, arr, ring: Ring, name: str):
     """The spare buffer a tile moving along ``ring`` is received into, owned by the kernel;
     None on a 1-long line, where the tile never moves."""
     return mesh.alloc(name, arr.tile_shape, arr.dtype) if ring.n > 1 else None
 
 
-def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm"):
+def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm", cells: CellMap | None = None):
     """C = A @ B with A natural, B pre-skewed; returns C (natural layout), which the caller owns.
 
     Tiles may carry leading batch dims (e.g. attention heads): every core multiplies its whole
     batch at each step and every transfer carries the whole batch, one message per step.
+    With ``cells``, A's batch is every head's and C's is the core's cells: cell u adds
+    ``A[entry(u)] @ B[u // per_slot]`` (see :class:`CellMap`).
     The kernel owns and frees its spare buffers; ``a`` and ``b`` stay the caller's (same names,
     same charges), holding the tiles of the last step: A rotated along x, B along y."""
     R, C, L = plan.rows, plan.cols, plan.chunks
     tm, tn, s = plan.m_pad // R, plan.n_pad // C, plan.chunk
-    batch = _batch(a, b)
+    batch, products = _products(plan, a, b, cells, "cells", slots=b, entries=a)
+    if cells is not None:
+        entry = cells.local(mesh)
+        valid = (entry >= 0)[None, :, :, None, None]
+        pick = (np.arange(entry.shape[0])[:, None], np.maximum(entry, 0))
     rows, cols = mesh.global_rows(), mesh.global_cols()
     with mesh.phase(f"{name}.align"):
         rotate_lines(mesh, a, "x", plan.ring_x, plan.ring_y.position, f"{name}.a")
@@ -176,8 +227,12 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm"):
                 label = plan.label_at(rows, cols, step)
                 a_part = _pick_chunk(a.data, label // C, -1, L // C)
                 b_part = _pick_chunk(b.data, label // R, -2, L // R)
-                c.data += np.matmul(a_part, b_part)
-            mesh.compute(2 * tm * s * tn * math.prod(batch), ops=s * math.prod(batch))
+                if cells is None:
+                    c.data += np.matmul(a_part, b_part)
+                else:
+                    a_cells = np.where(valid, a_part[:, pick[0], pick[1]], 0)
+                    c.data += np.matmul(a_cells, b_part[:, :, cells.slot_of_cell()])
+            mesh.compute(2 * tm * s * tn * products, ops=s * products)
             for transfer in sends:
                 transfer.wait()
             if not last:
@@ -189,19 +244,23 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm"):
     return c
 
 
-def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t"):
+def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap | None = None):
     """C = A @ B^T (PAPER.md §2, GEMM-T), K never transposed on the wafer.
 
     A (M x K) stays; B (N x K) moves along its column's ring; each core's partial tile of C
     moves along its row's ring, adding ``A_tile @ B_tile^T`` at every core it visits — the
     partials are reduce-added along X. Here ``plan.k`` is the N of C (the labelled dimension)
     and ``plan.n`` is the shared K. A final rotation puts C in its natural layout. Leading
-    batch dims of the tiles are independent products, as in :func:`ring_gemm`. Returns C
+    batch dims of the tiles are independent products, as in :func:`ring_gemm`. With ``cells``,
+    A's batch is the core's cells and the partial's every head's: cell u adds
+    ``A[u] @ B[u // per_slot]^T`` into ``C[entry(u)]`` (see :class:`CellMap`). Returns C
     (the caller owns it); the kernel frees its spare buffers and ``b`` stays the caller's.
     """
     R, C, L = plan.rows, plan.cols, plan.chunks
     tm, s = plan.m_pad // R, plan.chunk
-    batch = _batch(a, b)
+    batch, products = _products(plan, a, b, cells, "entries", slots=b, cells=a)
+    if cells is not None:
+        entry = cells.local(mesh)
     rows, cols = mesh.global_rows(), mesh.global_cols()
     partial = mesh.alloc(f"{name}.c", batch + (tm, (L // C) * s), a.dtype)
     moving = [(partial, _ring_buffers(mesh, partial, plan.ring_x, f"{name}.c.next"),
@@ -214,12 +273,19 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t"):
             if not mesh.dry_run:
                 label = plan.label_at(rows, cols, step)
                 b_part = _pick_chunk(b.data, label // R, -2, L // R)
-                update = np.matmul(a.data, np.swapaxes(b_part, -1, -2))
-                out = partial.data.reshape(partial.data.shape[:-1] + (L // C, s))
-                idx = (label // C).reshape(label.shape + (1,) * (out.ndim - 2))
-                current = np.take_along_axis(out, idx, axis=out.ndim - 2)
-                np.put_along_axis(out, idx, current + update[..., None, :], axis=out.ndim - 2)
-            mesh.compute(2 * tm * s * b.tile_shape[-1] * math.prod(batch), ops=s * math.prod(batch))
+                if cells is None:
+                    update = np.matmul(a.data, np.swapaxes(b_part, -1, -2))
+                    out = partial.data.reshape(partial.data.shape[:-1] + (L // C, s))
+                    idx = (label // C).reshape(label.shape + (1,) * (out.ndim - 2))
+                    current = np.take_along_axis(out, idx, axis=out.ndim - 2)
+                    np.put_along_axis(out, idx, current + update[..., None, :], axis=out.ndim - 2)
+                else:   # square: the partial holds one chunk
+                    b_cells = b_part[:, :, cells.slot_of_cell()]
+                    update = np.matmul(a.data, np.swapaxes(b_cells, -1, -2))
+                    for u in range(cells.cells):
+                        where = np.flatnonzero(entry[:, u] >= 0)
+                        partial.data[:, where, entry[where, u]] += update[:, where, u]
+            mesh.compute(2 * tm * s * b.tile_shape[-1] * products, ops=s * products)
             if step < L - 1:
                 sends = [pattern.start(tile, spare) for tile, spare, pattern in moving]
                 for transfer in sends:

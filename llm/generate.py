@@ -292,6 +292,7 @@ def run_generate(args) -> dict:
         "prompt_tokens": len(ids), "new_tokens": len(tokens), "kv_policy": args.kv,
         "modeled_prefill_seconds": (prefill_cycles + relayout_cycles) / clock,
         "modeled_prefill_cycles": prefill_cycles, "modeled_relayout_cycles": relayout_cycles,
+        "prefill_flops_charged": pre.flops_charged, "prefill_flops_real": pre.flops_real,
         "modeled_decode_cycles_per_token": per_token,
         "modeled_decode_tokens_per_s": clock / per_token if per_token else None,
         "modeled_cycles_per_layer": layer_cycles[0] if layer_cycles else None,
@@ -399,6 +400,8 @@ def _format(r: dict, streamed: bool = False) -> str:
               f"{', dry run' if r['dry_run'] else ''}), KV {r['kv_policy']}",
               f"  prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new",
               f"  modeled prefill   {r['modeled_prefill_seconds'] * 1e3:.4f} ms",
+              f"  prefill FLOPs     {r['prefill_flops_charged']:,} charged, {r['prefill_flops_real']:,} real "
+              f"({r['prefill_flops_charged'] / r['prefill_flops_real']:.3f}x; {plural(r['layers_simulated'], 'layer')} simulated)",
               "  modeled decode    " + (f"{rate:,.0f} tokens/s per request "
                                          f"({r['modeled_cycles_per_layer']:,.0f} cycles per layer)" if rate else "n/a (one token)"),
               f"  regions           {regions_text(r)} "

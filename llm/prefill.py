@@ -6,26 +6,31 @@ Layout. Activations are ``[tokens, features]`` matrices in MeshGEMM's natural la
 outputs. Feature sizes that do not divide N (hidden, intermediate, head dims) are padded with
 zero columns, which stay zero through every operator.
 
-Heads. The host orders the output columns of W_q, W_k, W_v (and the rows of W_o) by
-(column block j, head h, slot o): every core holds, for every head, ``2 * pc`` of that head's
-dims, where ``pc = ceil(head_dim / 2 / N)``. Slots come in pairs (d, d + head_dim/2), the
-pairs that ``rotate_half`` mixes, so RoPE is local; the same permutation of Q's and K's dims
-leaves Q.K^T unchanged, and W_o's rows undo it. Per-head matrices are then column slices of
-each core's tile. The query heads of one GQA group are stacked along the rows of a core's tile
-(rows inside a tile are local), and the kv groups along a leading head axis, so attention is
-one batched GEMM-T and one batched MeshGEMM for all heads.
+Heads (:class:`PrefillLayout`; PAPER.md section 4, "group the heads, then run the same
+operators per group"). Each kv head owns a segment of columns and its query heads split the
+segment, so every column holds a few rotate-half pairs (d, d + head_dim/2, side by side: RoPE
+is local) of one query head and the same pairs of its kv head; no column holds only padding
+once the model has more pairs than the mesh has columns. The host orders the output columns of
+W_q, W_k, W_v (and the rows of W_o) by these slots; the same permutation of Q's and K's dims
+leaves Q.K^T unchanged, and W_o's rows undo it. Q.K^T of a head needs a reduction over that
+head's columns only: GEMM-T's partial scores carry every head along X and each column adds its
+own head's product (:class:`kernels.gemm.CellMap`); P.V likewise reads each column's head out
+of the travelling P and leaves O in the column order of Q. Charged FLOPs are those of each
+column's own pairs (:meth:`PrefillLayout.charged_flops`; the unpadded model's are
+:func:`real_flops`).
 
 One layer (all on the wafer, charged to the modeled clocks):
 
 1. RMSNorm: local sum of squares, K-tree allreduce-sum along the row (x), scale.
 2. Q|K|V = Xn . [W_q|W_k|W_v]: one MeshGEMM over the three weights (columns interleaved by
-   block on the host), so Xn is aligned once for the three.
-3. RoPE on Q and K: local.
+   block on the host), so Xn is aligned once for the three. Each K and V value is made once,
+   on one column of its block.
+3. RoPE on the Q cells and the K pairs: local; then each block gathers its K and V along its
+   interleaved ring (2-hop steps along x).
 4. K and V are skewed on the wafer (column j rotates backward by pos_x(j) along the y ring)
    into the pre-skewed layout MeshGEMM's and GEMM-T's B operands expect.
-5. All kv groups at once (a head axis in the tiles): S = Q.K^T by GEMM-T; causal + padding
-   mask and 1/sqrt(head_dim); softmax with a row allreduce-max and a row allreduce-sum along
-   x; O = P.V by MeshGEMM.
+5. S = Q.K^T by GEMM-T with head cells; causal + padding mask and 1/sqrt(head_dim); softmax
+   with a row allreduce-max and a row allreduce-sum along x; O = P.V by MeshGEMM with cells.
 6. O.W_o by MeshGEMM, residual; RMSNorm; [gate|up] by one MeshGEMM; SiLU(gate)*up local;
    down by MeshGEMM; residual.
 
@@ -41,8 +46,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.allreduce import allreduce
-from kernels.gemm import GemmPlan, place_b_skewed, ring_gemm, ring_gemm_t, rotate_lines
+from kernels.gemm import CellMap, GemmPlan, place_b_skewed, ring_gemm, ring_gemm_t, rotate_lines
+from kernels.ring import interleaved_ring
 from meshmpi import host
+from meshmpi.mesh import block_offsets
 
 from .config import LlamaConfig
 from .errors import ModelError
@@ -70,10 +77,31 @@ class PrefillResult:
     cycles_per_layer: float             # modeled cycles of layer 0
     tokens: int                         # prompt length T
     layers: int                         # layers simulated
+    flops_charged: int                  # FLOPs the mesh charged (padding included), all cores
+    flops_real: int                     # FLOPs of the unpadded model for the same layers
 
 
 class PrefillLayout:
-    """Tile sizes and host-side column orders of a config on an N x N mesh for T tokens."""
+    """Tile sizes and host-side column maps of a config on an N x N mesh for T tokens.
+
+    Attention cells (PAPER.md section 4, "group the heads, then run the same operators per
+    group"). Each column holds ``kpc`` kv slots of ``p`` rotate-half pairs and, per slot, ``hq``
+    query-head cells over the same pairs (``cells = kpc * hq``):
+
+    - N <= kv heads: column j holds ``kpc = ceil(kv_heads / N)`` whole kv groups (every pair of
+      the kv head and of its ``group`` query heads).
+    - N > kv heads: kv head k owns the column segment ``block_offsets(N, kv_heads)[k:k+2]``,
+      cut into blocks of ``sb`` adjacent columns; block x holds pairs ``[x p, (x+1) p)`` and
+      its column r the query heads ``r hq .. r hq + hq - 1`` of the group, so the segment's
+      ``width`` columns share the group's ``group * head_dim / 2`` pairs. ``hq = ceil(group /
+      width)``, ``sb = ceil(group / hq)``, ``blocks = width // sb``, ``p = ceil(half / blocks)``
+      with ``width`` the narrowest segment. Columns past the last full block are empty.
+
+    Every column of a block needs the block's K and V; the Q|K|V MeshGEMM makes each once: the
+    block's ``4 p`` K|V values per token are cut into ``sb`` shares of ``share`` values, one per
+    column (K pair i in share ``i mod sb``, whole, first; V values fill the rest), rotated (the
+    K pairs) where they are made, then gathered along the block's interleaved ring.
+    """
 
     def __init__(self, config: LlamaConfig, n: int, tokens: int):
         c = config
@@ -83,20 +111,107 @@ class PrefillLayout:
         self.hb = -(-c.hidden_size // n)                   # hidden per column block
         self.fb = -(-c.intermediate_size // n)             # intermediate per column block
         self.half = c.head_dim // 2
-        self.pc = -(-self.half // n)                       # rotate_half pairs per core per head
-        self.dc = 2 * self.pc                              # head dims per core per head
         self.nq, self.nkv, self.group = c.num_attention_heads, c.num_key_value_heads, c.kv_group_size
-        self.qkv_cols = (self.nq + 2 * self.nkv) * self.dc  # per core
+        if self.nkv >= n:
+            self.kpc, self.width = -(-self.nkv // n), 0
+            self.hq, self.sb, self.blocks, self.p = self.group, 1, 1, self.half
+        else:
+            self.kpc, self.width = 1, n // self.nkv
+            self.hq = -(-self.group // self.width)
+            self.sb = -(-self.group // self.hq)
+            self.blocks = self.width // self.sb
+            self.p = -(-self.half // self.blocks)
+        self.cells = self.kpc * self.hq
+        # K|V values a column makes per slot: a fair share, and room for its whole K pairs
+        self.share = max(-(-4 * self.p // self.sb), 2 * -(-self.p // self.sb))
+        self.qkv_cols = self.cells * 2 * self.p + self.kpc * self.share   # per core
 
     # ----------------------------------------------------------------- host column maps
-    def head_slots(self, heads: int) -> np.ndarray:
-        """[n, heads, dc]: original column (h * head_dim + d) of each slot, -1 for padding."""
-        j = np.arange(self.n)[:, None, None]
-        h = np.arange(heads)[None, :, None]
-        o = np.arange(self.dc)[None, None, :]
-        pair = j * self.pc + o // 2
-        dim = pair + (o % 2) * self.half
-        return np.where(pair < self.half, h * self.config.head_dim + dim, -1)
+    def slots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """kv head, pair block [n, kpc] (kv head -1: no real pair) and block position [n]."""
+        n, j = self.n, np.arange(self.n)
+        if self.nkv >= n:
+            k = j[:, None] * self.kpc + np.arange(self.kpc)[None, :]
+            return np.where(k < self.nkv, k, -1), np.zeros_like(k), np.zeros(n, np.int64)
+        bounds = block_offsets(n, self.nkv)
+        k = np.searchsorted(bounds, j, side="right") - 1
+        x, r = (j - bounds[k]) // self.sb, (j - bounds[k]) % self.sb
+        k = np.where((x < self.blocks) & (x * self.p < self.half), k, -1)
+        return k[:, None], x[:, None], r
+
+    def _dims(self, x: np.ndarray, o: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Head dim of slot offset o (pairs side by side) in pair block x, and whether it is real."""
+        pair = x * self.p + o // 2
+        return pair + (o % 2) * self.half, (pair < self.half) & (o < 2 * self.p) & (o >= 0)
+
+    def q_slots(self) -> np.ndarray:
+        """[n, cells, 2p]: column of W_q (head * head_dim + d) of each Q slot, -1 for padding."""
+        k, x, r = self.slots()
+        u = np.arange(self.hq)
+        within = r[:, None, None] * self.hq + u[None, None, :]                     # [n, 1, hq]
+        head = k[:, :, None] * self.group + within                               # [n, kpc, hq]
+        real = (k[:, :, None] >= 0) & (within < self.group)
+        d, ok = self._dims(x[:, :, None, None], np.arange(2 * self.p)[None, None, None, :])
+        index = np.where(real[..., None] & ok, head[..., None] * self.config.head_dim + d, -1)
+        return index.reshape(self.n, self.cells, 2 * self.p)
+
+    def share_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """[sb, share]: whether each value of block position r's share is V (else K, or padding
+        where the offset is -1), and its offset in the block's 2p K (or V) slots."""
+        is_v = np.zeros((self.sb, self.share), bool)
+        offset = np.full((self.sb, self.share), -1)
+        pair = np.arange(self.p)
+        r, m = pair % self.sb, pair // self.sb
+        for o in (0, 1):
+            offset[r, 2 * m + o] = 2 * pair + o
+        free = np.flatnonzero(offset.ravel() < 0)[: 2 * self.p]
+        is_v.ravel()[free] = True
+        offset.ravel()[free] = np.arange(2 * self.p)
+        return is_v, offset
+
+    def k_pairs(self) -> np.ndarray:
+        """[n]: K pairs each column rotates in its share (real kv slots only)."""
+        k, _, r = self.slots()
+        return (k >= 0).sum(axis=1) * -(-(self.p - r) // self.sb)
+
+    def kv_slots(self) -> np.ndarray:
+        """[n, kpc, share]: column of [W_k | W_v] each column's K|V share makes, -1 for padding."""
+        k, x, r = self.slots()
+        is_v, offset = (a[r][:, None, :] for a in self.share_map())             # [n, 1, share]
+        d, ok = self._dims(x[:, :, None], offset)
+        kv_dim = self.nkv * self.config.head_dim
+        index = k[:, :, None] * self.config.head_dim + d + np.where(is_v, kv_dim, 0)
+        return np.where((k[:, :, None] >= 0) & ok, index, -1)
+
+    def attn_kv_slots(self) -> np.ndarray:
+        """[n, kpc, 2p]: kv dim (kv head * head_dim + d) of each gathered K (and V) slot."""
+        k, x, _ = self.slots()
+        d, ok = self._dims(x[:, :, None], np.arange(2 * self.p)[None, None, :])
+        return np.where((k[:, :, None] >= 0) & ok, k[:, :, None] * self.config.head_dim + d, -1)
+
+    def kv_columns(self) -> np.ndarray:
+        """[kv_heads * head_dim]: the column whose share makes each K dim."""
+        slots = self.kv_slots().reshape(self.n, -1)
+        where = np.full(self.nkv * self.config.head_dim, -1)
+        column, index = np.nonzero((slots >= 0) & (slots < where.size))
+        where[slots[column, index]] = column
+        return where
+
+    def cell_map(self) -> CellMap:
+        """The query head of each cell, as the attention kernels read it."""
+        heads = self.q_slots().max(axis=2)
+        return CellMap(np.where(heads >= 0, heads // self.config.head_dim, -1), self.hq, self.nq)
+
+    def gather_dest(self) -> tuple[np.ndarray, np.ndarray]:
+        """[n]: the next column of each column's block ring (-1: none), and [n, sb-1]: the
+        block position whose share reaches each column at each step of the gather."""
+        k, _, r = self.slots()
+        ring = interleaved_ring(self.sb)
+        start = np.arange(self.n) - r
+        dest = np.where(k[:, 0] >= 0, start + ring.send()[r], -1)
+        steps = np.arange(1, self.sb)[None, :]
+        origin = ring.order[(ring.position[r][:, None] - steps) % self.sb]
+        return dest, origin
 
     @staticmethod
     def take_cols(w: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -106,18 +221,15 @@ class PrefillLayout:
         return out
 
     def qkv_weight(self, layer) -> np.ndarray:
-        """[hidden, n * qkv_cols]: block j = (Q slots of j | K slots of j | V slots of j)."""
-        q = self.head_slots(self.nq).reshape(self.n, -1)
-        kv = self.head_slots(self.nkv).reshape(self.n, -1)
-        parts = [self.take_cols(layer.q_proj, q.ravel()).reshape(-1, self.n, q.shape[1]),
-                 self.take_cols(layer.k_proj, kv.ravel()).reshape(-1, self.n, kv.shape[1]),
-                 self.take_cols(layer.v_proj, kv.ravel()).reshape(-1, self.n, kv.shape[1])]
-        return np.concatenate(parts, axis=2).reshape(layer.q_proj.shape[0], -1)
+        """[hidden, n * qkv_cols]: block j = (Q cells of j | K|V share of j)."""
+        q = self.take_cols(layer.q_proj, self.q_slots().ravel()).reshape(-1, self.n, self.cells * 2 * self.p)
+        kv = np.concatenate([layer.k_proj, layer.v_proj], axis=1)
+        kv = self.take_cols(kv, self.kv_slots().ravel()).reshape(-1, self.n, self.kpc * self.share)
+        return np.concatenate([q, kv], axis=2).reshape(layer.q_proj.shape[0], -1)
 
     def o_weight(self, layer) -> np.ndarray:
-        """[n * nq * dc, hidden]: W_o's rows in the order of the attention output's columns."""
-        q = self.head_slots(self.nq).ravel()
-        return self.take_cols(layer.o_proj.T, q).T
+        """[n * cells * 2p, hidden]: W_o's rows in the order of the attention output's columns."""
+        return self.take_cols(layer.o_proj.T, self.q_slots().ravel()).T
 
     def gate_up_weight(self, layer) -> np.ndarray:
         """[hidden, n * 2 fb]: block j = (gate block j | up block j), zero-padded."""
@@ -135,21 +247,68 @@ class PrefillLayout:
         return np.broadcast_to(w.reshape(1, self.n, self.hb), (self.n, self.n, self.hb)).copy()
 
     def rope_tiles(self) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin [n, n, tb, pc]: token block i's positions, column block j's pairs."""
-        inv = np.zeros(self.n * self.pc)
-        inv[: self.half] = rope_inv_freq(self.config)
-        angles = np.outer(np.arange(self.t_pad, dtype=np.float64), inv)        # [t_pad, n*pc]
-        tiles = angles.reshape(self.n, self.tb, self.n, self.pc).transpose(0, 2, 1, 3)
+        """cos, sin [n, n, tb, kpc * p]: token block i's positions, column j's pairs."""
+        _, x, _ = self.slots()
+        pair = x[:, :, None] * self.p + np.arange(self.p)[None, None, :]             # [n, kpc, p]
+        inv = np.where(pair < self.half, rope_inv_freq(self.config)[np.minimum(pair, self.half - 1)], 0.0)
+        angles = np.arange(self.t_pad, dtype=np.float64)[:, None] * inv.reshape(1, -1)   # [t_pad, n*kpc*p]
+        tiles = angles.reshape(self.n, self.tb, self.n, self.kpc * self.p).transpose(0, 2, 1, 3)
         return np.cos(tiles).astype(np.float32), np.sin(tiles).astype(np.float32)
 
-    def unpermute_heads(self, cols: np.ndarray, heads: int) -> np.ndarray:
-        """[T_pad, n * heads * dc] in slot order -> [heads, T, head_dim] (padding dropped)."""
-        slots = self.head_slots(heads).ravel()
-        out = np.zeros((cols.shape[0], heads * self.config.head_dim), cols.dtype)
+    def unpermute_kv(self, cols: np.ndarray) -> np.ndarray:
+        """[T_pad, n, kpc, 2p] gathered K (or V) slots -> [kv_heads, T, head_dim]."""
+        slots = self.attn_kv_slots().ravel()
+        cols = cols.reshape(cols.shape[0], -1)
+        out = np.zeros((cols.shape[0], self.nkv * self.config.head_dim), cols.dtype)
         keep = slots >= 0
-        out[:, slots[keep]] = cols[:, keep]
+        out[:, slots[keep]] = cols[:, keep]          # the columns of a block hold equal copies
         out = out[: self.tokens]
-        return out.reshape(self.tokens, heads, self.config.head_dim).transpose(1, 0, 2).copy()
+        return out.reshape(self.tokens, self.nkv, self.config.head_dim).transpose(1, 0, 2).copy()
+
+    # ----------------------------------------------------------------- FLOPs
+    def charged_flops(self) -> dict:
+        """FLOPs the mesh charges for one layer, by operator, summed over the N x N cores
+        (``final_norm`` once per prefill), from the tile sizes above."""
+        n, tb, hb, fb, p2 = self.n, self.tb, self.hb, self.fb, 2 * self.p
+        cores = n * n
+        line = n * (n - 1)          # an allreduce adds N - 1 deliveries per line, N lines
+
+        def norm():
+            return cores * (FLOPS_RMS_SUMSQ * tb * hb + FLOPS_RMS_ROW * tb + FLOPS_RMS_SCALE * tb * hb) + line * tb
+
+        def gemm(m, k, cols):       # n compute-shift steps of an (m x k) @ (k x cols) tile product
+            return cores * n * 2 * m * k * cols
+
+        rows = self.nq * tb
+        return {"input_norm": norm(), "qkv": gemm(tb, hb, self.qkv_cols),
+                "rope": n * FLOPS_ROPE_PAIR * tb * (n * self.cells * self.p + int(self.k_pairs().sum())),
+                "qk": gemm(tb, p2, tb) * self.cells,
+                "softmax": cores * (FLOPS_MASK_SCALE + FLOPS_SOFTMAX) * rows * tb + 2 * line * rows,
+                "pv": gemm(tb, tb, p2) * self.cells, "o": gemm(tb, self.cells * p2, hb),
+                "o_residual": cores * FLOPS_ADD * tb * hb, "post_norm": norm(),
+                "gate_up": gemm(tb, hb, 2 * fb), "silu": cores * FLOPS_SILU_MUL * tb * fb,
+                "down": gemm(tb, fb, hb), "down_residual": cores * FLOPS_ADD * tb * hb,
+                "final_norm": norm()}
+
+
+def real_flops(config: LlamaConfig, tokens: int) -> dict:
+    """FLOPs of one layer of the unpadded model on ``tokens`` tokens, by operator, with the
+    per-element costs the mesh charges (``final_norm`` once per prefill). Attention counts the
+    whole ``tokens x tokens`` score matrix, as the reference computes it before masking."""
+    t, h, f, d = tokens, config.hidden_size, config.intermediate_size, config.head_dim
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    norm = (FLOPS_RMS_SUMSQ + FLOPS_RMS_SCALE) * t * h + FLOPS_RMS_ROW * t
+    return {"input_norm": norm, "qkv": 2 * t * h * (heads + 2 * kv_heads) * d,
+            "rope": FLOPS_ROPE_PAIR * t * (heads + kv_heads) * d // 2,
+            "qk": 2 * heads * t * t * d, "softmax": (FLOPS_MASK_SCALE + FLOPS_SOFTMAX) * heads * t * t,
+            "pv": 2 * heads * t * t * d, "o": 2 * t * heads * d * h, "o_residual": FLOPS_ADD * t * h,
+            "post_norm": norm, "gate_up": 2 * t * h * 2 * f, "silu": FLOPS_SILU_MUL * t * f,
+            "down": 2 * t * f * h, "down_residual": FLOPS_ADD * t * h, "final_norm": norm}
+
+
+def prefill_flops(per_layer: dict, layers: int) -> int:
+    """A prefill's total from per-operator FLOPs of one layer (and its one final norm)."""
+    return layers * sum(v for k, v in per_layer.items() if k != "final_norm") + per_layer["final_norm"]
 
 
 def _check_mesh(mesh) -> int:
@@ -157,6 +316,13 @@ def _check_mesh(mesh) -> int:
         raise ModelError(f"prefill needs a square mesh (PAPER.md section 4), got "
                          f"{mesh.rows}x{mesh.cols}; choose an N x N prefill region")
     return mesh.rows
+
+
+def _rotate(pairs, cos, sin) -> None:
+    """RoPE on [..., 2] pairs in place."""
+    even, odd = pairs[..., 0].copy(), pairs[..., 1].copy()
+    pairs[..., 0] = even * cos - odd * sin
+    pairs[..., 1] = odd * cos + even * sin
 
 
 class _Prefill:
@@ -176,6 +342,9 @@ class _Prefill:
     def place_weight(self, name, plan, matrix_fn):
         shape = ((plan.chunks // plan.rows) * plan.chunk, plan.n_pad // plan.cols)
         return self.scatter(name, lambda: place_b_skewed(plan, np.asarray(matrix_fn(), np.float32)), shape)
+
+    def flops_so_far(self) -> int:
+        return int(self.mesh.sum_over_ranks(int(self.mesh.counters["flops"].sum())))
 
     # ------------------------------------------------------------------ wafer operators
     def rms_norm(self, x, weight_tiles, name):
@@ -200,10 +369,10 @@ class _Prefill:
         w.free()
         return out
 
-    def gemm(self, plan, a, b, name):
+    def gemm(self, plan, a, b, name, cells=None):
         """MeshGEMM; its inputs are consumed (shifted on the wafer) and released."""
         with self.mesh.fabric.scope():
-            c = ring_gemm(self.mesh, plan, a, b, name=name)
+            c = ring_gemm(self.mesh, plan, a, b, name=name, cells=cells)
         a.free()
         b.free()
         return c
@@ -214,36 +383,93 @@ class _Prefill:
         self.mesh.compute(FLOPS_ADD * y.tile_elements)
         y.free()
 
-    def rope(self, qkv, cos, sin):
-        """Rotate the Q and K slots of every core's tile in place (pairs are adjacent)."""
-        lay = self.lay
-        heads = lay.nq + lay.nkv
+    def kv_share(self, qkv, name):
+        """[tb, kpc * share]: this column's share of its block's K|V values, out of the Q|K|V tile."""
+        share = self.mesh.alloc(f"{name}.kv.share", (self.lay.tb, self.lay.kpc * self.lay.share), np.float32)
         if self.numeric:
-            d = qkv.data
-            qk = d[..., : heads * lay.dc].reshape(d.shape[:3] + (heads, lay.pc, 2))
-            c, s = cos.data[:, :, :, None, :], sin.data[:, :, :, None, :]
-            even, odd = qk[..., 0].copy(), qk[..., 1].copy()
-            qk[..., 0] = even * c - odd * s
-            qk[..., 1] = odd * c + even * s
-            d[..., : heads * lay.dc] = qk.reshape(d.shape[:3] + (heads * lay.dc,))
-        self.mesh.compute(FLOPS_ROPE_PAIR * lay.tb * heads * lay.pc)
+            share.data[...] = qkv.data[..., self.lay.cells * 2 * self.lay.p:]
+        return share
 
-    def split_heads(self, cols: np.ndarray) -> np.ndarray:
-        """[R, C, tb, nkv * dc] -> [R, C, nkv, tb, dc]: a head axis in front of the tile."""
+    def rope(self, q, share, cos, sin):
+        """Rotate the Q cells and the K pairs of the share in place (pairs are adjacent; a slot's
+        cells share its angles; K pair i of a block sits at ``i // sb`` in share ``i mod sb``)."""
+        lay, mesh = self.lay, self.mesh
+        if self.numeric:
+            shape = q.data.shape[:2]
+            c = cos.data.reshape(shape + (lay.tb, lay.kpc, lay.p))
+            s = sin.data.reshape(c.shape)
+            cells = q.data.reshape(shape + (lay.kpc, lay.hq, lay.tb, lay.p, 2))
+            angles = c.transpose(0, 1, 3, 2, 4)[:, :, :, None], s.transpose(0, 1, 3, 2, 4)[:, :, :, None]
+            _rotate(cells, *angles)
+            q.data[...] = cells.reshape(q.data.shape)
+            _, _, position = lay.slots()
+            m = np.arange(-(-lay.p // lay.sb))
+            pair = position[self.cols][:, None] + lay.sb * m[None, :]                # [block cols, m]
+            real = pair < lay.p
+            keys = share.data.reshape(shape + (lay.tb, lay.kpc, lay.share))[..., : 2 * m.size]
+            keys = keys.reshape(keys.shape[:-1] + (m.size, 2))
+            index = np.minimum(pair, lay.p - 1)[None, :, None, None, :]
+            pick = lambda a, other: np.where(real[None, :, None, None, :],  # noqa: E731
+                                             np.take_along_axis(a, index, axis=4), other)
+            _rotate(keys, pick(c, 1), pick(s, 0))     # V values past a share's K pairs stay
+            share.data.reshape(shape + (lay.tb, lay.kpc, lay.share))[..., : 2 * m.size] = keys.reshape(keys.shape[:-2] + (-1,))
+        k_pairs = np.broadcast_to(lay.k_pairs()[self.cols][None, :], mesh.block_shape)
+        mesh.compute(FLOPS_ROPE_PAIR * lay.tb * (lay.cells * lay.p + k_pairs))
+
+    def gather_kv(self, share, name):
+        """K and V of every column's block: each column's share of the block's K|V values goes
+        round the block's interleaved ring (sb - 1 steps); returns [tb, K slots | V slots]."""
+        mesh, lay = self.mesh, self.lay
+        tb, width = lay.tb, lay.kpc * lay.share
+        cols = np.arange(mesh.block_shape[1])
+        dest, origin = lay.gather_dest()
+        _, _, position = lay.slots()
+        blocks = mesh.alloc(f"{name}.kv.blocks", (lay.sb, tb, width), np.float32)
+        if self.numeric:
+            blocks.data[:, cols, position[self.cols]] = share.data
+        if lay.sb > 1:
+            with mesh.phase(f"{name}.kv_gather"), mesh.fabric.scope():
+                spare = mesh.alloc(f"{name}.kv.share.next", (tb, width), np.float32)
+                pattern = mesh.fabric.permutation(f"{name}.kv.gather", "x", dest)
+                for step in range(lay.sb - 1):
+                    pattern.start(share, spare).wait()
+                    share.swap_payload(spare)
+                    if self.numeric:
+                        blocks.data[:, cols, origin[self.cols, step]] = share.data
+                    mesh.step(f"step {step}")
+                spare.free()
+        share.free()
+        kv = mesh.alloc(f"{name}.kv", (tb, 2 * lay.kpc * 2 * lay.p), np.float32)
+        if self.numeric:
+            is_v, offset = lay.share_map()
+            flat = np.flatnonzero(offset.ravel() >= 0)
+            order = np.empty((2, 2 * lay.p), np.int64)               # [K|V, offset] -> flat index
+            order[is_v.ravel()[flat].astype(int), offset.ravel()[flat]] = flat
+            full = blocks.data.reshape(blocks.data.shape[:3] + (tb, lay.kpc, lay.share))
+            full = full.transpose(0, 1, 3, 4, 2, 5).reshape(full.shape[:2] + (tb, lay.kpc, -1))
+            kv.data[...] = full[..., order].transpose(0, 1, 2, 4, 3, 5).reshape(kv.data.shape)
+        blocks.free()
+        return kv
+
+    def slots_of(self, kv, part: int, name: str):
+        """[kpc, tb, 2p]: the K (part 0) or V (part 1) slots of the kv tile, a slot axis in front."""
         lay = self.lay
-        return cols.reshape(cols.shape[:3] + (lay.nkv, lay.dc)).transpose(0, 1, 3, 2, 4)
+        out = self.mesh.alloc(name, (lay.kpc, lay.tb, 2 * lay.p), np.float32)
+        if self.numeric:
+            width = lay.kpc * 2 * lay.p
+            cols = kv.data[..., part * width:(part + 1) * width]
+            out.data[...] = cols.reshape(cols.shape[:3] + (lay.kpc, 2 * lay.p)).transpose(0, 1, 3, 2, 4)
+        return out
 
     def softmax(self, s, name):
-        """Masked, scaled softmax over the keys of each row (tile: kv head x (query head in
-        group, token) x key)."""
+        """Masked, scaled softmax over the keys of each row (tile: query head x token x key)."""
         mesh, lay = self.mesh, self.lay
         row_shape, keys_t = s.tile_shape[:-1], s.tile_shape[-1]
         rows_t = math.prod(row_shape)
         if self.numeric:
-            token = np.tile(np.arange(lay.tb), lay.group)                          # row -> token
-            query = self.rows[:, None, None, None] * lay.tb + token[None, None, :, None]
+            query = self.rows[:, None, None, None] * lay.tb + np.arange(lay.tb)[None, None, :, None]
             key = self.cols[None, :, None, None] * lay.tb + np.arange(lay.tb)[None, None, None, :]
-            visible = ((key <= query) & (key < lay.tokens))[:, :, None]   # same for every kv head
+            visible = ((key <= query) & (key < lay.tokens))[:, :, None]   # same for every head
             scale = np.float32(1.0 / math.sqrt(self.config.head_dim))
             s.data[...] = np.where(visible, s.data * scale, -np.inf)
         mesh.compute(FLOPS_MASK_SCALE * rows_t * keys_t)
@@ -271,55 +497,49 @@ class _Prefill:
         mesh, lay, n = self.mesh, self.lay, self.n
         p = f"prefill.layer{index}"
         w = self.weights.layers[index] if self.numeric else None
-        tb, dc, nq, nkv, g = lay.tb, lay.dc, lay.nq, lay.nkv, lay.group
+        tb, p2, cells, kpc = lay.tb, 2 * lay.p, lay.cells, lay.kpc
         plan_qkv = GemmPlan.build("meshgemm", n, n, lay.t_pad, self.config.hidden_size, n * lay.qkv_cols)
-        plan_o = GemmPlan.build("meshgemm", n, n, lay.t_pad, n * nq * dc, self.config.hidden_size)
+        plan_o = GemmPlan.build("meshgemm", n, n, lay.t_pad, n * cells * p2, self.config.hidden_size)
         plan_gu = GemmPlan.build("meshgemm", n, n, lay.t_pad, self.config.hidden_size, n * 2 * lay.fb)
         plan_down = GemmPlan.build("meshgemm", n, n, lay.t_pad, n * lay.fb, self.config.hidden_size)
-        plan_t = GemmPlan.build("meshgemm", n, n, g * lay.t_pad, lay.t_pad, n * dc)     # S = Q K^T
-        plan_pv = GemmPlan.build("meshgemm", n, n, g * lay.t_pad, lay.t_pad, n * dc)    # O = P V
+        plan_t = GemmPlan.build("meshgemm", n, n, lay.t_pad, lay.t_pad, n * p2)     # S = Q K^T per cell
+        plan_pv = GemmPlan.build("meshgemm", n, n, lay.t_pad, lay.t_pad, n * p2)    # O = P V per cell
+        heads = lay.cell_map()
 
         with mesh.phase(f"{p}.attention"):
             xn = self.rms_norm(x, lay.norm_tiles(w.input_layernorm) if w else None, f"{p}.input_norm")
             w_qkv = self.place_weight(f"{p}.w_qkv", plan_qkv, lambda: lay.qkv_weight(w))
             qkv = self.gemm(plan_qkv, xn, w_qkv, f"{p}.qkv")
+            q = mesh.alloc(f"{p}.q", (cells, tb, p2), np.float32)
+            if self.numeric:
+                q.data[...] = qkv.data[..., : cells * p2].reshape(qkv.data.shape[:3] + (cells, p2)).transpose(0, 1, 3, 2, 4)
+            share = self.kv_share(qkv, p)
+            qkv.free()
             with mesh.phase(f"{p}.rope"):
-                self.rope(qkv, cos, sin)
+                self.rope(q, share, cos, sin)
+            kv = self.gather_kv(share, p)
             kv_cols = None
-            if self.numeric:
-                full = host.untile_matrix(host.gather(mesh, qkv))      # host plane: the caches
-                kv_cols = full.reshape(lay.t_pad, n, lay.qkv_cols)[:, :, nq * dc:]
+            if self.numeric:          # host plane: the caches
+                kv_cols = host.untile_matrix(host.gather(mesh, kv)).reshape(lay.t_pad, n, 2, kpc, p2)
             # K and V into the pre-skewed layout of a B operand, on the wafer.
-            kv = mesh.alloc(f"{p}.kv", (tb, 2 * nkv * dc), np.float32)
-            if self.numeric:
-                kv.data[...] = qkv.data[..., nq * dc:]
             with mesh.phase(f"{p}.kv_skew"), mesh.fabric.scope():
                 rotate_lines(mesh, kv, "y", plan_t.ring_y, plan_t.ring_x.position, f"{p}.kv.skew")
-            # Every kv group's kernels at once: a head axis in the tiles (one message per step
-            # carries all groups' tiles), so the operators are those of one group, batched.
-            q = mesh.alloc(f"{p}.q", (nkv, g * tb, dc), np.float32)
-            k = mesh.alloc(f"{p}.k", (nkv, tb, dc), np.float32)
-            if self.numeric:
-                heads = qkv.data[..., : nq * dc].reshape(qkv.data.shape[:3] + (nkv, g, dc))
-                q.data[...] = heads.transpose(0, 1, 3, 4, 2, 5).reshape(q.data.shape)
-                k.data[...] = self.split_heads(kv.data[..., : nkv * dc])
+            # Each core multiplies its own cells; the tiles that travel along X (the partial
+            # scores, then P) carry every head, so every head's reduction stays on its columns.
+            k = self.slots_of(kv, 0, f"{p}.k")
             with mesh.fabric.scope():
-                s = ring_gemm_t(mesh, plan_t, q, k, name=f"{p}.qk")
+                s = ring_gemm_t(mesh, plan_t, q, k, name=f"{p}.qk", cells=heads)
             q.free()
             k.free()
             with mesh.phase(f"{p}.softmax"):
                 self.softmax(s, f"{p}.softmax")
-            v = mesh.alloc(f"{p}.v", (nkv, tb, dc), np.float32)
+            v = self.slots_of(kv, 1, f"{p}.v")
+            o = self.gemm(plan_pv, s, v, f"{p}.pv", cells=heads)
+            out = mesh.alloc(f"{p}.attn", (tb, cells * p2), np.float32)
             if self.numeric:
-                v.data[...] = self.split_heads(kv.data[..., nkv * dc:])
-            o = self.gemm(plan_pv, s, v, f"{p}.pv")
-            out = mesh.alloc(f"{p}.attn", (tb, nq * dc), np.float32)
-            if self.numeric:
-                heads = o.data.reshape(o.data.shape[:2] + (nkv, g, tb, dc))
-                out.data[...] = heads.transpose(0, 1, 4, 2, 3, 5).reshape(out.data.shape)
+                out.data[...] = o.data.transpose(0, 1, 3, 2, 4).reshape(out.data.shape)
             o.free()
             kv.free()
-            qkv.free()
             w_o = self.place_weight(f"{p}.w_o", plan_o, lambda: lay.o_weight(w))
             self.add_into(x, self.gemm(plan_o, out, w_o, f"{p}.o"))
 
@@ -339,9 +559,7 @@ class _Prefill:
             self.add_into(x, self.gemm(plan_down, act, w_down, f"{p}.down"))
         if kv_cols is None:
             return None, None
-        k_cache = lay.unpermute_heads(kv_cols[:, :, : nkv * dc].reshape(lay.t_pad, -1), nkv)
-        v_cache = lay.unpermute_heads(kv_cols[:, :, nkv * dc:].reshape(lay.t_pad, -1), nkv)
-        return k_cache, v_cache
+        return lay.unpermute_kv(kv_cols[:, :, 0]), lay.unpermute_kv(kv_cols[:, :, 1])
 
 
 def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = None,
@@ -381,10 +599,11 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
 
     x = run.scatter("prefill.x", embedded, (lay.tb, lay.hb))
     cos_sin = lay.rope_tiles() if run.numeric else (None, None)
-    cos = run.scatter("prefill.rope.cos", lambda: cos_sin[0], (lay.tb, lay.pc))
-    sin = run.scatter("prefill.rope.sin", lambda: cos_sin[1], (lay.tb, lay.pc))
+    cos = run.scatter("prefill.rope.cos", lambda: cos_sin[0], (lay.tb, lay.kpc * lay.p))
+    sin = run.scatter("prefill.rope.sin", lambda: cos_sin[1], (lay.tb, lay.kpc * lay.p))
 
     start = mesh.modeled_cycles()
+    flops_before = run.flops_so_far()
     k_cache, v_cache = [], []
     per_layer = 0.0
     with mesh.phase("prefill"):
@@ -397,6 +616,7 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
             v_cache.append(v)
         final = run.rms_norm(x, lay.norm_tiles(weights.norm) if run.numeric else None, "prefill.final_norm")
     total = mesh.modeled_cycles() - start
+    charged = run.flops_so_far() - flops_before
     last = None
     if run.numeric:
         full = host.untile_matrix(host.gather(mesh, final))
@@ -405,4 +625,5 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
         arr.free()
     return PrefillResult(last_hidden=last, k_cache=k_cache if run.numeric else None,
                          v_cache=v_cache if run.numeric else None, modeled_cycles=total,
-                         cycles_per_layer=per_layer, tokens=length, layers=count)
+                         cycles_per_layer=per_layer, tokens=length, layers=count, flops_charged=charged,
+                         flops_real=prefill_flops(real_flops(config, length), count))

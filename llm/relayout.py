@@ -2,8 +2,8 @@
 "Prefill→decode transition").
 
 Prefill leaves the cache on its N x N square (the top-left corner of the decode region): core
-(i, j) holds the tokens of row block i and, of every kv head, the rotate-half pairs of column
-block j (:class:`llm.prefill.PrefillLayout`). Decode wants the tokens of row r's balanced block
+(i, j) holds the tokens of row block i and the kv dims of column j's share
+(:class:`llm.prefill.PrefillLayout`: each kv dim is made on one column of its head's segment). Decode wants the tokens of row r's balanced block
 on row r and the kv slots of :class:`llm.layout.DecodeLayout` on column c. The move is
 dimension-ordered, as the fabric routes it:
 
@@ -41,12 +41,11 @@ def _rounds(pairs: dict) -> list:
 
 def column_moves(prefill_layout, decode_layout) -> dict:
     """{(prefill column, decode column): kv dims (per kv head and token) they share}."""
-    half, pc, head_dim = prefill_layout.half, prefill_layout.pc, prefill_layout.config.head_dim
+    where = prefill_layout.kv_columns()
     slots = decode_layout.kv_index().reshape(decode_layout.cols, decode_layout.s)
     moves = {}
     for c in range(decode_layout.cols):
-        dims = slots[c][slots[c] >= 0] % head_dim
-        for j in ((dims % half) // pc).tolist():
+        for j in where[slots[c][slots[c] >= 0]].tolist():
             moves[(j, c)] = moves.get((j, c), 0) + 1
     return moves
 

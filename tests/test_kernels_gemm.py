@@ -135,6 +135,50 @@ def test_batched_tiles_are_independent_products(rows, cols):
         np.testing.assert_allclose(result, a_mats[i] @ b_mats[i], atol=tolerance(result, np.float64))
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_head_cells_multiply_only_their_own_heads(n):
+    """A CellMap per column (heads on column segments, PAPER.md §4): GEMM-T adds each cell's
+    ``A_u B_slot^T`` into its head's partial, whose reduction along X then spans only the
+    columns that hold that head; MeshGEMM gives each cell ``P_head @ V_slot``; padding cells
+    (-1) stay zero; the FLOPs are the cells', not the heads'."""
+    heads, cells, per_slot, m, kk, width = 3, 4, 2, 2 * n + 1, 3 * n, 2
+    rng = np.random.default_rng(n)
+    entry = rng.integers(-1, heads, (n, cells))
+    heads_map = gemm.CellMap(entry, per_slot, heads)
+    a_mats = rng.standard_normal((cells, m, n * width))          # column block j: column j's dims
+    b_mats = rng.standard_normal((cells // per_slot, kk, n * width))
+    a_mats[np.broadcast_to((entry < 0).T[:, None, :, None], (cells, m, n, width)).reshape(a_mats.shape)] = 0
+    plan_t = gemm.GemmPlan.build("meshgemm", n, n, m, kk, n * width)
+    mesh = make_mesh(n, n)
+    a = host.scatter(mesh, "h.a", np.stack([gemm.place_a_for_t(plan_t, x) for x in a_mats], axis=2))
+    b = host.scatter(mesh, "h.b", np.stack([gemm.place_b_skewed(plan_t, x) for x in b_mats], axis=2))
+    before = mesh.counters["flops"].sum()
+    tiles = host.gather(mesh, gemm.ring_gemm_t(mesh, plan_t, a, b, cells=heads_map))
+    flops = mesh.sum_over_ranks(int(mesh.counters["flops"].sum() - before))
+    mesh.free()
+    block = lambda x, j: x[:, j * width:(j + 1) * width]  # noqa: E731
+    for h in range(heads):
+        want = sum((block(a_mats[u], j) @ block(b_mats[u // per_slot], j).T
+                    for j in range(n) for u in range(cells) if entry[j, u] == h), np.zeros((m, kk)))
+        got = gemm.unplace_c(plan_t, tiles[:, :, h], transposed_b=True)
+        np.testing.assert_allclose(got, want, atol=tolerance(want, np.float64))
+    assert flops == n * cells * 2 * plan_t.m_pad * plan_t.k_pad * width   # each cell: its column's dims
+
+    p_mats = rng.standard_normal((heads, m, kk))
+    plan = gemm.GemmPlan.build("meshgemm", n, n, m, kk, n * width)
+    v_mats = rng.standard_normal((cells // per_slot, kk, n * width))
+    mesh = make_mesh(n, n)
+    a = host.scatter(mesh, "h.p", np.stack([gemm.place_a(plan, x) for x in p_mats], axis=2))
+    b = host.scatter(mesh, "h.v", np.stack([gemm.place_b_skewed(plan, x) for x in v_mats], axis=2))
+    tiles = host.gather(mesh, gemm.ring_gemm(mesh, plan, a, b, cells=heads_map))
+    mesh.free()
+    for u in range(cells):
+        got = gemm.unplace_c(plan, tiles[:, :, u])
+        for j in range(n):
+            want = p_mats[entry[j, u]] @ block(v_mats[u // per_slot], j) if entry[j, u] >= 0 else np.zeros((m, width))
+            np.testing.assert_allclose(block(got, j), want, atol=tolerance(want, np.float64))
+
+
 # ------------------------------------------------------------------------------ closed forms
 def brute_force_ring(n):
     """The paper's interleaved ring, written out: evens ascending, then odds descending."""

@@ -6,6 +6,7 @@ import sys
 
 from llm.checkpoint import random_weights, save_checkpoint
 from llm.config import LlamaConfig
+from llm.prefill import PrefillLayout, prefill_flops, real_flops
 from llm.reference import ReferenceModel
 
 from test_llm_decode import CONFIGS
@@ -26,6 +27,10 @@ def test_generate_check_end_to_end(tmp_path_factory):
         [3, 5, 7, 11, 2], 5, ignore_eos=True)
     assert report["tokens"] == tokens
     assert report["modeled_decode_tokens_per_s"] > 0 and report["regions"] == 1
+    # the prefill's FLOPs: the unpadded model's for its layers, and what the 3x3 prefill square charged
+    assert report["prefill_flops_real"] == prefill_flops(real_flops(config, 5), config.num_hidden_layers)
+    charged = PrefillLayout(config, 3, 5).charged_flops()
+    assert report["prefill_flops_charged"] == prefill_flops(charged, config.num_hidden_layers)
 
 
 def test_tiny_model_too_big_for_one_region_runs_as_a_pipeline_of_regions():
@@ -62,6 +67,8 @@ def test_text_output_is_the_prompt_then_the_continuation_once():
     assert text.startswith(whole + "\n"), text
     assert text.count(whole[len(prompt):]) == 1 and "text:" not in text
     assert text.splitlines()[1].startswith("tiny on 8x8")
+    flops = next(line for line in text.splitlines() if line.strip().startswith("prefill FLOPs"))
+    assert f"{report['prefill_flops_charged']:,} charged, {report['prefill_flops_real']:,} real" in flops
 
 
 def test_no_progress_bar_over_text_streamed_to_the_terminal(monkeypatch):

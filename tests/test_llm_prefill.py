@@ -1,8 +1,10 @@
 """LLaMA prefill on a square mesh (llm/prefill.py, PAPER.md section 4) against the numpy oracle.
 
-Numeric runs on 2x2 and 4x4 meshes must give the reference's last-token logits and its K/V
+Numeric runs on small meshes (heads more or fewer than columns, segments that do not divide the
+columns, more columns than head_dim/2) must give the reference's last-token logits and its K/V
 caches; the dry run must give the same modeled cycles; and the modeled cycles must not depend
-on the rank split (compared with a one-rank run of this process on MPI.COMM_SELF).
+on the rank split (compared with a one-rank run of this process on MPI.COMM_SELF). The FLOPs the
+mesh charges are checked against closed forms of the layout and of the unpadded model.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from mpi4py import MPI
 from llm.checkpoint import random_weights
 from llm.config import LlamaConfig
 from llm.errors import ModelError
-from llm.prefill import PrefillLayout, prefill
+from llm.prefill import PrefillLayout, prefill, prefill_flops, real_flops
+from llm.presets import PRESET_NAMES, preset
 from llm.reference import ReferenceModel, apply_rope, rope_cos_sin
 from meshmpi import Mesh, load_hardware
 from meshes import record_live_buffers, whole_mesh_buffers
@@ -26,7 +29,8 @@ MHA = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num
                   num_key_value_heads=4, vocab_size=64, head_dim=8, rms_norm_eps=1e-5)
 GQA = LlamaConfig(hidden_size=60, intermediate_size=100, num_hidden_layers=2, num_attention_heads=6,
                   num_key_value_heads=2, vocab_size=128, head_dim=10, rope_theta=500000.0)
-CASES = [(MHA, 2, 5), (MHA, 4, 7), (GQA, 2, 7), (GQA, 4, 5)]
+CASES = [(MHA, 2, 5), (MHA, 4, 7), (GQA, 2, 7), (GQA, 4, 5), (GQA, 5, 7), (GQA, 7, 4), (MHA, 9, 5)]
+IDS = ["mha-2x2-T5", "mha-4x4-T7", "gqa-2x2-T7", "gqa-4x4-T5", "gqa-5x5-T7", "gqa-7x7-T4", "mha-9x9-T5"]
 
 
 def _ids(config, length, seed=7):
@@ -44,7 +48,7 @@ def _run(config, n, length, seed=0, comm=None, dry_run=False):
     return result, weights, leftover
 
 
-@pytest.mark.parametrize("config,n,length", CASES, ids=["mha-2x2-T5", "mha-4x4-T7", "gqa-2x2-T7", "gqa-4x4-T5"])
+@pytest.mark.parametrize("config,n,length", CASES, ids=IDS)
 def test_prefill_matches_reference(config, n, length):
     result, weights, leftover = _run(config, n, length)
     ref = ReferenceModel(config, weights)
@@ -62,13 +66,14 @@ def test_prefill_matches_reference(config, n, length):
     assert leftover == ([], []), "every buffer and route is released at the end"
 
 
-@pytest.mark.parametrize("config,n,length", CASES, ids=["mha-2x2-T5", "mha-4x4-T7", "gqa-2x2-T7", "gqa-4x4-T5"])
+@pytest.mark.parametrize("config,n,length", CASES, ids=IDS)
 def test_modeled_cycles_dry_and_rank_invariant(config, n, length):
     numeric, _, _ = _run(config, n, length)
     dry, _, leftover = _run(config, n, length, dry_run=True)
     assert dry.last_hidden is None and dry.k_cache is None and dry.v_cache is None
     assert dry.modeled_cycles == numeric.modeled_cycles
     assert dry.cycles_per_layer == numeric.cycles_per_layer
+    assert (dry.flops_charged, dry.flops_real) == (numeric.flops_charged, numeric.flops_real)
     assert leftover == ([], [])
     single, _, _ = _run(config, n, length, comm=MPI.COMM_SELF, dry_run=True)
     assert single.modeled_cycles == numeric.modeled_cycles
@@ -117,59 +122,93 @@ def test_usage_errors():
         mesh.free()
 
 
-def test_head_slots_make_rope_local():
-    """Host permutation: each core holds rotate_half pairs side by side; RoPE on the pairs
-    equals the reference's RoPE, and the permutation leaves q.k unchanged."""
-    config = GQA
-    for n in (2, 3, 4):
-        lay = PrefillLayout(config, n, 7)
-        slots = lay.head_slots(1).reshape(n, lay.pc, 2)
-        real = slots[slots[..., 0] >= 0]
-        assert np.all(real[:, 1] - real[:, 0] == config.head_dim // 2)
-        assert sorted(slots[slots >= 0].tolist()) == list(range(config.head_dim))
-        rng = np.random.default_rng(n)
-        x = rng.standard_normal((7, config.head_dim)).astype(np.float32)
-        cos, sin = rope_cos_sin(config, np.arange(7))
-        expected = apply_rope(x, cos, sin)
-        tile_cos, tile_sin = lay.rope_tiles()
-        cos_full = tile_cos.transpose(0, 2, 1, 3).reshape(lay.t_pad, n * lay.pc)[:7]
-        sin_full = tile_sin.transpose(0, 2, 1, 3).reshape(lay.t_pad, n * lay.pc)[:7]
-        flat = slots.reshape(-1)
-        permuted = np.where(flat >= 0, x[:, np.maximum(flat, 0)], 0).reshape(7, n * lay.pc, 2)
-        even, odd = permuted[..., 0], permuted[..., 1]
-        rotated = np.stack([even * cos_full - odd * sin_full, odd * cos_full + even * sin_full], -1)
-        back = lay.unpermute_heads(rotated.reshape(7, -1), 1)[0]
-        np.testing.assert_allclose(back, expected, atol=1e-5)
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def attention_cells(config, n):
+    """The attention layout's sizes, restated from PAPER.md section 4's rule (group the heads):
+    kv slots per column, query cells per slot, columns per block, pair blocks, pairs per cell and
+    K|V values each column makes per slot."""
+    nq, nkv, half = config.num_attention_heads, config.num_key_value_heads, config.head_dim // 2
+    group = nq // nkv
+    if nkv >= n:                     # whole kv groups on each column
+        return dict(kpc=cdiv(nkv, n), hq=group, sb=1, blocks=1, p=half, share=4 * half)
+    width = n // nkv                 # the narrowest kv head segment
+    hq = cdiv(group, width)
+    sb = cdiv(group, hq)
+    p = cdiv(half, width // sb)
+    return dict(kpc=1, hq=hq, sb=sb, blocks=width // sb, p=p, share=max(cdiv(4 * p, sb), 2 * cdiv(p, sb)))
+
+
+@pytest.mark.parametrize("config,n", [(GQA, 2), (GQA, 3), (GQA, 4), (GQA, 7), (GQA, 12), (MHA, 2), (MHA, 9), (MHA, 6)])
+def test_slot_maps_hold_every_dim_once_and_make_rope_local(config, n):
+    """Every query dim sits in exactly one cell, every K and V dim in exactly one column's
+    share; a column's cells hold the dims of its kv slots (q.k stays local); rotate_half pairs
+    sit side by side, and RoPE on the pairs with the layout's angle tiles equals the reference's."""
+    lay = PrefillLayout(config, n, 7)
+    assert {k: getattr(lay, k) for k in attention_cells(config, n)} == attention_cells(config, n)
+    d, half = config.head_dim, config.head_dim // 2
+    q = lay.q_slots()
+    assert sorted(q[q >= 0].tolist()) == list(range(config.num_attention_heads * d))
+    kv = lay.kv_slots()
+    assert sorted(kv[kv >= 0].tolist()) == list(range(2 * config.num_key_value_heads * d))
+    group = config.num_attention_heads // config.num_key_value_heads
+    keys = lay.attn_kv_slots()                                                  # [n, kpc, 2p]
+    cells = q.reshape(n, lay.kpc, lay.hq, -1)
+    assert np.all((cells < 0) | ((cells // d) // group * d + cells % d == keys[:, :, None, :]))
+    pairs = q.reshape(n, lay.cells, lay.p, 2)
+    real = pairs[..., 0] >= 0
+    assert np.all(pairs[..., 1][real] - pairs[..., 0][real] == half)
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((7, config.num_attention_heads * d)).astype(np.float32)
+    cos, sin = rope_cos_sin(config, np.arange(7))
+    expected = np.concatenate([apply_rope(x[:, h * d:(h + 1) * d], cos, sin)
+                               for h in range(config.num_attention_heads)], 1)
+    tile_cos, tile_sin = (t.transpose(0, 2, 1, 3).reshape(lay.t_pad, n, lay.kpc, 1, lay.p)[:7]
+                          for t in lay.rope_tiles())
+    flat = q.reshape(-1)
+    permuted = np.where(flat >= 0, x[:, np.maximum(flat, 0)], 0).reshape(7, n, lay.kpc, lay.hq, lay.p, 2)
+    even, odd = permuted[..., 0], permuted[..., 1]
+    rotated = np.stack([even * tile_cos - odd * tile_sin, odd * tile_cos + even * tile_sin], -1).reshape(7, -1)
+    back = np.zeros_like(x)
+    back[:, flat[flat >= 0]] = rotated[:, flat >= 0]
+    np.testing.assert_allclose(back, expected, atol=1e-5)
 
 
 def closed_form_prefill_buffers(config, n, tokens) -> dict:
     """Elements per core of every buffer a prefill layer holds, by name (layer 0), worked out
     from the layout of PAPER.md §4 on an n x n mesh: tokens in row blocks of tb, features in
-    column blocks; each core holds 2*pc dims of every head; K-chunks of the square MeshGEMM are
-    the column blocks of A."""
-    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    column blocks; each column holds kpc kv slots of p pairs (K, V and a share of them) and hq
+    query cells per slot (:func:`attention_cells`); the scores and P hold every query head;
+    K-chunks of the square MeshGEMM are the column blocks of A."""
     tb, hb, fb = cdiv(tokens, n), cdiv(config.hidden_size, n), cdiv(config.intermediate_size, n)
-    dc = 2 * cdiv(config.head_dim // 2, n)
-    nq, nkv = config.num_attention_heads, config.num_key_value_heads
-    g, qkv = nq // nkv, (nq + 2 * nkv) * dc
-    sizes = {"prefill.x": tb * hb, "prefill.rope.cos": tb * dc // 2, "prefill.rope.sin": tb * dc // 2,
-             "prefill.layer0.w_qkv": hb * qkv, "prefill.layer0.qkv.c": tb * qkv, "prefill.layer0.kv": 2 * tb * nkv * dc,
-             "prefill.layer0.q": nkv * g * tb * dc, "prefill.layer0.k": nkv * tb * dc, "prefill.layer0.v": nkv * tb * dc,
-             "prefill.layer0.qk.c": nkv * g * tb * tb, "prefill.layer0.softmax.max": nkv * g * tb, "prefill.layer0.softmax.sum": nkv * g * tb,
-             "prefill.layer0.pv.c": nkv * g * tb * dc, "prefill.layer0.attn": tb * nq * dc, "prefill.layer0.w_o": nq * dc * hb,
+    a = attention_cells(config, n)
+    kpc, p2, share, nq = a["kpc"], 2 * a["p"], a["share"], config.num_attention_heads
+    cells = kpc * a["hq"]
+    qkv = cells * p2 + kpc * share
+    sizes = {"prefill.x": tb * hb, "prefill.rope.cos": tb * kpc * a["p"], "prefill.rope.sin": tb * kpc * a["p"],
+             "prefill.layer0.w_qkv": hb * qkv, "prefill.layer0.qkv.c": tb * qkv, "prefill.layer0.q": cells * tb * p2,
+             "prefill.layer0.kv.share": tb * kpc * share, "prefill.layer0.kv.share.next": tb * kpc * share,
+             "prefill.layer0.kv.blocks": a["sb"] * tb * kpc * share, "prefill.layer0.kv": 2 * tb * kpc * p2,
+             "prefill.layer0.k": kpc * tb * p2, "prefill.layer0.v": kpc * tb * p2,
+             "prefill.layer0.qk.c": nq * tb * tb, "prefill.layer0.softmax.max": nq * tb,
+             "prefill.layer0.softmax.sum": nq * tb, "prefill.layer0.pv.c": cells * tb * p2,
+             "prefill.layer0.attn": tb * cells * p2, "prefill.layer0.w_o": cells * p2 * hb,
              "prefill.layer0.o.c": tb * hb, "prefill.layer0.w_gate_up": hb * 2 * fb, "prefill.layer0.gate_up.c": tb * 2 * fb,
              "prefill.layer0.act": tb * fb, "prefill.layer0.w_down": fb * hb, "prefill.layer0.down.c": tb * hb}
-    spares = {"qkv": ("prefill.x", "prefill.layer0.w_qkv"), "pv": ("prefill.layer0.qk.c", "prefill.layer0.v"), "o": ("prefill.layer0.attn", "prefill.layer0.w_o"),
-              "gate_up": ("prefill.x", "prefill.layer0.w_gate_up"), "down": ("prefill.layer0.act", "prefill.layer0.w_down")}
-    for gemm, (a, b) in spares.items():
-        sizes[f"prefill.layer0.{gemm}.a.next"], sizes[f"prefill.layer0.{gemm}.b.next"] = sizes[a], sizes[b]
+    spares = {"qkv": ("prefill.x", "prefill.layer0.w_qkv"), "pv": ("prefill.layer0.qk.c", "prefill.layer0.v"),
+              "o": ("prefill.layer0.attn", "prefill.layer0.w_o"), "gate_up": ("prefill.x", "prefill.layer0.w_gate_up"),
+              "down": ("prefill.layer0.act", "prefill.layer0.w_down")}
+    for gemm, (a_name, b_name) in spares.items():
+        sizes[f"prefill.layer0.{gemm}.a.next"], sizes[f"prefill.layer0.{gemm}.b.next"] = sizes[a_name], sizes[b_name]
     sizes["prefill.layer0.qk.c.next"], sizes["prefill.layer0.qk.b.next"] = sizes["prefill.layer0.qk.c"], sizes["prefill.layer0.k"]
     for norm in ("prefill.layer0.input_norm", "prefill.layer0.post_norm", "prefill.final_norm"):
         sizes.update({f"{norm}.ss": tb, f"{norm}.w": hb, f"{norm}.out": tb * hb})
     return sizes
 
 
-@pytest.mark.parametrize("n", [2, 3, 4, 5])
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 7])
 def test_memory_ledger_at_every_phase_is_the_live_buffers_closed_forms(n):
     """Odd and even sides alike: at the end of every phase the ledger holds exactly the named
     buffers alive there, each at its closed-form size; the score matrix S stays charged
@@ -193,6 +232,100 @@ def test_memory_ledger_at_every_phase_is_the_live_buffers_closed_forms(n):
             assert resident == sum(live.values()), phase
         at_end = {phase: set(live) for phase, live, _ in seen}
         assert at_end["prefill.layer0.softmax"] == {"prefill.x", "prefill.rope.cos", "prefill.rope.sin",
-                                        "prefill.layer0.qkv.c", "prefill.layer0.kv", "prefill.layer0.qk.c"}
+                                                    "prefill.layer0.kv", "prefill.layer0.qk.c"}
         assert not any(name.endswith(".next") for phase, live in at_end.items() for name in live
                        if not phase.endswith("compute_shift"))
+
+
+def closed_form_flops(config, n, tokens, layers):
+    """(charged, real): the FLOPs the mesh charges for ``layers`` layers and the final norm on the
+    layout of :func:`attention_cells`, and those of the unpadded model, each written out.
+
+    Charged, per core and summed over the n^2 cores: MeshGEMMs take n steps of a tile product
+    (2 m k n each); RoPE rotates the cells' pairs and, once each, the K pairs of the real blocks
+    (p per block, ceil(half / p) blocks per kv head); an allreduce along x adds n - 1
+    deliveries per row; every core of a row computes the row's 1/rms."""
+    a = attention_cells(config, n)
+    tb, hb, fb = cdiv(tokens, n), cdiv(config.hidden_size, n), cdiv(config.intermediate_size, n)
+    nq, nkv, half = config.num_attention_heads, config.num_key_value_heads, config.head_dim // 2
+    cells, p2 = a["kpc"] * a["hq"], 2 * a["p"]
+    qkv = cells * p2 + a["kpc"] * a["share"]
+    real_blocks = nkv if nkv >= n else nkv * cdiv(half, a["p"])
+    norm = n * n * tb * (4 * hb + 4) + n * (n - 1) * tb
+    layer = (2 * norm + 2 * n ** 3 * tb * hb * qkv + 6 * n * tb * (n * cells * a["p"] + real_blocks * a["p"])
+             + 2 * 2 * n ** 3 * tb * tb * p2 * cells + 7 * n * n * nq * tb * tb + 2 * n * (n - 1) * nq * tb
+             + 2 * n ** 3 * tb * cells * p2 * hb + 2 * n * n * tb * hb
+             + 2 * n ** 3 * tb * hb * 2 * fb + 5 * n * n * tb * fb + 2 * n ** 3 * tb * fb * hb)
+    t, h, f, d = tokens, config.hidden_size, config.intermediate_size, config.head_dim
+    real_norm = 4 * t * h + 4 * t
+    real_layer = (2 * real_norm + 2 * t * h * (nq + 2 * nkv) * d + 6 * t * (nq + nkv) * half
+                  + 2 * 2 * nq * t * t * d + 7 * nq * t * t + 2 * t * nq * d * h + 2 * t * h
+                  + 2 * t * h * 2 * f + 5 * t * f + 2 * t * f * h)
+    return layers * layer + norm, layers * real_layer + real_norm
+
+
+@pytest.mark.parametrize("config,n,length", CASES, ids=IDS)
+def test_charged_flops_are_the_real_ones_plus_the_closed_form_padding(config, n, length):
+    """On the mesh's own counters (numeric run, every rank split): the charged FLOPs are the
+    layout's closed form and the real ones the unpadded model's."""
+    result, _, _ = _run(config, n, length)
+    assert (result.flops_charged, result.flops_real) == closed_form_flops(config, n, length, config.num_hidden_layers)
+
+
+def test_nothing_padded_charges_only_distribution():
+    """4 heads on 4 columns, every size divisible by 4: charged = real + the allreduces' adds
+    (n - 1 per row value) + the row scalars (4 a row) the other n - 1 cores of a row recompute."""
+    n, t, nq = 4, 8, MHA.num_attention_heads
+    charged, real = closed_form_flops(MHA, n, t, 1)
+    rows = t // n
+    norms = 3
+    distribution = norms * (n * (n - 1) * rows + 4 * (n - 1) * t) + 2 * n * (n - 1) * nq * rows
+    assert charged == real + distribution
+    result, _, _ = _run(dataclasses.replace(MHA, num_hidden_layers=1), n, t)
+    assert result.flops_charged == charged
+
+
+TARGET_MESHES = (360, 540, 750)
+NORMS = ("input_norm", "post_norm", "final_norm")
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_presets_charge_within_a_quarter_of_the_real_flops(name):
+    """Closed forms only (no mesh): on 360^2-750^2 every operator outside the norms is charged
+    at most 1.25x its real FLOPs, for a prompt the rows divide (the prompt's padding to n row
+    blocks is the tokens', not the layout's). The norms also charge the row scalars every core
+    of a row recomputes: 4 a row on each of the n cores."""
+    config = preset(name)
+    for n in TARGET_MESHES:
+        tokens = n * cdiv(4096, n)
+        lay = PrefillLayout(config, n, tokens)
+        charged, real = lay.charged_flops(), real_flops(config, tokens)
+        assert prefill_flops(charged, 1) == closed_form_flops(config, n, tokens, 1)[0]
+        ratios = {op: charged[op] / real[op] for op in charged if op not in NORMS}
+        assert max(ratios.values()) <= 1.25, (n, ratios)
+        for op in NORMS:
+            assert charged[op] - 4 * tokens * (n - 1) <= 1.25 * real[op], (n, op)
+
+
+def test_dry_run_charges_what_the_layout_says_phase_by_phase():
+    """head_dim 128 on a 72 x 72 mesh (more columns than pairs per head, segments of several
+    blocks): every operator's phase records the layout's closed-form charge."""
+    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=64, head_dim=128)
+    n, tokens = 72, 150
+    mesh = Mesh(n, n, dry_run=True)
+    try:
+        result = prefill(mesh, config, None, tokens)
+        phases, _ = mesh.timeline.collect()
+    finally:
+        mesh.free()
+    lay = PrefillLayout(config, n, tokens)
+    assert lay.sb > 1 and lay.blocks > 1
+    charged = lay.charged_flops()
+    recorded = {p["name"]: p["flops"] for p in phases}
+    for op in ("qkv", "qk", "pv", "o", "gate_up", "down"):
+        assert recorded[f"prefill.layer0.{op}.compute_shift"] == charged[op], op
+    for op in ("input_norm", "rope", "softmax", "post_norm"):
+        assert recorded[f"prefill.layer0.{op}"] == charged[op], op
+    assert recorded["prefill.final_norm"] == charged["final_norm"]
+    assert result.flops_charged == prefill_flops(charged, 1) == closed_form_flops(config, n, tokens, 1)[0]

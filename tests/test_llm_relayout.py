@@ -17,13 +17,15 @@ CONFIG = LlamaConfig(hidden_size=64, intermediate_size=80, num_hidden_layers=2, 
 
 
 def brute_column_moves(config, n, rows, cols):
-    """Per (prefill column, decode column): kv dims both hold, by scanning both layouts' slots."""
+    """Per (prefill column, decode column): kv dims both hold, by scanning both layouts' slots
+    (a prefill column holds the K dims of its share: [W_k | W_v] columns below kv_heads*head_dim)."""
     prefill = PrefillLayout(config, n, 8)
     decode = DecodeLayout.for_config(config, rows, cols)
     where = {}                                   # kv dim (head*head_dim + d) -> prefill column
-    for j, heads in enumerate(prefill.head_slots(config.num_key_value_heads)):
-        for dim in heads.ravel():
-            if dim >= 0:
+    for j, share in enumerate(prefill.kv_slots()):
+        for dim in share.ravel():
+            if 0 <= dim < config.num_key_value_heads * config.head_dim:
+                assert int(dim) not in where, "each K dim is made once"
                 where[int(dim)] = j
     moves = {}
     for c, dims in enumerate(decode.kv_index().reshape(cols, decode.s)):
@@ -33,7 +35,7 @@ def brute_column_moves(config, n, rows, cols):
     return moves
 
 
-@pytest.mark.parametrize("n, rows, cols", [(2, 2, 2), (4, 4, 6), (3, 5, 3), (8, 8, 8), (5, 5, 12)])
+@pytest.mark.parametrize("n, rows, cols", [(2, 2, 2), (4, 4, 6), (3, 5, 3), (8, 8, 8), (5, 5, 12), (13, 13, 20)])
 def test_column_moves_match_both_layouts(n, rows, cols):
     got = column_moves(PrefillLayout(CONFIG, n, 8), DecodeLayout.for_config(CONFIG, rows, cols))
     assert got == brute_column_moves(CONFIG, n, rows, cols)
