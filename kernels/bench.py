@@ -57,7 +57,7 @@ SPEED = dict(mesh=16, size=2048, ranks=2, repeats=5)
 EXAMPLES = """\
   python -m kernels bench all --out results
   python -m kernels bench gemm --meshes 16,32,64 --out /tmp/bench
-  python -m kernels bench gemv --hardware results/wse2_calibrated.json --out /tmp/bench
+  python -m kernels bench gemv --hardware results/calibration/wse2_calibrated_256.json --out /tmp/bench
   mpiexec -n 2 python -m kernels bench groups --out results
 """
 
@@ -333,8 +333,9 @@ def bench_calibrate(args, hardware, out: Path) -> list[dict]:
     the hardware could have run them on (PAPER.md §3: the side divides the vector, so 512 or
     256), every other constant as the profile has it; then check each fit against the figures
     it was not fitted to: MeshGEMV over the pipeline allreduce (4-8x) and the GEMM efficiency
-    claims at 720² (MeshGEMM > 70%, Cannon and SUMMA < 50%)."""
+    claims at 720² (MeshGEMM > 70%, Cannon and SUMMA < 50%). Writes into ``<out>/calibration``."""
     sides = parse_sides(args, CALIBRATION_SIDES)
+    out = out / "calibration"
     table = CsvTable(out / "calibration.csv")
     with progress(len(sides), "calibrate") as bar:
         for side in sides:

@@ -82,13 +82,13 @@ def test_an_interrupted_bench_keeps_the_rows_it_finished(tmp_path, monkeypatch):
 
 def test_bench_calibrate_writes_a_loadable_profile(tmp_path):
     assert main(["bench", "calibrate", "--meshes", "8", "--out", str(tmp_path)]) == 0
-    profile = json.loads((tmp_path / "wse2_calibrated_8.json").read_text())
+    profile = json.loads((tmp_path / "calibration" / "wse2_calibrated_8.json").read_text())
     assert profile["beta_cycles_per_relay"]["guessed"] is True
     assert "calibration" in profile["beta_cycles_per_relay"]["source"]
-    rows = read_csv(tmp_path / "sensitivity.csv")
+    rows = read_csv(tmp_path / "calibration" / "sensitivity.csv")
     assert {r["setting"] for r in rows} >= {"beta=0", "beta=16", "calibrated"}
     from meshmpi import load_hardware
-    assert load_hardware(str(tmp_path / "wse2_calibrated_8.json")).name == "wse2-calibrated-8"
+    assert load_hardware(str(tmp_path / "calibration" / "wse2_calibrated_8.json")).name == "wse2-calibrated-8"
 
 
 def test_speed_bench_launches_two_ranks():
