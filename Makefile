@@ -19,7 +19,7 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(MPIEXEC) -n 4 $(PY) -m llm generate --model tiny --prompt "The meaning of" \
-	    --max-new-tokens 24 --mesh 8x8 --trace results/run/generate.h5
+	    --max-new-tokens 24 --mesh 8x8 --trace results/run/generate.h5 --force
 	$(PY) -m meshmpi trace summary results/run/generate.h5
 
 test: $(STAMP) test-serial test-mpi test-slurm
