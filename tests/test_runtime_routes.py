@@ -151,3 +151,23 @@ def test_interleaved_ring_needs_three_routes_per_interior_core(new_mesh, world, 
     assert np.array_equal(mesh.routes.usage["x"], want)
     _, peak = core_routes(mesh, gather_full)
     assert np.array_equal(peak, np.broadcast_to(want, (3, n)))
+
+
+@pytest.mark.parametrize("offset", [3, -2])
+def test_relayed_messages_share_one_hop_colours(new_mesh, world, offset):
+    """Relayed in software, every message of a direction uses the same 1-hop colour: a router
+    needs a send route if some message leaves it along that direction and a receive route if
+    some message arrives, however many messages pass (a pass-through route per message would
+    need up to |offset| + 1)."""
+    n = 9
+    mesh = new_mesh(3, n, rank_grid=(1, world.size))
+    deliveries = [(s, s + offset) for s in range(n) if 0 <= s + offset < n]
+    sends, receives = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    step = 1 if offset > 0 else -1
+    for s, d in deliveries:                        # walk every hop of every message
+        for p in range(s, d, step):
+            sends[p] = 1
+            receives[p + step] = 1
+    mesh.fabric.shift("relayed", "x", offset, relay=True)
+    assert np.array_equal(mesh.routes.usage["x"], sends + receives)
+    assert (sends + receives).max() == 2 < route_counts(n, deliveries).max()
