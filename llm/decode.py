@@ -171,8 +171,7 @@ class Decoder:
             relayout_kv(mesh, PrefillLayout(self.config, prefill_side, tokens), lay, tokens,
                         self.plan.layers_per_region)
             self.relayout_cycles = mesh.modeled_cycles() - start
-        bounds = block_offsets(tokens, mesh.rows) if tokens >= mesh.rows else np.minimum(
-            np.arange(mesh.rows + 1), tokens)
+        bounds = block_offsets(tokens, mesh.rows)     # balanced; rows beyond the tokens stay empty
         self.kv.counts = np.diff(bounds).astype(np.int64)
         if tokens and self.kv.counts.max() > self.capacity_rows:
             raise UsageError("prompt does not fit the decode buffers")

@@ -53,7 +53,7 @@ def column_moves(prefill_layout, decode_layout) -> dict:
 def row_moves(prefill_layout, rows: int, tokens: int) -> dict:
     """{(prefill row block, decode row): tokens they share}."""
     tb = prefill_layout.tb
-    bounds = block_offsets(tokens, rows) if tokens >= rows else np.minimum(np.arange(rows + 1), tokens)
+    bounds = block_offsets(tokens, rows)     # balanced; rows beyond the tokens stay empty
     moves = {}
     for i in range(prefill_layout.n):
         lo, hi = i * tb, min((i + 1) * tb, tokens)

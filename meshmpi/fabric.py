@@ -14,9 +14,9 @@ Times come from :mod:`meshmpi.costs`, applied link by link in :mod:`meshmpi.worm
 links a head arrives ``alpha`` a hop (``beta`` a software relay) after the sender's clock; a
 link still busy with an earlier message delays it. The receiver posts its receive when its
 program reaches ``start`` (its clock plus ``costs.transfer_start``, as a sender's departure;
-a core receiving into the buffer it sends from posts once its own tile has left) and holds the tile at ``costs.landing``: the later of the head and
-the posting, plus the payload once (shared ``load`` ways when messages of the pattern share a
-link). Its clock becomes ``max(own, landing)`` at ``wait``. A sender's clock becomes the
+a core receiving into the buffer it sends from posts once its own tile has left) and holds
+the tile at ``costs.landing``: the later of the head and the posting, plus the payload once
+(shared ``load`` ways when messages of the pattern share a link). Its clock becomes ``max(own, landing)`` at ``wait``. A sender's clock becomes the
 completion of its send (``costs.send_completion``): when its tail has left, or, behind a
 receiver that posted late, when no more than the path's capacity is still in flight — the
 receivers' landings travel back to the sources along the worms' rounds (back-pressure).
@@ -135,23 +135,21 @@ class LinePattern:
         else:
             np.add.at(self.messages_sent, self.src, 1)
             np.add.at(self.hops_sent, self.src, self.hops)
-            # relayed: every message in one direction shares a 1-hop colour, so a router needs a
-            # send and a receive route per direction it relays in, whatever the messages
-            relay_routes = {+1: (np.zeros(n, bool), np.zeros(n, bool)), -1: (np.zeros(n, bool), np.zeros(n, bool))}
+            # relayed: every message of one direction shares a 1-hop colour, so a router needs a
+            # send route if some message leaves it that way and a receive route if some arrives
+            relay_routes = np.zeros((4, n), bool)     # sends right, receives from the left, ditto left
             for s, d in zip(self.src.tolist(), self.dst.tolist()):
                 lo, hi = min(s, d), max(s, d)
                 if self.relay:
-                    sends, recvs = relay_routes[1 if d > s else -1]
-                    sends[lo:hi] |= d > s
-                    sends[lo + 1:hi + 1] |= d < s
-                    recvs[lo + 1:hi + 1] |= d > s
-                    recvs[lo:hi] |= d < s
+                    if d > s:
+                        relay_routes[0, s:d] = relay_routes[1, s + 1:d + 1] = True
+                    else:
+                        relay_routes[2, d + 1:s + 1] = relay_routes[3, d:s] = True
                     self.relays_at[lo + 1:hi] += 1
                 else:
                     self.routes[lo:hi + 1] += 1
                 (spans_right if d > s else spans_left).append((lo, hi))
-            for sends, recvs in relay_routes.values():
-                self.routes += sends.astype(np.int64) + recvs
+            self.routes += relay_routes.sum(axis=0)
         right, left = _link_loads(n, spans_right, spans_left)
         self.link_load = {"right": right, "left": left}
         self.load = np.ones(self.src.size, np.int64)
@@ -332,7 +330,8 @@ class LinePattern:
             got = np.empty((send.size, lines))
             links.sendrecv(back, links.neighbour(self.axis, -direction), got,
                            links.neighbour(self.axis, direction), _BACK_TAG)
-            np.maximum.at(need, touch[send], got)
+            rows = touch[send]                                   # each worm once
+            need[rows] = np.maximum(need[rows], got)
         own = self.own_worms
         done = costs.send_completion(send_clock[w.src[own] - first], occupancy[own][:, None],
                                      need[touch[own]], 0.0)
