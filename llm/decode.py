@@ -46,6 +46,14 @@ class RegionPlan:
     per_row_capacity: int
     last_region_layers: int
 
+    def region_starts(self, layers: int) -> list[int]:
+        """The layers (of ``layers`` in all) that begin a new region: the first regions take
+        ``layers_per_region`` each, the last the final ``last_region_layers``. With no layer
+        on the last region, ``layers`` itself is listed: the LM head's region starts there."""
+        body = layers - self.last_region_layers
+        starts = list(range(self.layers_per_region, body, self.layers_per_region))
+        return starts + [body] if self.regions > 1 else []
+
     def capacity(self, policy: str, rows: int, prompt_tokens: int) -> int:
         if policy == "shift":
             return rows * self.per_row_capacity
@@ -84,6 +92,19 @@ def plan_regions(layout: DecodeLayout, config, hardware, reserve_bytes: int,
         if last:
             per_row = min(per_row, (free - head - per_layer * last) // (kv_token * last))
     return RegionPlan(int(lpr), int(regions), int(weights), int(kv_token * lpr), int(per_row), int(last))
+
+
+@dataclass
+class StepCycles:
+    """Modeled cycles of one decode step, by part. ``total(layers)`` extrapolates the simulated
+    layers' cycles to ``layers`` layers (equal to the simulated sum when every layer ran)."""
+    kv_shift: float = 0.0
+    layers: list = field(default_factory=list)
+    hand_offs: float = 0.0
+    head: float = 0.0
+
+    def total(self, layers: int) -> float:
+        return self.kv_shift + sum(self.layers) * layers / len(self.layers) + self.hand_offs + self.head
 
 
 @dataclass
@@ -186,6 +207,22 @@ class Decoder:
                             idx = slots[c]
                             store[r_local, c_local, :rows_tokens.shape[0]] = np.where(
                                 idx >= 0, rows_tokens[:, np.maximum(idx, 0)], 0.0)
+        self._charge_kv()
+
+    def seek(self, tokens: int, prompt_tokens: int) -> None:
+        """Dry runs only: set the cache to the token counts it has after ``tokens`` tokens
+        (``prompt_tokens`` of them placed by the prefill), as if every step in between had
+        run: balanced rows under shift (:meth:`_append` grows row ``total mod rows``), the
+        prompt's balanced rows plus the rest on the last row under concat."""
+        if not self.mesh.dry_run:
+            raise ValueError("a numeric decode runs every step: seek is for dry runs")
+        rows = self.mesh.rows
+        counts = np.diff(block_offsets(prompt_tokens if self.policy == "concat" else tokens, rows))
+        if self.policy == "concat":
+            counts[rows - 1] += tokens - prompt_tokens
+        if counts.max() > self.capacity_rows:
+            raise UsageError("decode buffers exhausted: raise the capacity (--max-new-tokens sizes it)")
+        self.kv.counts = counts.astype(np.int64)
         self._charge_kv()
 
     def _charge_kv(self) -> None:
@@ -383,39 +420,56 @@ class Decoder:
             x.data += y.data
         self.mesh.compute(x.tile_elements)
 
+    @property
+    def every_layer(self) -> bool:
+        """Every layer of the model is simulated, so every region and hand-off is too."""
+        return self.sim_layers == self.config.num_hidden_layers
+
     def step(self, embedding: np.ndarray | None, position: int):
-        """Decode one token: returns (logits on the host or None in a dry run, cycles per simulated
-        layer, cycles of the LM head). With several regions, one hand-off between regions is
-        simulated too (``self.hand_off_cycles``)."""
+        """Decode one token: returns (logits on the host or None in a dry run, :class:`StepCycles`).
+
+        The KV cache makes room for the token first (``decode.kv_shift``: once per token, every
+        region shifting its own layers' caches at once), then the layers run. With every layer
+        simulated, the hidden vector is handed to the next region where the plan starts one
+        (:meth:`RegionPlan.region_starts`), and those hand-offs are the ones counted. With fewer
+        layers, one hand-off is simulated and counted once per region boundary."""
         mesh, lay = self.mesh, self.layout
         tiles = None if embedding is None else place_vector(
             np.asarray(embedding, np.float32), mesh.rows, mesh.cols, "y")
         x = host.scatter(mesh, "hidden", tiles, (lay.hidden_chunk,), np.float32)
-        layer_cycles = []
+        starts = set(self.plan.region_starts(self.config.num_hidden_layers)) if self.every_layer else set()
+        cycles = StepCycles()
         with mesh.phase("decode"):
+            start = mesh.modeled_cycles()
+            with mesh.phase("decode.kv_shift"):
+                newest_row = self._append()     # the new token attends to itself: its row first
+            cycles.kv_shift = mesh.modeled_cycles() - start
             for index in range(self.sim_layers):
+                if index in starts:
+                    cycles.hand_offs += self.hand_off(x)
                 start = mesh.modeled_cycles()
                 with mesh.phase(f"decode.layer{index}"):
                     q, k_new, v_new = self._layer(index, x, position)
-                    # the new token joins the cache before attention (it attends to itself)
-                    if index == 0:
-                        newest_row = self._append()
                     self._store_new(index, k_new, v_new, newest_row)
                     self._attend(index, q, x, position)
-                layer_cycles.append(mesh.modeled_cycles() - start)
-            self.hand_off_cycles = self.hand_off(x) if self.plan.regions > 1 else 0.0
+                cycles.layers.append(mesh.modeled_cycles() - start)
+            if self.sim_layers in starts:               # the LM head's region holds no layer
+                cycles.hand_offs += self.hand_off(x)
+            elif not self.every_layer and self.plan.regions > 1:
+                cycles.hand_offs = (self.plan.regions - 1) * self.hand_off(x)
+            self.hand_off_cycles = cycles.hand_offs
             start = mesh.modeled_cycles()
             with mesh.phase("decode.lm_head"):
                 xn = self._rms_norm(x, self.norm, "decode.final_norm")
                 logits = self._meshgemv(xn, self.lm_head, "y", "decode.lm_head")
                 xn.free()
-            head_cycles = mesh.modeled_cycles() - start
+            cycles.head = mesh.modeled_cycles() - start
         x.free()
         result = None
         if not mesh.dry_run:
             result = read_vector(host.gather(mesh, logits), "x", self.config.vocab_size)
         logits.free()
-        return result, layer_cycles, head_cycles
+        return result, cycles
 
     def _store_new(self, index: int, k_new, v_new, row: int) -> None:
         """Write layer ``index``'s new k, v into ``row``'s newest slot (k, v are column-indexed,

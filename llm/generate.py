@@ -18,6 +18,7 @@ from meshmpi.mesh import parse_grid
 from meshmpi.text import article, plural
 from meshmpi.trace import concat_timelines, write_trace
 
+from . import e2e
 from .checkpoint import load_checkpoint, resolve_model_dir
 from .config import LlamaConfig, generation_eos_ids
 from .decode import POLICIES, Decoder
@@ -62,7 +63,12 @@ def build_parser():
     g.add_argument("--forwarding", choices=FORWARDING, default="stream",
                    help="allreduce chains: add and forward as the data streams past (stream, default) "
                         "or receive, add, then send (store)")
-    g.add_argument("--layers", type=int, help="layers to simulate (default all; presets: 1, extrapolated)")
+    g.add_argument("--layers", type=_layers_option, metavar="N|all",
+                   help="layers to simulate, 'all' for every layer, region and hand-off; fewer are "
+                        "extrapolated (default all; presets: 1)")
+    g.add_argument("--decode-samples", type=int, default=16, metavar="K",
+                   help="dry runs: simulate the decode steps at K context lengths spread over the output "
+                        "and integrate the rest (default 16; every step when the output is shorter)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
@@ -147,6 +153,16 @@ def _save_npy(path: str, array: np.ndarray) -> None:
     outputs.write_atomic(path, write)
 
 
+def _layers_option(text: str):
+    """``--layers``: a count, or ``all``."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of layers or 'all', got {text!r}") from None
+
+
 def _check_options(args) -> None:
     """What can be told wrong from the options alone, before any model is read."""
     if args.max_new_tokens < 1:
@@ -159,8 +175,10 @@ def _check_options(args) -> None:
         raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not (0 < args.top_p <= 1):
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.layers is not None and args.layers < 1:
+    if isinstance(args.layers, int) and args.layers < 1:
         raise UsageError(f"--layers must be at least 1, got {args.layers}")
+    if args.decode_samples < 2:
+        raise UsageError(f"--decode-samples must be at least 2 (the first and the last step), got {args.decode_samples}")
     if args.check and args.dry_run:
         raise UsageError("--check compares numbers with the reference: it cannot be combined with --dry-run")
     if args.save_logits and args.dry_run:
@@ -216,7 +234,8 @@ def run_generate(args) -> dict:
     if len(ids) > config.max_position_embeddings:
         raise UsageError(f"the prompt has {len(ids)} tokens, more than the model's max_position_embeddings "
                          f"({config.max_position_embeddings})")
-    sim_layers = args.layers if args.layers is not None else (1 if args.model in PRESETS else config.num_hidden_layers)
+    sim_layers = {None: 1 if args.model in PRESETS else config.num_hidden_layers,
+                  "all": config.num_hidden_layers}.get(args.layers, args.layers)
     if not 1 <= sim_layers <= config.num_hidden_layers:
         raise UsageError(f"--layers must be in 1..{config.num_hidden_layers}, got {sim_layers}")
     scale = config.num_hidden_layers / sim_layers
@@ -244,13 +263,21 @@ def run_generate(args) -> dict:
 
     rng = np.random.default_rng(args.seed)
     tokens, all_logits, step_cycles, layer_cycles = [], [], [], None
+    # Decode steps run at positions P..P+G-2 (the first new token comes from the prefill); a
+    # dry run simulates a sample of them and integrates the rest (llm/e2e.py).
+    prompt, last_step = len(ids), len(ids) + args.max_new_tokens - 2
+    steps_at = e2e.sample_positions(prompt, last_step, args.decode_samples if args.dry_run else
+                                    args.max_new_tokens)
+    simulate = set(steps_at)
     stream = _stream(args, tokenizer, weights, ids)
     bar = _progress(args, mesh, streaming=stream is not None)
     # Phase "decode" once per token, labelled with the position it reads; the first token's
     # logits come from the prefill's last hidden vector (the LM head only).
-    mesh.timeline.label_next(f"position {len(ids) - 1}")
+    mesh.timeline.label_next(f"position {prompt - 1}")
+    start = mesh.modeled_cycles()
     with mesh.phase("decode"):
         logits = decoder.logits_from(pre.last_hidden)
+    first_head_cycles = mesh.modeled_cycles() - start
     eos = set(config.eos_token_ids)
     for index in range(args.max_new_tokens):
         if logits is not None:  # a NaN would otherwise pass as token 0
@@ -265,16 +292,23 @@ def run_generate(args) -> dict:
             bar.update(1)
         if (token in eos and not args.ignore_eos and logits is not None) or index == args.max_new_tokens - 1:
             break
-        position = len(ids) + index
+        position = prompt + index
+        if position not in simulate:
+            continue
+        if args.dry_run:
+            decoder.seek(position, prompt)
         embedding = None if weights is None else weights.embed[token]
         mesh.timeline.label_next(f"position {position}")
-        logits, cycles, head = decoder.step(embedding, position)
-        layer_cycles = layer_cycles or cycles
-        step_cycles.append(sum(cycles) * scale + head + (plan.regions - 1) * decoder.hand_off_cycles)
+        logits, cycles = decoder.step(embedding, position)
+        layer_cycles = layer_cycles or cycles.layers
+        step_cycles.append(cycles.total(config.num_hidden_layers))
     if bar is not None:
         bar.close()
     if stream is not None:
         cli.say(stream.flush())
+    simulated = steps_at[: len(step_cycles)]
+    last_step = prompt + len(tokens) - 2
+    decode_cycles = e2e.integrate(simulated, step_cycles, prompt, last_step)
 
     failure = None      # a failed --check still writes --save-logits and --trace, then fails
     if args.check:
@@ -283,7 +317,8 @@ def run_generate(args) -> dict:
         except CheckError as exc:
             failure = exc
     clock = hardware.clock_hz
-    per_token = float(np.mean(step_cycles)) if step_cycles else None
+    per_token = decode_cycles / (len(tokens) - 1) if len(tokens) > 1 else None
+    e2e_cycles = prefill_cycles + relayout_cycles + first_head_cycles + decode_cycles
     report = {
         "model": args.model, "mesh": f"{rows}x{cols}", "prefill_mesh": f"{side[0]}x{side[1]}",
         "dry_run": bool(args.dry_run), "hardware": hardware.name, "ranks": mesh.size,
@@ -296,6 +331,12 @@ def run_generate(args) -> dict:
         "modeled_decode_cycles_per_token": per_token,
         "modeled_decode_tokens_per_s": clock / per_token if per_token else None,
         "modeled_cycles_per_layer": layer_cycles[0] if layer_cycles else None,
+        "modeled_first_token_head_cycles": first_head_cycles,
+        "modeled_decode_cycles": decode_cycles,
+        "modeled_e2e_seconds": e2e_cycles / clock,
+        "modeled_e2e_tokens_per_s": len(tokens) * clock / e2e_cycles,
+        "e2e_prefill_share": (prefill_cycles + relayout_cycles) / e2e_cycles,
+        "decode_integration": e2e.summary(simulated, prompt, last_step),
         "decode_reduction_payloads": decoder.reduction_payloads,
         "decode_kv_layout": decoder.layout.summary(),
         "layers_simulated": sim_layers, "layers_per_region": plan.layers_per_region, "regions": plan.regions,
@@ -386,6 +427,12 @@ def regions_text(r: dict) -> str:
     return f"{r['regions']} ({each}, the last {r['last_region_layers']} + LM head)"
 
 
+def _integration_text(d: dict) -> str:
+    if d["steps"] == d["simulated_steps"]:
+        return f"{plural(d['steps'], 'step')}, every one simulated"
+    return f"{d['steps']:,} steps integrated from {d['simulated_steps']} simulated contexts"
+
+
 def _format(r: dict, streamed: bool = False) -> str:
     """The report in words; the text only when it was not already printed as it came."""
     lines = []
@@ -404,6 +451,8 @@ def _format(r: dict, streamed: bool = False) -> str:
               f"({r['prefill_flops_charged'] / r['prefill_flops_real']:.3f}x; {plural(r['layers_simulated'], 'layer')} simulated)",
               "  modeled decode    " + (f"{rate:,.0f} tokens/s per request "
                                          f"({r['modeled_cycles_per_layer']:,.0f} cycles per layer)" if rate else "n/a (one token)"),
+              f"  modeled e2e       {r['modeled_e2e_tokens_per_s']:,.1f} tokens/s over {r['modeled_e2e_seconds'] * 1e3:.4f} ms "
+              f"(prefill {r['e2e_prefill_share']:.0%}; decode: {_integration_text(r['decode_integration'])})",
               f"  regions           {regions_text(r)} "
               f"({r['cores_used']:,} cores, {r['wafers']:.2f} of {article(r['hardware'])} {r['hardware']} wafer)",
               f"  KV capacity       {r['kv_capacity_tokens']:,} tokens ({r['kv_policy']})",

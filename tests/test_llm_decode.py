@@ -35,7 +35,7 @@ def _decode_against_reference(config, rows, cols, policy, steps=5, prompt=(3, 5,
     token, position, worst, tokens = int(np.argmax(last)), len(prompt), 0.0, []
     for _ in range(steps):
         want = ref.decode(token)
-        got, _, _ = decoder.step(weights.embed[token], position)
+        got, _ = decoder.step(weights.embed[token], position)
         worst = max(worst, float(np.abs(got - want).max()))
         assert int(np.argmax(got)) == int(np.argmax(want))
         token, position = int(np.argmax(want)), position + 1
@@ -135,8 +135,8 @@ def test_dry_numeric_and_one_rank_decode_give_identical_modeled_numbers(rows, co
         mesh = Mesh(rows, cols, dry_run=dry, comm=comm)
         decoder = Decoder(mesh, config, None if dry else weights, capacity_tokens=10, allreduce_algo=algo)
         decoder.load_prompt_cache(None if dry else ref.k_cache, None if dry else ref.v_cache, 4)
-        got, cycles, head = decoder.step(None if dry else weights.embed[5], 4)
-        results.append((cycles, head, mesh.modeled_cycles(), int(mesh.sum_over_ranks(
+        got, step = decoder.step(None if dry else weights.embed[5], 4)
+        results.append((step.kv_shift, step.layers, step.head, mesh.modeled_cycles(), int(mesh.sum_over_ranks(
             int(mesh.counters["bytes_sent"].sum())))))
         logits += [] if dry else [got]
         mesh.free()
@@ -202,8 +202,8 @@ def test_memory_ledger_at_every_phase_is_the_live_buffers_closed_forms(rows, col
     for step in range(3):
         decoder.step(None, 5 + step)
         for phase, live, resident in whole_mesh_buffers(mesh, seen):
-            # the new token joins the cache after layer 0's q/k/v (it attends to itself)
-            tokens = 5 + step + (0 if phase.startswith(("decode.layer0.norm1", "decode.layer0.qkv")) else 1)
+            # the new token's slot is made first, in decode.kv_shift (it attends to itself)
+            tokens = 5 + step + 1
             sizes = closed_form_decode_buffers(config, rows, cols, fullest_row(policy, rows, 5, tokens))
             assert live == {name: sizes[name] * eb for name in live}, (step, phase)
             assert resident == sum(live.values()), (step, phase)
@@ -307,3 +307,31 @@ def test_attention_does_not_grow_with_padding_columns():
         ends.append([end[f"decode.layer0.{name}.ktree"] for name in ("scores", "softmax_max", "softmax_sum", "pv")])
         assert decoder.reduction_payloads["scores"] == 3 * g      # 3 tokens on the fullest row
     assert all(e == ends[0] for e in ends)
+
+
+@pytest.mark.parametrize("per_row", [1, 300, 600])
+def test_every_layer_simulated_equals_the_extrapolation(per_row):
+    """``--layers all`` runs every layer and hands the vector on at each region boundary; one
+    simulated layer times the layers, plus one hand-off per boundary, lands within 0.5% of it.
+    What differs: later layers start behind their predecessor rather than the KV shift, and the
+    shift carries every simulated layer's cache when more layers run than one region holds."""
+    if not fits(4, 4):
+        pytest.skip("mesh smaller than the rank grid")
+    config = LlamaConfig(**dict(CONFIGS["gqa"], num_hidden_layers=8))
+    totals = []
+    for layers in (8, 1):
+        mesh = Mesh(4, 4, dry_run=True)
+        decoder = Decoder(mesh, config, None, capacity_tokens=per_row + 2, layers=layers)
+        plan = decoder.plan
+        decoder.load_prompt_cache(None, None, 4 * per_row)
+        _, cycles = decoder.step(None, 4 * per_row)
+        body = 8 - plan.last_region_layers
+        assert plan.region_starts(8) == ([] if plan.regions == 1 else
+                                         list(range(plan.layers_per_region, body, plan.layers_per_region)) + [body])
+        assert len(cycles.layers) == layers
+        if layers == 8:
+            phases, _ = mesh.timeline.collect()
+            assert sum(phase["name"] == "hand_off" for phase in phases) == plan.regions - 1
+        totals.append(cycles.total(8))
+        mesh.free()
+    assert totals[1] == pytest.approx(totals[0], rel=5e-3)
