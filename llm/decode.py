@@ -181,17 +181,20 @@ class Decoder:
                 "down": lay.place(f32(np.pad(w.down_proj, ((0, lay.ffn_chunk * lay.cols - w.down_proj.shape[0]), (0, 0)))), "x")}
 
     # ---------------------------------------------------------------- KV cache
-    def load_prompt_cache(self, k_cache, v_cache, tokens: int, prefill_side: int | None = None) -> None:
+    def load_prompt_cache(self, k_cache, v_cache, tokens: int, prefill_side: int | None = None,
+                          prefill_mesh=None) -> None:
         """Place a prefilled cache (per layer [kv_heads, T, head_dim]) with rows balanced. With
         ``prefill_side``, the move from the prefill square's layout is timed on the fabric
-        (:mod:`llm.relayout`); its cycles are ``self.relayout_cycles``."""
+        (:mod:`llm.relayout`) of the larger region (``prefill_mesh`` when the prefill square
+        holds the decode region); its cycles are ``self.relayout_cycles``."""
         mesh, lay = self.mesh, self.layout
         if prefill_side and tokens:
             from .prefill import PrefillLayout
-            start = mesh.modeled_cycles()
-            relayout_kv(mesh, PrefillLayout(self.config, prefill_side, tokens), lay, tokens,
+            fabric = prefill_mesh if prefill_side > min(mesh.rows, mesh.cols) else mesh
+            start = fabric.modeled_cycles()
+            relayout_kv(fabric, PrefillLayout(self.config, prefill_side, tokens), lay, tokens,
                         self.plan.layers_per_region)
-            self.relayout_cycles = mesh.modeled_cycles() - start
+            self.relayout_cycles = fabric.modeled_cycles() - start
         bounds = block_offsets(tokens, mesh.rows)     # balanced; rows beyond the tokens stay empty
         self.kv.counts = np.diff(bounds).astype(np.int64)
         if tokens and self.kv.counts.max() > self.capacity_rows:

@@ -56,7 +56,7 @@ def build_parser():
                    help="keep going after an end-of-sequence token (generation_config.json's eos_token_id, "
                         "else config.json's)")
     g.add_argument("--mesh", default="4x4", metavar="ROWSxCOLS", help="the decode region (default 4x4)")
-    g.add_argument("--prefill-mesh", metavar="NxN", help="the (square) prefill region (default: the largest square in --mesh)")
+    g.add_argument("--prefill-mesh", metavar="NxN", help="the (square) prefill region (default: the largest square in --mesh); it may also hold --mesh in its corner")
     g.add_argument("--kv", choices=POLICIES, default="shift", help="KV cache policy (default shift)")
     g.add_argument("--allreduce", choices=("ktree", "pipeline", "ring"), default="ktree")
     g.add_argument("--groups", type=int, help="K-tree groups per line (default about sqrt(N))")
@@ -198,8 +198,9 @@ def _regions(args) -> tuple[tuple[int, int], tuple[int, int]]:
         side = parse_grid(args.prefill_mesh, "prefill-mesh")
         if side[0] != side[1]:
             raise UsageError(f"--prefill-mesh must be square (MeshGEMM prefill), got {args.prefill_mesh}")
-        if side[0] > min(rows, cols):
-            raise UsageError(f"--prefill-mesh {args.prefill_mesh} does not fit inside --mesh {args.mesh}")
+        if min(rows, cols) < side[0] < max(rows, cols):
+            raise UsageError(f"--prefill-mesh {args.prefill_mesh} and --mesh {args.mesh}: one region must hold "
+                             f"the other (the smaller is the larger's top-left corner)")
         what = f"--prefill-mesh {args.prefill_mesh}"
     else:
         side = (min(rows, cols),) * 2
@@ -247,9 +248,6 @@ def run_generate(args) -> dict:
         pre = prefill(pmesh, config, weights, ids if weights is not None else len(ids), layers=sim_layers,
                       forwarding=args.forwarding)
     prefill_cycles = pre.modeled_cycles + (scale - 1) * pre.cycles_per_layer * sim_layers
-    warnings = [f"prefill {w}" for w in pmesh.memory.warnings + pmesh.routes.warnings]
-    prefill_timeline = pmesh.timeline.collect() if args.trace else None
-    pmesh.free()
 
     mesh = cli.mesh_from_args(args, rows, cols, hardware)
     total = len(ids) + args.max_new_tokens
@@ -257,7 +255,10 @@ def run_generate(args) -> dict:
     with hint_on_failure(planner):
         decoder = Decoder(mesh, config, weights, args.kv, sim_layers, capacity, args.allreduce, args.groups,
                           forwarding=args.forwarding)
-    decoder.load_prompt_cache(pre.k_cache, pre.v_cache, len(ids), prefill_side=side[0])
+    decoder.load_prompt_cache(pre.k_cache, pre.v_cache, len(ids), prefill_side=side[0], prefill_mesh=pmesh)
+    warnings = [f"prefill {w}" for w in pmesh.memory.warnings + pmesh.routes.warnings]
+    prefill_timeline = pmesh.timeline.collect() if args.trace else None
+    pmesh.free()
     relayout_cycles = decoder.relayout_cycles
     plan = decoder.plan
 

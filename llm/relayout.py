@@ -1,7 +1,9 @@
 """The prefill→decode re-layout of the KV cache, timed on the decode region's fabric (PAPER.md §5,
 "Prefill→decode transition").
 
-Prefill leaves the cache on its N x N square (the top-left corner of the decode region): core
+Prefill leaves the cache on its N x N square; the smaller of the two regions is the top-left
+corner of the larger (the decode region inside a larger prefill square, as in PAPER.md §7's
+660² prefill and 360² decode, or the other way round), and the move runs on the larger: core
 (i, j) holds the tokens of row block i and the kv dims of column j's share
 (:class:`llm.prefill.PrefillLayout`: each kv dim is made on one column of its head's segment). Decode wants the tokens of row r's balanced block
 on row r and the kv slots of :class:`llm.layout.DecodeLayout` on column c. The move is
@@ -66,17 +68,22 @@ def row_moves(prefill_layout, rows: int, tokens: int) -> dict:
 
 def relayout_kv(mesh, prefill_layout, decode_layout, tokens: int, layers: int) -> None:
     """Move a prefilled cache of ``tokens`` tokens (``layers`` layers, k and v) into the decode
-    layout on ``mesh``'s fabric, advancing its clocks (see the module docstring)."""
-    n = prefill_layout.n
+    layout on ``mesh``'s fabric, advancing its clocks (see the module docstring). ``mesh`` is
+    the larger of the two regions."""
+    n, rows, cols = prefill_layout.n, decode_layout.rows, decode_layout.cols
+    if not ((n <= min(rows, cols) and (mesh.rows, mesh.cols) == (rows, cols))
+            or (n >= max(rows, cols) and (mesh.rows, mesh.cols) == (n, n))):
+        raise ValueError("one region must hold the other, and the move runs on the larger")
     x_rounds = _rounds(column_moves(prefill_layout, decode_layout))
-    y_rounds = _rounds(row_moves(prefill_layout, mesh.rows, tokens))
+    y_rounds = _rounds(row_moves(prefill_layout, rows, tokens))
     with mesh.phase("relayout"), mesh.fabric.scope():
         # Along X on the square's rows: a row block's tokens (at most tb), dims per pair.
         _run(mesh, "x", x_rounds, lambda amount: amount * prefill_layout.tb * 2 * layers,
              lines=range(min(n, mesh.rows)))
         mesh.step("relayout along X")
         # Along Y on every column: shared tokens, the column's s slots each.
-        _run(mesh, "y", y_rounds, lambda amount: amount * 2 * layers * decode_layout.s, lines=None)
+        _run(mesh, "y", y_rounds, lambda amount: amount * 2 * layers * decode_layout.s,
+             lines=None if cols == mesh.cols else range(cols))
         mesh.step("relayout along Y")
 
 

@@ -151,7 +151,7 @@ def test_truncated_safetensors(tmp_path, dtype):
     (["--groups", "100"], ["--groups 100", "2x2"]),
     (["--layers", "0"], ["--layers"]),
     (["--layers", "9"], ["--layers", "1..4"]),
-    (["--prefill-mesh", "4x4"], ["--prefill-mesh 4x4", "--mesh 2x2"]),
+    (["--mesh", "2x6", "--prefill-mesh", "4x4"], ["--prefill-mesh 4x4", "--mesh 2x6", "hold"]),
     (["--check", "--dry-run"], ["--check", "--dry-run"]),
 ])
 def test_generate_options(extra, words):

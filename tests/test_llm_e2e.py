@@ -58,3 +58,15 @@ def test_end_to_end_adds_prefill_relayout_first_head_and_decode():
     assert r["decode_integration"]["steps"] == 5 and r["decode_integration"]["simulated_steps"] == 5
     assert 0 < r["e2e_prefill_share"] < 1
     assert np.isfinite(r["modeled_first_token_head_cycles"]) and r["modeled_first_token_head_cycles"] > 0
+
+
+def test_a_prefill_square_larger_than_the_decode_region_matches_the_reference():
+    """PAPER.md §7 prefills on a larger square than it decodes on: the decode region is the
+    square's corner, the cache moves there on the square's fabric, and the tokens still equal
+    the numpy reference's (``--check``)."""
+    if not fits(6, 6):
+        pytest.skip("mesh smaller than the rank grid")
+    r = generate("--prompt", "The meaning of", "--max-new-tokens", "4", "--mesh", "4x5", "--prefill-mesh", "6x6",
+                 "--check", "--ignore-eos")
+    assert r["prefill_mesh"] == "6x6" and r["mesh"] == "4x5"
+    assert r["modeled_relayout_cycles"] > 0 and r["new_tokens"] == 4

@@ -71,17 +71,27 @@ def test_rounds_give_each_destination_one_source_per_round():
 
 
 @pytest.mark.mpi
-def test_relayout_time_is_the_same_on_any_ranks_and_without_payload():
-    """Dry and numeric, every rank split: the same modeled cycles, and more than nothing."""
+@pytest.mark.parametrize("side,rows,cols", [(6, 6, 8), (8, 4, 6)])
+def test_relayout_time_is_the_same_on_any_ranks_and_without_payload(side, rows, cols):
+    """Dry and numeric, every rank split: the same modeled cycles, and more than nothing; on the
+    decode region when it holds the prefill square, on the prefill square when that is larger."""
     world = MPI.COMM_WORLD
     results = []
+    fabric = (rows, cols) if side <= min(rows, cols) else (side, side)
     for comm, dry in ((world, False), (world, True), (MPI.COMM_SELF, False)):
-        mesh = Mesh(6, 8, comm=comm, dry_run=dry)
-        relayout_kv(mesh, PrefillLayout(CONFIG, 6, 20), DecodeLayout.for_config(CONFIG, 6, 8), 20, 2)
+        mesh = Mesh(*fabric, comm=comm, dry_run=dry)
+        relayout_kv(mesh, PrefillLayout(CONFIG, side, 20), DecodeLayout.for_config(CONFIG, rows, cols), 20, 2)
         results.append(mesh.modeled_cycles())
         mesh.free()
     assert results[0] > 0 and results[1] == results[0] and results[2] == results[0]
     assert all(r == results[0] for r in world.allgather(results[0]))
+
+
+def test_relayout_refuses_regions_that_do_not_nest():
+    mesh = Mesh(4, 6, comm=MPI.COMM_SELF, dry_run=True)
+    with pytest.raises(ValueError, match="hold the other"):
+        relayout_kv(mesh, PrefillLayout(CONFIG, 5, 20), DecodeLayout.for_config(CONFIG, 4, 6), 20, 2)
+    mesh.free()
 
 
 @pytest.mark.mpi
