@@ -10,6 +10,11 @@ the committed table and figure.
 
 KV capacity is given for both policies from the same region plan (the same weights resident,
 the same free memory per core): ``shift`` fills every row, ``concat`` only the last one.
+
+``--e2e IN/OUT,...`` runs the end-to-end table instead (<out>/llm_e2e.csv): for each model and
+each (input, output) pair, a prefill of IN tokens on the ``--prefill-side`` square and OUT new
+tokens decoded on each ``--meshes`` region (default 360², PAPER.md §7's LLaMA3-8B decode region),
+the decode integrated over sampled contexts (``generate --decode-samples``).
 """
 from __future__ import annotations
 
@@ -28,10 +33,12 @@ from .presets import PRESET_NAMES
 MESHES = (360, 375, 420, 540, 660, 720)   # PAPER.md §7: end-to-end (360², 375²) and scaling regions
 PROMPT_LEN, NEW_TOKENS = 4096, 4
 CSV_NAME = "llm_presets"
+E2E_PAIRS, E2E_PREFILL_SIDE, E2E_MESHES = "2048/128,4096/128,2048/2048,4096/4096", 660, (360,)
 
 EXAMPLES = """\
   mpiexec -n 2 python -m llm bench --out results
   python -m llm bench --models llama3-8b --meshes 360,420 --prompt-len 1024 --out /tmp/bench
+  python -m llm bench --models llama3-8b --e2e 2048/128,4096/4096 --prefill-side 660 --meshes 360
 """
 
 
@@ -45,6 +52,12 @@ def register(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help=f"context tokens (default {PROMPT_LEN})")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
                    help=f"decode steps to time at that context (default {NEW_TOKENS})")
+    p.add_argument("--e2e", nargs="?", const=E2E_PAIRS, metavar="IN/OUT,...",
+                   help=f"the end-to-end table for these input/output lengths (default {E2E_PAIRS})")
+    p.add_argument("--prefill-side", type=int, default=E2E_PREFILL_SIDE,
+                   help=f"--e2e: the square prefill region's side (default {E2E_PREFILL_SIDE})")
+    p.add_argument("--decode-samples", type=int, default=16, metavar="K",
+                   help="--e2e: decode contexts simulated per run (default 16)")
     add_out_options(p, "PNG", "CSV")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON object instead of the table")
     cli.add_hardware_options(p)
@@ -59,10 +72,11 @@ def _models(text: str) -> list[str]:
     return names
 
 
-def _generate_args(args, model: str, side: int) -> argparse.Namespace:
-    argv = ["generate", "--model", model, "--dry-run", "--prompt-len", str(args.prompt_len),
-            "--max-new-tokens", str(args.new_tokens), "--mesh", f"{side}x{side}",
-            "--hardware", args.hardware, "--memory", args.memory, "--routes", args.routes]
+def _generate_args(args, model: str, side: int, prompt: int | None = None, new: int | None = None,
+                   *extra: str) -> argparse.Namespace:
+    argv = ["generate", "--model", model, "--dry-run", "--prompt-len", str(prompt or args.prompt_len),
+            "--max-new-tokens", str(new or args.new_tokens), "--mesh", f"{side}x{side}",
+            "--hardware", args.hardware, "--memory", args.memory, "--routes", args.routes, *extra]
     for item in args.set:
         argv += ["--set", item]
     return build_parser().parse_args(argv)
@@ -86,8 +100,83 @@ def _row(model: str, side: int, r: dict) -> dict:
     }
 
 
+def _pairs(text: str) -> list[tuple[int, int]]:
+    try:
+        pairs = [tuple(int(v) for v in item.split("/")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise UsageError(f"--e2e expects input/output token pairs like 2048/128,4096/4096, got {text!r}")
+    return pairs
+
+
+def _e2e_row(model: str, side: int, r: dict) -> dict:
+    d = r["decode_integration"]
+    return {
+        "model": model, "prefill_mesh": r["prefill_mesh"], "mesh": side,
+        "prompt_tokens": r["prompt_tokens"], "new_tokens": r["new_tokens"],
+        "modeled_prefill_ms": r["modeled_prefill_seconds"] * 1e3,
+        "modeled_decode_ms": r["modeled_decode_seconds"] * 1e3,
+        "modeled_decode_tokens_per_s": r["modeled_decode_tokens_per_s"],
+        "modeled_e2e_ms": r["modeled_e2e_seconds"] * 1e3,
+        "modeled_e2e_tokens_per_s": r["modeled_e2e_tokens_per_s"],
+        "e2e_prefill_share": r["e2e_prefill_share"],
+        "decode_steps": d["steps"], "decode_steps_simulated": d["simulated_steps"],
+        "regions": r["regions"], "wall_seconds": r["wall_seconds"], "error": "",
+    }
+
+
+def run_e2e(args, out: Path) -> int:
+    """The end-to-end table: see the module docstring."""
+    models, sides, pairs = _models(args.models), parse_sides(args, E2E_MESHES), _pairs(args.e2e)
+    table = CsvTable(out / "llm_e2e.csv")
+    t0 = time.perf_counter()
+    with progress(len(models) * len(sides) * len(pairs), "end-to-end") as bar:
+        for model in models:
+            for side in sides:
+                for prompt, new in pairs:
+                    bar.set_postfix_str(f"{model} {side}x{side} {prompt}/{new}")
+                    extra = ("--prefill-mesh", f"{args.prefill_side}x{args.prefill_side}",
+                             "--decode-samples", str(args.decode_samples))
+                    try:
+                        r = run_generate(_generate_args(args, model, side, prompt, new, *extra))
+                        table.add(_e2e_row(model, side, r))
+                    except MeshmpiError as exc:
+                        if not exc.collective:
+                            raise
+                        table.add({"model": model, "mesh": side, "prompt_tokens": prompt, "new_tokens": new,
+                                   "error": str(exc)})
+                    bar.update()
+    rows = table.close()
+    if args.json:
+        cli.print_json({"out": str(out), "rows": rows})
+    else:
+        cli.say(e2e_markdown(rows))
+    cli.say(f"bench end-to-end: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+def e2e_markdown(rows: list[dict]) -> str:
+    head = ("| model | prefill / decode region | in / out | prefill ms | decode ms | decode tokens/s "
+            "| end-to-end tokens/s | prefill share | decode steps simulated |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['mesh']}² | {r['prompt_tokens']} / {r['new_tokens']} "
+                         f"| – | – | – | – | – | {r['error']} |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['prefill_mesh'].split('x')[0]}² / {r['mesh']}² | {r['prompt_tokens']} / {r['new_tokens']} "
+            f"| {float(r['modeled_prefill_ms']):,.2f} | {float(r['modeled_decode_ms']):,.2f} "
+            f"| {float(r['modeled_decode_tokens_per_s']):,.0f} | {float(r['modeled_e2e_tokens_per_s']):,.0f} "
+            f"| {float(r['e2e_prefill_share']):.0%} | {r['decode_steps_simulated']} of {r['decode_steps']} |")
+    return "\n".join(lines)
+
+
 def run_bench(args) -> int:
     out = out_dir(args)
+    if args.e2e is not None:
+        return run_e2e(args, out)
     if args.replot:
         plot(_read_csv(out / f"{CSV_NAME}.csv"), out / f"{CSV_NAME}.png", args.hardware)
         return 0

@@ -334,6 +334,7 @@ def run_generate(args) -> dict:
         "modeled_cycles_per_layer": layer_cycles[0] if layer_cycles else None,
         "modeled_first_token_head_cycles": first_head_cycles,
         "modeled_decode_cycles": decode_cycles,
+        "modeled_decode_seconds": decode_cycles / clock,
         "modeled_e2e_seconds": e2e_cycles / clock,
         "modeled_e2e_tokens_per_s": len(tokens) * clock / e2e_cycles,
         "e2e_prefill_share": (prefill_cycles + relayout_cycles) / e2e_cycles,

@@ -94,3 +94,27 @@ def test_an_interrupted_bench_keeps_the_rows_it_finished(monkeypatch):
     rows = MPI.COMM_WORLD.bcast(rows)
     assert calls == ["16x16", "32x32", "48x48"]
     assert rows == [("llama3-8b", "16"), ("llama3-8b", "32")]
+
+
+def test_e2e_bench_rows_are_the_generate_reports():
+    """``--e2e``: one row per (input, output) pair, prefill on the larger square and decode on its
+    corner, each the ``generate --json`` report of the same dry run."""
+    out = _shared_dir()
+    with redirect_stdout(StringIO()):
+        assert main(["bench", "--models", "llama3-8b", "--e2e", "60/3,40/30", "--prefill-side", "240",
+                     "--meshes", str(SIDE), "--decode-samples", "4", "--out", str(out)]) == 0
+    text = StringIO()
+    with redirect_stdout(text):
+        main(["generate", "--model", "llama3-8b", "--dry-run", "--prompt-len", "40", "--max-new-tokens", "30",
+              "--mesh", f"{SIDE}x{SIDE}", "--prefill-mesh", "240x240", "--decode-samples", "4", "--json"])
+    MPI.COMM_WORLD.Barrier()
+    if MPI.COMM_WORLD.rank != 0:
+        return
+    report = json.loads(text.getvalue())
+    with open(out / "llm_e2e.csv", newline="") as f:
+        short, long = list(csv.DictReader(f))
+    assert (short["prompt_tokens"], short["new_tokens"], short["decode_steps_simulated"]) == ("60", "3", "2")
+    assert (long["prefill_mesh"], long["decode_steps"], long["decode_steps_simulated"]) == ("240x240", "29", "4")
+    assert float(long["modeled_e2e_tokens_per_s"]) == pytest.approx(report["modeled_e2e_tokens_per_s"])
+    assert float(long["modeled_prefill_ms"]) + float(long["modeled_decode_ms"]) < float(long["modeled_e2e_ms"])
+    assert float(long["modeled_e2e_ms"]) == pytest.approx(report["modeled_e2e_seconds"] * 1e3)
