@@ -101,12 +101,12 @@ def test_e2e_bench_rows_are_the_generate_reports():
     corner, each the ``generate --json`` report of the same dry run."""
     out = _shared_dir()
     with redirect_stdout(StringIO()):
-        assert main(["bench", "--models", "llama3-8b", "--e2e", "60/3,40/30", "--prefill-side", "240",
-                     "--meshes", str(SIDE), "--decode-samples", "4", "--out", str(out)]) == 0
+        assert main(["bench", "--models", "llama3-8b", "--e2e", "60/3,40/30", "--prefill-side", "200",
+                     "--meshes", "160", "--decode-samples", "4", "--out", str(out)]) == 0
     text = StringIO()
     with redirect_stdout(text):
         main(["generate", "--model", "llama3-8b", "--dry-run", "--prompt-len", "40", "--max-new-tokens", "30",
-              "--mesh", f"{SIDE}x{SIDE}", "--prefill-mesh", "240x240", "--decode-samples", "4", "--json"])
+              "--mesh", "160x160", "--prefill-mesh", "200x200", "--decode-samples", "4", "--json"])
     MPI.COMM_WORLD.Barrier()
     if MPI.COMM_WORLD.rank != 0:
         return
@@ -114,7 +114,7 @@ def test_e2e_bench_rows_are_the_generate_reports():
     with open(out / "llm_e2e.csv", newline="") as f:
         short, long = list(csv.DictReader(f))
     assert (short["prompt_tokens"], short["new_tokens"], short["decode_steps_simulated"]) == ("60", "3", "2")
-    assert (long["prefill_mesh"], long["decode_steps"], long["decode_steps_simulated"]) == ("240x240", "29", "4")
+    assert (long["prefill_mesh"], long["decode_steps"], long["decode_steps_simulated"]) == ("200x200", "29", "4")
     assert float(long["modeled_e2e_tokens_per_s"]) == pytest.approx(report["modeled_e2e_tokens_per_s"])
     assert float(long["modeled_prefill_ms"]) + float(long["modeled_decode_ms"]) < float(long["modeled_e2e_ms"])
     assert float(long["modeled_e2e_ms"]) == pytest.approx(report["modeled_e2e_seconds"] * 1e3)
