@@ -60,7 +60,8 @@ class LayerWeights:
 
 @dataclass
 class LlamaWeights:
-    """All weights of a LLaMA model; ``logits = norm(h) @ lm_head``."""
+    """All weights of a LLaMA model; ``logits = norm(h) @ lm_head``. From :func:`open_checkpoint`
+    the tensors are :class:`StoredTensor` handles in the same layouts."""
 
     config: LlamaConfig
     embed: np.ndarray             # [vocab, hidden]

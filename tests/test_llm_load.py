@@ -21,8 +21,8 @@ from llm.config import LlamaConfig
 from llm.errors import ModelError
 from llm.decode import Decoder
 from llm.generate import build_parser, run_generate
-from llm.layout import DecodeLayout, Gathered
-from llm.prefill import PrefillLayout, _Prefill
+from llm.layout import DecodeLayout
+from llm.prefill import _Prefill
 from llm.reference import ReferenceModel
 from meshes import fits
 from meshmpi import UsageError
