@@ -4,7 +4,10 @@ A model directory holds ``config.json`` and either ``model.safetensors`` or shar
 ``model.safetensors.index.json``. Tensors may be float32, float16 or bfloat16; numpy has no
 bfloat16, so those are read as raw bytes (safetensors layout: 8-byte little-endian header
 length, JSON header with ``dtype``/``shape``/``data_offsets``, then the data) and widened to
-float32 by a 16-bit shift. Hugging Face stores Linear weights as ``[out, in]``; here they are
+float32 by a 16-bit shift. :func:`open_checkpoint` reads nothing but the headers: its tensors
+are :class:`StoredTensor` handles over a memory map, and a rank converts only the rows and
+columns its cores hold (:func:`select`); :func:`check_finite` shares the NaN scan out over the
+ranks. Hugging Face stores Linear weights as ``[out, in]``; here they are
 ``[in, out]`` so every projection is ``y = x @ W``, the form MeshGEMM/MeshGEMV take (PAPER.md
 sections 2-5).
 """
@@ -12,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import pathlib
 import struct
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .config import LlamaConfig
@@ -25,7 +29,9 @@ from .errors import ModelError
 
 MODELS_DIR = pathlib.Path(__file__).resolve().parent / "models"
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
-_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16}
+_RAW = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}          # stored dtype -> what numpy reads
+_NON_FINITE = {"F32": 0x7F800000, "F16": 0x7C00, "BF16": 0x7F80}   # exponent bits all ones
+_SCAN_ELEMENTS = 1 << 22                                     # per read of the NaN scan
 _LAYER_TENSORS = {  # field -> name inside model.layers.N
     "input_layernorm": "input_layernorm.weight",
     "q_proj": "self_attn.q_proj.weight", "k_proj": "self_attn.k_proj.weight",
@@ -54,7 +60,8 @@ class LayerWeights:
 
 @dataclass
 class LlamaWeights:
-    """All weights of a LLaMA model; ``logits = norm(h) @ lm_head``."""
+    """All weights of a LLaMA model; ``logits = norm(h) @ lm_head``. From :func:`open_checkpoint`
+    the tensors are :class:`StoredTensor` handles in the same layouts."""
 
     config: LlamaConfig
     embed: np.ndarray             # [vocab, hidden]
@@ -146,8 +153,55 @@ def _entry_problem(entry, data_bytes: int) -> str | None:
     return None
 
 
+class StoredTensor:
+    """One tensor of a safetensors file, read on demand through a memory map.
+
+    It presents the tensor as the model uses it: ``[in, out]`` for a Linear weight stored
+    ``[out, in]`` (``transposed``). :meth:`select` widens to float32 only the elements asked
+    for; ``files.bytes_read[name]`` counts the stored bytes it has read.
+    """
+
+    def __init__(self, files: "_TensorFiles", name: str, transposed: bool):
+        self.files, self.name, self.transposed = files, name, transposed
+        entry = files.entry(name)
+        self.dtype, self.stored_shape = entry["dtype"], tuple(entry["shape"])
+        self.shape = self.stored_shape[::-1] if transposed else self.stored_shape
+        self.ndim, self.size = len(self.shape), int(np.prod(self.shape))
+
+    @property
+    def T(self) -> "StoredTensor":
+        return StoredTensor(self.files, self.name, not self.transposed)
+
+    def select(self, rows, cols=None) -> np.ndarray:
+        """float32 ``self[rows]`` (a vector) or ``self[rows][:, cols]``; indices must be valid."""
+        rows = np.asarray(rows, np.int64)
+        if self.ndim == 1:
+            return self.files.read(self.name, (rows,))
+        cols = np.arange(self.shape[1]) if cols is None else np.asarray(cols, np.int64)
+        if self.transposed:
+            return self.files.read(self.name, (cols, rows)).T
+        return self.files.read(self.name, (rows, cols))
+
+    def __getitem__(self, rows) -> np.ndarray:
+        """Whole rows (``embed[token_ids]``)."""
+        rows = np.asarray(rows, np.int64)
+        return self.select(rows.ravel()).reshape(rows.shape + self.shape[1:])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self.select(np.arange(self.shape[0]))
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+def select(w, rows, cols=None) -> np.ndarray:
+    """float32 ``w[rows]`` or ``w[rows][:, cols]`` of an array or a :class:`StoredTensor`."""
+    if isinstance(w, StoredTensor):
+        return w.select(rows, cols)
+    w = np.asarray(w)
+    return np.asarray(w[rows] if cols is None else w[np.ix_(rows, cols)], np.float32)
+
+
 class _TensorFiles:
-    """Finds each tensor in the single file or the shards of an index and reads it."""
+    """Finds each tensor in the single file or the shards of an index and reads parts of it."""
 
     def __init__(self, directory: pathlib.Path):
         index, single = directory / INDEX_FILE, directory / SINGLE_FILE
@@ -164,46 +218,65 @@ class _TensorFiles:
         self.headers = {f: read_safetensors_header(directory / f) for f in files}
         self.directory = directory
         self.where = dict(weight_map) if weight_map else {n: SINGLE_FILE for n in self.headers[SINGLE_FILE][0]}
+        self.bytes_read = Counter()
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def read(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """The tensor as ``dtype``; a tensor holding NaN or infinity is refused."""
-        tensor = self._read(name, shape, dtype)
-        bad = int(np.count_nonzero(~np.isfinite(tensor)))
-        if bad:
-            raise ModelError(f"tensor {name} in {self.where[name]} holds {bad:,} NaN or infinite "
-                             f"values: the checkpoint is damaged")
-        return tensor
-
-    def _read(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    def entry(self, name: str, shape: tuple[int, ...] | None = None) -> dict:
+        """The header entry of ``name``, checked against ``shape`` and the dtypes read here."""
         file = self.where[name]
-        entries, data_start = self.headers[file]
+        entries = self.headers[file][0]
         if name not in entries:
             raise ModelError(f"tensor {name} is listed in {INDEX_FILE} under {file} but not stored there")
         entry = entries[name]
-        if tuple(entry["shape"]) != tuple(shape):
+        if shape is not None and tuple(entry["shape"]) != tuple(shape):
             raise ModelError(f"tensor {name} in {file}: expected shape {list(shape)}, "
                              f"found {list(entry['shape'])}")
-        if entry["dtype"] == "BF16":
-            begin, end = entry["data_offsets"]
-            raw = np.fromfile(self.directory / file, dtype="<u2", count=(end - begin) // 2,
-                              offset=data_start + begin)
-            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape).astype(dtype, copy=False)
-        if entry["dtype"] not in _NUMPY_DTYPES:
+        if entry["dtype"] not in _RAW:
             raise ModelError(f"tensor {name} in {file} has unsupported dtype {entry['dtype']} "
                              f"(expected F32, F16 or BF16)")
-        try:
-            with safe_open(self.directory / file, framework="np") as fh:
-                return fh.get_tensor(name).astype(dtype, copy=False)
-        except Exception as exc:  # safetensors' own error type is not part of its API
-            raise ModelError(f"cannot read tensor {name} from {self.directory / file}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        return entry
+
+    def read(self, name: str, index: tuple[np.ndarray, ...]) -> np.ndarray:
+        """float32 ``stored[np.ix_(*index)]``: only those elements are copied out of the map."""
+        file = self.where[name]
+        entry, data_start = self.headers[file][0][name], self.headers[file][1]
+        with open(self.directory / file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            stored = np.frombuffer(mapped, _RAW[entry["dtype"]], int(np.prod(entry["shape"])),
+                                   data_start + entry["data_offsets"][0]).reshape(entry["shape"])
+            raw = stored[np.ix_(*index)]
+            del stored          # the map closes only once no array looks into it
+        self.bytes_read[name] += raw.nbytes
+        return _widen(raw, entry["dtype"])
+
+    def non_finite(self, name: str, part: int, parts: int) -> int:
+        """NaN or infinite values in share ``part`` of ``parts`` of the tensor's elements (read
+        in bounded pieces and tested on their exponent bits, so nothing is widened)."""
+        file = self.where[name]
+        entry, data_start = self.headers[file][0][name], self.headers[file][1]
+        raw = np.dtype(_RAW[entry["dtype"]])
+        bits, mask = np.dtype(f"<u{raw.itemsize}"), _NON_FINITE[entry["dtype"]]
+        size = int(np.prod(entry["shape"]))
+        lo, hi = size * part // parts, size * (part + 1) // parts
+        bad = 0
+        for start in range(lo, hi, _SCAN_ELEMENTS):
+            piece = np.fromfile(self.directory / file, bits, min(_SCAN_ELEMENTS, hi - start),
+                                offset=data_start + entry["data_offsets"][0] + start * raw.itemsize)
+            bad += int(np.count_nonzero((piece & bits.type(mask)) == mask))
+        return bad
 
 
-def load_checkpoint(model: str | pathlib.Path, dtype=np.float32) -> LlamaWeights:
-    """Load a Hugging Face LLaMA directory (or built-in name) as ``dtype`` numpy weights."""
+def _widen(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values -> float32 (bfloat16 is the top half of a float32)."""
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
+def open_checkpoint(model: str | pathlib.Path) -> LlamaWeights:
+    """A Hugging Face LLaMA directory (or built-in name) as :class:`StoredTensor` handles: the
+    headers are read and checked against the config, no tensor data."""
     directory = resolve_model_dir(model)
     config = LlamaConfig.from_file(directory / "config.json")
     files = _TensorFiles(directory)
@@ -216,22 +289,58 @@ def load_checkpoint(model: str | pathlib.Path, dtype=np.float32) -> LlamaWeights
             continue
         if name not in files:
             raise ModelError(f"missing tensor {name} (expected shape {list(shape)}) in {directory}")
-        tensors[name] = files.read(name, shape, dtype)
-    return _from_hf(config, tensors)
+        files.entry(name, shape)
+        tensors[name] = StoredTensor(files, name, transposed=len(shape) == 2 and name != "model.embed_tokens.weight")
+    return _from_hf(config, tensors, transpose=False)
 
 
-def _from_hf(config: LlamaConfig, tensors: dict[str, np.ndarray]) -> LlamaWeights:
+def stored_tensors(weights: LlamaWeights) -> list[StoredTensor]:
+    """The distinct :class:`StoredTensor` handles of opened weights, in Hugging Face order."""
+    handles = [weights.embed, weights.norm, weights.lm_head]
+    handles += [getattr(layer, field) for layer in weights.layers for field in _LAYER_TENSORS]
+    return list({h.name: h for h in handles if isinstance(h, StoredTensor)}.values())
+
+
+def check_finite(weights: LlamaWeights, part: int = 0, parts: int = 1, allgather=lambda counts: [counts]) -> None:
+    """Refuse weights holding NaN or infinity: this rank scans share ``part`` of ``parts`` of
+    every stored tensor; ``allgather`` returns every rank's counts, so all raise the same error."""
+    handles = stored_tensors(weights)
+    mine = {h.name: h.files.non_finite(h.name, part, parts) for h in handles}
+    totals = Counter()
+    for counts in allgather({name: bad for name, bad in mine.items() if bad}):
+        totals.update(counts)
+    for h in handles:
+        if totals[h.name]:
+            raise ModelError(f"tensor {h.name} in {h.files.where[h.name]} holds {totals[h.name]:,} NaN or "
+                             f"infinite values: the checkpoint is damaged")
+
+
+def load_checkpoint(model: str | pathlib.Path, dtype=np.float32) -> LlamaWeights:
+    """Load a Hugging Face LLaMA directory (or built-in name) whole, as ``dtype`` numpy weights."""
+    weights = open_checkpoint(model)
+    check_finite(weights)
+    tensors = {h.name: np.asarray(h.T if h.transposed else h).astype(dtype, copy=False)
+               for h in stored_tensors(weights)}
+    return _from_hf(weights.config, tensors)
+
+
+def _from_hf(config: LlamaConfig, tensors: dict, transpose: bool = True) -> LlamaWeights:
+    """Weights from tensors under Hugging Face names: arrays in ``[out, in]`` (``transpose``),
+    or :class:`StoredTensor` handles that already present ``[in, out]``."""
+    def linear(value):
+        return np.ascontiguousarray(value.T) if transpose else value
+
     layers = []
     for i in range(config.num_hidden_layers):
         fields = {}
         for field, name in _LAYER_TENSORS.items():
             value = tensors[f"model.layers.{i}.{name}"]
-            fields[field] = value if field in _NORMS else np.ascontiguousarray(value.T)
+            fields[field] = value if field in _NORMS else linear(value)
         layers.append(LayerWeights(**fields))
     embed = tensors["model.embed_tokens.weight"]
     head = tensors.get("lm_head.weight")
     return LlamaWeights(config=config, embed=embed, layers=layers, norm=tensors["model.norm.weight"],
-                        lm_head=embed.T if head is None else np.ascontiguousarray(head.T))
+                        lm_head=embed.T if head is None else linear(head))
 
 
 # ------------------------------------------------------------------- saving and making

@@ -24,7 +24,7 @@ from meshmpi import costs, host
 from meshmpi.errors import UsageError
 from meshmpi.mesh import block_offsets
 
-from .layout import DecodeLayout
+from .layout import DecodeLayout, Gathered, vector_block
 from .relayout import relayout_kv
 
 POLICIES = ("shift", "concat")
@@ -150,6 +150,7 @@ class Decoder:
 
     # ---------------------------------------------------------------- weights
     def _load_weights(self, weights) -> None:
+        """Each rank reads and places only its block's tiles of every weight."""
         mesh, lay = self.mesh, self.layout
         shapes = lay.tile_shapes()
         # The region holds layers_per_region layers: they are charged below as one block,
@@ -157,28 +158,35 @@ class Decoder:
         self.layers = []
         for index in range(self.sim_layers):
             tiles = self._layer_tiles(weights.layers[index]) if weights is not None else {}
-            self.layers.append({name: host.scatter(mesh, f"w{index}.{name}", tiles.get(name), shape,
-                                                      np.float32, charge=False)
+            self.layers.append({name: host.place_block(mesh, f"w{index}.{name}", tiles.get(name), shape,
+                                                       np.float32, charge=False)
                                 for name, shape in shapes.items()})
         head = {}
         if weights is not None:
-            head = {"norm": place_vector(weights.norm.astype(np.float32), mesh.rows, mesh.cols, "y"),
-                    "lm_head": lay.place(weights.lm_head.astype(np.float32), "y")}
-        self.norm = host.scatter(mesh, "w.norm", head.get("norm"), (lay.hidden_chunk,), np.float32,
-                                 charge=False)
-        self.lm_head = host.scatter(mesh, "w.lm_head", head.get("lm_head"),
-                                    (lay.hidden_chunk, lay.vocab_chunk), np.float32, charge=False)
+            head = {"norm": self._vector_tiles(weights.norm),
+                    "lm_head": lay.place(Gathered.of((weights.lm_head,)), "y", mesh.global_rows(), mesh.global_cols())}
+        self.norm = host.place_block(mesh, "w.norm", head.get("norm"), (lay.hidden_chunk,), np.float32,
+                                     charge=False)
+        self.lm_head = host.place_block(mesh, "w.lm_head", head.get("lm_head"),
+                                        (lay.hidden_chunk, lay.vocab_chunk), np.float32, charge=False)
         mesh.memory.charge("weights", self.plan.weight_bytes_per_core)
 
     def _layer_tiles(self, w) -> dict:
-        lay, mesh = self.layout, self.mesh
-        f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-        return {"norm1": place_vector(f32(w.input_layernorm), mesh.rows, mesh.cols, "y"),
-                "qkv": lay.place(f32(lay.qkv_matrix(w.q_proj, w.k_proj, w.v_proj)), "y"),
-                "o": lay.place(f32(lay.o_matrix(w.o_proj)), "x"),
-                "norm2": place_vector(f32(w.post_attention_layernorm), mesh.rows, mesh.cols, "y"),
-                "gate_up": lay.place(f32(lay.gate_up_matrix(w.gate_proj, w.up_proj)), "y"),
-                "down": lay.place(f32(np.pad(w.down_proj, ((0, lay.ffn_chunk * lay.cols - w.down_proj.shape[0]), (0, 0)))), "x")}
+        """This rank's block of one layer's weight tiles."""
+        lay, rows, cols = self.layout, self.mesh.global_rows(), self.mesh.global_cols()
+        matrices = lay.layer_matrices(w)
+        return {"norm1": self._vector_tiles(w.input_layernorm),
+                "qkv": lay.place(matrices["qkv"], "y", rows, cols),
+                "o": lay.place(matrices["o"], "x", rows, cols),
+                "norm2": self._vector_tiles(w.post_attention_layernorm),
+                "gate_up": lay.place(matrices["gate_up"], "y", rows, cols),
+                "down": lay.place(matrices["down"], "x", rows, cols)}
+
+    def _vector_tiles(self, vector) -> np.ndarray:
+        """This rank's block of a row-indexed vector (chunk i on every core of row i)."""
+        mesh = self.mesh
+        chunks = vector_block(vector, mesh.rows, mesh.global_rows())
+        return np.broadcast_to(chunks[:, None], mesh.block_shape + chunks.shape[1:])
 
     # ---------------------------------------------------------------- KV cache
     def load_prompt_cache(self, k_cache, v_cache, tokens: int, prefill_side: int | None = None,

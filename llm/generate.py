@@ -13,13 +13,13 @@ from kernels.allreduce import FORWARDING
 from meshmpi import cli, outputs
 from meshmpi.check import require_finite
 from meshmpi.errors import CheckError, UsageError
-from meshmpi.host import agree
+from meshmpi.host import agree, world_share
 from meshmpi.mesh import parse_grid
 from meshmpi.text import article, plural
 from meshmpi.trace import concat_timelines, write_trace
 
 from . import e2e
-from .checkpoint import load_checkpoint, resolve_model_dir
+from .checkpoint import check_finite, open_checkpoint, resolve_model_dir
 from .config import LlamaConfig, generation_eos_ids
 from .decode import POLICIES, Decoder
 from .errors import ModelError
@@ -94,7 +94,10 @@ def _load_model(args):
         if is_gguf(args.model):
             return load_gguf(args.model, weights=not args.dry_run)
         directory = resolve_model_dir(args.model)
-        weights = None if args.dry_run else load_checkpoint(directory)
+        weights = None
+        if not args.dry_run:     # read lazily: each rank reads its cores' share of the weights
+            weights = open_checkpoint(directory)
+            check_finite(weights, *world_share())
         config = weights.config if weights is not None else LlamaConfig.from_file(directory / "config.json")
         eos = generation_eos_ids(directory)
         if eos is not None:

@@ -30,12 +30,77 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.gemv import place_matrix
 from meshmpi.mesh import block_offsets
+
+from .checkpoint import select
 
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@dataclass
+class Gathered:
+    """A weight matrix as a layout arranges it, never built whole: element (a, b) is row
+    ``rows[a]``, column ``cols[b]`` of ``parts`` side by side (``[in, out]`` arrays or stored
+    tensors); 0 where an index is -1 or past the end (padding)."""
+    parts: tuple
+    rows: np.ndarray
+    cols: np.ndarray
+
+    @classmethod
+    def of(cls, parts, arrange_cols=None, arrange_rows=None) -> "Gathered":
+        """The matrix the layout's ``arrange_cols`` (``arrange_rows``) makes of ``parts``: it
+        is run on one-row (one-column) matrices of source indices + 1, which it only moves
+        and pads; None keeps the order."""
+        widths = np.cumsum([0] + [p.shape[1] for p in parts])
+        rows, cols = np.arange(parts[0].shape[0]), np.arange(widths[-1])
+        if arrange_cols is not None:
+            cols = arrange_cols(*(np.arange(lo, hi)[None, :] + 1 for lo, hi in zip(widths[:-1], widths[1:])))[0] - 1
+        if arrange_rows is not None:
+            rows = arrange_rows(*(rows[:, None] + 1 for _ in parts))[:, 0] - 1
+        return cls(tuple(parts), rows, cols)
+
+    def read(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """float32 ``[len(rows), len(cols)]``: only these rows and columns of the parts are read."""
+        out = np.zeros((rows.size, cols.size), np.float32)
+        src_rows, src_cols = _lookup(self.rows, rows), _lookup(self.cols, cols)
+        used_rows, row_at = np.unique(src_rows[src_rows >= 0], return_inverse=True)
+        start = 0
+        for part in self.parts:
+            width = part.shape[1]
+            inside = np.flatnonzero((src_cols >= start) & (src_cols < start + width))
+            used_cols, col_at = np.unique(src_cols[inside] - start, return_inverse=True)
+            if used_rows.size and used_cols.size:
+                out[np.ix_(np.flatnonzero(src_rows >= 0), inside)] = select(part, used_rows, used_cols)[
+                    np.ix_(row_at, col_at)]
+            start += width
+        return out
+
+
+def _lookup(index: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """``index[at]``, -1 where ``at`` is past the end."""
+    return np.where(at < index.size, index[np.minimum(at, index.size - 1)], -1)
+
+
+def block_tiles(matrix: Gathered, row_of: np.ndarray, col_of: np.ndarray) -> np.ndarray:
+    """``[br, bc, th, tw]``: core (r, c) of a block holds ``matrix[row_of[r, c]][:, col_of[r, c]]``
+    (logical indices); the block's rows and columns are read once."""
+    rows, row_at = np.unique(row_of, return_inverse=True)
+    cols, col_at = np.unique(col_of, return_inverse=True)
+    sub = matrix.read(rows, cols)
+    return sub[row_at.reshape(row_of.shape)[..., :, None], col_at.reshape(col_of.shape)[..., None, :]]
+
+
+def vector_block(vector, parts: int, part_range: np.ndarray) -> np.ndarray:
+    """``[len(part_range), chunk]``: chunks ``part_range`` of ``vector`` cut into ``parts``
+    zero-padded chunks (:func:`kernels.gemv.place_vector`'s), only those read."""
+    chunk = ceil_div(vector.shape[0], parts)
+    index = part_range[:, None] * chunk + np.arange(chunk)[None, :]
+    out = np.zeros(index.shape, np.float32)
+    real = index < vector.shape[0]
+    out[real] = select(vector, index[real])
+    return out
 
 
 @dataclass
@@ -141,8 +206,27 @@ class DecodeLayout:
         g, u = pad(wg).reshape(-1, self.cols, self.ffn_chunk), pad(wu).reshape(-1, self.cols, self.ffn_chunk)
         return np.concatenate([g, u], axis=2).reshape(wg.shape[0], -1)
 
-    def place(self, matrix: np.ndarray, reduce_axis: str) -> np.ndarray:
-        return place_matrix(matrix, self.rows, self.cols, reduce_axis)
+    def place(self, matrix: Gathered, reduce_axis: str, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The tiles of cores ``rows x cols`` of :func:`kernels.gemv.place_matrix`'s layout:
+        for 'y' tile (i, j) is W[in block i, out block j]; for 'x' W[in block j, out block i]."""
+        in_lines, out_lines = (rows, cols) if reduce_axis == "y" else (cols, rows)
+        in_parts, out_parts = (self.rows, self.cols) if reduce_axis == "y" else (self.cols, self.rows)
+        th, tw = ceil_div(matrix.rows.size, in_parts), ceil_div(matrix.cols.size, out_parts)
+        row_of = in_lines[:, None] * th + np.arange(th)
+        col_of = out_lines[:, None] * tw + np.arange(tw)
+        shape = (rows.size, cols.size)
+        if reduce_axis == "y":
+            return block_tiles(matrix, np.broadcast_to(row_of[:, None], shape + (th,)),
+                               np.broadcast_to(col_of[None, :], shape + (tw,)))
+        return block_tiles(matrix, np.broadcast_to(row_of[None, :], shape + (th,)),
+                           np.broadcast_to(col_of[:, None], shape + (tw,)))
+
+    def layer_matrices(self, w) -> dict:
+        """One layer's four placed matrices as :class:`Gathered` (``[in, out]`` weights)."""
+        return {"qkv": Gathered.of((w.q_proj, w.k_proj, w.v_proj), self.qkv_matrix),
+                "o": Gathered.of((w.o_proj,), arrange_rows=self.o_matrix),
+                "gate_up": Gathered.of((w.gate_proj, w.up_proj), self.gate_up_matrix),
+                "down": Gathered.of((w.down_proj,))}
 
     # ---------------------------------------------------------------- tile shapes
     def tile_shapes(self) -> dict:

@@ -46,13 +46,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.allreduce import allreduce
-from kernels.gemm import CellMap, GemmPlan, place_b_skewed, ring_gemm, ring_gemm_t, rotate_lines
+from kernels.gemm import CellMap, GemmPlan, ring_gemm, ring_gemm_t, rotate_lines
 from kernels.ring import interleaved_ring
 from meshmpi import host
 from meshmpi.mesh import block_offsets
 
 from .config import LlamaConfig
 from .errors import ModelError
+from .layout import Gathered, block_tiles
 from .reference import rope_inv_freq
 
 # Modeled FLOPs per element of the local elementwise operators (calibration constants).
@@ -220,25 +221,33 @@ class PrefillLayout:
         out[:, index < 0] = 0
         return out
 
-    def qkv_weight(self, layer) -> np.ndarray:
+    def qkv_weight(self, layer) -> Gathered:
         """[hidden, n * qkv_cols]: block j = (Q cells of j | K|V share of j)."""
-        q = self.take_cols(layer.q_proj, self.q_slots().ravel()).reshape(-1, self.n, self.cells * 2 * self.p)
-        kv = np.concatenate([layer.k_proj, layer.v_proj], axis=1)
-        kv = self.take_cols(kv, self.kv_slots().ravel()).reshape(-1, self.n, self.kpc * self.share)
-        return np.concatenate([q, kv], axis=2).reshape(layer.q_proj.shape[0], -1)
+        def arrange(wq, wk, wv):
+            q = self.take_cols(wq, self.q_slots().ravel()).reshape(-1, self.n, self.cells * 2 * self.p)
+            kv = self.take_cols(np.concatenate([wk, wv], axis=1), self.kv_slots().ravel())
+            return np.concatenate([q, kv.reshape(-1, self.n, self.kpc * self.share)], axis=2).reshape(wq.shape[0], -1)
+        return Gathered.of((layer.q_proj, layer.k_proj, layer.v_proj), arrange)
 
-    def o_weight(self, layer) -> np.ndarray:
+    def o_weight(self, layer) -> Gathered:
         """[n * cells * 2p, hidden]: W_o's rows in the order of the attention output's columns."""
-        return self.take_cols(layer.o_proj.T, self.q_slots().ravel()).T
+        return Gathered.of((layer.o_proj,), arrange_rows=lambda wo: self.take_cols(wo.T, self.q_slots().ravel()).T)
 
-    def gate_up_weight(self, layer) -> np.ndarray:
+    def gate_up_weight(self, layer) -> Gathered:
         """[hidden, n * 2 fb]: block j = (gate block j | up block j), zero-padded."""
         f, n, fb = self.config.intermediate_size, self.n, self.fb
         index = np.arange(n * fb).reshape(n, fb)
         index = np.where(index < f, index, -1).ravel()
-        gate = self.take_cols(layer.gate_proj, index).reshape(-1, n, fb)
-        up = self.take_cols(layer.up_proj, index).reshape(-1, n, fb)
-        return np.concatenate([gate, up], axis=2).reshape(layer.gate_proj.shape[0], -1)
+
+        def arrange(wg, wu):
+            gate = self.take_cols(wg, index).reshape(-1, n, fb)
+            up = self.take_cols(wu, index).reshape(-1, n, fb)
+            return np.concatenate([gate, up], axis=2).reshape(wg.shape[0], -1)
+        return Gathered.of((layer.gate_proj, layer.up_proj), arrange)
+
+    def down_weight(self, layer) -> Gathered:
+        """[n * fb, hidden]: W_down, its rows zero-padded."""
+        return Gathered.of((layer.down_proj,))
 
     def norm_tiles(self, weight: np.ndarray) -> np.ndarray:
         """[n, n, hb]: column block j of a norm weight on every core of column j."""
@@ -340,8 +349,19 @@ class _Prefill:
         return host.scatter(self.mesh, name, tiles, tile_shape, np.float32)
 
     def place_weight(self, name, plan, matrix_fn):
+        """A B operand pre-skewed on load (:func:`kernels.gemm.place_b_skewed`'s layout: core
+        (i, j) holds the chunks of group ``(pos_y(i) + pos_x(j)) mod R`` of column block j);
+        each rank reads only its cores' rows and columns of the :class:`Gathered` ``matrix_fn()``."""
         shape = ((plan.chunks // plan.rows) * plan.chunk, plan.n_pad // plan.cols)
-        return self.scatter(name, lambda: place_b_skewed(plan, np.asarray(matrix_fn(), np.float32)), shape)
+        block = None
+        if self.numeric:
+            group = (plan.ring_y.position[self.rows][:, None] + plan.ring_x.position[self.cols][None, :]) % plan.rows
+            labels = group[:, :, None] + plan.rows * np.arange(plan.chunks // plan.rows)
+            row_of = plan.chunk_rows(labels)[..., None] * plan.chunk + np.arange(plan.chunk)
+            col_of = self.cols[:, None] * shape[1] + np.arange(shape[1])
+            block = block_tiles(matrix_fn(), row_of.reshape(group.shape + (-1,)),
+                                np.broadcast_to(col_of[None], group.shape + (shape[1],)))
+        return host.place_block(self.mesh, name, block, shape, np.float32)
 
     def flops_so_far(self) -> int:
         return int(self.mesh.sum_over_ranks(int(self.mesh.counters["flops"].sum())))
@@ -554,8 +574,7 @@ class _Prefill:
                 act.data[...] = gate / (1.0 + np.exp(-gate)) * up
             mesh.compute(FLOPS_SILU_MUL * tb * lay.fb)
             gu.free()
-            w_down = self.place_weight(f"{p}.w_down", plan_down,
-                                       lambda: np.pad(w.down_proj, ((0, n * lay.fb - w.down_proj.shape[0]), (0, 0))))
+            w_down = self.place_weight(f"{p}.w_down", plan_down, lambda: lay.down_weight(w))
             self.add_into(x, self.gemm(plan_down, act, w_down, f"{p}.down"))
         if kv_cols is None:
             return None, None

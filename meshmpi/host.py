@@ -5,6 +5,7 @@ These helpers may use any MPI collective; kernels call them only outside their t
 from __future__ import annotations
 
 import numpy as np
+from mpi4py import MPI
 
 from .array import MeshArray
 
@@ -38,11 +39,20 @@ def scatter(mesh, name: str, tiles: np.ndarray | None, tile_shape=None, dtype=No
     """
     if root is not None and not mesh.dry_run:  # every rank joins the broadcast, or none does
         tiles = mesh.cart.bcast(tiles if mesh.rank == root else None, root=root)
-    if tiles is not None:
-        tile_shape, dtype = tiles.shape[2:], tiles.dtype
+    block = None if tiles is None else tiles[mesh.row_start:mesh.row_stop, mesh.col_start:mesh.col_stop]
+    return place_block(mesh, name, block, tile_shape, dtype, charge)
+
+
+def place_block(mesh, name: str, block: np.ndarray | None, tile_shape=None, dtype=None,
+                charge: bool = True) -> MeshArray:
+    """A mesh array holding ``block``: this rank's ``(block_rows, block_cols, *tile)`` tiles,
+    which each rank makes for itself. In a dry run ``block`` may be None: give ``tile_shape``
+    and ``dtype``."""
+    if block is not None:
+        tile_shape, dtype = block.shape[2:], block.dtype
     arr = mesh.alloc(name, tile_shape, dtype, fill=None, charge=charge)
     if not mesh.dry_run:
-        arr.data[...] = tiles[mesh.row_start:mesh.row_stop, mesh.col_start:mesh.col_stop]
+        arr.data[...] = block
     return arr
 
 
@@ -75,3 +85,10 @@ def gather_block_arrays(mesh, arrays: dict, root: int = 0) -> dict | None:
 def agree(mesh, error: str | None, root: int = 0) -> str | None:
     """Share one rank's error message (or None) with every rank."""
     return mesh.cart.bcast(error, root=root)
+
+
+def world_share():
+    """(rank, size, allgather) of the whole job, for host-plane work shared out over the ranks
+    before any mesh exists (``allgather(value)``: every rank's value, in rank order)."""
+    comm = MPI.COMM_WORLD
+    return comm.Get_rank(), comm.Get_size(), comm.allgather
