@@ -75,6 +75,9 @@ SUBSTITUTE = {
     "mpiexec -n 2 python -m llm bench --out results":
         ("mpiexec -n 2 python -m llm bench --models llama3-8b --meshes 16 --prompt-len 8 --new-tokens 2 "
          "--out results", "one preset on one small region (a table entry: it does not fit)"),
+    "python -m llm bench --models llama3-8b --e2e --prefill-side 660 --meshes 360 --out results":
+        ("python -m llm bench --models llama3-8b --e2e 16/3 --prefill-side 200 --meshes 160 --decode-samples 2 "
+         "--out results", "one short request on small regions"),
     "python -m meshmpi info [--json]": ("python -m meshmpi info --json", "the option spelled out"),
     "python -m meshmpi trace summary run.h5 [--json]":
         ("python -m meshmpi trace summary run.h5 --json", "the option spelled out"),
