@@ -266,7 +266,7 @@ def run_generate(args) -> dict:
     plan = decoder.plan
 
     rng = np.random.default_rng(args.seed)
-    tokens, all_logits, step_cycles, layer_cycles = [], [], [], None
+    tokens, all_logits, step_cycles, layer_cycles, last_parts = [], [], [], None, None
     # Decode steps run at positions P..P+G-2 (the first new token comes from the prefill); a
     # dry run simulates a sample of them and integrates the rest (llm/e2e.py).
     prompt, last_step = len(ids), len(ids) + args.max_new_tokens - 2
@@ -306,6 +306,9 @@ def run_generate(args) -> dict:
         logits, cycles = decoder.step(embedding, position)
         layer_cycles = layer_cycles or cycles.layers
         step_cycles.append(cycles.total(config.num_hidden_layers))
+        last_parts = {"kv_shift": cycles.kv_shift, "hand_offs": cycles.hand_offs, "lm_head": cycles.head,
+                      "layers": cycles.total(config.num_hidden_layers) - cycles.kv_shift - cycles.hand_offs
+                      - cycles.head}
     if bar is not None:
         bar.close()
     if stream is not None:
@@ -336,6 +339,7 @@ def run_generate(args) -> dict:
         "modeled_decode_tokens_per_s": clock / per_token if per_token else None,
         "modeled_cycles_per_layer": layer_cycles[0] if layer_cycles else None,
         "modeled_first_token_head_cycles": first_head_cycles,
+        "decode_step_parts": last_parts,
         "modeled_decode_cycles": decode_cycles,
         "modeled_decode_seconds": decode_cycles / clock,
         "modeled_e2e_seconds": e2e_cycles / clock,
