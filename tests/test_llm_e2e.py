@@ -57,10 +57,9 @@ def test_end_to_end_adds_prefill_relayout_first_head_and_decode():
     assert r["modeled_decode_cycles_per_token"] == pytest.approx(r["modeled_decode_cycles"] / 5)
     assert r["decode_integration"]["steps"] == 5 and r["decode_integration"]["simulated_steps"] == 5
     assert 0 < r["e2e_prefill_share"] < 1
-    parts = r["decode_step_parts"]    # the last step, which ran at the longest context
+    parts = r["decode_step_parts"]    # the last step's
     assert set(parts) == {"kv_shift", "layers", "hand_offs", "lm_head"} and parts["layers"] > 0
     assert parts["kv_shift"] >= 0 and (parts["hand_offs"] > 0) == (r["regions"] > 1)
-    assert r["modeled_decode_cycles_per_token"] <= sum(parts.values()) + 1e-6
     assert np.isfinite(r["modeled_first_token_head_cycles"]) and r["modeled_first_token_head_cycles"] > 0
 
 
