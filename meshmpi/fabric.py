@@ -250,25 +250,34 @@ class LinePattern:
         if lines_idx is not None and lines_idx.size == 0:
             return Transfer(self, src, dst, [], [], lines_idx)
         send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
+        if lines_idx is not None:
+            send_clock = send_clock[:, lines_idx]
         if payload:   # senders and receivers each start a fabric operation first
             send_clock = send_clock + costs.transfer_start(mesh.hardware)
-        arrivals, sends = self._move_heads(send_clock, nbytes, payload, line_mask, in_place=src is dst)
-        if lines_idx is not None:
-            arrivals = [(dests, times[:, lines_idx]) for dests, times in arrivals]
-            if sends is not None:
-                sends = (sends[0], sends[1][:, lines_idx])
+        arrivals, sends = self._move_heads(send_clock, nbytes, payload, lines_idx, in_place=src is dst)
         landings = [] if mesh.dry_run else [(d_block, None, s_block), (d_pool, pool_data, s_pool)]
         return Transfer(self, src, dst, arrivals + ([sends] if sends is not None else []), landings, lines_idx)
 
-    def _move_heads(self, send_clock: np.ndarray, nbytes: int, payload: bool, line_mask, in_place: bool):
+    def _move_heads(self, send_clock: np.ndarray, nbytes: int, payload: bool, lines_idx, in_place: bool):
         """Move every worm's head over this block's links (:mod:`meshmpi.worms`), forwarding
-        heads rank by rank, and mark the links busy. Returns the landings of the deliveries
-        into this block as (destinations, times [D, lines]) pairs, and (unless ``payload`` is
-        off) when this block's senders complete their sends, as one more such pair: the
-        receivers' "landed - path capacity" travels back along the worms' rounds."""
+        heads rank by rank, and mark the links busy. Only the active lines ``lines_idx`` (None:
+        all) are computed; ``send_clock`` holds their columns. Returns the landings of the
+        deliveries into this block as (destinations, times [D, active lines]) pairs, and (unless
+        ``payload`` is off) when this block's senders complete their sends, as one more such
+        pair: the receivers' "landed - path capacity" travels back along the worms' rounds."""
+        free = self.fabric.link_free(self.axis)
+        if lines_idx is None:
+            return self._move_heads_on(free, send_clock, nbytes, payload, in_place)
+        active = {sign: f[:, lines_idx] for sign, f in free.items()}
+        result = self._move_heads_on(active, send_clock, nbytes, payload, in_place)
+        for sign, f in free.items():
+            f[:, lines_idx] = active[sign]
+        return result
+
+    def _move_heads_on(self, free: dict, send_clock: np.ndarray, nbytes: int, payload: bool, in_place: bool):
+        """:meth:`_move_heads` on the link free times ``free`` of the lines being computed."""
         mesh, w, first = self.mesh, self.worms, self.block_start
         hw = mesh.hardware
-        free = self.fabric.link_free(self.axis)
         snapshot = {sign: f.copy() for sign, f in free.items()} if self.links_shared else None
         occupancy = costs.serialisation(hw, nbytes, w.load)
         tails = costs.serialisation(hw, nbytes if payload else 0, self.load)
@@ -289,7 +298,7 @@ class LinePattern:
 
         def advance(which, head_in):
             last, heads = worms.advance(w, which, self.worm_j0[which], self.worm_links[which], head_in,
-                                        free, first, alpha, beta, occupancy, line_mask,
+                                        free, first, alpha, beta, occupancy,
                                         keep_path=self.multicast, snapshot=snapshot)
             row_of[which] = np.arange(which.size)
             here = row_of[self.delivery_worm] >= 0                 # this batch's deliveries here

@@ -79,10 +79,10 @@ def local_hops(worms: Worms, start: int, stop: int) -> tuple[np.ndarray, np.ndar
 
 def advance(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, head_in: np.ndarray,
             free: dict, first: int, alpha: float, beta: float, occupancy: np.ndarray,
-            line_mask: np.ndarray, keep_path: bool, snapshot: dict | None = None):
+            keep_path: bool, snapshot: dict | None = None):
     """Move the heads of worms ``which`` (entering the block at hop ``j0`` at ``head_in``,
     shape [W, lines]) over their ``count`` local links, and mark those links busy
-    (``occupancy`` [W] cycles from the head's entry; inactive lines untouched). Returns
+    (``occupancy`` [W] cycles from the head's entry). Returns
     ``last`` [W, lines], the head at the core after the last local link (``head_in`` when
     there is none), and, with ``keep_path``, ``heads`` [W, max count + 1, lines], the head at
     each local core along the path (hop ``j0 + i`` at column i), else None.
@@ -101,7 +101,6 @@ def advance(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, 
         return last, heads
     forwards = beta if worms.relay else 0.0
     step = alpha + forwards
-    every_line = bool(line_mask.all())
     direction = worms.direction[which]
     for sign in (+1, -1):
         along = direction == sign
@@ -131,8 +130,6 @@ def advance(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, 
             if heads is not None:
                 heads[rows, 1:n_links + 1] = enter + alpha
             busy = enter + occupancy[w][:, None, None]          # >= the link's old free time
-            if not every_line:
-                busy = np.where(line_mask, busy, link_free)
             if snapshot is None:
                 free[sign][pos] = busy
             else:
