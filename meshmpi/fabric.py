@@ -202,6 +202,8 @@ class LinePattern:
         start, stop = offsets[q], offsets[q + 1]
         self.worm_j0, self.worm_links = worms.local_hops(w, int(start), int(stop))
         self.own_worms = np.flatnonzero((w.src >= start) & (w.src < stop))
+        self.own_senders, self.own_sender_of = np.unique(w.src[self.own_worms] - start, return_inverse=True)
+        self.own_sender_of = self.own_sender_of.reshape(-1)
         self.touching = np.flatnonzero(self.worm_links >= 0)      # worms that reach this block
         self.touch_row = np.full(w.src.size, -1, np.int64)
         self.touch_row[self.touching] = np.arange(self.touching.size)
@@ -312,9 +314,9 @@ class LinePattern:
                 if track:              # the latest each worm's source may finish its send
                     rows_here, late = touch[self.delivery_worm[here]], landed - capacity[index][:, None]
                     if self.multicast:     # a worm delivers at several cores
-                        np.maximum.at(need, rows_here, late)
-                    else:
-                        need[rows_here] = np.maximum(need[rows_here], late)
+                        worms.latest_into(need, rows_here, late)
+                    else:                  # a unicast worm delivers once, on one rank
+                        need[rows_here] = late
             row_of[which] = -1
             return which, last
 
@@ -344,13 +346,13 @@ class LinePattern:
         own = self.own_worms
         done = costs.send_completion(send_clock[w.src[own] - first], occupancy[own][:, None],
                                      need[touch[own]], 0.0)
-        senders, which = np.unique(w.src[own] - first, return_inverse=True)
+        senders, which = self.own_senders, self.own_sender_of
         if senders.size == own.size:                       # one worm per sender
             latest = np.empty((senders.size, lines))
-            latest[which.reshape(-1)] = done
+            latest[which] = done
         else:                                              # a multicast root sends both ways
             latest = np.full((senders.size, lines), -np.inf)
-            np.maximum.at(latest, which.reshape(-1), done)
+            worms.latest_into(latest, which, done)
         return arrivals, (senders, latest)
 
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:

@@ -92,7 +92,9 @@ def advance(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, 
     its worms has left it. Otherwise each link is read and written by one worm only."""
     width = int(count.max(initial=0))
     lines = head_in.shape[1]
-    last = head_in.copy()
+    last = np.empty_like(head_in)
+    ends_here = count <= 0
+    last[ends_here] = head_in[ends_here]
     heads = None
     if keep_path:
         heads = np.empty((which.size, width + 1, lines))
@@ -129,9 +131,18 @@ def advance(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, 
             last[rows] = enter[:, -1] + alpha
             if heads is not None:
                 heads[rows, 1:n_links + 1] = enter + alpha
-            busy = enter + occupancy[w][:, None, None]          # >= the link's old free time
+            busy = np.add(enter, occupancy[w][:, None, None], out=enter)   # >= the link's old free time
             if snapshot is None:
                 free[sign][pos] = busy
             else:
-                np.maximum.at(free[sign], pos.ravel(), busy.reshape(-1, lines))
+                latest_into(free[sign], pos.ravel(), busy.reshape(-1, lines))
     return last, heads
+
+
+def latest_into(target: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """``target[r] = max(target[r], values of every i with rows[i] == r)`` (rows may repeat)."""
+    order = np.argsort(rows, kind="stable")
+    rows = rows[order]
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    unique = rows[starts]
+    target[unique] = np.maximum(target[unique], np.maximum.reduceat(values[order], starts, axis=0))
