@@ -489,15 +489,9 @@ class Fabric:
     def add_along(self, counter: str, axis: str, per_position: np.ndarray, line_mask) -> None:
         """Add a per-position vector to a per-core counter on the active lines."""
         mesh = self.mesh
-        target = mesh.counters[counter]
         start = mesh.axis_start(axis)
-        vec = per_position[start:start + (target.shape[1] if axis == "x" else target.shape[0])]
-        if line_mask.all():
-            target += vec[None, :] if axis == "x" else vec[:, None]
-        elif axis == "x":
-            target[line_mask, :] += vec[None, :]
-        else:
-            target[:, line_mask] += vec[:, None]
+        stop = start + mesh.block_shape[1 if axis == "x" else 0]
+        mesh.count_along(counter, axis, per_position[start:stop], line_mask)
 
     def plan(self, name: str, axis: str, src, dst, *, multicast: bool = False,
              relay: bool = False, group: str | None = None) -> LinePattern:
