@@ -254,8 +254,11 @@ class LinePattern:
         send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
         if lines_idx is not None:
             send_clock = send_clock[:, lines_idx]
+        # positions first in memory too: the heads gather whole positions at a time
         if payload:   # senders and receivers each start a fabric operation first
-            send_clock = send_clock + costs.transfer_start(mesh.hardware)
+            send_clock = np.add(send_clock, costs.transfer_start(mesh.hardware), out=np.empty(send_clock.shape))
+        else:
+            send_clock = np.ascontiguousarray(send_clock)
         arrivals, sends = self._move_heads(send_clock, nbytes, payload, lines_idx, in_place=src is dst)
         landings = [] if mesh.dry_run else [(d_block, None, s_block), (d_pool, pool_data, s_pool)]
         return Transfer(self, src, dst, arrivals + ([sends] if sends is not None else []), landings, lines_idx)
