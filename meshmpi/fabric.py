@@ -173,22 +173,24 @@ class LinePattern:
         np.maximum.at(reach_hi, which, self.dst)
         np.minimum.at(reach_lo, which, self.dst)
         q_src, q_hi, q_lo = owner(sources), owner(reach_hi), owner(reach_lo)
-        self.rounds = []  # (direction, send sources, recv sources)
+        # Round k forwards, in each direction, what left a rank k ranks away; the two directions
+        # are independent, so each round is one exchange with both neighbours.
         right = int(np.max(q_hi - q_src, initial=0))
+        left = int(np.max(q_src - q_lo, initial=0))
+        self.rounds = [[] for _ in range(max(right, left))]   # [(direction, send sources, recv sources)]
         for k in range(1, right + 1):
             send = sources[(q_src == q - k + 1) & (q_hi >= q + 1)]
             recv = sources[(q_src == q - k) & (q_hi >= q)]
-            self.rounds.append((+1, send, recv))
-        left = int(np.max(q_src - q_lo, initial=0))
+            self.rounds[k - 1].append((+1, send, recv))
         for k in range(1, left + 1):
             send = sources[(q_src == q + k - 1) & (q_lo <= q - 1)]
             recv = sources[(q_src == q + k) & (q_lo <= q)]
-            self.rounds.append((-1, send, recv))
+            self.rounds[k - 1].append((-1, send, recv))
         # The worms' heads cross rank boundaries in the same rounds as the tiles.
         w = self.worms
         far = w.src + w.direction * w.hops
         q_wsrc, q_far = owner(w.src), owner(far)
-        self.worm_rounds = []  # (direction, worms sent, worms received)
+        self.worm_rounds = [[] for _ in self.rounds]   # [(direction, worms sent, worms received)]
         for direction, rounds in ((+1, right), (-1, left)):
             along = w.direction == direction
             for k in range(1, rounds + 1):
@@ -198,7 +200,7 @@ class LinePattern:
                 else:
                     send = np.flatnonzero(along & (q_wsrc == q + k - 1) & (q_far <= q - 1))
                     recv = np.flatnonzero(along & (q_wsrc == q + k) & (q_far <= q))
-                self.worm_rounds.append((direction, send, recv))
+                self.worm_rounds[k - 1].append((direction, send, recv))
         start, stop = offsets[q], offsets[q + 1]
         self.worm_j0, self.worm_links = worms.local_hops(w, int(start), int(stop))
         self.own_worms = np.flatnonzero((w.src >= start) & (w.src < stop))
@@ -326,26 +328,30 @@ class LinePattern:
         lines = send_clock.shape[1]
         own = advance(self.own_worms, send_clock[w.src[self.own_worms] - first])
         latest = {+1: own, -1: own}        # the batch each direction's next round forwards from
-        links = mesh.links
-        for direction, send, recv in self.worm_rounds:
-            which, last = latest[direction]
-            row_of[which] = np.arange(which.size)
-            out = np.ascontiguousarray(last[row_of[send]])      # the heads at the next block's first core
-            row_of[which] = -1
-            got = np.empty((recv.size, lines))
-            links.sendrecv(out, links.neighbour(self.axis, direction), got,
-                           links.neighbour(self.axis, -direction), _HEAD_TAG)
-            latest[direction] = advance(recv, got)
+        links, axis = mesh.links, self.axis
+        for stage in self.worm_rounds:
+            messages = []
+            for direction, send, recv in stage:
+                which, last = latest[direction]
+                row_of[which] = np.arange(which.size)
+                out = np.ascontiguousarray(last[row_of[send]])  # the heads at the next block's first core
+                row_of[which] = -1
+                messages.append((out, links.neighbour(axis, direction), np.empty((recv.size, lines)),
+                                 links.neighbour(axis, -direction)))
+            links.exchange(messages, _HEAD_TAG)
+            for (direction, _, recv), (_, _, got, _) in zip(stage, messages):
+                latest[direction] = advance(recv, got)
         if need is None:
             return arrivals, None
         # Back-pressure: each worm's latest "landed - capacity" travels back to its source.
-        for direction, send, recv in reversed(self.worm_rounds if track else ()):
-            back = np.ascontiguousarray(need[touch[recv]])
-            got = np.empty((send.size, lines))
-            links.sendrecv(back, links.neighbour(self.axis, -direction), got,
-                           links.neighbour(self.axis, direction), _BACK_TAG)
-            rows = touch[send]                                   # each worm once
-            need[rows] = np.maximum(need[rows], got)
+        for stage in reversed(self.worm_rounds if track else ()):
+            messages = [(np.ascontiguousarray(need[touch[recv]]), links.neighbour(axis, -direction),
+                         np.empty((send.size, lines)), links.neighbour(axis, direction))
+                        for direction, send, recv in stage]
+            links.exchange(messages, _BACK_TAG)
+            for (_, send, _), (_, _, got, _) in zip(stage, messages):
+                rows = touch[send]                               # each worm once
+                need[rows] = np.maximum(need[rows], got)
         own = self.own_worms
         done = costs.send_completion(send_clock[w.src[own] - first], occupancy[own][:, None],
                                      need[touch[own]], 0.0)
@@ -367,15 +373,17 @@ class LinePattern:
         links, axis, first = self.mesh.links, self.axis, self.block_start
         held = {}  # source position -> tile rows received in an earlier round
         got_data, got_src = [], []
-        for direction, send, recv in self.rounds:
-            dest, source = links.neighbour(axis, direction), links.neighbour(axis, -direction)
+        for stage in self.rounds:
             if payload is not None:
-                data_in = np.empty((recv.size,) + payload.shape[1:], payload.dtype)
-                links.sendrecv(_pick(send, payload, held, first), dest, data_in, source, _DATA_TAG)
-                got_data.append(data_in)
-                for i, s in enumerate(recv.tolist()):
-                    held[s] = data_in[i]
-            got_src.append(recv)
+                messages = [(_pick(send, payload, held, first), links.neighbour(axis, direction),
+                             np.empty((recv.size,) + payload.shape[1:], payload.dtype),
+                             links.neighbour(axis, -direction)) for direction, send, recv in stage]
+                links.exchange(messages, _DATA_TAG)
+                for (_, _, recv), (_, _, data_in, _) in zip(stage, messages):
+                    got_data.append(data_in)
+                    for i, s in enumerate(recv.tolist()):
+                        held[s] = data_in[i]
+            got_src += [recv for _, _, recv in stage]
         if not got_src:
             return None, np.empty(0, np.int64)
         return (np.concatenate(got_data) if got_data else None), np.concatenate(got_src)
