@@ -410,6 +410,26 @@ class LinePattern:
             self.live = False
 
 
+def _raise_to(target: np.ndarray, axis: str, dests: np.ndarray, arrival: np.ndarray, lines) -> None:
+    """``target`` (block-shaped) at positions ``dests`` (unique) along ``axis`` and ``lines``
+    (None: all) becomes ``max(itself, arrival)`` ([positions, lines]). A run of consecutive
+    positions on every line, the common case, is updated in place in ``target``'s own layout."""
+    if lines is None and dests.size:
+        order = np.argsort(dests)
+        lo, hi = int(dests[order[0]]), int(dests[order[-1]]) + 1
+        if hi - lo == dests.size:
+            if not np.array_equal(order, np.arange(order.size)):
+                arrival = arrival[order]
+            part = target[:, lo:hi] if axis == "x" else target[lo:hi]
+            np.maximum(part, arrival.T if axis == "x" else arrival, out=part)
+            return
+    clock = _pos_first(target, axis)
+    where = dests if lines is None else np.ix_(dests, lines)
+    current = clock[where]
+    np.maximum(current, arrival, out=current)
+    clock[where] = current
+
+
 class Transfer:
     """An in-flight pattern. ``wait`` lands the tiles in the destination and moves each
     receiver's clock (or the ``into`` array's entry) to max(own, arrival).
@@ -435,12 +455,10 @@ class Transfer:
             raise HazardError(f"pattern {pattern.name!r}: its source buffer {self.src.name!r} was "
                               f"written between start and wait")
         self._land()
-        clock = _pos_first(pattern.mesh.clock if into is None else into, pattern.axis)
+        target = pattern.mesh.clock if into is None else into
+        clock = _pos_first(target, pattern.axis)
         for dests, arrival in self.arrivals:
-            where = dests if self.lines is None else np.ix_(dests, self.lines)
-            current = clock[where]
-            np.maximum(current, arrival, out=current)
-            clock[where] = current
+            _raise_to(target, pattern.axis, dests, arrival, self.lines)
         if pattern.multicast and pattern.relay and self.arrivals and into is None:
             # a chain: every core that forwarded the message spent a software stage on it
             first = pattern.block_start
