@@ -8,8 +8,10 @@
 - ``calibrate``: the (flops_per_cycle, beta) that reproduce the paper's two WSE-2 GEMV latencies
   on 512² and on 256², each fit checked against the figures it was not fitted to, and the
   sensitivity of the headline numbers to beta.
-- ``speed``: wall time of a numeric MeshGEMM 2048³ on 16x16 cores over 2 ranks (a child
-  ``mpiexec -n 2``) against ``numpy.matmul`` of the same matrices on 2 threads.
+- ``speed``: the emulator's own speed: numeric MeshGEMM 2048³ on 16x16 against the tile-product
+  floor measured in the same run, and dry-run MeshGEMM and MeshGEMV wall times on 360² and
+  720², each on 1 and 2 ranks (child runs; ``--meshes`` sets the dry-run sides, ``--size`` the
+  numeric size).
 - ``all``: everything above.
 
 Rank 0 writes <out>/<bench>.csv and <out>/<bench>.png, the CSV rewritten as each row completes
@@ -25,8 +27,6 @@ import csv
 import io
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +37,7 @@ from meshmpi.errors import UsageError
 from meshmpi.hardware import load_hardware
 from meshmpi.mesh import Mesh
 
+from . import speed
 from .run import GEMV_ALGOS, run_gemm, run_gemv
 
 BENCHES = ("gemm", "gemv", "groups", "calibrate", "speed")
@@ -52,7 +53,6 @@ PAPER_GEMV_CYCLES = {16384: 1320.0, 32768: 2233.0}
 CALIBRATION_SIDES = (512, 256)   # sides that divide 16K and 32K (PAPER.md §3)
 GEMM_CHECK_SIDE = 720            # where the paper states the GEMM efficiencies
 SENSITIVITY_BETAS = (0.0, 4.0, 16.0, 64.0)
-SPEED = dict(mesh=16, size=2048, ranks=2, repeats=5)
 
 EXAMPLES = """\
   python -m kernels bench all --out results
@@ -73,6 +73,7 @@ def register(sub) -> None:
     p.add_argument("--hardware", default="wse2", metavar="NAME|PATH", help="profile (default wse2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one profile value (repeatable)")
+    p.add_argument("--size", type=int, metavar="N", help="speed: the numeric MeshGEMM's M = K = N (default 2048)")
     p.set_defaults(func=run_bench)
 
 
@@ -437,107 +438,11 @@ def sensitivity(hardware, best: dict, side: int) -> list[dict]:
     return rows
 
 
-# ---------------------------------------------------------------------------- speed
-_NUMPY_TIMER = """
-import json, sys, time
-import numpy as np
-from kernels.run import _inputs
-size, repeats = int(sys.argv[1]), int(sys.argv[2])
-a, b = _inputs(0, np.float32, (size, size), (size, size))
-np.matmul(a, b)
-times = []
-for _ in range(repeats):
-    t0 = time.perf_counter()
-    np.matmul(a, b)
-    times.append(time.perf_counter() - t0)
-print(json.dumps(min(times)))
-"""
-
-
-# The least each rank must compute: its block's batched tile products, one per step, 1 thread.
-_FLOOR_TIMER = """
-import json, sys, time
-import numpy as np
-side, size, ranks, repeats = (int(v) for v in sys.argv[1:5])
-tile = size // side
-rng = np.random.default_rng(0)
-a = rng.standard_normal((side // ranks, side, tile, tile)).astype(np.float32)
-b = rng.standard_normal((side // ranks, side, tile, tile)).astype(np.float32)
-c = np.zeros_like(a)
-times = []
-for _ in range(repeats):
-    t0 = time.perf_counter()
-    for step in range(side):
-        c += np.matmul(a, b)
-    times.append(time.perf_counter() - t0)
-print(json.dumps(min(times)))
-"""
-
-
-def _child_env(threads: int) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPICH_", "SLURM_", "OMPI_"))}
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def speed_commands() -> tuple[list[str], list[str]]:
-    mpiexec = str(Path(sys.executable).parent / "mpiexec")
-    n, size = SPEED["mesh"], SPEED["size"]
-    wafer = [mpiexec, "-n", str(SPEED["ranks"]), sys.executable, "-m", "kernels", "gemm",
-             "--algo", "meshgemm", "--mesh", f"{n}x{n}", "--m", str(size), "--k", str(size),
-             "--n", str(size), "--memory", "warn", "--json"]
-    numpy_ = [sys.executable, "-c", _NUMPY_TIMER, str(size), "3"]
-    return wafer, numpy_
-
-
-def _child_json(cmd, threads: int):
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(threads), timeout=600)
-    if done.returncode:
-        raise UsageError(f"speed: {' '.join(cmd[:6])} ... failed: {done.stderr.strip()[-300:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def bench_speed(args, hardware, out: Path) -> list[dict]:
-    """Numeric MeshGEMM on 2 ranks (1 BLAS thread each) against numpy.matmul on 2 threads,
-    alternated so that both see the same machine load; the best of each is compared."""
-    if not _is_root():
-        return []
-    wafer_cmd, numpy_cmd = speed_commands()
-    table = CsvTable(out / "speed.csv")
-    with progress(2 * SPEED["repeats"], "speed") as bar:
-        for attempt in range(SPEED["repeats"]):
-            report = _child_json(wafer_cmd, 1)
-            bar.update()
-            numpy_seconds = _child_json(numpy_cmd, SPEED["ranks"])
-            floor_seconds = _child_json([sys.executable, "-c", _FLOOR_TIMER, str(SPEED["mesh"]),
-                                         str(SPEED["size"]), str(SPEED["ranks"]), "2"], 1)
-            bar.update()
-            table.add({"attempt": attempt, "mesh": f"{SPEED['mesh']}x{SPEED['mesh']}", "size": SPEED["size"],
-                         "ranks": SPEED["ranks"], "meshgemm_seconds": report["wall_seconds"],
-                         "numpy_seconds": numpy_seconds, "tile_products_floor_seconds": floor_seconds,
-                         "max_abs_err": report["max_abs_err"], "load_average_1min": os.getloadavg()[0]})
-    rows = table.rows
-    best_wafer = min(r["meshgemm_seconds"] for r in rows)
-    best_numpy = min(r["numpy_seconds"] for r in rows)
-    best_floor = min(r["tile_products_floor_seconds"] for r in rows)
-    summary = {"attempt": "best", "mesh": rows[0]["mesh"], "size": SPEED["size"], "ranks": SPEED["ranks"],
-               "meshgemm_seconds": best_wafer, "numpy_seconds": best_numpy,
-               "tile_products_floor_seconds": best_floor, "ratio": best_wafer / best_numpy,
-               "floor_ratio": best_floor / best_numpy, "max_abs_err": rows[0]["max_abs_err"],
-               "load_average_1min": os.getloadavg()[0], "cpus": os.cpu_count(),
-               "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(wafer_cmd))}
-    table.add(summary)
-    table.close()
-    cli.say(f"speed: MeshGEMM {best_wafer:.3f} s vs numpy {best_numpy:.3f} s -> {summary['ratio']:.2f}x "
-            f"(tile products alone {best_floor:.3f} s -> {summary['floor_ratio']:.2f}x)", file=sys.stderr)
-    return rows
-
-
 # ---------------------------------------------------------------------------- entry
+def bench_speed(args, hardware, out: Path) -> list[dict]:
+    return speed.bench_speed(args, hardware, out, CsvTable, progress)
+
+
 RUNNERS = {"gemm": bench_gemm, "gemv": bench_gemv, "groups": bench_groups,
            "calibrate": bench_calibrate, "speed": bench_speed}
 

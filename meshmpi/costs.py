@@ -85,4 +85,6 @@ def send_completion(depart, occupancy, landed, capacity):
     the source, ``depart + occupancy``, and at most ``capacity`` cycles of payload are still in
     the fabric, ``landed - capacity``. A late receiver therefore stalls the sender once the
     path is full (back-pressure); a ready one never does."""
-    return np.maximum(np.asarray(depart) + occupancy, np.asarray(landed) - capacity)
+    out = np.add(depart, occupancy)
+    return np.maximum(out, landed if np.ndim(capacity) == 0 and capacity == 0 else np.subtract(landed, capacity),
+                      out=out)

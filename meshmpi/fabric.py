@@ -173,22 +173,24 @@ class LinePattern:
         np.maximum.at(reach_hi, which, self.dst)
         np.minimum.at(reach_lo, which, self.dst)
         q_src, q_hi, q_lo = owner(sources), owner(reach_hi), owner(reach_lo)
-        self.rounds = []  # (direction, send sources, recv sources)
+        # Round k forwards, in each direction, what left a rank k ranks away; the two directions
+        # are independent, so each round is one exchange with both neighbours.
         right = int(np.max(q_hi - q_src, initial=0))
+        left = int(np.max(q_src - q_lo, initial=0))
+        self.rounds = [[] for _ in range(max(right, left))]   # [(direction, send sources, recv sources)]
         for k in range(1, right + 1):
             send = sources[(q_src == q - k + 1) & (q_hi >= q + 1)]
             recv = sources[(q_src == q - k) & (q_hi >= q)]
-            self.rounds.append((+1, send, recv))
-        left = int(np.max(q_src - q_lo, initial=0))
+            self.rounds[k - 1].append((+1, send, recv))
         for k in range(1, left + 1):
             send = sources[(q_src == q + k - 1) & (q_lo <= q - 1)]
             recv = sources[(q_src == q + k) & (q_lo <= q)]
-            self.rounds.append((-1, send, recv))
+            self.rounds[k - 1].append((-1, send, recv))
         # The worms' heads cross rank boundaries in the same rounds as the tiles.
         w = self.worms
         far = w.src + w.direction * w.hops
         q_wsrc, q_far = owner(w.src), owner(far)
-        self.worm_rounds = []  # (direction, worms sent, worms received)
+        self.worm_rounds = [[] for _ in self.rounds]   # [(direction, worms sent, worms received)]
         for direction, rounds in ((+1, right), (-1, left)):
             along = w.direction == direction
             for k in range(1, rounds + 1):
@@ -198,10 +200,12 @@ class LinePattern:
                 else:
                     send = np.flatnonzero(along & (q_wsrc == q + k - 1) & (q_far <= q - 1))
                     recv = np.flatnonzero(along & (q_wsrc == q + k) & (q_far <= q))
-                self.worm_rounds.append((direction, send, recv))
+                self.worm_rounds[k - 1].append((direction, send, recv))
         start, stop = offsets[q], offsets[q + 1]
         self.worm_j0, self.worm_links = worms.local_hops(w, int(start), int(stop))
         self.own_worms = np.flatnonzero((w.src >= start) & (w.src < stop))
+        self.own_senders, self.own_sender_of = np.unique(w.src[self.own_worms] - start, return_inverse=True)
+        self.own_sender_of = self.own_sender_of.reshape(-1)
         self.touching = np.flatnonzero(self.worm_links >= 0)      # worms that reach this block
         self.touch_row = np.full(w.src.size, -1, np.int64)
         self.touch_row[self.touching] = np.arange(self.touching.size)
@@ -250,25 +254,37 @@ class LinePattern:
         if lines_idx is not None and lines_idx.size == 0:
             return Transfer(self, src, dst, [], [], lines_idx)
         send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
-        if payload:   # senders and receivers each start a fabric operation first
-            send_clock = send_clock + costs.transfer_start(mesh.hardware)
-        arrivals, sends = self._move_heads(send_clock, nbytes, payload, line_mask, in_place=src is dst)
         if lines_idx is not None:
-            arrivals = [(dests, times[:, lines_idx]) for dests, times in arrivals]
-            if sends is not None:
-                sends = (sends[0], sends[1][:, lines_idx])
+            send_clock = send_clock[:, lines_idx]
+        # positions first in memory too: the heads gather whole positions at a time
+        if payload:   # senders and receivers each start a fabric operation first
+            send_clock = np.add(send_clock, costs.transfer_start(mesh.hardware), out=np.empty(send_clock.shape))
+        else:
+            send_clock = np.ascontiguousarray(send_clock)
+        arrivals, sends = self._move_heads(send_clock, nbytes, payload, lines_idx, in_place=src is dst)
         landings = [] if mesh.dry_run else [(d_block, None, s_block), (d_pool, pool_data, s_pool)]
         return Transfer(self, src, dst, arrivals + ([sends] if sends is not None else []), landings, lines_idx)
 
-    def _move_heads(self, send_clock: np.ndarray, nbytes: int, payload: bool, line_mask, in_place: bool):
+    def _move_heads(self, send_clock: np.ndarray, nbytes: int, payload: bool, lines_idx, in_place: bool):
         """Move every worm's head over this block's links (:mod:`meshmpi.worms`), forwarding
-        heads rank by rank, and mark the links busy. Returns the landings of the deliveries
-        into this block as (destinations, times [D, lines]) pairs, and (unless ``payload`` is
-        off) when this block's senders complete their sends, as one more such pair: the
-        receivers' "landed - path capacity" travels back along the worms' rounds."""
+        heads rank by rank, and mark the links busy. Only the active lines ``lines_idx`` (None:
+        all) are computed; ``send_clock`` holds their columns. Returns the landings of the
+        deliveries into this block as (destinations, times [D, active lines]) pairs, and (unless
+        ``payload`` is off) when this block's senders complete their sends, as one more such
+        pair: the receivers' "landed - path capacity" travels back along the worms' rounds."""
+        free = self.fabric.link_free(self.axis)
+        if lines_idx is None:
+            return self._move_heads_on(free, send_clock, nbytes, payload, in_place)
+        active = {sign: f[:, lines_idx] for sign, f in free.items()}
+        result = self._move_heads_on(active, send_clock, nbytes, payload, in_place)
+        for sign, f in free.items():
+            f[:, lines_idx] = active[sign]
+        return result
+
+    def _move_heads_on(self, free: dict, send_clock: np.ndarray, nbytes: int, payload: bool, in_place: bool):
+        """:meth:`_move_heads` on the link free times ``free`` of the lines being computed."""
         mesh, w, first = self.mesh, self.worms, self.block_start
         hw = mesh.hardware
-        free = self.fabric.link_free(self.axis)
         snapshot = {sign: f.copy() for sign, f in free.items()} if self.links_shared else None
         occupancy = costs.serialisation(hw, nbytes, w.load)
         tails = costs.serialisation(hw, nbytes if payload else 0, self.load)
@@ -289,7 +305,7 @@ class LinePattern:
 
         def advance(which, head_in):
             last, heads = worms.advance(w, which, self.worm_j0[which], self.worm_links[which], head_in,
-                                        free, first, alpha, beta, occupancy, line_mask,
+                                        free, first, alpha, beta, occupancy,
                                         keep_path=self.multicast, snapshot=snapshot)
             row_of[which] = np.arange(which.size)
             here = row_of[self.delivery_worm] >= 0                 # this batch's deliveries here
@@ -303,45 +319,49 @@ class LinePattern:
                 if track:              # the latest each worm's source may finish its send
                     rows_here, late = touch[self.delivery_worm[here]], landed - capacity[index][:, None]
                     if self.multicast:     # a worm delivers at several cores
-                        np.maximum.at(need, rows_here, late)
-                    else:
-                        need[rows_here] = np.maximum(need[rows_here], late)
+                        worms.latest_into(need, rows_here, late)
+                    else:                  # a unicast worm delivers once, on one rank
+                        need[rows_here] = late
             row_of[which] = -1
             return which, last
 
         lines = send_clock.shape[1]
         own = advance(self.own_worms, send_clock[w.src[self.own_worms] - first])
         latest = {+1: own, -1: own}        # the batch each direction's next round forwards from
-        links = mesh.links
-        for direction, send, recv in self.worm_rounds:
-            which, last = latest[direction]
-            row_of[which] = np.arange(which.size)
-            out = np.ascontiguousarray(last[row_of[send]])      # the heads at the next block's first core
-            row_of[which] = -1
-            got = np.empty((recv.size, lines))
-            links.sendrecv(out, links.neighbour(self.axis, direction), got,
-                           links.neighbour(self.axis, -direction), _HEAD_TAG)
-            latest[direction] = advance(recv, got)
+        links, axis = mesh.links, self.axis
+        for stage in self.worm_rounds:
+            messages = []
+            for direction, send, recv in stage:
+                which, last = latest[direction]
+                row_of[which] = np.arange(which.size)
+                out = np.ascontiguousarray(last[row_of[send]])  # the heads at the next block's first core
+                row_of[which] = -1
+                messages.append((out, links.neighbour(axis, direction), np.empty((recv.size, lines)),
+                                 links.neighbour(axis, -direction)))
+            links.exchange(messages, _HEAD_TAG)
+            for (direction, _, recv), (_, _, got, _) in zip(stage, messages):
+                latest[direction] = advance(recv, got)
         if need is None:
             return arrivals, None
         # Back-pressure: each worm's latest "landed - capacity" travels back to its source.
-        for direction, send, recv in reversed(self.worm_rounds if track else ()):
-            back = np.ascontiguousarray(need[touch[recv]])
-            got = np.empty((send.size, lines))
-            links.sendrecv(back, links.neighbour(self.axis, -direction), got,
-                           links.neighbour(self.axis, direction), _BACK_TAG)
-            rows = touch[send]                                   # each worm once
-            need[rows] = np.maximum(need[rows], got)
+        for stage in reversed(self.worm_rounds if track else ()):
+            messages = [(np.ascontiguousarray(need[touch[recv]]), links.neighbour(axis, -direction),
+                         np.empty((send.size, lines)), links.neighbour(axis, direction))
+                        for direction, send, recv in stage]
+            links.exchange(messages, _BACK_TAG)
+            for (_, send, _), (_, _, got, _) in zip(stage, messages):
+                rows = touch[send]                               # each worm once
+                need[rows] = np.maximum(need[rows], got)
         own = self.own_worms
         done = costs.send_completion(send_clock[w.src[own] - first], occupancy[own][:, None],
                                      need[touch[own]], 0.0)
-        senders, which = np.unique(w.src[own] - first, return_inverse=True)
+        senders, which = self.own_senders, self.own_sender_of
         if senders.size == own.size:                       # one worm per sender
             latest = np.empty((senders.size, lines))
-            latest[which.reshape(-1)] = done
+            latest[which] = done
         else:                                              # a multicast root sends both ways
             latest = np.full((senders.size, lines), -np.inf)
-            np.maximum.at(latest, which.reshape(-1), done)
+            worms.latest_into(latest, which, done)
         return arrivals, (senders, latest)
 
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:
@@ -353,15 +373,17 @@ class LinePattern:
         links, axis, first = self.mesh.links, self.axis, self.block_start
         held = {}  # source position -> tile rows received in an earlier round
         got_data, got_src = [], []
-        for direction, send, recv in self.rounds:
-            dest, source = links.neighbour(axis, direction), links.neighbour(axis, -direction)
+        for stage in self.rounds:
             if payload is not None:
-                data_in = np.empty((recv.size,) + payload.shape[1:], payload.dtype)
-                links.sendrecv(_pick(send, payload, held, first), dest, data_in, source, _DATA_TAG)
-                got_data.append(data_in)
-                for i, s in enumerate(recv.tolist()):
-                    held[s] = data_in[i]
-            got_src.append(recv)
+                messages = [(_pick(send, payload, held, first), links.neighbour(axis, direction),
+                             np.empty((recv.size,) + payload.shape[1:], payload.dtype),
+                             links.neighbour(axis, -direction)) for direction, send, recv in stage]
+                links.exchange(messages, _DATA_TAG)
+                for (_, _, recv), (_, _, data_in, _) in zip(stage, messages):
+                    got_data.append(data_in)
+                    for i, s in enumerate(recv.tolist()):
+                        held[s] = data_in[i]
+            got_src += [recv for _, _, recv in stage]
         if not got_src:
             return None, np.empty(0, np.int64)
         return (np.concatenate(got_data) if got_data else None), np.concatenate(got_src)
@@ -386,6 +408,26 @@ class LinePattern:
             self.mesh.routes.release(self.axis, self.group, id(self))
             self.fabric.forget(self)
             self.live = False
+
+
+def _raise_to(target: np.ndarray, axis: str, dests: np.ndarray, arrival: np.ndarray, lines) -> None:
+    """``target`` (block-shaped) at positions ``dests`` (unique) along ``axis`` and ``lines``
+    (None: all) becomes ``max(itself, arrival)`` ([positions, lines]). A run of consecutive
+    positions on every line, the common case, is updated in place in ``target``'s own layout."""
+    if lines is None and dests.size:
+        order = np.argsort(dests)
+        lo, hi = int(dests[order[0]]), int(dests[order[-1]]) + 1
+        if hi - lo == dests.size:
+            if not np.array_equal(order, np.arange(order.size)):
+                arrival = arrival[order]
+            part = target[:, lo:hi] if axis == "x" else target[lo:hi]
+            np.maximum(part, arrival.T if axis == "x" else arrival, out=part)
+            return
+    clock = _pos_first(target, axis)
+    where = dests if lines is None else np.ix_(dests, lines)
+    current = clock[where]
+    np.maximum(current, arrival, out=current)
+    clock[where] = current
 
 
 class Transfer:
@@ -413,12 +455,10 @@ class Transfer:
             raise HazardError(f"pattern {pattern.name!r}: its source buffer {self.src.name!r} was "
                               f"written between start and wait")
         self._land()
-        clock = _pos_first(pattern.mesh.clock if into is None else into, pattern.axis)
+        target = pattern.mesh.clock if into is None else into
+        clock = _pos_first(target, pattern.axis)
         for dests, arrival in self.arrivals:
-            where = dests if self.lines is None else np.ix_(dests, self.lines)
-            current = clock[where]
-            np.maximum(current, arrival, out=current)
-            clock[where] = current
+            _raise_to(target, pattern.axis, dests, arrival, self.lines)
         if pattern.multicast and pattern.relay and self.arrivals and into is None:
             # a chain: every core that forwarded the message spent a software stage on it
             first = pattern.block_start
@@ -478,15 +518,9 @@ class Fabric:
     def add_along(self, counter: str, axis: str, per_position: np.ndarray, line_mask) -> None:
         """Add a per-position vector to a per-core counter on the active lines."""
         mesh = self.mesh
-        target = mesh.counters[counter]
         start = mesh.axis_start(axis)
-        vec = per_position[start:start + (target.shape[1] if axis == "x" else target.shape[0])]
-        if line_mask.all():
-            target += vec[None, :] if axis == "x" else vec[:, None]
-        elif axis == "x":
-            target[line_mask, :] += vec[None, :]
-        else:
-            target[:, line_mask] += vec[:, None]
+        stop = start + mesh.block_shape[1 if axis == "x" else 0]
+        mesh.count_along(counter, axis, per_position[start:stop], line_mask)
 
     def plan(self, name: str, axis: str, src, dst, *, multicast: bool = False,
              relay: bool = False, group: str | None = None) -> LinePattern:

@@ -43,3 +43,15 @@ class NeighbourLinks:
         self.check(dest)
         self.check(source)
         self.cart.Sendrecv(send, dest, tag, recv, source, tag)
+
+    def exchange(self, messages, tag: int = 0) -> None:
+        """Several ``(send, dest, recv, source)`` exchanges with neighbours at once (all posted,
+        then all awaited), so that independent directions cost one synchronisation, not one each."""
+        requests = []
+        for send, dest, recv, source in messages:
+            self.check(dest)
+            self.check(source)
+            requests.append(self.cart.Irecv(recv, source, tag))
+        for send, dest, recv, source in messages:
+            requests.append(self.cart.Isend(send, dest, tag))
+        MPI.Request.Waitall(requests)

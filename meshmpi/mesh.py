@@ -8,6 +8,8 @@ on all cores is one vectorised call. No result or modeled number depends on the 
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import sys
 import time
@@ -26,6 +28,20 @@ from .routes import RouteTable
 from .timeline import Timeline
 
 COUNTERS = ("bytes_sent", "bytes_recv", "messages_sent", "hops", "relays", "flops")
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc's allocator to keep freed blocks for reuse instead of returning them to the
+    system: a fabric step allocates and frees block-sized temporaries, and giving them back
+    costs a page fault per page on the next step (system time rivalling the arithmetic)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):   # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_trim_threshold, 1 << 30)
+    mallopt(m_mmap_threshold, 1 << 25)     # glibc's largest (32 MiB on 64-bit)
 
 
 def block_offsets(length: int, parts: int) -> np.ndarray:
@@ -83,6 +99,7 @@ class Mesh:
         if self.rows < 1 or self.cols < 1:
             raise UsageError(f"mesh must be at least 1x1, got {rows}x{cols}")
         self.hardware = hardware or load_hardware("wse2")
+        keep_freed_memory()
         self.dry_run = bool(dry_run)
         world = comm or MPI.COMM_WORLD
         if rank_grid is None:
@@ -105,7 +122,14 @@ class Mesh:
 
         self.clock = np.zeros(self.block_shape, np.float64)
         self.busy = np.zeros(self.block_shape, np.float64)
-        self.counters = {name: np.zeros(self.block_shape, np.int64) for name in COUNTERS}
+        # Per-core counters, plus additions not yet applied: a count per position along each
+        # axis for every line (most transfers) and one for every core (most compute), applied
+        # when the counters are read; ``totals`` are their sums over this block, kept exact.
+        self._counters = {name: np.zeros(self.block_shape, np.int64) for name in COUNTERS}
+        self._per_position = {name: {"y": np.zeros(self.block_shape[0], np.int64),
+                                     "x": np.zeros(self.block_shape[1], np.int64)} for name in COUNTERS}
+        self._every_core = dict.fromkeys(COUNTERS, 0)
+        self.totals = dict.fromkeys(COUNTERS, 0)
         self.max_hops = 0
         self.memory = MemoryLedger(self, self.hardware.sram_bytes_per_core, memory)
         self.routes = RouteTable(self, self.hardware.routes_per_core, routes)
@@ -162,6 +186,32 @@ class Mesh:
         if self.rank == 0:
             print(message, file=sys.stderr, flush=True)
 
+    # ------------------------------------------------------------------ counters
+    @property
+    def counters(self) -> dict[str, np.ndarray]:
+        """This block's per-core counters (block-shaped int64 arrays), by name."""
+        for name, target in self._counters.items():
+            if self._every_core[name]:
+                target += self._every_core[name]
+                self._every_core[name] = 0
+            for axis, pending in self._per_position[name].items():
+                if pending.any():
+                    target += pending[None, :] if axis == "x" else pending[:, None]
+                    pending[:] = 0
+        return self._counters
+
+    def count_along(self, name: str, axis: str, per_position: np.ndarray, line_mask: np.ndarray) -> None:
+        """Add ``per_position`` (this block's positions along ``axis``) to counter ``name`` on
+        every active line (``line_mask`` over this block's lines)."""
+        lines = int(line_mask.sum())
+        if lines == line_mask.size:
+            self._per_position[name][axis] += per_position
+        elif axis == "x":
+            self._counters[name][line_mask, :] += per_position[None, :]
+        else:
+            self._counters[name][:, line_mask] += per_position[:, None]
+        self.totals[name] += int(per_position.sum()) * lines
+
     # ------------------------------------------------------------------ arrays and compute
     def alloc(self, name: str, tile_shape, dtype=np.float32, fill: float | None = 0.0,
               charge: bool = True) -> MeshArray:
@@ -190,7 +240,8 @@ class Mesh:
             if advance_clock:
                 self.clock += cycles
             self.busy += cycles
-            self.counters["flops"] += int(flops)
+            self._every_core["flops"] += int(flops)
+            self.totals["flops"] += int(flops) * self.clock.size
             return
         flops = np.broadcast_to(np.asarray(flops, np.int64), self.block_shape)
         if where is not None:
@@ -200,7 +251,8 @@ class Mesh:
         if advance_clock:
             self.clock += cycles
         self.busy += cycles
-        self.counters["flops"] += flops
+        self._counters["flops"] += flops
+        self.totals["flops"] += int(flops.sum())
 
     def software_stage(self, where=None, advance_clock: bool = True) -> None:
         """One software step of a multi-stage collective (receive, combine, forward) on the
@@ -209,7 +261,8 @@ class Mesh:
         mask = np.ones(self.block_shape, bool) if where is None else np.asarray(where, bool)
         if advance_clock:
             self.clock[mask] += costs.software_stage(self.hardware)
-        self.counters["relays"][mask] += 1
+        self._counters["relays"][mask] += 1
+        self.totals["relays"] += int(np.count_nonzero(mask))
 
     def positions_mask(self, axis: str, positions) -> np.ndarray:
         """Block-shaped mask of the cores whose position along ``axis`` is in ``positions``."""

@@ -36,9 +36,9 @@ class Timeline:
         self._next_label = label
 
     def _snapshot(self) -> tuple:
-        c = self.mesh.counters
+        totals = self.mesh.totals
         clock = float(self.mesh.clock.max()) if self.mesh.clock.size else 0.0
-        return clock, int(c["messages_sent"].sum()), int(c["bytes_sent"].sum()), int(c["flops"].sum())
+        return clock, totals["messages_sent"], totals["bytes_sent"], totals["flops"]
 
     def begin(self, name: str) -> None:
         clock, messages, nbytes, flops = self._snapshot()

@@ -79,10 +79,10 @@ def local_hops(worms: Worms, start: int, stop: int) -> tuple[np.ndarray, np.ndar
 
 def advance(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, head_in: np.ndarray,
             free: dict, first: int, alpha: float, beta: float, occupancy: np.ndarray,
-            line_mask: np.ndarray, keep_path: bool, snapshot: dict | None = None):
+            keep_path: bool, snapshot: dict | None = None):
     """Move the heads of worms ``which`` (entering the block at hop ``j0`` at ``head_in``,
     shape [W, lines]) over their ``count`` local links, and mark those links busy
-    (``occupancy`` [W] cycles from the head's entry; inactive lines untouched). Returns
+    (``occupancy`` [W] cycles from the head's entry). Returns
     ``last`` [W, lines], the head at the core after the last local link (``head_in`` when
     there is none), and, with ``keep_path``, ``heads`` [W, max count + 1, lines], the head at
     each local core along the path (hop ``j0 + i`` at column i), else None.
@@ -92,7 +92,9 @@ def advance(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, 
     its worms has left it. Otherwise each link is read and written by one worm only."""
     width = int(count.max(initial=0))
     lines = head_in.shape[1]
-    last = head_in.copy()
+    last = np.empty_like(head_in)
+    ends_here = count <= 0
+    last[ends_here] = head_in[ends_here]
     heads = None
     if keep_path:
         heads = np.empty((which.size, width + 1, lines))
@@ -101,7 +103,6 @@ def advance(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, 
         return last, heads
     forwards = beta if worms.relay else 0.0
     step = alpha + forwards
-    every_line = bool(line_mask.all())
     direction = worms.direction[which]
     for sign in (+1, -1):
         along = direction == sign
@@ -130,11 +131,18 @@ def advance(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, 
             last[rows] = enter[:, -1] + alpha
             if heads is not None:
                 heads[rows, 1:n_links + 1] = enter + alpha
-            busy = enter + occupancy[w][:, None, None]          # >= the link's old free time
-            if not every_line:
-                busy = np.where(line_mask, busy, link_free)
+            busy = np.add(enter, occupancy[w][:, None, None], out=enter)   # >= the link's old free time
             if snapshot is None:
                 free[sign][pos] = busy
             else:
-                np.maximum.at(free[sign], pos.ravel(), busy.reshape(-1, lines))
+                latest_into(free[sign], pos.ravel(), busy.reshape(-1, lines))
     return last, heads
+
+
+def latest_into(target: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """``target[r] = max(target[r], values of every i with rows[i] == r)`` (rows may repeat)."""
+    order = np.argsort(rows, kind="stable")
+    rows = rows[order]
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    unique = rows[starts]
+    target[unique] = np.maximum(target[unique], np.maximum.reduceat(values[order], starts, axis=0))

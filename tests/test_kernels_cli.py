@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from kernels.__main__ import main
-from kernels.bench import speed_commands
 from meshmpi import UsageError
 
 
@@ -89,12 +88,6 @@ def test_bench_calibrate_writes_a_loadable_profile(tmp_path):
     assert {r["setting"] for r in rows} >= {"beta=0", "beta=16", "calibrated"}
     from meshmpi import load_hardware
     assert load_hardware(str(tmp_path / "calibration" / "wse2_calibrated_8.json")).name == "wse2-calibrated-8"
-
-
-def test_speed_bench_launches_two_ranks():
-    wafer, numpy_ = speed_commands()
-    assert wafer[1:3] == ["-n", "2"] and "meshgemm" in wafer and "16x16" in wafer
-    assert "matmul" in numpy_[2]
 
 
 def test_gemm_broadcast_option(tmp_path, python_exe, run_env):

@@ -1,0 +1,162 @@
+"""``python -m kernels bench speed``: how fast the emulator itself runs.
+
+- numeric MeshGEMM (default 2048³ on 16x16) on 1 and 2 ranks, one BLAS thread each, against
+  the least the ranks must compute: one rank's share of the batched tile products, timed in
+  the same run on one thread (the floor), and against ``numpy.matmul`` on as many threads;
+- dry runs of MeshGEMM 2K and MeshGEMV 16K at paper-scale meshes (default 360² and 720²) on
+  1 and 2 ranks: the kernel's wall time and the speed-up of 2 ranks over 1.
+
+Each figure is the best of a few runs, alternated with its comparison so that both see the
+same machine load; the 1-minute load average is recorded beside it. Every child run's
+modeled cycles are written too (they must not depend on the rank count).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from meshmpi import cli
+from meshmpi.errors import UsageError
+
+NUMERIC = dict(mesh=16, size=2048, repeats=3)
+DRY = dict(gemm_size=2048, gemv_size=16384, sides=(360, 720), repeats=1)
+RANKS = (1, 2)
+
+_NUMPY_TIMER = """
+import json, sys, time
+import numpy as np
+from kernels.run import _inputs
+size, repeats = int(sys.argv[1]), int(sys.argv[2])
+a, b = _inputs(0, np.float32, (size, size), (size, size))
+np.matmul(a, b)
+times = []
+for _ in range(repeats):
+    t0 = time.perf_counter()
+    np.matmul(a, b)
+    times.append(time.perf_counter() - t0)
+print(json.dumps(min(times)))
+"""
+
+# The least one rank must compute: its share of the block's batched tile products, one per step.
+_FLOOR_TIMER = """
+import json, sys, time
+import numpy as np
+side, size, ranks, repeats = (int(v) for v in sys.argv[1:5])
+tile = size // side
+rng = np.random.default_rng(0)
+a = rng.standard_normal((-(-side // ranks), side, tile, tile)).astype(np.float32)
+b = rng.standard_normal((-(-side // ranks), side, tile, tile)).astype(np.float32)
+c = np.zeros_like(a)
+times = []
+for _ in range(repeats):
+    t0 = time.perf_counter()
+    for step in range(side):
+        c += np.matmul(a, b)
+    times.append(time.perf_counter() - t0)
+print(json.dumps(min(times)))
+"""
+
+
+def child_env(threads: int) -> dict:
+    """The environment of a child run: no MPI launcher state, ``threads`` BLAS threads, this
+    source tree first on the path."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPICH_", "SLURM_", "OMPI_"))}
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def kernel_command(ranks: int, kernel: str, algo: str, side: int, size: int, dry_run: bool) -> list[str]:
+    """``[mpiexec -n ranks] python -m kernels gemm|gemv ... --json``."""
+    launcher = [] if ranks == 1 else [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks)]
+    shape = ["--m", str(size), "--k", str(size), "--n", str(size)] if kernel == "gemm" else \
+        ["--m", str(size), "--n", str(size)]
+    return launcher + [sys.executable, "-m", "kernels", kernel, "--algo", algo, "--mesh", f"{side}x{side}",
+                       *shape, "--memory", "warn", "--json"] + (["--dry-run"] if dry_run else [])
+
+
+def _child_json(cmd, threads: int = 1):
+    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads), timeout=3600)
+    if done.returncode:
+        raise UsageError(f"speed: {' '.join(Path(c).name for c in cmd[:8])} ... failed: "
+                         f"{done.stderr.strip()[-300:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _shown(cmd) -> str:
+    return " ".join(Path(c).name if i in (0, 3) and "/" in c else c for i, c in enumerate(cmd))
+
+
+def _row(what, side, size, ranks, seconds, report, cmd, **extra) -> dict:
+    return {"what": what, "mesh": f"{side}x{side}", "size": size, "ranks": ranks, "wall_seconds": seconds,
+            "floor_seconds": extra.get("floor"), "ratio_to_floor": extra.get("ratio"),
+            "numpy_seconds": extra.get("numpy"), "speedup_over_1_rank": extra.get("speedup"),
+            "modeled_cycles": report["modeled_cycles"], "load_average_1min": round(os.getloadavg()[0], 2),
+            "cpus": os.cpu_count(), "command": _shown(cmd)}
+
+
+def numeric_rows(mesh: int, size: int, repeats: int, bar) -> list[dict]:
+    """Numeric MeshGEMM on 1 and 2 ranks against the tile-product floor of each."""
+    rows = []
+    numpy_seconds = min(_child_json([sys.executable, "-c", _NUMPY_TIMER, str(size), "3"], max(RANKS))
+                        for _ in range(repeats))
+    for ranks in RANKS:
+        cmd = kernel_command(ranks, "gemm", "meshgemm", mesh, size, dry_run=False)
+        floor_cmd = [sys.executable, "-c", _FLOOR_TIMER, str(mesh), str(size), str(ranks), "2"]
+        wall, floor, report = float("inf"), float("inf"), None
+        for _ in range(repeats):
+            report = _child_json(cmd)
+            wall = min(wall, report["wall_seconds"])
+            floor = min(floor, _child_json(floor_cmd))
+            bar.update()
+        rows.append(_row("numeric meshgemm", mesh, size, ranks, wall, report, cmd, floor=floor,
+                         ratio=wall / floor, numpy=numpy_seconds))
+    return rows
+
+
+def dry_rows(sides, gemm_size: int, gemv_size: int, repeats: int, bar) -> list[dict]:
+    """Dry-run MeshGEMM and MeshGEMV on each side, on 1 and 2 ranks."""
+    rows = []
+    for kernel, algo, size in (("gemm", "meshgemm", gemm_size), ("gemv", "meshgemv", gemv_size)):
+        for side in sides:
+            one = None
+            for ranks in RANKS:
+                cmd = kernel_command(ranks, kernel, algo, side, size, dry_run=True)
+                reports = []
+                for _ in range(repeats):
+                    reports.append(_child_json(cmd))
+                    bar.update()
+                wall = min(r["wall_seconds"] for r in reports)
+                one = wall if ranks == 1 else one
+                rows.append(_row(f"dry {algo}", side, size, ranks, wall, reports[0], cmd,
+                                 speedup=one / wall if ranks > 1 else None))
+    return rows
+
+
+def bench_speed(args, hardware, out: Path, table_class, progress) -> list[dict]:
+    """Write <out>/speed.csv (rank 0 runs every child); ``--meshes`` sets the dry-run sides and
+    ``--size`` the numeric MeshGEMM's size."""
+    if cli.world_rank() != 0:
+        return []
+    sides = DRY["sides"] if not args.meshes else tuple(int(s) for s in args.meshes.split(","))
+    size = args.size or NUMERIC["size"]
+    table = table_class(out / "speed.csv")
+    runs = len(RANKS) * (NUMERIC["repeats"] + 2 * len(sides) * DRY["repeats"])
+    with progress(runs, "speed") as bar:
+        for row in numeric_rows(NUMERIC["mesh"], size, NUMERIC["repeats"], bar):
+            table.add(row)
+        for row in dry_rows(sides, DRY["gemm_size"], DRY["gemv_size"], DRY["repeats"], bar):
+            table.add(row)
+    rows = table.close()
+    for r in rows:
+        extra = (f", {r['ratio_to_floor']:.2f}x the tile-product floor" if r["ratio_to_floor"] else "") + \
+                (f", {r['speedup_over_1_rank']:.2f}x over 1 rank" if r["speedup_over_1_rank"] else "")
+        cli.say(f"speed: {r['what']} {r['size']} on {r['mesh']}, {r['ranks']} rank(s): "
+                f"{r['wall_seconds']:.3f} s{extra}", file=sys.stderr)
+    return rows
