@@ -242,7 +242,6 @@ def run_generate(args) -> dict:
                   "all": config.num_hidden_layers}.get(args.layers, args.layers)
     if not 1 <= sim_layers <= config.num_hidden_layers:
         raise UsageError(f"--layers must be in 1..{config.num_hidden_layers}, got {sim_layers}")
-    scale = config.num_hidden_layers / sim_layers
 
     from .prefill import prefill
     planner = Planner(config, hardware, len(ids), args.max_new_tokens, args.kv, args.allreduce, args.forwarding)
@@ -250,7 +249,7 @@ def run_generate(args) -> dict:
     with hint_on_failure(planner):
         pre = prefill(pmesh, config, weights, ids if weights is not None else len(ids), layers=sim_layers,
                       forwarding=args.forwarding)
-    prefill_cycles = pre.modeled_cycles + (scale - 1) * pre.cycles_per_layer * sim_layers
+    prefill_cycles = pre.cycles(config.num_hidden_layers)
 
     mesh = cli.mesh_from_args(args, rows, cols, hardware)
     total = len(ids) + args.max_new_tokens
@@ -348,6 +347,7 @@ def run_generate(args) -> dict:
         "decode_integration": e2e.summary(simulated, prompt, last_step),
         "decode_reduction_payloads": decoder.reduction_payloads,
         "decode_kv_layout": decoder.layout.summary(),
+        "prefill_layers_per_region": pre.layers_per_region, "prefill_regions": pre.regions,
         "layers_simulated": sim_layers, "layers_per_region": plan.layers_per_region, "regions": plan.regions,
         "last_region_layers": plan.last_region_layers,
         "cores_used": plan.regions * rows * cols,

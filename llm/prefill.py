@@ -48,7 +48,7 @@ import numpy as np
 from kernels.allreduce import allreduce
 from kernels.gemm import CellMap, GemmPlan, ring_gemm, ring_gemm_t, rotate_lines
 from kernels.ring import interleaved_ring
-from meshmpi import host
+from meshmpi import costs, host
 from meshmpi.mesh import block_offsets
 
 from .config import LlamaConfig
@@ -74,12 +74,22 @@ class PrefillResult:
     last_hidden: np.ndarray | None      # [hidden], final-normed hidden of the last prompt token
     k_cache: list | None                # per layer [kv_heads, T, head_dim] post-RoPE keys
     v_cache: list | None                # per layer [kv_heads, T, head_dim]
-    modeled_cycles: float               # critical path of the simulated layers (+ final norm)
+    modeled_cycles: float               # critical path of the simulated layers (+ hand-offs, final norm)
     cycles_per_layer: float             # modeled cycles of layer 0
     tokens: int                         # prompt length T
     layers: int                         # layers simulated
     flops_charged: int                  # FLOPs the mesh charged (padding included), all cores
     flops_real: int                     # FLOPs of the unpadded model for the same layers
+    layers_per_region: int = 1          # layers a prefill region holds resident (weights + K|V)
+    regions: int = 1                    # prefill regions the whole model needs (a pipeline)
+    hand_off_cycles: float = 0.0        # one hand-off of the activations to the next region
+
+    def cycles(self, layers: int) -> float:
+        """The prefill of ``layers`` layers (the model's): as simulated when every layer ran, else
+        the first layer's cycles for each layer not run and the hand-offs not simulated."""
+        simulated_hand_offs = (self.layers - 1) // self.layers_per_region
+        return (self.modeled_cycles + (layers - self.layers) * self.cycles_per_layer
+                + (self.regions - 1 - simulated_hand_offs) * self.hand_off_cycles)
 
 
 class PrefillLayout:
@@ -342,17 +352,57 @@ class _Prefill:
         self.numeric = not mesh.dry_run
         self.rows = mesh.global_rows()
         self.cols = mesh.global_cols()
+        lay, n, hidden = self.lay, self.n, config.hidden_size
+        build = lambda m, k, cols: GemmPlan.build("meshgemm", n, n, m, k, cols)  # noqa: E731
+        self.plans = {"qkv": build(lay.t_pad, hidden, n * lay.qkv_cols),
+                      "o": build(lay.t_pad, n * lay.cells * 2 * lay.p, hidden),
+                      "gate_up": build(lay.t_pad, hidden, n * 2 * lay.fb),
+                      "down": build(lay.t_pad, n * lay.fb, hidden),
+                      "qk": build(lay.t_pad, lay.t_pad, n * 2 * lay.p),      # S = Q K^T per cell
+                      "pv": build(lay.t_pad, lay.t_pad, n * 2 * lay.p)}      # O = P V per cell
+        self.heads = lay.cell_map()
 
     # ------------------------------------------------------------------ host plane
     def scatter(self, name, tiles_fn, tile_shape):
         tiles = tiles_fn() if self.numeric else None
         return host.scatter(self.mesh, name, tiles, tile_shape, np.float32)
 
-    def place_weight(self, name, plan, matrix_fn):
+    @staticmethod
+    def b_tile_shape(plan) -> tuple[int, int]:
+        """A pre-skewed B operand's tile: its chunks of the k dimension by a column block."""
+        return (plan.chunks // plan.rows) * plan.chunk, plan.n_pad // plan.cols
+
+    MATRICES = {"w_qkv": ("qkv", "qkv_weight"), "w_o": ("o", "o_weight"),
+                "w_gate_up": ("gate_up", "gate_up_weight"), "w_down": ("down", "down_weight")}
+    NORMS = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm"}
+
+    def place_layer(self, index) -> dict:
+        """Layer ``index``'s weights on the mesh (host plane, before the wafer phases): the four
+        matrices pre-skewed as MeshGEMM's B operands, the two norm weights by column block.
+        Charged as one resident block by :func:`prefill`, not one by one."""
+        p, w = f"prefill.layer{index}", self.weights.layers[index] if self.numeric else None
+        placed = {name: self.place_weight(f"{p}.{name}", self.plans[plan], lambda m=method: getattr(self.lay, m)(w),
+                                          charge=False)
+                  for name, (plan, method) in self.MATRICES.items()}
+        for name, field in self.NORMS.items():
+            placed[name] = host.scatter(self.mesh, f"{p}.{name}", self.lay.norm_tiles(getattr(w, field)) if w else None,
+                                        (self.lay.hb,), np.float32, charge=False)
+        return placed
+
+    def layer_weight_bytes(self) -> int:
+        """Bytes per core of one layer's resident weights (:meth:`place_layer`)."""
+        elements = sum(int(np.prod(self.b_tile_shape(self.plans[plan]))) for plan, _ in self.MATRICES.values())
+        return (elements + len(self.NORMS) * self.lay.hb) * self.mesh.hardware.element_bytes
+
+    def kv_bytes(self) -> int:
+        """Bytes per core of one layer's K|V (the cache a region keeps for the re-layout)."""
+        return 2 * self.lay.tb * self.lay.kpc * 2 * self.lay.p * self.mesh.hardware.element_bytes
+
+    def place_weight(self, name, plan, matrix_fn, charge: bool = True):
         """A B operand pre-skewed on load (:func:`kernels.gemm.place_b_skewed`'s layout: core
         (i, j) holds the chunks of group ``(pos_y(i) + pos_x(j)) mod R`` of column block j);
         each rank reads only its cores' rows and columns of the :class:`Gathered` ``matrix_fn()``."""
-        shape = ((plan.chunks // plan.rows) * plan.chunk, plan.n_pad // plan.cols)
+        shape = self.b_tile_shape(plan)
         block = None
         if self.numeric:
             group = (plan.ring_y.position[self.rows][:, None] + plan.ring_x.position[self.cols][None, :]) % plan.rows
@@ -361,18 +411,18 @@ class _Prefill:
             col_of = self.cols[:, None] * shape[1] + np.arange(shape[1])
             block = block_tiles(matrix_fn(), row_of.reshape(group.shape + (-1,)),
                                 np.broadcast_to(col_of[None], group.shape + (shape[1],)))
-        return host.place_block(self.mesh, name, block, shape, np.float32)
+        return host.place_block(self.mesh, name, block, shape, np.float32, charge=charge)
 
     def flops_so_far(self) -> int:
         return int(self.mesh.sum_over_ranks(int(self.mesh.counters["flops"].sum())))
 
     # ------------------------------------------------------------------ wafer operators
-    def rms_norm(self, x, weight_tiles, name):
-        """x / rms(x) * w, the mean over the row via an allreduce-sum along x."""
+    def rms_norm(self, x, w, name):
+        """x / rms(x) * w (``w`` placed by column block), the mean over the row via an
+        allreduce-sum along x."""
         mesh = self.mesh
         tb, hb = x.tile_shape
         ss = mesh.alloc(f"{name}.ss", (tb,), np.float32)
-        w = self.scatter(f"{name}.w", lambda: weight_tiles, (hb,))
         with mesh.phase(name):
             if self.numeric:
                 ss.data[...] = np.einsum("abij,abij->abi", x.data, x.data)
@@ -386,15 +436,16 @@ class _Prefill:
                 out.data[...] = x.data * inv[..., None] * w.data[:, :, None, :]
             mesh.compute(FLOPS_RMS_ROW * tb + FLOPS_RMS_SCALE * tb * hb, scalars=tb)   # a reciprocal root per row
         ss.free()
-        w.free()
         return out
 
-    def gemm(self, plan, a, b, name, cells=None):
-        """MeshGEMM; its inputs are consumed (shifted on the wafer) and released."""
+    def gemm(self, plan, a, b, name, cells=None, resident_b=False):
+        """MeshGEMM; A is consumed (shifted on the wafer) and released, and so is B unless it
+        is a resident weight (left one ring step short of home: the schedule is cyclic)."""
         with self.mesh.fabric.scope():
             c = ring_gemm(self.mesh, plan, a, b, name=name, cells=cells)
         a.free()
-        b.free()
+        if not resident_b:
+            b.free()
         return c
 
     def add_into(self, x, y):
@@ -513,23 +564,16 @@ class _Prefill:
         l.free()
 
     # ------------------------------------------------------------------ one layer
-    def layer(self, index, x, cos, sin):
-        mesh, lay, n = self.mesh, self.lay, self.n
+    def layer(self, index, x, cos, sin, w):
+        """One decoder layer (PAPER.md §4) on resident weights ``w`` (:meth:`place_layer`)."""
+        mesh, lay, n, plans = self.mesh, self.lay, self.n, self.plans
         p = f"prefill.layer{index}"
-        w = self.weights.layers[index] if self.numeric else None
         tb, p2, cells, kpc = lay.tb, 2 * lay.p, lay.cells, lay.kpc
-        plan_qkv = GemmPlan.build("meshgemm", n, n, lay.t_pad, self.config.hidden_size, n * lay.qkv_cols)
-        plan_o = GemmPlan.build("meshgemm", n, n, lay.t_pad, n * cells * p2, self.config.hidden_size)
-        plan_gu = GemmPlan.build("meshgemm", n, n, lay.t_pad, self.config.hidden_size, n * 2 * lay.fb)
-        plan_down = GemmPlan.build("meshgemm", n, n, lay.t_pad, n * lay.fb, self.config.hidden_size)
-        plan_t = GemmPlan.build("meshgemm", n, n, lay.t_pad, lay.t_pad, n * p2)     # S = Q K^T per cell
-        plan_pv = GemmPlan.build("meshgemm", n, n, lay.t_pad, lay.t_pad, n * p2)    # O = P V per cell
-        heads = lay.cell_map()
+        plan_t, heads = plans["qk"], self.heads
 
         with mesh.phase(f"{p}.attention"):
-            xn = self.rms_norm(x, lay.norm_tiles(w.input_layernorm) if w else None, f"{p}.input_norm")
-            w_qkv = self.place_weight(f"{p}.w_qkv", plan_qkv, lambda: lay.qkv_weight(w))
-            qkv = self.gemm(plan_qkv, xn, w_qkv, f"{p}.qkv")
+            xn = self.rms_norm(x, w["norm1"], f"{p}.input_norm")
+            qkv = self.gemm(plans["qkv"], xn, w["w_qkv"], f"{p}.qkv", resident_b=True)
             q = mesh.alloc(f"{p}.q", (cells, tb, p2), np.float32)
             if self.numeric:
                 q.data[...] = qkv.data[..., : cells * p2].reshape(qkv.data.shape[:3] + (cells, p2)).transpose(0, 1, 3, 2, 4)
@@ -554,28 +598,24 @@ class _Prefill:
             with mesh.phase(f"{p}.softmax"):
                 self.softmax(s, f"{p}.softmax")
             v = self.slots_of(kv, 1, f"{p}.v")
-            o = self.gemm(plan_pv, s, v, f"{p}.pv", cells=heads)
+            o = self.gemm(plans["pv"], s, v, f"{p}.pv", cells=heads)
             out = mesh.alloc(f"{p}.attn", (tb, cells * p2), np.float32)
             if self.numeric:
                 out.data[...] = o.data.transpose(0, 1, 3, 2, 4).reshape(out.data.shape)
             o.free()
             kv.free()
-            w_o = self.place_weight(f"{p}.w_o", plan_o, lambda: lay.o_weight(w))
-            self.add_into(x, self.gemm(plan_o, out, w_o, f"{p}.o"))
+            self.add_into(x, self.gemm(plans["o"], out, w["w_o"], f"{p}.o", resident_b=True))
 
         with mesh.phase(f"{p}.mlp"):
-            xn = self.rms_norm(x, lay.norm_tiles(w.post_attention_layernorm) if w else None,
-                               f"{p}.post_norm")
-            w_gu = self.place_weight(f"{p}.w_gate_up", plan_gu, lambda: lay.gate_up_weight(w))
-            gu = self.gemm(plan_gu, xn, w_gu, f"{p}.gate_up")
+            xn = self.rms_norm(x, w["norm2"], f"{p}.post_norm")
+            gu = self.gemm(plans["gate_up"], xn, w["w_gate_up"], f"{p}.gate_up", resident_b=True)
             act = mesh.alloc(f"{p}.act", (tb, lay.fb), np.float32)
             if self.numeric:
                 gate, up = gu.data[..., : lay.fb], gu.data[..., lay.fb:]
                 act.data[...] = gate / (1.0 + np.exp(-gate)) * up
             mesh.compute(FLOPS_SILU_MUL * tb * lay.fb)
             gu.free()
-            w_down = self.place_weight(f"{p}.w_down", plan_down, lambda: lay.down_weight(w))
-            self.add_into(x, self.gemm(plan_down, act, w_down, f"{p}.down"))
+            self.add_into(x, self.gemm(plans["down"], act, w["w_down"], f"{p}.down", resident_b=True))
         if kv_cols is None:
             return None, None
         return lay.unpermute_kv(kv_cols[:, :, 0]), lay.unpermute_kv(kv_cols[:, :, 1])
@@ -620,29 +660,51 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
     cos_sin = lay.rope_tiles() if run.numeric else (None, None)
     cos = run.scatter("prefill.rope.cos", lambda: cos_sin[0], (lay.tb, lay.kpc * lay.p))
     sin = run.scatter("prefill.rope.sin", lambda: cos_sin[1], (lay.tb, lay.kpc * lay.p))
+    final_w = run.scatter("prefill.final_norm.w", lambda: lay.norm_tiles(weights.norm), (lay.hb,))
+    resident = [run.place_layer(index) for index in range(count)]
+    weight_bytes, kv_bytes = run.layer_weight_bytes(), run.kv_bytes()
+    hand_off = costs.line_stream(mesh.hardware, n, n, lay.tb * lay.hb * mesh.hardware.element_bytes)
 
     start = mesh.modeled_cycles()
     flops_before = run.flops_so_far()
     k_cache, v_cache = [], []
-    per_layer = 0.0
+    per_layer, per_region, in_region = 0.0, 1, 0
+    # Layer 0 runs with its own weights resident; the region then holds as many layers as fit
+    # beside the working buffers it needed (weights and the kept K|V of each layer).
+    mesh.memory.charge("prefill.weights", weight_bytes)
     with mesh.phase("prefill"):
         for index in range(count):
+            if index and index % per_region == 0:      # the next region of the pipeline
+                with mesh.phase("prefill.hand_off"):
+                    mesh.clock[...] = mesh.modeled_cycles() + hand_off
+                mesh.memory.charge("prefill.kv_cache", 0)
+                in_region = 0
             with mesh.phase(f"prefill.layer{index}"):
-                k, v = run.layer(index, x, cos, sin)
+                k, v = run.layer(index, x, cos, sin, resident[index])
             if index == 0:
                 per_layer = mesh.modeled_cycles() - start
+                working = mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0))) - weight_bytes
+                fit = (mesh.memory.sram_bytes - working) // (weight_bytes + kv_bytes)
+                per_region = max(1, min(config.num_hidden_layers, int(fit)))
+                mesh.memory.charge("prefill.weights", per_region * weight_bytes)
+            in_region += 1
+            mesh.memory.charge("prefill.kv_cache", in_region * kv_bytes)
             k_cache.append(k)
             v_cache.append(v)
-        final = run.rms_norm(x, lay.norm_tiles(weights.norm) if run.numeric else None, "prefill.final_norm")
+        final = run.rms_norm(x, final_w, "prefill.final_norm")
     total = mesh.modeled_cycles() - start
     charged = run.flops_so_far() - flops_before
     last = None
     if run.numeric:
         full = host.untile_matrix(host.gather(mesh, final))
         last = full[length - 1, : config.hidden_size].copy()
-    for arr in (final, x, cos, sin):
+    for arr in (final, x, cos, sin, final_w, *(w for layer in resident for w in layer.values())):
         arr.free()
+    for block in ("prefill.weights", "prefill.kv_cache"):
+        mesh.memory.release(block)
+    regions = -(-config.num_hidden_layers // per_region)
     return PrefillResult(last_hidden=last, k_cache=k_cache if run.numeric else None,
                          v_cache=v_cache if run.numeric else None, modeled_cycles=total,
                          cycles_per_layer=per_layer, tokens=length, layers=count, flops_charged=charged,
+                         layers_per_region=per_region, regions=regions, hand_off_cycles=hand_off,
                          flops_real=prefill_flops(real_flops(config, length), count))

@@ -31,6 +31,14 @@ def arrival(hw, depart, hops, relays, nbytes, load=1):
     return depart + route_latency(hw, hops, relays) + serialisation(hw, nbytes, load)
 
 
+def line_stream(hw, tiles, hops, nbytes):
+    """A line of ``tiles`` cores each sending its tile ``hops`` links on along the line, as one
+    region hands its activations to the next one beside it (every tile crosses the one link
+    between the regions): the link on the boundary carries every tile back to back, so the
+    last tile lands ``transfer_start + alpha*hops + tiles*bytes/bandwidth`` after they start."""
+    return transfer_start(hw) + route_latency(hw, hops) + tiles * serialisation(hw, nbytes)
+
+
 def compute(hw, flops, ops=0, scalars=0):
     """Cycles of local work on one core: ``flops / flops_per_cycle`` for the arithmetic, plus
     the fixed cost of starting each of its ``ops`` vector operations (``vector_op_cycles``)
