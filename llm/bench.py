@@ -122,6 +122,7 @@ def _e2e_row(model: str, side: int, r: dict) -> dict:
         "modeled_e2e_tokens_per_s": r["modeled_e2e_tokens_per_s"],
         "e2e_prefill_share": r["e2e_prefill_share"],
         "decode_steps": d["steps"], "decode_steps_simulated": d["simulated_steps"],
+        "prefill_regions": r["prefill_regions"], "prefill_layers_per_region": r["prefill_layers_per_region"],
         "regions": r["regions"], "wall_seconds": r["wall_seconds"], "error": "",
     }
 
