@@ -24,6 +24,7 @@ from meshmpi import costs, host
 from meshmpi.errors import UsageError
 from meshmpi.mesh import block_offsets
 
+from . import flops
 from .layout import DecodeLayout, Gathered, vector_block
 from .relayout import relayout_kv
 
@@ -314,13 +315,13 @@ class Decoder:
         total = mesh.alloc(f"{name}.ss", (1,), np.float32)
         if not mesh.dry_run:
             total.data[..., 0] = np.einsum("rci,rci->rc", x.data, x.data)
-        mesh.compute(2 * x.tile_elements)
+        mesh.compute(flops.RMS_SUMSQ * x.tile_elements)
         self._allreduce(total, "y", "sum", f"{name}.allreduce")
         out = mesh.alloc(f"{name}.out", x.tile_shape, np.float32)
         if not mesh.dry_run:
             scale = 1.0 / np.sqrt(total.data / np.float32(self.config.hidden_size) + np.float32(eps))
             out.data[...] = x.data * scale * weight.data
-        mesh.compute(3 * x.tile_elements, scalars=1)    # the reciprocal square root
+        mesh.compute(flops.RMS_ROW + flops.RMS_SCALE * x.tile_elements, scalars=1)   # one reciprocal root
         total.free()
         return out
 
@@ -340,7 +341,7 @@ class Decoder:
             q = self._rotate(parts[:, :, :g], cos[None, :, None, :], sin[None, :, None, :])
             k_new = self._rotate(parts[:, :, g], cos[None], sin[None])
             v_new = parts[:, :, g + 1].copy()
-        mesh.compute(6 * (g + 1) * s)
+        mesh.compute(flops.ROPE_PAIR * (g + 1) * s // 2)     # q's g heads and k, s // 2 pairs each
         qkv.free()
         return (q, k_new, v_new) if not mesh.dry_run else (None, None, None)
 
@@ -370,12 +371,12 @@ class Decoder:
             sc = scores.data.reshape(mesh.block_shape + (cap, local_heads * g)) / np.float32(np.sqrt(lay.head_dim))
             sc = np.where(valid[:, None, :, None], sc, np.float32(-np.inf))
             peak.data[...] = np.where(valid.any(1)[:, None, None], sc.max(axis=2), np.float32(-3e38))
-        mesh.compute(lay.score_elements(cap))
+        mesh.compute((flops.SCORE_SCALE_MASK + flops.SOFTMAX_MAX) * lay.score_elements(cap))
         self._allreduce(peak, "y", "max", f"{tag}.softmax_max")
         if not mesh.dry_run:
             e = np.where(valid[:, None, :, None], np.exp(sc - peak.data[:, :, None, :]), np.float32(0))
             total.data[...] = e.sum(axis=2)
-        mesh.compute(3 * lay.score_elements(cap))
+        mesh.compute(flops.SOFTMAX_EXP_SUM * lay.score_elements(cap))
         self._allreduce(total, "y", "sum", f"{tag}.softmax_sum")
         o = mesh.alloc(f"{tag}.o", (g * s,), np.float32)
         if not mesh.dry_run:
@@ -387,7 +388,7 @@ class Decoder:
             values = self.kv.v[index][:, :, :cap]
             o.data[...] = np.einsum("rcts,rctas->rcas", values, p_slot * (slot_local >= 0)[None, :, None, None, :]
                                     ).reshape(o.data.shape)
-        mesh.compute(2 * cap * g * s)
+        mesh.compute(flops.SOFTMAX_DIVIDE * lay.score_elements(cap) + 2 * cap * g * s)
         self._allreduce(o, "y", "sum", f"{tag}.pv")
         for buf in (scores, peak, total):
             buf.free()
@@ -403,7 +404,7 @@ class Decoder:
         if not mesh.dry_run:
             gate, up = gate_up.data[..., :f], gate_up.data[..., f:]
             act.data[...] = gate / (1.0 + np.exp(-gate)) * up
-        mesh.compute(5 * f)
+        mesh.compute(flops.SILU_MUL * f)
         gate_up.free()
         down = self._meshgemv(act, w["down"], "x", f"{tag}.down")
         act.free()
@@ -429,7 +430,7 @@ class Decoder:
     def _add_into(self, x, y) -> None:
         if not self.mesh.dry_run:
             x.data += y.data
-        self.mesh.compute(x.tile_elements)
+        self.mesh.compute(flops.ADD * x.tile_elements)
 
     @property
     def every_layer(self) -> bool:

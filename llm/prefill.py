@@ -51,20 +51,13 @@ from kernels.ring import interleaved_ring
 from meshmpi import costs, host
 from meshmpi.mesh import block_offsets
 
+from . import flops
 from .config import LlamaConfig
 from .errors import ModelError
 from .layout import Gathered, block_tiles
 from .reference import rope_inv_freq
 
 # Modeled FLOPs per element of the local elementwise operators (calibration constants).
-FLOPS_RMS_SUMSQ = 2        # square and add
-FLOPS_RMS_SCALE = 2        # times 1/rms, times weight
-FLOPS_RMS_ROW = 4          # per row: mean, add eps, sqrt, reciprocal
-FLOPS_ROPE_PAIR = 6        # 4 multiplies, 2 adds per (d, d + head_dim/2) pair
-FLOPS_MASK_SCALE = 2       # scale and select
-FLOPS_SOFTMAX = 5          # max, subtract, exp, add, divide
-FLOPS_SILU_MUL = 5         # negate, exp, add, divide, multiply
-FLOPS_ADD = 1              # residual
 
 
 @dataclass
@@ -293,20 +286,20 @@ class PrefillLayout:
         line = n * (n - 1)          # an allreduce adds N - 1 deliveries per line, N lines
 
         def norm():
-            return cores * (FLOPS_RMS_SUMSQ * tb * hb + FLOPS_RMS_ROW * tb + FLOPS_RMS_SCALE * tb * hb) + line * tb
+            return cores * (flops.RMS_SUMSQ * tb * hb + flops.RMS_ROW * tb + flops.RMS_SCALE * tb * hb) + line * tb
 
         def gemm(m, k, cols):       # n compute-shift steps of an (m x k) @ (k x cols) tile product
             return cores * n * 2 * m * k * cols
 
         rows = self.nq * tb
         return {"input_norm": norm(), "qkv": gemm(tb, hb, self.qkv_cols),
-                "rope": n * FLOPS_ROPE_PAIR * tb * (n * self.cells * self.p + int(self.k_pairs().sum())),
+                "rope": n * flops.ROPE_PAIR * tb * (n * self.cells * self.p + int(self.k_pairs().sum())),
                 "qk": gemm(tb, p2, tb) * self.cells,
-                "softmax": cores * (FLOPS_MASK_SCALE + FLOPS_SOFTMAX) * rows * tb + 2 * line * rows,
+                "softmax": cores * flops.SOFTMAX_ALL * rows * tb + 2 * line * rows,
                 "pv": gemm(tb, tb, p2) * self.cells, "o": gemm(tb, self.cells * p2, hb),
-                "o_residual": cores * FLOPS_ADD * tb * hb, "post_norm": norm(),
-                "gate_up": gemm(tb, hb, 2 * fb), "silu": cores * FLOPS_SILU_MUL * tb * fb,
-                "down": gemm(tb, fb, hb), "down_residual": cores * FLOPS_ADD * tb * hb,
+                "o_residual": cores * flops.ADD * tb * hb, "post_norm": norm(),
+                "gate_up": gemm(tb, hb, 2 * fb), "silu": cores * flops.SILU_MUL * tb * fb,
+                "down": gemm(tb, fb, hb), "down_residual": cores * flops.ADD * tb * hb,
                 "final_norm": norm()}
 
 
@@ -316,13 +309,13 @@ def real_flops(config: LlamaConfig, tokens: int) -> dict:
     whole ``tokens x tokens`` score matrix, as the reference computes it before masking."""
     t, h, f, d = tokens, config.hidden_size, config.intermediate_size, config.head_dim
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    norm = (FLOPS_RMS_SUMSQ + FLOPS_RMS_SCALE) * t * h + FLOPS_RMS_ROW * t
+    norm = (flops.RMS_SUMSQ + flops.RMS_SCALE) * t * h + flops.RMS_ROW * t
     return {"input_norm": norm, "qkv": 2 * t * h * (heads + 2 * kv_heads) * d,
-            "rope": FLOPS_ROPE_PAIR * t * (heads + kv_heads) * d // 2,
-            "qk": 2 * heads * t * t * d, "softmax": (FLOPS_MASK_SCALE + FLOPS_SOFTMAX) * heads * t * t,
-            "pv": 2 * heads * t * t * d, "o": 2 * t * heads * d * h, "o_residual": FLOPS_ADD * t * h,
-            "post_norm": norm, "gate_up": 2 * t * h * 2 * f, "silu": FLOPS_SILU_MUL * t * f,
-            "down": 2 * t * f * h, "down_residual": FLOPS_ADD * t * h, "final_norm": norm}
+            "rope": flops.ROPE_PAIR * t * (heads + kv_heads) * d // 2,
+            "qk": 2 * heads * t * t * d, "softmax": flops.SOFTMAX_ALL * heads * t * t,
+            "pv": 2 * heads * t * t * d, "o": 2 * t * heads * d * h, "o_residual": flops.ADD * t * h,
+            "post_norm": norm, "gate_up": 2 * t * h * 2 * f, "silu": flops.SILU_MUL * t * f,
+            "down": 2 * t * f * h, "down_residual": flops.ADD * t * h, "final_norm": norm}
 
 
 def prefill_flops(per_layer: dict, layers: int) -> int:
@@ -426,7 +419,7 @@ class _Prefill:
         with mesh.phase(name):
             if self.numeric:
                 ss.data[...] = np.einsum("abij,abij->abi", x.data, x.data)
-            mesh.compute(FLOPS_RMS_SUMSQ * tb * hb)
+            mesh.compute(flops.RMS_SUMSQ * tb * hb)
             with mesh.fabric.scope():
                 allreduce(mesh, ss, "x", "sum", name=f"{name}.allreduce", forwarding=self.forwarding)
             out = mesh.alloc(f"{name}.out", x.tile_shape, np.float32)
@@ -434,7 +427,7 @@ class _Prefill:
                 inv = 1.0 / np.sqrt(ss.data / np.float32(self.config.hidden_size)
                                     + np.float32(self.config.rms_norm_eps))
                 out.data[...] = x.data * inv[..., None] * w.data[:, :, None, :]
-            mesh.compute(FLOPS_RMS_ROW * tb + FLOPS_RMS_SCALE * tb * hb, scalars=tb)   # a reciprocal root per row
+            mesh.compute(flops.RMS_ROW * tb + flops.RMS_SCALE * tb * hb, scalars=tb)   # a reciprocal root per row
         ss.free()
         return out
 
@@ -451,7 +444,7 @@ class _Prefill:
     def add_into(self, x, y):
         if self.numeric:
             x.data += y.data
-        self.mesh.compute(FLOPS_ADD * y.tile_elements)
+        self.mesh.compute(flops.ADD * y.tile_elements)
         y.free()
 
     def kv_share(self, qkv, name):
@@ -485,7 +478,7 @@ class _Prefill:
             _rotate(keys, pick(c, 1), pick(s, 0))     # V values past a share's K pairs stay
             share.data.reshape(shape + (lay.tb, lay.kpc, lay.share))[..., : 2 * m.size] = keys.reshape(keys.shape[:-2] + (-1,))
         k_pairs = np.broadcast_to(lay.k_pairs()[self.cols][None, :], mesh.block_shape)
-        mesh.compute(FLOPS_ROPE_PAIR * lay.tb * (lay.cells * lay.p + k_pairs))
+        mesh.compute(flops.ROPE_PAIR * lay.tb * (lay.cells * lay.p + k_pairs))
 
     def gather_kv(self, share, name):
         """K and V of every column's block: each column's share of the block's K|V values goes
@@ -543,23 +536,23 @@ class _Prefill:
             visible = ((key <= query) & (key < lay.tokens))[:, :, None]   # same for every head
             scale = np.float32(1.0 / math.sqrt(self.config.head_dim))
             s.data[...] = np.where(visible, s.data * scale, -np.inf)
-        mesh.compute(FLOPS_MASK_SCALE * rows_t * keys_t)
+        mesh.compute(flops.SCORE_SCALE_MASK * rows_t * keys_t)
         m = mesh.alloc(f"{name}.max", row_shape, np.float32)
         if self.numeric:
             m.data[...] = s.data.max(axis=-1)
-        mesh.compute(rows_t * keys_t)
+        mesh.compute(flops.SOFTMAX_MAX * rows_t * keys_t)
         with mesh.fabric.scope():
             allreduce(mesh, m, "x", "max", name=f"{name}.max", forwarding=self.forwarding)
         l = mesh.alloc(f"{name}.sum", row_shape, np.float32)
         if self.numeric:
             s.data[...] = np.exp(s.data - m.data[..., None])
             l.data[...] = s.data.sum(axis=-1)
-        mesh.compute(3 * rows_t * keys_t)
+        mesh.compute(flops.SOFTMAX_EXP_SUM * rows_t * keys_t)
         with mesh.fabric.scope():
             allreduce(mesh, l, "x", "sum", name=f"{name}.sum", forwarding=self.forwarding)
         if self.numeric:
             s.data /= l.data[..., None]
-        mesh.compute((FLOPS_SOFTMAX - 4) * rows_t * keys_t)
+        mesh.compute(flops.SOFTMAX_DIVIDE * rows_t * keys_t)
         m.free()
         l.free()
 
@@ -582,9 +575,11 @@ class _Prefill:
             with mesh.phase(f"{p}.rope"):
                 self.rope(q, share, cos, sin)
             kv = self.gather_kv(share, p)
-            kv_cols = None
-            if self.numeric:          # host plane: the caches
-                kv_cols = host.untile_matrix(host.gather(mesh, kv)).reshape(lay.t_pad, n, 2, kpc, p2)
+            # The layer's K|V stays on the cores (the cache the re-layout moves; charged with the
+            # region's kv_cache block): kept before the skew moves the working copy.
+            kept = mesh.alloc(f"{p}.kv.kept", kv.tile_shape, np.float32, fill=None, charge=False)
+            if self.numeric:
+                kept.data[...] = kv.data
             # K and V into the pre-skewed layout of a B operand, on the wafer.
             with mesh.phase(f"{p}.kv_skew"), mesh.fabric.scope():
                 rotate_lines(mesh, kv, "y", plan_t.ring_y, plan_t.ring_x.position, f"{p}.kv.skew")
@@ -613,12 +608,16 @@ class _Prefill:
             if self.numeric:
                 gate, up = gu.data[..., : lay.fb], gu.data[..., lay.fb:]
                 act.data[...] = gate / (1.0 + np.exp(-gate)) * up
-            mesh.compute(FLOPS_SILU_MUL * tb * lay.fb)
+            mesh.compute(flops.SILU_MUL * tb * lay.fb)
             gu.free()
             self.add_into(x, self.gemm(plans["down"], act, w["w_down"], f"{p}.down", resident_b=True))
-        if kv_cols is None:
-            return None, None
-        return lay.unpermute_kv(kv_cols[:, :, 0]), lay.unpermute_kv(kv_cols[:, :, 1])
+        return kept
+
+    def read_cache(self, kept) -> tuple[np.ndarray, np.ndarray]:
+        """Host plane, after the prefill: a layer's kept K|V as [kv_heads, T, head_dim] each."""
+        lay = self.lay
+        cols = host.untile_matrix(host.gather(self.mesh, kept)).reshape(lay.t_pad, self.n, 2, lay.kpc, 2 * lay.p)
+        return lay.unpermute_kv(cols[:, :, 0]), lay.unpermute_kv(cols[:, :, 1])
 
 
 def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = None,
@@ -667,7 +666,7 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
 
     start = mesh.modeled_cycles()
     flops_before = run.flops_so_far()
-    k_cache, v_cache = [], []
+    kept = []
     per_layer, per_region, in_region = 0.0, 1, 0
     # Layer 0 runs with its own weights resident; the region then holds as many layers as fit
     # beside the working buffers it needed (weights and the kept K|V of each layer).
@@ -680,7 +679,7 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
                 mesh.memory.charge("prefill.kv_cache", 0)
                 in_region = 0
             with mesh.phase(f"prefill.layer{index}"):
-                k, v = run.layer(index, x, cos, sin, resident[index])
+                kept.append(run.layer(index, x, cos, sin, resident[index]))
             if index == 0:
                 per_layer = mesh.modeled_cycles() - start
                 working = mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0))) - weight_bytes
@@ -689,22 +688,20 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
                 mesh.memory.charge("prefill.weights", per_region * weight_bytes)
             in_region += 1
             mesh.memory.charge("prefill.kv_cache", in_region * kv_bytes)
-            k_cache.append(k)
-            v_cache.append(v)
         final = run.rms_norm(x, final_w, "prefill.final_norm")
     total = mesh.modeled_cycles() - start
     charged = run.flops_so_far() - flops_before
-    last = None
-    if run.numeric:
+    last = k_cache = v_cache = None
+    if run.numeric:          # host plane: the last hidden vector and the caches
         full = host.untile_matrix(host.gather(mesh, final))
         last = full[length - 1, : config.hidden_size].copy()
-    for arr in (final, x, cos, sin, final_w, *(w for layer in resident for w in layer.values())):
+        k_cache, v_cache = (list(c) for c in zip(*(run.read_cache(layer) for layer in kept)))
+    for arr in (final, x, cos, sin, final_w, *kept, *(w for layer in resident for w in layer.values())):
         arr.free()
     for block in ("prefill.weights", "prefill.kv_cache"):
         mesh.memory.release(block)
     regions = -(-config.num_hidden_layers // per_region)
-    return PrefillResult(last_hidden=last, k_cache=k_cache if run.numeric else None,
-                         v_cache=v_cache if run.numeric else None, modeled_cycles=total,
+    return PrefillResult(last_hidden=last, k_cache=k_cache, v_cache=v_cache, modeled_cycles=total,
                          cycles_per_layer=per_layer, tokens=length, layers=count, flops_charged=charged,
                          layers_per_region=per_region, regions=regions, hand_off_cycles=hand_off,
                          flops_real=prefill_flops(real_flops(config, length), count))
