@@ -76,7 +76,7 @@ def _generate_args(args, model: str, side: int, prompt: int | None = None, new: 
                    *extra: str) -> argparse.Namespace:
     argv = ["generate", "--model", model, "--dry-run", "--prompt-len", str(prompt or args.prompt_len),
             "--max-new-tokens", str(new or args.new_tokens), "--mesh", f"{side}x{side}",
-            "--hardware", args.hardware, "--memory", args.memory, "--routes", args.routes, *extra]
+            "--hardware", args.hardware, "--memory", args.memory, "--routes", args.routes, "--quiet", *extra]
     for item in args.set:
         argv += ["--set", item]
     return build_parser().parse_args(argv)

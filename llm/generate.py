@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from kernels.allreduce import FORWARDING
-from meshmpi import cli, outputs
+from meshmpi import cli, outputs, progress
 from meshmpi.check import require_finite
 from meshmpi.errors import CheckError, UsageError
 from meshmpi.host import agree, world_share
@@ -73,6 +73,7 @@ def build_parser():
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--save-logits", metavar="FILE.npy", help="write the [new_tokens, vocab] float32 logits")
+    g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     g.add_argument("--check", action="store_true", help="run the numpy reference alongside; fail on any mismatch")
     cli.add_hardware_options(g)
     cli.add_run_options(g)
@@ -233,6 +234,7 @@ def run_generate(args) -> dict:
     (rows, cols), side = _regions(args)
     hardware = cli.hardware_from_args(args)
     cli.check_outputs(args, (args.save_logits, "--save-logits"))
+    progress.stage(f"loading {args.model}", not args.quiet)
     config, weights, tokenizer = _load_model(args)
     ids = _prompt_ids(args, config, tokenizer)
     if len(ids) > config.max_position_embeddings:
@@ -246,14 +248,16 @@ def run_generate(args) -> dict:
     from .prefill import prefill
     planner = Planner(config, hardware, len(ids), args.max_new_tokens, args.kv, args.allreduce, args.forwarding)
     pmesh = cli.mesh_from_args(args, side[0], side[1], hardware)
-    with hint_on_failure(planner):
+    with hint_on_failure(planner), progress.Progress(sim_layers, f"prefill of {len(ids)} tokens", "layers",
+                                                     not args.quiet) as bar:
         pre = prefill(pmesh, config, weights, ids if weights is not None else len(ids), layers=sim_layers,
-                      forwarding=args.forwarding)
+                      forwarding=args.forwarding, on_layer=bar.update)
     prefill_cycles = pre.cycles(config.num_hidden_layers)
 
     mesh = cli.mesh_from_args(args, rows, cols, hardware)
     total = len(ids) + args.max_new_tokens
     capacity = kv_rows(args.kv, total, rows)
+    progress.stage(f"placing {sim_layers} decode layers on {rows}x{cols}", not args.quiet)
     with hint_on_failure(planner):
         decoder = Decoder(mesh, config, weights, args.kv, sim_layers, capacity, args.allreduce, args.groups,
                           forwarding=args.forwarding)
@@ -399,12 +403,11 @@ def _stream(args, tokenizer, weights, ids):
 
 
 def _progress(args, mesh, streaming: bool):
-    """A progress bar on a terminal's stderr, unless the text streams to the same terminal (the
-    bar's redraws would overwrite it; the streamed text shows the progress)."""
-    if args.json or mesh.rank != 0 or not sys.stderr.isatty() or (streaming and sys.stdout.isatty()):
+    """Decode's progress on stderr (rank 0), unless --quiet or the text streams to a terminal
+    (a bar's redraws would overwrite it, and the text itself shows the progress)."""
+    if args.quiet or (streaming and sys.stdout.isatty()):
         return None
-    from tqdm import tqdm
-    return tqdm(total=args.max_new_tokens, desc="decode", unit="tok", leave=False)
+    return progress.Progress(args.max_new_tokens, "decode", "tokens")
 
 
 def _check(config, weights, ids, tokens, logits, args) -> None:

@@ -621,12 +621,13 @@ class _Prefill:
 
 
 def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = None,
-            forwarding: str = "stream") -> PrefillResult:
+            forwarding: str = "stream", on_layer=None) -> PrefillResult:
     """Run the prompt through ``layers`` decoder layers (default all) and the final norm.
 
     ``tokens``: token ids (numeric run) or just the prompt length (dry run). ``weights`` may
     be None only when ``mesh.dry_run``. ``forwarding``: how the allreduce chains forward
-    (:mod:`kernels.allreduce`). Returns a :class:`PrefillResult`; ``last_hidden`` and the caches
+    (:mod:`kernels.allreduce`); ``on_layer()`` is called after each layer (progress). Returns a
+    :class:`PrefillResult`; ``last_hidden`` and the caches
     are None in a dry run. The mesh must be square.
     """
     n = _check_mesh(mesh)
@@ -688,6 +689,8 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
                 mesh.memory.charge("prefill.weights", per_region * weight_bytes)
             in_region += 1
             mesh.memory.charge("prefill.kv_cache", in_region * kv_bytes)
+            if on_layer is not None:
+                on_layer()
         final = run.rms_norm(x, final_w, "prefill.final_norm")
     total = mesh.modeled_cycles() - start
     charged = run.flops_so_far() - flops_before

@@ -75,11 +75,12 @@ def test_no_progress_bar_over_text_streamed_to_the_terminal(monkeypatch):
     from types import SimpleNamespace
     from llm import generate
     mesh = SimpleNamespace(rank=0)
-    args = SimpleNamespace(json=False, max_new_tokens=3)
-    for stdout_tty, streaming, bar in ((True, True, False), (True, False, True), (False, True, True)):
+    for stdout_tty, streaming, quiet, bar in ((True, True, False, False), (True, False, False, True),
+                                              (False, True, False, True), (False, True, True, False)):
+        args = SimpleNamespace(json=False, max_new_tokens=3, quiet=quiet)
         monkeypatch.setattr(sys.stdout, "isatty", lambda: stdout_tty, raising=False)
         monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
         progress = generate._progress(args, mesh, streaming=streaming)
-        assert (progress is not None) == bar, (stdout_tty, streaming)
+        assert (progress is not None) == bar, (stdout_tty, streaming, quiet)
         if progress is not None:
             progress.close()
