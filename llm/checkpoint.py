@@ -191,10 +191,18 @@ class StoredTensor:
         whole = self.select(np.arange(self.shape[0]))
         return whole if dtype is None else whole.astype(dtype, copy=False)
 
+    @property
+    def origin(self) -> str:
+        return str(self.files.where[self.name])
+
+    def non_finite(self, part: int, parts: int) -> int:
+        return self.files.non_finite(self.name, part, parts)
+
 
 def select(w, rows, cols=None) -> np.ndarray:
-    """float32 ``w[rows]`` or ``w[rows][:, cols]`` of an array or a :class:`StoredTensor`."""
-    if isinstance(w, StoredTensor):
+    """float32 ``w[rows]`` or ``w[rows][:, cols]`` of an array or a stored tensor handle
+    (:class:`StoredTensor`, :class:`llm.gguf.GGUFTensor`)."""
+    if hasattr(w, "select"):
         return w.select(rows, cols)
     w = np.asarray(w)
     return np.asarray(w[rows] if cols is None else w[np.ix_(rows, cols)], np.float32)
@@ -294,24 +302,24 @@ def open_checkpoint(model: str | pathlib.Path) -> LlamaWeights:
     return _from_hf(config, tensors, transpose=False)
 
 
-def stored_tensors(weights: LlamaWeights) -> list[StoredTensor]:
-    """The distinct :class:`StoredTensor` handles of opened weights, in Hugging Face order."""
+def stored_tensors(weights: LlamaWeights) -> list:
+    """The distinct stored tensor handles of opened weights (anything with ``non_finite``)."""
     handles = [weights.embed, weights.norm, weights.lm_head]
     handles += [getattr(layer, field) for layer in weights.layers for field in _LAYER_TENSORS]
-    return list({h.name: h for h in handles if isinstance(h, StoredTensor)}.values())
+    return list({h.name: h for h in handles if hasattr(h, "non_finite")}.values())
 
 
 def check_finite(weights: LlamaWeights, part: int = 0, parts: int = 1, allgather=lambda counts: [counts]) -> None:
     """Refuse weights holding NaN or infinity: this rank scans share ``part`` of ``parts`` of
     every stored tensor; ``allgather`` returns every rank's counts, so all raise the same error."""
     handles = stored_tensors(weights)
-    mine = {h.name: h.files.non_finite(h.name, part, parts) for h in handles}
+    mine = {h.name: h.non_finite(part, parts) for h in handles}
     totals = Counter()
     for counts in allgather({name: bad for name, bad in mine.items() if bad}):
         totals.update(counts)
     for h in handles:
         if totals[h.name]:
-            raise ModelError(f"tensor {h.name} in {h.files.where[h.name]} holds {totals[h.name]:,} NaN or "
+            raise ModelError(f"tensor {h.name} in {h.origin} holds {totals[h.name]:,} NaN or "
                              f"infinite values: the checkpoint is damaged")
 
 

@@ -93,7 +93,10 @@ def _load_model(args):
         return preset(args.model), None, None
     try:
         if is_gguf(args.model):
-            return load_gguf(args.model, weights=not args.dry_run)
+            config, weights, tokenizer = load_gguf(args.model, weights=not args.dry_run)
+            if weights is not None:
+                check_finite(weights, *world_share())
+            return config, weights, tokenizer
         directory = resolve_model_dir(args.model)
         weights = None
         if not args.dry_run:     # read lazily: each rank reads its cores' share of the weights

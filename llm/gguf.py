@@ -123,9 +123,9 @@ class GGUFModel:
             raise ModelError(f"{self.path}: {exc}") from None
 
     # ------------------------------------------------------------------ weights
-    def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """One tensor as float32 in numpy order (``[out, in]`` for a matrix)."""
-        from gguf import quants
+    def tensor(self, name: str, shape: tuple[int, ...], transposed: bool = False, heads: int | None = None):
+        """A :class:`GGUFTensor` handle on ``name``, checked against ``shape`` (numpy order,
+        ``[out, in]`` for a matrix) and the supported types; nothing is dequantized yet."""
         if name not in self.tensors:
             raise ModelError(f"{self.path}: missing tensor {name} (expected shape {list(shape)})")
         t = self.tensors[name]
@@ -136,33 +136,28 @@ class GGUFModel:
         found = tuple(int(d) for d in reversed(t.shape))
         if found != tuple(shape):
             raise ModelError(f"{self.path}: tensor {name}: expected shape {list(shape)}, found {list(found)}")
-        value = np.asarray(quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
-        bad = int(np.count_nonzero(~np.isfinite(value)))
-        if bad:
-            raise ModelError(f"{self.path}: tensor {name} holds {bad:,} NaN or infinite values: the file is damaged")
-        return value
+        order = None if heads is None else unpermute_from_gguf(np.arange(shape[0]), heads)
+        return GGUFTensor(self, name, tuple(shape), transposed, order)
 
-    def weights(self, dtype=np.float32) -> LlamaWeights:
-        """All weights, dequantized, in the layout of :mod:`llm.checkpoint` (``[in, out]``)."""
+    def weights(self) -> LlamaWeights:
+        """All weights as :class:`GGUFTensor` handles in the layout of :mod:`llm.checkpoint`
+        (``[in, out]``), the q/k rows in Hugging Face order; a rank dequantizes only the rows
+        its cores need (quantized blocks run along a stored row)."""
         c = self.config
         shapes = hf_shapes(c)
         layers = []
         for i in range(c.num_hidden_layers):
             fields = {}
             for short, field in _LAYER.items():
-                value = self.tensor(f"blk.{i}.{short}.weight", shapes[f"model.layers.{i}.{_LAYER_TENSORS[field]}"])
-                if field == "q_proj":
-                    value = unpermute_from_gguf(value, c.num_attention_heads)
-                elif field == "k_proj":
-                    value = unpermute_from_gguf(value, c.num_key_value_heads)
-                fields[field] = (value if field in _NORMS else np.ascontiguousarray(value.T)).astype(dtype, copy=False)
+                heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}.get(field)
+                fields[field] = self.tensor(f"blk.{i}.{short}.weight", shapes[f"model.layers.{i}.{_LAYER_TENSORS[field]}"],
+                                            transposed=field not in _NORMS, heads=heads)
             layers.append(LayerWeights(**fields))
-        embed = self.tensor("token_embd.weight", shapes["model.embed_tokens.weight"]).astype(dtype, copy=False)
-        head = embed.T if c.tie_word_embeddings else np.ascontiguousarray(
-            self.tensor("output.weight", shapes["lm_head.weight"]).T).astype(dtype, copy=False)
+        embed = self.tensor("token_embd.weight", shapes["model.embed_tokens.weight"])
+        head = embed.T if c.tie_word_embeddings else self.tensor("output.weight", shapes["lm_head.weight"],
+                                                                 transposed=True)
         return LlamaWeights(config=c, embed=embed, layers=layers,
-                            norm=self.tensor("output_norm.weight", shapes["model.norm.weight"]).astype(dtype),
-                            lm_head=head)
+                            norm=self.tensor("output_norm.weight", shapes["model.norm.weight"]), lm_head=head)
 
     # ---------------------------------------------------------------- tokenizer
     def tokenizer(self):
@@ -200,6 +195,70 @@ class GGUFModel:
 
 
 def load_gguf(path, weights: bool = True):
-    """(config, weights or None, tokenizer or None) of a GGUF file."""
+    """(config, weights or None, tokenizer or None) of a GGUF file; the weights are handles
+    read on demand (check them with :func:`llm.checkpoint.check_finite`)."""
     model = GGUFModel(path)
     return model.config, model.weights() if weights else None, model.tokenizer()
+
+
+class GGUFTensor:
+    """One tensor of a GGUF file, dequantized on demand by stored rows.
+
+    It presents the tensor as the model uses it (``[in, out]`` for a Linear weight, whose GGUF
+    rows are the output features: ``transposed``), with q/k rows back in Hugging Face order
+    (``row_order[r]``: the stored row of row r). ``rows_read[name]`` counts the stored rows
+    dequantized, over every handle of the file.
+    """
+
+    def __init__(self, model: GGUFModel, name: str, shape: tuple, transposed: bool, row_order=None):
+        self.model, self.name, self.transposed, self.row_order = model, name, transposed, row_order
+        self.stored_shape = shape
+        self.shape = shape[::-1] if transposed else shape
+        self.ndim, self.size = len(shape), int(np.prod(shape))
+
+    @property
+    def T(self) -> "GGUFTensor":
+        return GGUFTensor(self.model, self.name, self.stored_shape, not self.transposed, self.row_order)
+
+    @property
+    def origin(self) -> str:
+        return str(self.model.path)
+
+    def _rows(self, stored_rows: np.ndarray) -> np.ndarray:
+        """float32 ``[len(stored_rows), in]`` (the whole vector for a 1-D tensor)."""
+        from gguf import quants
+        t = self.model.tensors[self.name]
+        data = t.data if self.ndim == 2 else t.data.reshape(1, -1)
+        rows_read = self.model.__dict__.setdefault("rows_read", {})
+        rows_read[self.name] = rows_read.get(self.name, 0) + len(stored_rows)
+        return np.asarray(quants.dequantize(np.asarray(data[stored_rows]), t.tensor_type),
+                          np.float32).reshape(len(stored_rows), -1)
+
+    def select(self, rows, cols=None) -> np.ndarray:
+        """float32 ``self[rows]`` (a vector) or ``self[rows][:, cols]``."""
+        rows = np.asarray(rows, np.int64)
+        if self.ndim == 1:
+            return self._rows(np.zeros(1, np.int64))[0][rows]
+        cols = np.arange(self.shape[1]) if cols is None else np.asarray(cols, np.int64)
+        out, inner = (cols, rows) if self.transposed else (rows, cols)
+        stored = out if self.row_order is None else self.row_order[out]
+        unique, back = np.unique(stored, return_inverse=True)
+        picked = self._rows(unique)[back][:, inner]
+        return picked.T if self.transposed else picked
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        return self.select(rows.ravel()).reshape(rows.shape + self.shape[1:])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self.select(np.arange(self.shape[0]))
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def non_finite(self, part: int, parts: int) -> int:
+        """NaN or infinite values in share ``part`` of ``parts`` of the stored rows."""
+        count = self.stored_shape[0] if self.ndim == 2 else 1
+        lo, hi = count * part // parts, count * (part + 1) // parts
+        bad = 0
+        for start in range(lo, hi, 4096):
+            bad += int(np.count_nonzero(~np.isfinite(self._rows(np.arange(start, min(start + 4096, hi))))))
+        return bad

@@ -149,3 +149,43 @@ def test_generate_from_gguf_gives_the_safetensors_tokens(mpi_tmp_path):
     assert got["tokens"] == want["tokens"] and got["text"] == want["text"]
     dry = _run("--model", str(q8), "--dry-run", "--prompt-len", "5", "--max-new-tokens", "2", "--mesh", "8x8")
     assert dry["regions"] == want["regions"] and dry["layers_per_region"] == want["layers_per_region"]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", [None, "Q8_0"])
+def test_each_rank_dequantizes_only_the_rows_its_decode_block_holds(mpi_tmp_path, kind):
+    """A GGUF matrix's stored rows are its output features: a rank dequantizes those of its
+    columns' chunks only (the k/q rows in Hugging Face order), and the placed blocks equal the
+    placement of the wholly dequantized weights."""
+    from mpi4py import MPI
+
+    from llm.decode import Decoder
+    from meshes import fits
+    from meshmpi import Mesh
+    from test_llm_load import chunk_span
+
+    rows, cols = 4, 6
+    if not fits(rows, cols):
+        pytest.skip("mesh smaller than the rank grid")
+    path = mpi_tmp_path / "blocks.gguf"
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        write_gguf(path, TINY, kind)
+    MPI.COMM_WORLD.Barrier()
+    config, lazy, _ = load_gguf(path)
+    whole = {field: np.asarray(getattr(lazy.layers[0], field)) for field in ("gate_proj", "q_proj")}
+    lazy.embed.model.rows_read = {}
+    mesh = Mesh(rows, cols, memory="warn")
+    decoder = Decoder(mesh, config, lazy, capacity_tokens=4)
+    read = lazy.embed.model.rows_read
+    f = chunk_span(config.intermediate_size, cols, mesh.col_start, mesh.col_stop)
+    assert read["blk.0.ffn_gate.weight"] == read["blk.0.ffn_up.weight"] == f
+    if mesh.col_stop - mesh.col_start < cols:       # this rank holds some of the columns only
+        assert read["blk.0.attn_q.weight"] < config.num_attention_heads * config.head_dim
+    eager = Mesh(rows, cols, memory="warn")
+    dense = load_gguf(path)[1]
+    dense.layers[0].gate_proj, dense.layers[0].q_proj = whole["gate_proj"], whole["q_proj"]
+    reference = Decoder(eager, config, dense, capacity_tokens=4)
+    for name in ("gate_up", "qkv"):
+        np.testing.assert_array_equal(decoder.layers[0][name].data, reference.layers[0][name].data)
+    mesh.free()
+    eager.free()
