@@ -153,7 +153,20 @@ def _entry_problem(entry, data_bytes: int) -> str | None:
     return None
 
 
-class StoredTensor:
+class TensorHandle:
+    """A stored tensor read on demand: subclasses give ``shape`` and ``select(rows, cols)``."""
+
+    def __getitem__(self, rows) -> np.ndarray:
+        """Whole rows (``embed[token_ids]``)."""
+        rows = np.asarray(rows, np.int64)
+        return self.select(rows.ravel()).reshape(rows.shape + self.shape[1:])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self.select(np.arange(self.shape[0]))
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+class StoredTensor(TensorHandle):
     """One tensor of a safetensors file, read on demand through a memory map.
 
     It presents the tensor as the model uses it: ``[in, out]`` for a Linear weight stored
@@ -181,15 +194,6 @@ class StoredTensor:
         if self.transposed:
             return self.files.read(self.name, (cols, rows)).T
         return self.files.read(self.name, (rows, cols))
-
-    def __getitem__(self, rows) -> np.ndarray:
-        """Whole rows (``embed[token_ids]``)."""
-        rows = np.asarray(rows, np.int64)
-        return self.select(rows.ravel()).reshape(rows.shape + self.shape[1:])
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        whole = self.select(np.arange(self.shape[0]))
-        return whole if dtype is None else whole.astype(dtype, copy=False)
 
     @property
     def origin(self) -> str:

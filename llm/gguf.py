@@ -20,7 +20,7 @@ import pathlib
 
 import numpy as np
 
-from .checkpoint import _LAYER_TENSORS, LayerWeights, LlamaWeights, hf_shapes
+from .checkpoint import _LAYER_TENSORS, LayerWeights, LlamaWeights, TensorHandle, hf_shapes
 from .config import LlamaConfig
 from .errors import ModelError
 
@@ -201,7 +201,7 @@ def load_gguf(path, weights: bool = True):
     return model.config, model.weights() if weights else None, model.tokenizer()
 
 
-class GGUFTensor:
+class GGUFTensor(TensorHandle):
     """One tensor of a GGUF file, dequantized on demand by stored rows.
 
     It presents the tensor as the model uses it (``[in, out]`` for a Linear weight, whose GGUF
@@ -245,14 +245,6 @@ class GGUFTensor:
         unique, back = np.unique(stored, return_inverse=True)
         picked = self._rows(unique)[back][:, inner]
         return picked.T if self.transposed else picked
-
-    def __getitem__(self, rows) -> np.ndarray:
-        rows = np.asarray(rows, np.int64)
-        return self.select(rows.ravel()).reshape(rows.shape + self.shape[1:])
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        whole = self.select(np.arange(self.shape[0]))
-        return whole if dtype is None else whole.astype(dtype, copy=False)
 
     def non_finite(self, part: int, parts: int) -> int:
         """NaN or infinite values in share ``part`` of ``parts`` of the stored rows."""
