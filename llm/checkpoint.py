@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import mmap
 import pathlib
 import struct
 from collections import Counter
@@ -254,11 +253,10 @@ class _TensorFiles:
         """float32 ``stored[np.ix_(*index)]``: only those elements are copied out of the map."""
         file = self.where[name]
         entry, data_start = self.headers[file][0][name], self.headers[file][1]
-        with open(self.directory / file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            stored = np.frombuffer(mapped, _RAW[entry["dtype"]], int(np.prod(entry["shape"])),
-                                   data_start + entry["data_offsets"][0]).reshape(entry["shape"])
-            raw = stored[np.ix_(*index)]
-            del stored          # the map closes only once no array looks into it
+        # A map of the tensor alone, released with the array (never closed under a live view).
+        stored = np.memmap(self.directory / file, _RAW[entry["dtype"]], "r", data_start + entry["data_offsets"][0],
+                           tuple(entry["shape"]))
+        raw = np.asarray(stored[np.ix_(*index)])
         self.bytes_read[name] += raw.nbytes
         return _widen(raw, entry["dtype"])
 

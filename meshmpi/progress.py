@@ -20,7 +20,7 @@ class Progress:
         self.total, self.desc, self.unit, self.every = int(total), desc, unit, every
         self.stream = stream or sys.stderr
         self.enabled = enabled and MPI.COMM_WORLD.Get_rank() == 0
-        self.done, self.started = 0, time.perf_counter()
+        self.done, self.started, self.shown = 0, time.perf_counter(), -1
         self.last_line = self.started
         self.bar = None
         if self.enabled and (self.stream.isatty() if bar is None else bar):
@@ -42,12 +42,12 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled and self.done:
+        elif self.enabled and self.done != self.shown:
             self._line()
         self.enabled = False
 
     def _line(self) -> None:
-        self.last_line = time.perf_counter()
+        self.last_line, self.shown = time.perf_counter(), self.done
         elapsed = self.last_line - self.started
         print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({elapsed:.0f} s)", file=self.stream, flush=True)
 
