@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 
 from kernels.bench import CsvTable, add_out_options, figure, mesh_axis, out_dir, parse_sides, progress, save_figure
-from meshmpi import cli
+from meshmpi import Mesh, cli
 from meshmpi.errors import MeshmpiError, UsageError
 
-from .generate import build_parser, regions_text, run_generate
-from .presets import PRESET_NAMES
+from .plan import regions_text
+from .presets import PRESET_NAMES, preset
+from .session import Options, Session
 
 MESHES = (360, 375, 420, 540, 660, 720)   # PAPER.md §7: end-to-end (360², 375²) and scaling regions
 PROMPT_LEN, NEW_TOKENS = 4096, 4
@@ -72,14 +73,19 @@ def _models(text: str) -> list[str]:
     return names
 
 
-def _generate_args(args, model: str, side: int, prompt: int | None = None, new: int | None = None,
-                   *extra: str) -> argparse.Namespace:
-    argv = ["generate", "--model", model, "--dry-run", "--prompt-len", str(prompt or args.prompt_len),
-            "--max-new-tokens", str(new or args.new_tokens), "--mesh", f"{side}x{side}",
-            "--hardware", args.hardware, "--memory", args.memory, "--routes", args.routes, "--quiet", *extra]
-    for item in args.set:
-        argv += ["--set", item]
-    return build_parser().parse_args(argv)
+def _request(args, model: str, side: int, prompt: int, new: int, prefill_side: int | None = None) -> dict:
+    """A dry run of one request of ``model`` (one layer simulated and extrapolated) on a
+    ``side``-square decode region: the :class:`llm.session.Session` report, as ``generate`` gives it."""
+    hardware = cli.hardware_from_args(args)
+    session = Session(preset(model), None, lambda rows, cols: Mesh(rows, cols, hardware, dry_run=True,
+                                                                   memory=args.memory, routes=args.routes),
+                      (side, side), new, prefill_side, Options(layers=1, decode_samples=args.decode_samples))
+    try:
+        session.prefill(prompt)
+        session.decode(choose=None)
+        return {"model": model, **session.report()}
+    finally:
+        session.close()
 
 
 def _row(model: str, side: int, r: dict) -> dict:
@@ -129,6 +135,8 @@ def _e2e_row(model: str, side: int, r: dict) -> dict:
 
 def run_e2e(args, out: Path) -> int:
     """The end-to-end table: see the module docstring."""
+    if args.decode_samples < 2:
+        raise UsageError(f"--decode-samples must be at least 2 (the first and the last step), got {args.decode_samples}")
     models, sides, pairs = _models(args.models), parse_sides(args, E2E_MESHES), _pairs(args.e2e)
     table = CsvTable(out / "llm_e2e.csv")
     t0 = time.perf_counter()
@@ -137,11 +145,8 @@ def run_e2e(args, out: Path) -> int:
             for side in sides:
                 for prompt, new in pairs:
                     bar.set_postfix_str(f"{model} {side}x{side} {prompt}/{new}")
-                    extra = ("--prefill-mesh", f"{args.prefill_side}x{args.prefill_side}",
-                             "--decode-samples", str(args.decode_samples))
                     try:
-                        r = run_generate(_generate_args(args, model, side, prompt, new, *extra))
-                        table.add(_e2e_row(model, side, r))
+                        table.add(_e2e_row(model, side, _request(args, model, side, prompt, new, args.prefill_side)))
                     except MeshmpiError as exc:
                         if not exc.collective:
                             raise
@@ -191,7 +196,7 @@ def run_bench(args) -> int:
             for side in sides:
                 bar.set_postfix_str(f"{model} {side}x{side}")
                 try:
-                    table.add(_row(model, side, run_generate(_generate_args(args, model, side))))
+                    table.add(_row(model, side, _request(args, model, side, args.prompt_len, args.new_tokens)))
                 except MeshmpiError as exc:   # e.g. one layer does not fit this region: a table entry
                     if not exc.collective:
                         raise

@@ -18,14 +18,14 @@ from meshmpi.mesh import parse_grid
 from meshmpi.text import article, plural
 from meshmpi.trace import concat_timelines, write_trace
 
-from . import e2e
 from .checkpoint import check_finite, open_checkpoint, resolve_model_dir
 from .config import LlamaConfig, generation_eos_ids
-from .decode import POLICIES, Decoder
+from .decode import POLICIES
 from .errors import ModelError
 from .gguf import is_gguf, load_gguf
-from .plan import Planner, hint_on_failure, kv_rows
 from .presets import PRESET_NAMES as PRESETS, preset
+from .plan import regions_text
+from .session import Options, Session
 from .tokenizer import load_tokenizer
 
 EXAMPLES = """\
@@ -248,80 +248,30 @@ def run_generate(args) -> dict:
     if not 1 <= sim_layers <= config.num_hidden_layers:
         raise UsageError(f"--layers must be in 1..{config.num_hidden_layers}, got {sim_layers}")
 
-    from .prefill import prefill
-    planner = Planner(config, hardware, len(ids), args.max_new_tokens, args.kv, args.allreduce, args.forwarding)
-    pmesh = cli.mesh_from_args(args, side[0], side[1], hardware)
-    with hint_on_failure(planner), progress.Progress(sim_layers, f"prefill of {len(ids)} tokens", "layers",
-                                                     not args.quiet) as bar:
-        pre = prefill(pmesh, config, weights, ids if weights is not None else len(ids), layers=sim_layers,
-                      forwarding=args.forwarding, on_layer=bar.update)
-    prefill_cycles = pre.cycles(config.num_hidden_layers)
-
-    mesh = cli.mesh_from_args(args, rows, cols, hardware)
-    total = len(ids) + args.max_new_tokens
-    capacity = kv_rows(args.kv, total, rows)
-    progress.stage(f"placing {sim_layers} decode layers on {rows}x{cols}", not args.quiet)
-    with hint_on_failure(planner):
-        decoder = Decoder(mesh, config, weights, args.kv, sim_layers, capacity, args.allreduce, args.groups,
-                          forwarding=args.forwarding)
-    decoder.load_prompt_cache(pre.k_cache, pre.v_cache, len(ids), prefill_side=side[0], prefill_mesh=pmesh)
-    warnings = [f"prefill {w}" for w in pmesh.memory.warnings + pmesh.routes.warnings]
-    prefill_timeline = pmesh.timeline.collect() if args.trace else None
-    pmesh.free()
-    relayout_cycles = decoder.relayout_cycles
-    plan = decoder.plan
+    options = Options(kv=args.kv, allreduce=args.allreduce, groups=args.groups, forwarding=args.forwarding,
+                      layers=sim_layers, decode_samples=args.decode_samples, progress=not args.quiet)
+    session = Session(config, weights, lambda r, c: cli.mesh_from_args(args, r, c, hardware), (rows, cols),
+                      args.max_new_tokens, side[0], options)
+    session.prefill(ids if weights is not None else len(ids), keep_timeline=bool(args.trace))
+    mesh = session.mesh
 
     rng = np.random.default_rng(args.seed)
-    tokens, all_logits, step_cycles, layer_cycles, last_parts = [], [], [], None, None
-    # Decode steps run at positions P..P+G-2 (the first new token comes from the prefill); a
-    # dry run simulates a sample of them and integrates the rest (llm/e2e.py).
-    prompt, last_step = len(ids), len(ids) + args.max_new_tokens - 2
-    steps_at = e2e.sample_positions(prompt, last_step, args.decode_samples if args.dry_run else
-                                    args.max_new_tokens)
-    simulate = set(steps_at)
     stream = _stream(args, tokenizer, weights, ids)
     bar = _progress(args, mesh, streaming=stream is not None)
-    # Phase "decode" once per token, labelled with the position it reads; the first token's
-    # logits come from the prefill's last hidden vector (the LM head only).
-    mesh.timeline.label_next(f"position {prompt - 1}")
-    start = mesh.modeled_cycles()
-    with mesh.phase("decode"):
-        logits = decoder.logits_from(pre.last_hidden)
-    first_head_cycles = mesh.modeled_cycles() - start
-    eos = set(config.eos_token_ids)
-    for index in range(args.max_new_tokens):
-        if logits is not None:  # a NaN would otherwise pass as token 0
-            require_finite(f"the logits of new token {index}", logits)
-        token = _choose(logits, args, rng) if logits is not None else 0
-        tokens.append(token)
-        if logits is not None:
-            all_logits.append(logits.astype(np.float32))
+
+    def on_token(token):
         if stream is not None:
             cli.say(stream.push(token), end="")
         if bar is not None:
             bar.update(1)
-        if (token in eos and not args.ignore_eos and logits is not None) or index == args.max_new_tokens - 1:
-            break
-        position = prompt + index
-        if position not in simulate:
-            continue
-        if args.dry_run:
-            decoder.seek(position, prompt)
-        embedding = None if weights is None else weights.embed[token]
-        mesh.timeline.label_next(f"position {position}")
-        logits, cycles = decoder.step(embedding, position)
-        layer_cycles = layer_cycles or cycles.layers
-        step_cycles.append(cycles.total(config.num_hidden_layers))
-        last_parts = {"kv_shift": cycles.kv_shift, "hand_offs": cycles.hand_offs, "lm_head": cycles.head,
-                      "layers": cycles.total(config.num_hidden_layers) - cycles.kv_shift - cycles.hand_offs
-                      - cycles.head}
+
+    tokens = session.decode(lambda logits: _choose(logits, args, rng), on_token,
+                            stop=() if args.ignore_eos else set(config.eos_token_ids))
+    all_logits = session.logits
     if bar is not None:
         bar.close()
     if stream is not None:
         cli.say(stream.flush())
-    simulated = steps_at[: len(step_cycles)]
-    last_step = prompt + len(tokens) - 2
-    decode_cycles = e2e.integrate(simulated, step_cycles, prompt, last_step)
 
     failure = None      # a failed --check still writes --save-logits and --trace, then fails
     if args.check:
@@ -329,45 +279,10 @@ def run_generate(args) -> dict:
             _check(config, weights, ids, tokens, all_logits, args)
         except CheckError as exc:
             failure = exc
-    clock = hardware.clock_hz
-    per_token = decode_cycles / (len(tokens) - 1) if len(tokens) > 1 else None
-    e2e_cycles = prefill_cycles + relayout_cycles + first_head_cycles + decode_cycles
-    report = {
-        "model": args.model, "mesh": f"{rows}x{cols}", "prefill_mesh": f"{side[0]}x{side[1]}",
-        "dry_run": bool(args.dry_run), "hardware": hardware.name, "ranks": mesh.size,
-        "tokens": tokens if weights is not None else [],
-        "text": tokenizer.decode(tokens) if tokenizer is not None and weights is not None else None,
-        "prompt_tokens": len(ids), "new_tokens": len(tokens), "kv_policy": args.kv,
-        "modeled_prefill_seconds": (prefill_cycles + relayout_cycles) / clock,
-        "modeled_prefill_cycles": prefill_cycles, "modeled_relayout_cycles": relayout_cycles,
-        "prefill_flops_charged": pre.flops_charged, "prefill_flops_real": pre.flops_real,
-        "modeled_decode_cycles_per_token": per_token,
-        "modeled_decode_tokens_per_s": clock / per_token if per_token else None,
-        "modeled_cycles_per_layer": layer_cycles[0] if layer_cycles else None,
-        "modeled_first_token_head_cycles": first_head_cycles,
-        "decode_step_parts": last_parts,
-        "modeled_decode_cycles": decode_cycles,
-        "modeled_decode_seconds": decode_cycles / clock,
-        "modeled_e2e_seconds": e2e_cycles / clock,
-        "modeled_e2e_tokens_per_s": len(tokens) * clock / e2e_cycles,
-        "e2e_prefill_share": (prefill_cycles + relayout_cycles) / e2e_cycles,
-        "decode_integration": e2e.summary(simulated, prompt, last_step),
-        "decode_reduction_payloads": decoder.reduction_payloads,
-        "decode_kv_layout": decoder.layout.summary(),
-        "prefill_layers_per_region": pre.layers_per_region, "prefill_regions": pre.regions,
-        "layers_simulated": sim_layers, "layers_per_region": plan.layers_per_region, "regions": plan.regions,
-        "last_region_layers": plan.last_region_layers,
-        "cores_used": plan.regions * rows * cols,
-        "wafers": plan.regions * rows * cols / (hardware.mesh_rows * hardware.mesh_cols),
-        "kv_capacity_tokens": plan.capacity(args.kv, rows, len(ids)),
-        "kv_capacity_by_policy": {policy: plan.capacity(policy, rows, len(ids)) for policy in POLICIES},
-        "kv_tokens_per_row": decoder.kv.counts.tolist(),
-        "peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0)))),
-        "routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
-        "checked": bool(args.check), "check_failure": str(failure) if failure else None,
-        "wall_seconds": time.perf_counter() - t_start,
-        "warnings": warnings + mesh.memory.warnings + mesh.routes.warnings,
-    }
+    report = {"model": args.model, **session.report()}
+    report.update(text=tokenizer.decode(tokens) if tokenizer is not None and weights is not None else None,
+                  checked=bool(args.check), check_failure=str(failure) if failure else None,
+                  wall_seconds=time.perf_counter() - t_start)
     if args.save_logits:
         error = None
         if mesh.rank == 0:
@@ -380,10 +295,10 @@ def run_generate(args) -> dict:
             raise UsageError(error)
     if args.trace:
         # prefill (on its own region), then the re-layout and decode on the decode region
-        timeline = concat_timelines([prefill_timeline, mesh.timeline.collect()])
+        timeline = concat_timelines([session.prefill_timeline, mesh.timeline.collect()])
         write_trace(mesh, args.trace, kind="generate", result=report, warnings=report["warnings"],
                     timeline=timeline)
-    mesh.free()
+    session.close()
     if failure is not None:
         raise failure
     return report
@@ -432,14 +347,6 @@ def _check(config, weights, ids, tokens, logits, args) -> None:
         raise CheckError(f"check failed: logits differ from the reference by up to {worst:.3g}")
     cli.say(f"check: {len(tokens)} tokens identical to the numpy reference, logits within {worst:.2g}",
             file=sys.stderr)
-
-
-def regions_text(r: dict) -> str:
-    """'1 (all 32 layers + LM head)' or '5 (up to 9 layers each, the last 4 + LM head)'."""
-    if int(r["regions"]) == 1:
-        return f"1 (all {r['layers_per_region']} layers + LM head)"
-    each = f"up to {r['layers_per_region']} layer{'s' if int(r['layers_per_region']) > 1 else ''} each"
-    return f"{r['regions']} ({each}, the last {r['last_region_layers']} + LM head)"
 
 
 def _integration_text(d: dict) -> str:

@@ -19,6 +19,14 @@ from .decode import POLICIES, Decoder
 from .prefill import prefill
 
 
+def regions_text(r: dict) -> str:
+    """'1 (all 32 layers + LM head)' or '5 (up to 9 layers each, the last 4 + LM head)'."""
+    if int(r["regions"]) == 1:
+        return f"1 (all {r['layers_per_region']} layers + LM head)"
+    each = f"up to {r['layers_per_region']} layer{'s' if int(r['layers_per_region']) > 1 else ''} each"
+    return f"{r['regions']} ({each}, the last {r['last_region_layers']} + LM head)"
+
+
 def kv_rows(policy: str, total_tokens: int, rows: int) -> int:
     """Tokens of KV buffer per row of the decode region for a context of ``total_tokens``."""
     return total_tokens if policy == "concat" else -(-total_tokens // rows) + 1
@@ -135,7 +143,6 @@ class Planner:
 
     def hint(self) -> str:
         """What would fit, for the end of a message about a region that does not."""
-        from .generate import regions_text
         best = self.smallest_square()
         what = f"this model and a {self.context:,}-token context (KV {self.kv})"
         if best is None:
@@ -217,7 +224,6 @@ def plan_command(args) -> int:
 
 
 def _describe(p: dict | None, label: str) -> list[str]:
-    from .generate import regions_text
     if p is None:
         return [f"{label}: none on the wafer"]
     if not p["fits"]:

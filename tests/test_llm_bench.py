@@ -74,15 +74,15 @@ class Stop(Exception):
 def test_an_interrupted_bench_keeps_the_rows_it_finished(monkeypatch):
     """Stopped in its third run, the bench's CSV already holds the first two rows, whole."""
     import llm.bench as bench
-    out, calls, real = _shared_dir(), [], bench.run_generate
+    out, calls, real = _shared_dir(), [], bench._request
 
-    def third_fails(args):
-        calls.append(args.mesh)
+    def third_fails(args, model, side, *rest):
+        calls.append(f"{side}x{side}")
         if len(calls) == 3:
             raise Stop
-        return real(args)
+        return real(args, model, side, *rest)
 
-    monkeypatch.setattr(bench, "run_generate", third_fails)
+    monkeypatch.setattr(bench, "_request", third_fails)
     with redirect_stdout(StringIO()), pytest.raises(Stop):
         main(["bench", "--models", "llama3-8b", "--meshes", "16,32,48", "--prompt-len", "8",
               "--new-tokens", "2", "--out", str(out)])

@@ -3,10 +3,11 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from meshmpi.progress import Progress, stage
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_plain_lines_name_the_stage_and_how_far_it_got():
