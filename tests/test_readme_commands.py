@@ -180,3 +180,16 @@ def test_help_texts_are_plain_text():
 def test_readme_s_json_option_is_there(command):
     options = {o for a in _parsers()[command]._actions for o in a.option_strings}
     assert "--json" in options
+
+
+def test_readme_python_blocks_run(tmp_path, run_env, python_exe):
+    """Every ```python block of README.md runs as a script, as a reader would paste it."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert blocks, "README.md shows the Python API"
+    for number, block in enumerate(blocks):
+        script = tmp_path / f"readme_{number}.py"
+        script.write_text(block)
+        done = subprocess.run([python_exe, str(script)], cwd=tmp_path, env=run_env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, (number, done.stderr[-2000:])
+        assert done.stdout.strip(), number
