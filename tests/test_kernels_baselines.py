@@ -59,7 +59,8 @@ def test_modeled_numbers_do_not_depend_on_ranks_or_payload(algo):
 @pytest.mark.parametrize("rows,cols,n", [(3, 4, 23), (4, 5, 20), (2, 6, 7)])
 def test_megatron_closed_form(rows, cols, n):
     """A streaming chain down the snake of the used cores: (used - 1)·(α + β) to the last
-    core's head, the payload of x once, then the local GEMV of m·w multiply-adds. A relayed
+    core's head, the payload of x once, then the local GEMV of m·w multiply-adds (w dot products
+    when w < m). A relayed
     chain per used row (cols - 1 hops, cols - 2 relays) and a 1-hop turn between rows: one
     1-hop message into every used core but the first; routes: 2 for a row chain's 1-hop send
     and receive, 1 for the turns."""
@@ -68,7 +69,7 @@ def test_megatron_closed_form(rows, cols, n):
     used = used_rows * cols
     width = -(-n // used)
     a, b, bw = HW.alpha_cycles_per_hop, HW.beta_cycles_per_relay, HW.link_bytes_per_cycle
-    compute = 2 * m * width / HW.flops_per_cycle + m * HW.vector_op_cycles
+    compute = 2 * m * width / HW.flops_per_cycle + min(m, width) * HW.vector_op_cycles
     expected = (used - 1) * (a + b) + m * HW.element_bytes / bw + compute
     for dry_run in (False, True):
         report = run(rows, cols, "megatron", m, n, dry_run=dry_run)
