@@ -160,3 +160,16 @@ def test_megatron_does_not_fit_a_16k_vector():
     """The whole x (32 KB) beside a 16K-row column of W is over 48 KB a core (M)."""
     with pytest.raises(CoreMemoryError):
         run(2, 2, "megatron", 16384, 4, dry_run=True)
+
+
+@pytest.mark.parametrize("argv,message", [
+    ("--algo megatron --ring 2", "--ring is for --algo t10"),
+    ("--algo t10 --routing direct", "--routing is for --algo ladder"),
+    ("--algo ladder --forwarding store", "--forwarding is for the MeshGEMV allreduces"),
+    ("--algo t10 --ring 5", "--ring 5: a T10 ring must tile"),
+])
+def test_options_that_make_no_sense_are_refused(argv, message):
+    from kernels.__main__ import main
+    from meshmpi.errors import UsageError
+    with pytest.raises(UsageError, match=message):
+        main(["gemv", "--mesh", "4x6", "--m", "20", "--n", "30", "--dry-run"] + argv.split())
