@@ -46,7 +46,8 @@ the partition is T10's — 1-D over the output columns, so at most n cores (coar
 mesh, P); the ring size p is what T10's constant-latency cost model picks: the fewest shifts
 (p·(start + crossbar hop) grows with p, the bytes moved do not) whose buffers fit the core's
 memory (resident W + two chunks + y), among ring sizes that tile the rows (divisors of the row
-length, then whole rows); ``ring=`` overrides it. On the mesh the id-neighbour of a ring's
+length, then whole rows); when W's columns alone overflow a core (32K on 512²), the fewest
+shifts whose two chunks alone would fit; ``ring=`` overrides it. On the mesh the id-neighbour of a ring's
 last core is its first: a wrap edge of p−1 hops inside a row, or, for rings of k whole rows,
 a row-end jump of C−1 hops back plus one down (and k−1 up for the wrap), taken on
 pass-through routes with a software relay where the path turns. Pays: L — every step waits
@@ -269,13 +270,15 @@ def ring_sizes(plan: Plan) -> list[int]:
 
 
 def t10_ring(plan: Plan, hw) -> int:
-    """T10's choice: the fewest shifts whose buffers fit (resident W, two x chunks, y); the
-    largest ring when none fits."""
+    """T10's choice: the fewest shifts whose buffers fit (resident W, two x chunks, y). When a
+    core's columns of W alone overflow its memory no ring fits; the chunks are then sized as if
+    the two of them had the core to themselves."""
     sizes = ring_sizes(plan)
-    for p in sizes:
-        chunk = -(-plan.m // p)
-        if hw.element_bytes * (p * chunk * plan.width + 2 * chunk + plan.width) <= hw.sram_bytes_per_core:
-            return p
+    for resident in (plan.width, 0):
+        for p in sizes:
+            chunk = -(-plan.m // p)
+            if hw.element_bytes * (p * chunk * resident + 2 * chunk + resident) <= hw.sram_bytes_per_core:
+                return p
     return sizes[-1]
 
 

@@ -136,6 +136,9 @@ def test_t10_chooses_the_fewest_shifts_that_fit():
         return HW.element_bytes * (16384 + 2 * (16384 // p) + 1) <= HW.sram_bytes_per_core
     assert baselines.ring_sizes(plan) == [1, 2, 4, 8, 16, 32]
     assert not fits(4) and fits(8) and baselines.t10_ring(plan, HW) == 8
+    plan = baselines.Plan(4, 8, 32768, 32)       # a 64 KB column: nothing fits; 2 chunks alone do
+    chunks = {p: HW.element_bytes * 2 * (32768 // p) for p in (2, 4)}
+    assert chunks[2] > HW.sram_bytes_per_core >= chunks[4] and baselines.t10_ring(plan, HW) == 4
 
 
 def test_ladder_direct_routes_raise_and_the_relay_fallback_fits():
