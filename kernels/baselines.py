@@ -21,7 +21,8 @@ cores at most, each doing m·w multiply-adds; R — 1-hop routes only (3 per cor
 
 ``ladder`` — the distributed SRAM as one unified memory, "one-hop memory (all-to-all), 1D
 partition". Mapping: the tensors are laid out contiguously in row-major core order over the
-used cores: core q holds x[q·h:(q+1)·h] and W's rows q·h..(q+1)·h (h = ceil(m / used)); the
+used cores: core q holds x[q·h:(q+1)·h] and W's rows q·h..(q+1)·h (h = ceil(m / used); when
+m < used cores only the first rows of cores hold any, the last of them padded); the
 compute is partitioned by output columns (core b computes y[b·w:(b+1)·w]), so every core
 fetches x_q and W[q rows, b cols] from every core q — an all-to-all issued at once, as if every
 access were one hop. On the mesh a fetch is routed X then Y: the x leg is C−1 rotations of
@@ -73,6 +74,12 @@ class Plan:
         self.used = self.used_rows * cols
         self.width = -(-n // self.used)                 # output columns per used core (w)
         self.n_pad = self.width * self.used
+
+    def ladder_holders(self) -> tuple[int, int]:
+        """(h, holder rows): Ladder's x and W rows, h per core in row-major order, fill the
+        first ``holder rows`` rows of cores (the last one padded)."""
+        h = -(-self.m // self.used)
+        return h, -(-(-(-self.m // h)) // self.cols)
 
     def snake(self) -> np.ndarray:
         """[used_rows, cols] -> position of each core in snake order."""
@@ -159,15 +166,15 @@ def megatron(mesh, plan: Plan, x, w, name: str = "megatron"):
 
 
 # ---------------------------------------------------------------------------- Ladder
-def _rotations(mesh, name, axis, length, lines, send_of, tile, dtype, routing):
+def _rotations(mesh, name, axis, length, senders, lines, send_of, tile, dtype, routing):
     """Rotate along ``axis`` by every offset 1..length-1 at once (all in flight together):
-    position i sends ``send_of(offset)`` to (i + offset) mod length. Returns the received tiles
-    per offset."""
+    position i < ``senders`` sends ``send_of(offset)`` to (i + offset) mod length. Returns the
+    received tiles per offset."""
     fabric, relay = mesh.fabric, routing == "relay"
     received, transfers = {}, []
     positions = np.arange(mesh.axis_length(axis))
     for offset in range(1, length):
-        dest = np.where(positions < length, (positions + offset) % length, -1)
+        dest = np.where(positions < senders, (positions + offset) % length, -1)
         pattern = fabric.permutation(f"{name}.{axis}.{offset}", axis, dest, relay=relay,
                                      group=f"{name}.{axis}" if relay else None)
         source = mesh.alloc(f"{name}.{axis}.send.{offset}", tile, dtype, charge=False)
@@ -189,10 +196,9 @@ def ladder(mesh, plan: Plan, stored, name: str = "ladder", routing: str = "relay
     if routing not in ROUTING:
         raise ValueError(f"ladder routing must be one of {ROUTING}, not {routing!r}")
     rows_used, cols, width = plan.used_rows, plan.cols, plan.width
-    h = -(-plan.m // plan.used)
+    h, holder_rows = plan.ladder_holders()
     block = h + h * width                     # one (holder, consumer) fetch: x_q and W_qb
     dtype = stored.dtype
-    used_lines = list(range(rows_used))
     col_of = mesh.global_cols()[None, :]
     row_of = mesh.global_rows()[:, None]
     blocks = None
@@ -208,7 +214,8 @@ def ladder(mesh, plan: Plan, stored, name: str = "ladder", routing: str = "relay
             target = (col_of + offset) % cols
             pick = np.broadcast_to(target, mesh.block_shape)[..., None, None, None]
             return np.take_along_axis(blocks, pick, axis=2)[:, :, 0]
-        x_legs = _rotations(mesh, name, "x", cols, used_lines, x_send, (rows_used, block), dtype, routing)
+        x_legs = _rotations(mesh, name, "x", cols, cols, list(range(holder_rows)), x_send, (rows_used, block),
+                            dtype, routing)
     # at (r, c): from every holder column, the blocks for every consumer row of column c
     gathered = None
     if not mesh.dry_run:
@@ -221,29 +228,29 @@ def ladder(mesh, plan: Plan, stored, name: str = "ladder", routing: str = "relay
             source_col = np.broadcast_to((col_of - offset) % cols, mesh.block_shape)
             gathered[np.arange(mesh.block_shape[0])[:, None], np.arange(mesh.block_shape[1])[None, :],
                      source_col] = buf.data
+    holding = np.broadcast_to(row_of < holder_rows, mesh.block_shape)
     if cols > 1 and rows_used > 1:   # the corner forwards every fetch it received (software)
-        mesh.software_stage(_used_mask(mesh, plan))
+        mesh.software_stage(holding)
     with mesh.phase(f"{name}.fetch.y"):
         def y_send(offset):
             target = np.broadcast_to((row_of + offset) % rows_used, mesh.block_shape)
             return np.take_along_axis(gathered, target[..., None, None, None], axis=3)[:, :, :, 0]
-        y_legs = _rotations(mesh, name, "y", rows_used, None, y_send, (cols, block), dtype, routing)
+        y_legs = _rotations(mesh, name, "y", rows_used, holder_rows, None, y_send, (cols, block), dtype, routing)
     y = mesh.alloc(f"{name}.y", (width,), dtype)
     with mesh.phase(f"{name}.local"):
         if not mesh.dry_run:       # fetched[holder row, holder col, block] per consumer
-            mine = np.minimum(row_of, rows_used - 1)
-            fetched = np.zeros(mesh.block_shape + (rows_used, cols, block), dtype)
-            fetched[np.arange(mesh.block_shape[0])[:, None], np.arange(mesh.block_shape[1])[None, :],
-                    np.broadcast_to(mine, mesh.block_shape)] = np.take_along_axis(
-                        gathered, np.broadcast_to(mine, mesh.block_shape)[..., None, None, None], axis=3)[:, :, :, 0]
-            for offset, buf in y_legs.items():
-                source_row = np.broadcast_to((row_of - offset) % rows_used, mesh.block_shape)
-                fetched[np.arange(mesh.block_shape[0])[:, None], np.arange(mesh.block_shape[1])[None, :],
-                        source_row] = buf.data
+            fetched = np.zeros(mesh.block_shape + (holder_rows, cols, block), dtype)
+            mine = np.broadcast_to(np.minimum(row_of, rows_used - 1), mesh.block_shape)
+            own = np.take_along_axis(gathered, mine[..., None, None, None], axis=3)[:, :, :, 0]
+            for source_row, tiles in [(row_of + 0 * col_of, own)] + [
+                    ((row_of - offset) % rows_used + 0 * col_of, buf.data) for offset, buf in y_legs.items()]:
+                got = source_row < holder_rows
+                fetched[got, source_row[got]] = tiles[got]
             x_q = fetched[..., :h]
             w_qb = fetched[..., h:].reshape(fetched.shape[:-1] + (h, width))
             y.data[...] = np.einsum("abqck,abqckw->abw", x_q, w_qb)
-        mesh.compute(2 * h * plan.used * width, where=_used_mask(mesh, plan), ops=vector_ops(h * plan.used, width))
+        rows_fetched = h * holder_rows * cols
+        mesh.compute(2 * rows_fetched * width, where=_used_mask(mesh, plan), ops=vector_ops(rows_fetched, width))
     for buf in list(x_legs.values()) + list(y_legs.values()):
         buf.free()
     return y
@@ -252,13 +259,14 @@ def ladder(mesh, plan: Plan, stored, name: str = "ladder", routing: str = "relay
 def ladder_stored(plan: Plan, x_vec: np.ndarray, w_mat: np.ndarray) -> np.ndarray:
     """(rows, cols, h + h·n_pad): core q (row-major) holds x[q·h:(q+1)·h] then W's rows
     q·h..(q+1)·h, row-major — tensors laid out contiguously over the cores."""
-    h = -(-plan.m // plan.used)
-    x_pad = np.zeros(h * plan.used, x_vec.dtype)
+    h, holder_rows = plan.ladder_holders()
+    holders = holder_rows * plan.cols
+    x_pad = np.zeros(h * holders, x_vec.dtype)
     x_pad[: plan.m] = x_vec
-    w_pad = host.pad_to(w_mat, h * plan.used, plan.n_pad)
-    flat = np.concatenate([x_pad.reshape(plan.used, h), w_pad.reshape(plan.used, h * plan.n_pad)], 1)
+    w_pad = host.pad_to(w_mat, h * holders, plan.n_pad)
+    flat = np.concatenate([x_pad.reshape(holders, h), w_pad.reshape(holders, h * plan.n_pad)], 1)
     tiles = np.zeros((plan.rows, plan.cols, flat.shape[1]), x_vec.dtype)
-    tiles[: plan.used_rows] = flat.reshape(plan.used_rows, plan.cols, -1)
+    tiles[:holder_rows] = flat.reshape(holder_rows, plan.cols, -1)
     return tiles
 
 

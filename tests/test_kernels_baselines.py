@@ -81,25 +81,30 @@ def test_megatron_closed_form(rows, cols, n):
         assert report["cores_used"] == used and report["columns_per_core"] == width
 
 
-def _rotation_relays(length):
-    """Relays of one leg: every offset 1..length-1, position i to (i + d) mod length, each
-    intermediate core of a path forwarding once."""
-    i = np.arange(length)
+def _rotation_relays(length, senders):
+    """Relays of one leg: every offset 1..length-1, position i < senders to (i + d) mod length,
+    each intermediate core of a path forwarding once."""
+    i = np.arange(senders)
     return sum(int(np.sum(np.abs((i + d) % length - i) - 1)) for d in range(1, length))
 
 
-@pytest.mark.parametrize("rows,cols", [(3, 4), (4, 5), (5, 3)])
-def test_ladder_closed_form(rows, cols):
-    """X then Y all-to-all of relayed rotations: the longest message is the wrap of offset 1
-    (cols - 1 hops along x, rows - 1 along y); relays are every intermediate core of every
-    rotation, plus one software stage per used core at the corner; routes are the shared
-    1-hop colours of the relays (a send and a receive each way on each axis)."""
+@pytest.mark.parametrize("rows,cols,holder_rows", [(3, 4, 3), (4, 5, 3), (5, 3, 5)])
+def test_ladder_closed_form(rows, cols, holder_rows):
+    """X then Y all-to-all of relayed rotations from the cores that hold x and W's rows (30
+    rows, h = ceil(30 / cores) each, in the first ``holder_rows`` rows): the longest message is
+    the wrap of offset 1 (cols - 1 hops along x, rows - 1 along y); relays are every
+    intermediate core of every rotation, plus one software stage per holder at the corner;
+    routes are the shared 1-hop colours of the relays (a send and a receive each way on each
+    axis)."""
     n = rows * cols * 2      # every row used
+    h = -(-30 // (rows * cols))
+    assert -(-(-(-30 // h)) // cols) == holder_rows
     report = run(rows, cols, "ladder", 30, n)
     assert report["max_hops_per_step"] == max(cols - 1, rows - 1)
-    expected_relays = rows * _rotation_relays(cols) + cols * _rotation_relays(rows) + rows * cols
+    holders = holder_rows * cols
+    expected_relays = holder_rows * _rotation_relays(cols, cols) + cols * _rotation_relays(rows, holder_rows) + holders
     assert report["relays"] == expected_relays
-    assert report["messages"] == rows * cols * (cols - 1) + rows * cols * (rows - 1)
+    assert report["messages"] == holders * (cols - 1) + holders * (rows - 1)
     assert report["routes_per_core_max"] == 4 + 4
 
 
