@@ -10,13 +10,15 @@ from meshmpi.text import plural
 from meshmpi.trace import write_trace
 
 from .allreduce import FORWARDING
-from .run import GEMM_ALGOS, GEMV_ALGOS, run_gemm, run_gemv
+from .baselines import ROUTING
+from .run import BASELINE_ALGOS, GEMM_ALGOS, GEMV_ALGOS, run_baseline, run_gemm, run_gemv
 
 EXAMPLES = """\
   mpiexec -n 4 python -m kernels gemm --algo meshgemm --mesh 8x8 --m 512 --k 512 --n 512
   python -m kernels gemm --algo summa --mesh 720x720 --m 2048 --k 2048 --n 2048 --dry-run --json
   python -m kernels gemm --algo summa --broadcast direct --mesh 64x64 --m 2048 --k 2048 --n 2048 --dry-run --routes warn
   mpiexec -n 2 python -m kernels gemv --algo meshgemv --mesh 32x32 --m 4096 --n 4096 --groups 4
+  python -m kernels gemv --algo ladder --mesh 64x64 --m 4096 --n 4096 --dry-run --memory warn
   python -m kernels bench gemm --out results
 """
 
@@ -37,7 +39,7 @@ def build_parser():
     p = cli.parser("python -m kernels", "Distributed kernels on the emulated wafer.", EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True)
     for name, algos, help_ in (("gemm", GEMM_ALGOS, "C = A @ B (A is m x k, B is k x n)"),
-                               ("gemv", tuple(GEMV_ALGOS), "y = x @ W (x is 1 x m, W is m x n)")):
+                               ("gemv", tuple(GEMV_ALGOS) + BASELINE_ALGOS, "y = x @ W (x is 1 x m, W is m x n)")):
         s = sub.add_parser(name, help=help_, description=help_, epilog="examples:\n" + EXAMPLES,
                            formatter_class=p.formatter_class)
         s.add_argument("--algo", choices=algos, default=algos[0])
@@ -54,6 +56,11 @@ def build_parser():
             s.add_argument("--forwarding", choices=FORWARDING, default="stream",
                            help="how a chain core forwards: add and send as the data streams past "
                                 "(stream, as the wafer's fabric add does) or receive it all first (store)")
+            s.add_argument("--routing", choices=ROUTING,
+                           help="ladder only: forward its long-range fetches hop by hop in software "
+                                "(relay, the default) or on a pass-through route each (direct)")
+            s.add_argument("--ring", type=_positive("ring"),
+                           help="t10 only: cores per compute-shift ring (default: T10's own choice)")
         s.add_argument("--n", type=_positive("n"), required=True)
         s.add_argument("--dtype", choices=("float32", "float64"), default="float32")
         s.add_argument("--seed", type=int, default=0)
@@ -67,6 +74,12 @@ def build_parser():
 
 def run_kernel(args, argv=None) -> int:
     rows, cols = parse_grid(args.mesh)
+    if args.command == "gemv":
+        for option, algo in (("routing", "ladder"), ("ring", "t10")):
+            if getattr(args, option) is not None and args.algo != algo:
+                raise UsageError(f"--{option} is for --algo {algo}; {args.algo} has none")
+        if args.algo in BASELINE_ALGOS and args.forwarding != "stream":
+            raise UsageError(f"--forwarding is for the MeshGEMV allreduces; {args.algo} has none")
     if args.command == "gemv" and args.groups is not None:
         if args.algo != "meshgemv":
             raise UsageError(f"--groups is for --algo meshgemv (K-tree groups); {args.algo} has none")
@@ -79,6 +92,9 @@ def run_kernel(args, argv=None) -> int:
     dtype = np.dtype(args.dtype)
     if args.command == "gemm":
         report = run_gemm(mesh, args.algo, args.m, args.k, args.n, dtype, args.seed, args.broadcast)
+    elif args.algo in BASELINE_ALGOS:
+        report = run_baseline(mesh, args.algo, args.m, args.n, dtype, args.seed,
+                              args.routing or "relay", args.ring)
     else:
         report = run_gemv(mesh, args.algo, args.m, args.n, args.groups, dtype, args.seed, args.forwarding)
     report["warnings"] = mesh.memory.warnings + mesh.routes.warnings

@@ -12,6 +12,8 @@
   floor measured in the same run, and dry-run MeshGEMM and MeshGEMV wall times on 360² and
   720², each on 1 and 2 ranks (child runs; ``--meshes`` sets the dry-run sides, ``--size`` the
   numeric size).
+- ``baselines``: MeshGEMV against the Megatron-LM, Ladder and T10 style GEMVs at paper scale
+  (kernels/bench_baselines.py).
 - ``all``: everything above.
 
 Rank 0 writes <out>/<bench>.csv and <out>/<bench>.png, the CSV rewritten as each row completes
@@ -40,7 +42,7 @@ from meshmpi.mesh import Mesh
 from . import speed
 from .run import GEMV_ALGOS, run_gemm, run_gemv
 
-BENCHES = ("gemm", "gemv", "groups", "calibrate", "speed")
+BENCHES = ("gemm", "gemv", "groups", "calibrate", "speed", "baselines")
 GEMM_SIZES = (2048, 8192)
 GEMM_MESHES = (16, 32, 64, 90, 180, 360, 720)
 GEMM_VARIANTS = (("meshgemm", None), ("cannon", None), ("summa", "relay"), ("summa", "direct"))
@@ -443,8 +445,13 @@ def bench_speed(args, hardware, out: Path) -> list[dict]:
     return speed.bench_speed(args, hardware, out, CsvTable, progress)
 
 
+def bench_baselines(args, hardware, out: Path) -> list[dict]:
+    from . import bench_baselines as baselines
+    return baselines.bench_baselines(args, hardware, out, sys.modules[__name__])
+
+
 RUNNERS = {"gemm": bench_gemm, "gemv": bench_gemv, "groups": bench_groups,
-           "calibrate": bench_calibrate, "speed": bench_speed}
+           "calibrate": bench_calibrate, "speed": bench_speed, "baselines": bench_baselines}
 
 
 def run_bench(args, argv=None) -> int:

@@ -7,12 +7,13 @@ import numpy as np
 
 from meshmpi import host
 from meshmpi.check import check_product
-from meshmpi.errors import CheckError
+from meshmpi.errors import CheckError, UsageError
 
-from . import gemm, gemv, summa
+from . import baselines, gemm, gemv, summa
 
 GEMM_ALGOS = ("meshgemm", "cannon", "summa")
 GEMV_ALGOS = {"meshgemv": "ktree", "pipeline": "pipeline", "ring": "ring"}
+BASELINE_ALGOS = baselines.STRATEGIES     # the systems WaferLLM is compared with (PAPER.md §8)
 
 
 def _inputs(seed: int, dtype, *shapes):
@@ -117,4 +118,53 @@ def run_gemv(mesh, algo: str, m: int, n: int, groups: int | None = None, dtype=n
     report = _report(mesh, algo, {"m": m, "k": None, "n": n}, wall, error, failure)
     report["groups"] = groups
     report["forwarding"] = forwarding
+    return report
+
+
+def run_baseline(mesh, algo: str, m: int, n: int, dtype=np.float32, seed: int = 0,
+                 routing: str = "relay", ring: int | None = None) -> dict:
+    """y = x @ W mapped as Megatron-LM, Ladder or T10 would (kernels/baselines.py); checked
+    against numpy. ``routing`` (ladder): relayed or direct long-range fetches; ``ring`` (t10):
+    the compute-shift ring size (default T10's own choice)."""
+    plan = baselines.Plan(mesh.rows, mesh.cols, m, n)
+    if algo == "t10":
+        sizes = baselines.ring_sizes(plan)
+        ring = baselines.t10_ring(plan, mesh.hardware) if ring is None else ring
+        if ring not in sizes:
+            raise UsageError(f"--ring {ring}: a T10 ring must tile the {plan.used_rows}x{plan.cols} "
+                             f"cores it uses (one of {', '.join(map(str, sizes))})")
+    x_vec = w_mat = None
+    if not mesh.dry_run:
+        x_vec, w_mat = _inputs(seed, dtype, (m,), (m, n))
+    with mesh.fabric.scope():
+        if algo == "megatron":
+            x_tiles = w_tiles = None
+            if x_vec is not None:
+                x_tiles = np.zeros((mesh.rows, mesh.cols, m), dtype)
+                x_tiles[0, 0] = x_vec
+                w_tiles = plan.column_tiles(w_mat, plan.snake(), m)
+            x = host.scatter(mesh, "megatron.x", x_tiles, (m,), dtype)
+            w = host.scatter(mesh, "megatron.w", w_tiles, (m, plan.width), dtype)
+            y, wall = _timed(mesh, lambda: baselines.megatron(mesh, plan, x, w))
+            order = plan.snake()
+        elif algo == "ladder":
+            h = -(-m // plan.used)
+            tiles = None if x_vec is None else baselines.ladder_stored(plan, x_vec, w_mat)
+            stored = host.scatter(mesh, "ladder.stored", tiles, (h + h * plan.n_pad,), dtype)
+            y, wall = _timed(mesh, lambda: baselines.ladder(mesh, plan, stored, routing=routing))
+            order = plan.row_major()
+        else:
+            chunk = -(-m // ring)
+            x_tiles, w_tiles = (None, None) if x_vec is None else baselines.t10_tiles(plan, ring, x_vec, w_mat)
+            x = host.scatter(mesh, "t10.x", x_tiles, (chunk,), dtype)
+            w = host.scatter(mesh, "t10.w", w_tiles, (ring, chunk, plan.width), dtype)
+            y, wall = _timed(mesh, lambda: baselines.t10(mesh, plan, x, w, ring))
+            order = plan.row_major()
+    error = failure = None
+    if not mesh.dry_run:
+        result = plan.read_columns(host.gather(mesh, y), order)
+        error, failure = _checked(f"{algo} y", result, x_vec, w_mat, dtype)
+    report = _report(mesh, algo, {"m": m, "k": None, "n": n}, wall, error, failure)
+    report.update(cores_used=plan.used, columns_per_core=plan.width,
+                  routing=routing if algo == "ladder" else None, ring=ring if algo == "t10" else None)
     return report
