@@ -208,6 +208,9 @@ class LinePattern:
         self.own_senders, self.own_sender_of = np.unique(w.src[self.own_worms] - start, return_inverse=True)
         self.own_sender_of = self.own_sender_of.reshape(-1)
         self.own_senders_run = _run_of(self.own_senders)
+        rows = w.src[self.own_worms] - start          # a slice (no copy) when they are a sorted run
+        run = _run_of(rows) if np.unique(rows).size == rows.size else None
+        self.own_source_rows = slice(run[1], run[2]) if run is not None and run[0] is None else rows
         self.touching = np.flatnonzero(self.worm_links >= 0)      # worms that reach this block
         self.touch_row = np.full(w.src.size, -1, np.int64)
         self.touch_row[self.touching] = np.arange(self.touching.size)
@@ -235,7 +238,8 @@ class LinePattern:
         first = self.block_start
         row_of = np.full(self.worms.src.size, -1, np.int64)
         row_of[which] = np.arange(which.size)
-        here = row_of[self.delivery_worm] >= 0
+        here = np.flatnonzero(row_of[self.delivery_worm] >= 0)
+        here = here[np.argsort(self.dst[self.local_deliveries[here]], kind="stable")]   # by destination
         index = self.local_deliveries[here]
         dests = self.dst[index] - first
         return _Batch(worms.batch(self.worms, which, self.worm_j0[which], self.worm_links[which], first),
@@ -330,7 +334,8 @@ class LinePattern:
                                         keep_path=self.multicast, snapshot=snapshot)
             if batch.index.size:
                 times = heads[batch.rows, batch.columns] if heads is not None else last[batch.rows]
-                landed = costs.landing(times, posted[batch.dests], tails[batch.index][:, None])
+                posted_here = posted[batch.run[1]:batch.run[2]] if batch.run else posted[batch.dests]
+                landed = costs.landing(times, posted_here, tails[batch.index][:, None])
                 arrivals.append((batch.dests, landed, batch.run))
                 if track:              # the latest each worm's source may finish its send
                     late = landed - capacity[batch.index][:, None]
@@ -342,7 +347,8 @@ class LinePattern:
 
         lines = send_clock.shape[1]
         own = self.own_worms
-        last = advance(self.own_batch, send_clock[w.src[own] - first])
+        departing = send_clock[self.own_source_rows]           # the own worms' sources' clocks
+        last = advance(self.own_batch, departing)
         latest = {+1: last, -1: last}        # the heads each direction's next round forwards
         links, axis = mesh.links, self.axis
         for stage in self.worm_rounds:
@@ -364,7 +370,7 @@ class LinePattern:
             for (_, send, _, _), (_, _, got, _) in zip(stage, messages):
                 rows = touch[send]                               # each worm once
                 need[rows] = np.maximum(need[rows], got)
-        done = costs.send_completion(send_clock[w.src[own] - first], occupancy[own][:, None],
+        done = costs.send_completion(departing, occupancy[own][:, None],
                                      need[touch[own]], 0.0)
         senders, which = self.own_senders, self.own_sender_of
         if senders.size == own.size:                       # one worm per sender
