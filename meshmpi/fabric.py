@@ -191,7 +191,8 @@ class LinePattern:
         w = self.worms
         far = w.src + w.direction * w.hops
         q_wsrc, q_far = owner(w.src), owner(far)
-        self.worm_rounds = [[] for _ in self.rounds]   # [(direction, worms sent, their rows in the batch sent from, batch received)]
+        # per round: [(direction, worms sent, their rows in the batch sent from, batch received)]
+        self.worm_rounds = [[] for _ in self.rounds]
         for direction, rounds in ((+1, right), (-1, left)):
             along = w.direction == direction
             for k in range(1, rounds + 1):
