@@ -442,7 +442,7 @@ def sensitivity(hardware, best: dict, side: int) -> list[dict]:
 
 # ---------------------------------------------------------------------------- entry
 def bench_speed(args, hardware, out: Path) -> list[dict]:
-    return speed.bench_speed(args, hardware, out, CsvTable, progress)
+    return speed.bench_speed(args, parse_sides(args, speed.DRY["sides"]), out, CsvTable, progress)
 
 
 def bench_baselines(args, hardware, out: Path) -> list[dict]:

@@ -72,13 +72,15 @@ def child_env(threads: int) -> dict:
     return env
 
 
-def kernel_command(ranks: int, kernel: str, algo: str, side: int, size: int, dry_run: bool) -> list[str]:
-    """``[mpiexec -n ranks] python -m kernels gemm|gemv ... --json``."""
+def kernel_command(ranks: int, kernel: str, algo: str, side: int, size: int, dry_run: bool,
+                   hardware: tuple = ()) -> list[str]:
+    """``[mpiexec -n ranks] python -m kernels gemm|gemv ... --json`` (``hardware``: extra
+    ``--hardware``/``--set`` options)."""
     launcher = [] if ranks == 1 else [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks)]
     shape = ["--m", str(size), "--k", str(size), "--n", str(size)] if kernel == "gemm" else \
         ["--m", str(size), "--n", str(size)]
     return launcher + [sys.executable, "-m", "kernels", kernel, "--algo", algo, "--mesh", f"{side}x{side}",
-                       *shape, "--memory", "warn", "--json"] + (["--dry-run"] if dry_run else [])
+                       *shape, "--memory", "warn", *hardware, "--json"] + (["--dry-run"] if dry_run else [])
 
 
 def _child_json(cmd, threads: int = 1):
@@ -101,13 +103,13 @@ def _row(what, side, size, ranks, seconds, report, cmd, **extra) -> dict:
             "cpus": os.cpu_count(), "command": _shown(cmd)}
 
 
-def numeric_rows(mesh: int, size: int, repeats: int, bar) -> list[dict]:
+def numeric_rows(mesh: int, size: int, repeats: int, bar, hardware: tuple = ()) -> list[dict]:
     """Numeric MeshGEMM on 1 and 2 ranks against the tile-product floor of each."""
     rows = []
     numpy_seconds = min(_child_json([sys.executable, "-c", _NUMPY_TIMER, str(size), "3"], max(RANKS))
                         for _ in range(repeats))
     for ranks in RANKS:
-        cmd = kernel_command(ranks, "gemm", "meshgemm", mesh, size, dry_run=False)
+        cmd = kernel_command(ranks, "gemm", "meshgemm", mesh, size, dry_run=False, hardware=hardware)
         floor_cmd = [sys.executable, "-c", _FLOOR_TIMER, str(mesh), str(size), str(ranks), "2"]
         wall, floor, report = float("inf"), float("inf"), None
         for _ in range(repeats):
@@ -120,14 +122,14 @@ def numeric_rows(mesh: int, size: int, repeats: int, bar) -> list[dict]:
     return rows
 
 
-def dry_rows(sides, gemm_size: int, gemv_size: int, repeats: int, bar) -> list[dict]:
+def dry_rows(sides, gemm_size: int, gemv_size: int, repeats: int, bar, hardware: tuple = ()) -> list[dict]:
     """Dry-run MeshGEMM and MeshGEMV on each side, on 1 and 2 ranks."""
     rows = []
     for kernel, algo, size in (("gemm", "meshgemm", gemm_size), ("gemv", "meshgemv", gemv_size)):
         for side in sides:
             one = None
             for ranks in RANKS:
-                cmd = kernel_command(ranks, kernel, algo, side, size, dry_run=True)
+                cmd = kernel_command(ranks, kernel, algo, side, size, dry_run=True, hardware=hardware)
                 reports = []
                 for _ in range(repeats):
                     reports.append(_child_json(cmd))
@@ -139,19 +141,21 @@ def dry_rows(sides, gemm_size: int, gemv_size: int, repeats: int, bar) -> list[d
     return rows
 
 
-def bench_speed(args, hardware, out: Path, table_class, progress) -> list[dict]:
-    """Write <out>/speed.csv (rank 0 runs every child); ``--meshes`` sets the dry-run sides and
-    ``--size`` the numeric MeshGEMM's size."""
+def bench_speed(args, sides, out: Path, table_class, progress) -> list[dict]:
+    """Write <out>/speed.csv (rank 0 runs every child): dry runs on ``sides``, the numeric
+    MeshGEMM of ``--size``; ``--hardware`` and ``--set`` are passed to every child."""
     if cli.world_rank() != 0:
         return []
-    sides = DRY["sides"] if not args.meshes else tuple(int(s) for s in args.meshes.split(","))
     size = args.size or NUMERIC["size"]
+    if size < 1:
+        raise UsageError("--size must be positive")
+    hardware = ("--hardware", args.hardware) + tuple(a for kv in args.set for a in ("--set", kv))
     table = table_class(out / "speed.csv")
     runs = len(RANKS) * (NUMERIC["repeats"] + 2 * len(sides) * DRY["repeats"])
     with progress(runs, "speed") as bar:
-        for row in numeric_rows(NUMERIC["mesh"], size, NUMERIC["repeats"], bar):
+        for row in numeric_rows(NUMERIC["mesh"], size, NUMERIC["repeats"], bar, hardware):
             table.add(row)
-        for row in dry_rows(sides, DRY["gemm_size"], DRY["gemv_size"], DRY["repeats"], bar):
+        for row in dry_rows(sides, DRY["gemm_size"], DRY["gemv_size"], DRY["repeats"], bar, hardware):
             table.add(row)
     rows = table.close()
     for r in rows:

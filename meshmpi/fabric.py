@@ -24,6 +24,7 @@ receivers' landings travel back to the sources along the worms' rounds (back-pre
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -190,7 +191,8 @@ class LinePattern:
         w = self.worms
         far = w.src + w.direction * w.hops
         q_wsrc, q_far = owner(w.src), owner(far)
-        self.worm_rounds = [[] for _ in self.rounds]   # [(direction, worms sent, worms received)]
+        # per round: [(direction, worms sent, their rows in the batch sent from, batch received)]
+        self.worm_rounds = [[] for _ in self.rounds]
         for direction, rounds in ((+1, right), (-1, left)):
             along = w.direction == direction
             for k in range(1, rounds + 1):
@@ -206,6 +208,10 @@ class LinePattern:
         self.own_worms = np.flatnonzero((w.src >= start) & (w.src < stop))
         self.own_senders, self.own_sender_of = np.unique(w.src[self.own_worms] - start, return_inverse=True)
         self.own_sender_of = self.own_sender_of.reshape(-1)
+        self.own_senders_run = _run_of(self.own_senders)
+        rows = w.src[self.own_worms] - start          # a slice (no copy) when they are a sorted run
+        run = _run_of(rows) if np.unique(rows).size == rows.size else None
+        self.own_source_rows = slice(run[1], run[2]) if run is not None and run[0] is None else rows
         self.touching = np.flatnonzero(self.worm_links >= 0)      # worms that reach this block
         self.touch_row = np.full(w.src.size, -1, np.int64)
         self.touch_row[self.touching] = np.arange(self.touching.size)
@@ -214,10 +220,32 @@ class LinePattern:
         self.delivery_column = w.delivery_hop[mine] - self.worm_j0[self.delivery_worm]
         self.links_shared = bool(self.load.max(initial=1) > 1)
         self.local_deliveries = np.flatnonzero(mine)
+        self.block_start = int(start)
+        # Every batch of worms this block advances, planned once: its own, then each round's.
+        self.own_batch = self._batch(self.own_worms)
+        latest = {+1: self.own_worms, -1: self.own_worms}
+        for stage in self.worm_rounds:
+            for i, (direction, send, recv) in enumerate(stage):
+                row_of = np.full(w.src.size, -1, np.int64)
+                row_of[latest[direction]] = np.arange(latest[direction].size)
+                stage[i] = (direction, send, row_of[send], self._batch(recv))
+                latest[direction] = recv
         local_src = (self.src >= start) & (self.src < stop)
         self.from_block = np.flatnonzero(mine & local_src)
         self.from_pool = np.flatnonzero(mine & ~local_src)
-        self.block_start = int(start)
+
+    def _batch(self, which: np.ndarray) -> "_Batch":
+        """The plan of advancing worms ``which`` on this block and landing their deliveries here."""
+        first = self.block_start
+        row_of = np.full(self.worms.src.size, -1, np.int64)
+        row_of[which] = np.arange(which.size)
+        here = np.flatnonzero(row_of[self.delivery_worm] >= 0)
+        here = here[np.argsort(self.dst[self.local_deliveries[here]], kind="stable")]   # by destination
+        index = self.local_deliveries[here]
+        dests = self.dst[index] - first
+        return _Batch(worms.batch(self.worms, which, self.worm_j0[which], self.worm_links[which], first),
+                      index, row_of[self.delivery_worm[here]], self.delivery_column[here], dests,
+                      self.touch_row[self.delivery_worm[here]], _run_of(dests))
 
     # ---------------------------------------------------------------- execution
     def start(self, src: MeshArray, dst: MeshArray | None = None, lines=None, *,
@@ -289,7 +317,6 @@ class LinePattern:
         occupancy = costs.serialisation(hw, nbytes, w.load)
         tails = costs.serialisation(hw, nbytes if payload else 0, self.load)
         alpha, beta = float(costs.route_latency(hw, 1)), costs.software_stage(hw)   # one hop; one relay
-        row_of = np.full(w.src.size, -1, np.int64)
         arrivals = []
         # A receive is posted when the receiver's program reaches it (its clock, or ``depart``);
         # a core receiving into the buffer it sends from posts once its own tile has left.
@@ -303,57 +330,48 @@ class LinePattern:
         need = np.full((self.touching.size, send_clock.shape[1]), -np.inf) if payload else None
         track = need is not None and not self.relay
 
-        def advance(which, head_in):
-            last, heads = worms.advance(w, which, self.worm_j0[which], self.worm_links[which], head_in,
-                                        free, first, alpha, beta, occupancy,
+        def advance(batch: _Batch, head_in):
+            last, heads = worms.advance(w, batch.worms, head_in, free, alpha, beta, occupancy,
                                         keep_path=self.multicast, snapshot=snapshot)
-            row_of[which] = np.arange(which.size)
-            here = row_of[self.delivery_worm] >= 0                 # this batch's deliveries here
-            if here.any():
-                index = self.local_deliveries[here]
-                rows = row_of[self.delivery_worm[here]]
-                times = heads[rows, self.delivery_column[here]] if heads is not None else last[rows]
-                dests = self.dst[index] - first
-                landed = costs.landing(times, posted[dests], tails[index][:, None])
-                arrivals.append((dests, landed))
+            if batch.index.size:
+                times = heads[batch.rows, batch.columns] if heads is not None else last[batch.rows]
+                posted_here = posted[batch.run[1]:batch.run[2]] if batch.run else posted[batch.dests]
+                landed = costs.landing(times, posted_here, tails[batch.index][:, None])
+                arrivals.append((batch.dests, landed, batch.run))
                 if track:              # the latest each worm's source may finish its send
-                    rows_here, late = touch[self.delivery_worm[here]], landed - capacity[index][:, None]
+                    late = landed - capacity[batch.index][:, None]
                     if self.multicast:     # a worm delivers at several cores
-                        worms.latest_into(need, rows_here, late)
+                        worms.latest_into(need, batch.need_rows, late)
                     else:                  # a unicast worm delivers once, on one rank
-                        need[rows_here] = late
-            row_of[which] = -1
-            return which, last
+                        need[batch.need_rows] = late
+            return last
 
         lines = send_clock.shape[1]
-        own = advance(self.own_worms, send_clock[w.src[self.own_worms] - first])
-        latest = {+1: own, -1: own}        # the batch each direction's next round forwards from
+        own = self.own_worms
+        departing = send_clock[self.own_source_rows]           # the own worms' sources' clocks
+        last = advance(self.own_batch, departing)
+        latest = {+1: last, -1: last}        # the heads each direction's next round forwards
         links, axis = mesh.links, self.axis
         for stage in self.worm_rounds:
-            messages = []
-            for direction, send, recv in stage:
-                which, last = latest[direction]
-                row_of[which] = np.arange(which.size)
-                out = np.ascontiguousarray(last[row_of[send]])  # the heads at the next block's first core
-                row_of[which] = -1
-                messages.append((out, links.neighbour(axis, direction), np.empty((recv.size, lines)),
-                                 links.neighbour(axis, -direction)))
+            messages = [(np.ascontiguousarray(latest[direction][send_rows]),   # heads at the next block's first core
+                         links.neighbour(axis, direction), np.empty((batch.worms.which.size, lines)),
+                         links.neighbour(axis, -direction))
+                        for direction, _, send_rows, batch in stage]
             links.exchange(messages, _HEAD_TAG)
-            for (direction, _, recv), (_, _, got, _) in zip(stage, messages):
-                latest[direction] = advance(recv, got)
+            for (direction, _, _, batch), (_, _, got, _) in zip(stage, messages):
+                latest[direction] = advance(batch, got)
         if need is None:
             return arrivals, None
         # Back-pressure: each worm's latest "landed - capacity" travels back to its source.
         for stage in reversed(self.worm_rounds if track else ()):
-            messages = [(np.ascontiguousarray(need[touch[recv]]), links.neighbour(axis, -direction),
+            messages = [(np.ascontiguousarray(need[touch[batch.worms.which]]), links.neighbour(axis, -direction),
                          np.empty((send.size, lines)), links.neighbour(axis, direction))
-                        for direction, send, recv in stage]
+                        for direction, send, _, batch in stage]
             links.exchange(messages, _BACK_TAG)
-            for (_, send, _), (_, _, got, _) in zip(stage, messages):
+            for (_, send, _, _), (_, _, got, _) in zip(stage, messages):
                 rows = touch[send]                               # each worm once
                 need[rows] = np.maximum(need[rows], got)
-        own = self.own_worms
-        done = costs.send_completion(send_clock[w.src[own] - first], occupancy[own][:, None],
+        done = costs.send_completion(departing, occupancy[own][:, None],
                                      need[touch[own]], 0.0)
         senders, which = self.own_senders, self.own_sender_of
         if senders.size == own.size:                       # one worm per sender
@@ -362,7 +380,7 @@ class LinePattern:
         else:                                              # a multicast root sends both ways
             latest = np.full((senders.size, lines), -np.inf)
             worms.latest_into(latest, which, done)
-        return arrivals, (senders, latest)
+        return arrivals, (senders, latest, self.own_senders_run)
 
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:
         """``start`` and ``wait`` at once."""
@@ -410,24 +428,49 @@ class LinePattern:
             self.live = False
 
 
-def _raise_to(target: np.ndarray, axis: str, dests: np.ndarray, arrival: np.ndarray, lines) -> None:
+def _run_of(dests: np.ndarray):
+    """``(order, lo, hi)`` when the unique positions ``dests`` are the run ``lo..hi-1``
+    (``order`` sorts them; None when they already are), else None."""
+    if not dests.size:
+        return None
+    order = np.argsort(dests)
+    lo, hi = int(dests[order[0]]), int(dests[order[-1]]) + 1
+    if hi - lo != dests.size:
+        return None
+    return None if np.array_equal(order, np.arange(order.size)) else order, lo, hi
+
+
+def _raise_to(target: np.ndarray, axis: str, dests: np.ndarray, arrival: np.ndarray, lines, run) -> None:
     """``target`` (block-shaped) at positions ``dests`` (unique) along ``axis`` and ``lines``
     (None: all) becomes ``max(itself, arrival)`` ([positions, lines]). A run of consecutive
-    positions on every line, the common case, is updated in place in ``target``'s own layout."""
-    if lines is None and dests.size:
-        order = np.argsort(dests)
-        lo, hi = int(dests[order[0]]), int(dests[order[-1]]) + 1
-        if hi - lo == dests.size:
-            if not np.array_equal(order, np.arange(order.size)):
-                arrival = arrival[order]
-            part = target[:, lo:hi] if axis == "x" else target[lo:hi]
-            np.maximum(part, arrival.T if axis == "x" else arrival, out=part)
-            return
+    positions on every line (``run``, see :func:`_run_of`) is updated in place in ``target``'s
+    own layout."""
+    if lines is None and run is not None:
+        order, lo, hi = run
+        if order is not None:
+            arrival = arrival[order]
+        part = target[:, lo:hi] if axis == "x" else target[lo:hi]
+        np.maximum(part, arrival.T if axis == "x" else arrival, out=part)
+        return
     clock = _pos_first(target, axis)
     where = dests if lines is None else np.ix_(dests, lines)
     current = clock[where]
     np.maximum(current, arrival, out=current)
     clock[where] = current
+
+
+@dataclass
+class _Batch:
+    """A batch of worms advanced together on one block (:class:`meshmpi.worms.Batch`) and the
+    deliveries it lands there: their pattern indices, rows in the batch, path columns,
+    destinations (block positions), rows of ``need`` and destinations' run (:func:`_run_of`)."""
+    worms: worms.Batch
+    index: np.ndarray
+    rows: np.ndarray
+    columns: np.ndarray
+    dests: np.ndarray
+    need_rows: np.ndarray
+    run: tuple | None
 
 
 class Transfer:
@@ -457,8 +500,8 @@ class Transfer:
         self._land()
         target = pattern.mesh.clock if into is None else into
         clock = _pos_first(target, pattern.axis)
-        for dests, arrival in self.arrivals:
-            _raise_to(target, pattern.axis, dests, arrival, self.lines)
+        for dests, arrival, run in self.arrivals:
+            _raise_to(target, pattern.axis, dests, arrival, self.lines, run)
         if pattern.multicast and pattern.relay and self.arrivals and into is None:
             # a chain: every core that forwarded the message spent a software stage on it
             first = pattern.block_start

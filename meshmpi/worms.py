@@ -77,33 +77,21 @@ def local_hops(worms: Worms, start: int, stop: int) -> tuple[np.ndarray, np.ndar
     return j0, count
 
 
-def advance(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, head_in: np.ndarray,
-            free: dict, first: int, alpha: float, beta: float, occupancy: np.ndarray,
-            keep_path: bool, snapshot: dict | None = None):
-    """Move the heads of worms ``which`` (entering the block at hop ``j0`` at ``head_in``,
-    shape [W, lines]) over their ``count`` local links, and mark those links busy
-    (``occupancy`` [W] cycles from the head's entry). Returns
-    ``last`` [W, lines], the head at the core after the last local link (``head_in`` when
-    there is none), and, with ``keep_path``, ``heads`` [W, max count + 1, lines], the head at
-    each local core along the path (hop ``j0 + i`` at column i), else None.
+@dataclass
+class Batch:
+    """Worms ``which`` advanced together on one block, planned once: grouped by direction and
+    number of local links, each group with its rows in the batch and its links' owners."""
+    which: np.ndarray
+    groups: list            # (sign, rows [G], worms [G], link owners [G, L], relayed entry [G, 1] or None)
+    ends_here: np.ndarray   # [W] worms with no local link (their head stays at the entry)
+    width: int              # most local links of any worm
 
-    When worms of the pattern share links, ``snapshot`` holds the links' free times from before
-    the pattern started: every worm reads those, and each link ends busy until the latest of
-    its worms has left it. Otherwise each link is read and written by one worm only."""
-    width = int(count.max(initial=0))
-    lines = head_in.shape[1]
-    last = np.empty_like(head_in)
-    ends_here = count <= 0
-    last[ends_here] = head_in[ends_here]
-    heads = None
-    if keep_path:
-        heads = np.empty((which.size, width + 1, lines))
-        heads[:, 0] = head_in
-    if width == 0:
-        return last, heads
-    forwards = beta if worms.relay else 0.0
-    step = alpha + forwards
+
+def batch(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, first: int) -> Batch:
+    """Plan the batch of worms ``which``, entering the block ``[first, ...)`` at hop ``j0``
+    with ``count`` local links (see :func:`local_hops`)."""
     direction = worms.direction[which]
+    groups = []
     for sign in (+1, -1):
         along = direction == sign
         for n_links in np.unique(count[along]):
@@ -113,29 +101,57 @@ def advance(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, 
             w = which[rows]
             hop = j0[rows, None] + np.arange(n_links)[None, :]                   # [G, L]
             pos = worms.src[w][:, None] + sign * hop - first                      # local link owners
-            link_free = (free if snapshot is None else snapshot)[sign][pos]         # [G, L, lines]
-            entry = head_in[rows]
-            if worms.relay:                     # a core that forwards in software pays beta
-                entry = entry + np.where(hop[:, :1] > 0, forwards, 0.0)
-            # e_0 = max(entry, free_0), e_i = max(e_{i-1} + step, free_i)
-            enter = np.empty_like(link_free)
-            np.maximum(entry, link_free[:, 0], out=enter[:, 0])
-            if 1 < n_links <= 4:
-                for i in range(1, n_links):
-                    np.maximum(enter[:, i - 1] + step, link_free[:, i], out=enter[:, i])
-            elif n_links > 4:                   # a running max of free - step*i, then add back
-                offsets = step * np.arange(n_links)[None, :, None]
-                running = np.maximum.accumulate(link_free - offsets, axis=1)
-                np.maximum(enter[:, :1], running, out=running)
-                enter = running + offsets
-            last[rows] = enter[:, -1] + alpha
-            if heads is not None:
-                heads[rows, 1:n_links + 1] = enter + alpha
-            busy = np.add(enter, occupancy[w][:, None, None], out=enter)   # >= the link's old free time
-            if snapshot is None:
-                free[sign][pos] = busy
-            else:
-                latest_into(free[sign], pos.ravel(), busy.reshape(-1, lines))
+            relayed = hop[:, :1] > 0 if worms.relay else None   # a core that forwards in software
+            groups.append((sign, rows, w, pos, relayed))
+    return Batch(which, groups, count <= 0, int(count.max(initial=0)))
+
+
+def advance(worms: Worms, plan: Batch, head_in: np.ndarray, free: dict, alpha: float, beta: float,
+            occupancy: np.ndarray, keep_path: bool, snapshot: dict | None = None):
+    """Move the heads of the batch's worms (entering the block at ``head_in``, shape
+    [W, lines]) over their local links, and mark those links busy (``occupancy`` [W] cycles
+    from the head's entry). Returns ``last`` [W, lines], the head at the core after the last
+    local link (``head_in`` when there is none), and, with ``keep_path``, ``heads``
+    [W, max count + 1, lines], the head at each local core along the path (hop ``j0 + i`` at
+    column i), else None.
+
+    When worms of the pattern share links, ``snapshot`` holds the links' free times from before
+    the pattern started: every worm reads those, and each link ends busy until the latest of
+    its worms has left it. Otherwise each link is read and written by one worm only."""
+    lines = head_in.shape[1]
+    last = np.empty_like(head_in)
+    last[plan.ends_here] = head_in[plan.ends_here]
+    heads = None
+    if keep_path:
+        heads = np.empty((plan.which.size, plan.width + 1, lines))
+        heads[:, 0] = head_in
+    forwards = beta if worms.relay else 0.0
+    step = alpha + forwards
+    for sign, rows, w, pos, relayed in plan.groups:
+        n_links = pos.shape[1]
+        link_free = (free if snapshot is None else snapshot)[sign][pos]         # [G, L, lines]
+        entry = head_in[rows]
+        if relayed is not None:
+            entry = entry + np.where(relayed, forwards, 0.0)
+        # e_0 = max(entry, free_0), e_i = max(e_{i-1} + step, free_i)
+        enter = np.empty_like(link_free)
+        np.maximum(entry, link_free[:, 0], out=enter[:, 0])
+        if 1 < n_links <= 4:
+            for i in range(1, n_links):
+                np.maximum(enter[:, i - 1] + step, link_free[:, i], out=enter[:, i])
+        elif n_links > 4:                   # a running max of free - step*i, then add back
+            offsets = step * np.arange(n_links)[None, :, None]
+            running = np.maximum.accumulate(link_free - offsets, axis=1)
+            np.maximum(enter[:, :1], running, out=running)
+            enter = running + offsets
+        last[rows] = enter[:, -1] + alpha
+        if heads is not None:
+            heads[rows, 1:n_links + 1] = enter + alpha
+        busy = np.add(enter, occupancy[w][:, None, None], out=enter)   # >= the link's old free time
+        if snapshot is None:
+            free[sign][pos] = busy
+        else:
+            latest_into(free[sign], pos.ravel(), busy.reshape(-1, lines))
     return last, heads
 
 
