@@ -38,6 +38,7 @@ test-slurm: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m kernels bench all --out results
 	$(MPIEXEC) -n 2 $(PY) -m llm bench --out results
+	$(PY) -m llm bench --models llama3-8b --e2e --prefill-side 660 --meshes 360 --out results
 
 clean:
 	rm -rf $(VENV) *.egg-info
