@@ -294,7 +294,7 @@ def t10(mesh, plan: Plan, x, w, ring: int, name: str = "t10"):
     """Compute-shift GEMV on rings of ``ring`` consecutive core ids (module docstring).
     ``x`` tiles: (chunk,) — ring position i starts with chunk i; ``w`` tiles:
     (ring, chunk, width) — W's rows of chunk i for this core's columns."""
-    cols, fabric, hw = plan.cols, mesh.fabric, mesh.hardware
+    cols, fabric = plan.cols, mesh.fabric
     chunk, width = x.tile_shape[0], plan.width
     used = _used_mask(mesh, plan)
     ids = mesh.global_rows()[:, None] * cols + mesh.global_cols()[None, :]

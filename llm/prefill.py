@@ -559,9 +559,9 @@ class _Prefill:
     # ------------------------------------------------------------------ one layer
     def layer(self, index, x, cos, sin, w):
         """One decoder layer (PAPER.md §4) on resident weights ``w`` (:meth:`place_layer`)."""
-        mesh, lay, n, plans = self.mesh, self.lay, self.n, self.plans
+        mesh, lay, plans = self.mesh, self.lay, self.plans
         p = f"prefill.layer{index}"
-        tb, p2, cells, kpc = lay.tb, 2 * lay.p, lay.cells, lay.kpc
+        tb, p2, cells = lay.tb, 2 * lay.p, lay.cells
         plan_t, heads = plans["qk"], self.heads
 
         with mesh.phase(f"{p}.attention"):
