@@ -335,3 +335,32 @@ def test_every_layer_simulated_equals_the_extrapolation(per_row):
         totals.append(cycles.total(8))
         mesh.free()
     assert totals[1] == pytest.approx(totals[0], rel=5e-3)
+
+
+@pytest.mark.parametrize("rows,cols", [(3, 4), (4, 3)])
+def test_decode_charges_the_closed_form_flops_of_every_operator(rows, cols):
+    """Per core and layer: each local GEMV 2·in·out; and, outside the kernels' phases, two
+    RMSNorms (square-add 2 and scale 2 per element, 4 per row), RoPE (6 per rotate-half pair of
+    q's heads and k), q·K and p·V (2 per multiply-add), the softmax (scale and mask 2, max 1,
+    exp-subtract-add 3, divide 1 per score), two residual adds and SiLU·up (5 per element)."""
+    if not fits(rows, cols):
+        pytest.skip("mesh smaller than the rank grid")
+    config = LlamaConfig(**CONFIGS["gqa"])
+    mesh = Mesh(rows, cols, dry_run=True)
+    decoder = Decoder(mesh, config, None, capacity_tokens=10)
+    decoder.load_prompt_cache(None, None, 7)
+    decoder.step(None, 7)
+    phases, _ = mesh.timeline.collect()
+    mesh.free()
+    lay, cores = decoder.layout, rows * cols
+    g, s, h, f = lay.group, lay.s, lay.hidden_chunk, lay.ffn_chunk
+    cap = int(decoder.kv.counts.max())
+    scores = cap * lay.heads_per_column * g
+    local = {"qkv": 2 * h * (g + 2) * s, "o_proj": 2 * g * s * h, "gate_up": 2 * h * 2 * f, "down": 2 * f * h}
+    outside = (2 * (2 * h + 4 + 2 * h) + 6 * (g + 1) * s // 2 + 2 * 2 * cap * g * s
+               + (2 + 1 + 3 + 1) * scores + 2 * h + 5 * f)
+    row = next(i for i, p in enumerate(phases) if p["name"] == "decode.layer0")
+    children = [p for p in phases if p["parent"] == row]
+    for name, flops in local.items():
+        assert next(p["flops"] for p in children if p["name"] == f"decode.layer0.{name}.local") == flops * cores
+    assert phases[row]["flops"] - sum(p["flops"] for p in children) == outside * cores
