@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meshmpi import progress
+from meshmpi.errors import MeshmpiError
 from meshmpi.check import require_finite
 
 from . import e2e
@@ -66,26 +68,31 @@ class Session:
     def prefill(self, ids, keep_timeline: bool = False) -> None:
         """Prefill ``ids`` (or, in a dry run, a prompt of that many tokens), then place the
         decode weights and move the cache into the decode region's layout on the fabric."""
-        from meshmpi import progress
         o, config = self.options, self.config
         self.prompt = len(ids) if not isinstance(ids, (int, np.integer)) else int(ids)
         pmesh = self.make_mesh(self.side, self.side)
-        self.planner = Planner(config, pmesh.hardware, self.prompt, self.new_tokens, o.kv, o.allreduce,
-                               o.forwarding)
-        with hint_on_failure(self.planner), progress.Progress(
-                self.sim_layers, f"prefill of {self.prompt} tokens", "layers", o.progress) as bar:
-            self.pre = prefill(pmesh, config, self.weights, ids, layers=self.sim_layers,
-                               forwarding=o.forwarding, on_layer=bar.update)
-        self.mesh = mesh = self.make_mesh(self.rows, self.cols)
-        capacity = kv_rows(o.kv, self.prompt + self.new_tokens, self.rows)
-        progress.stage(f"placing {self.sim_layers} decode layers on {self.rows}x{self.cols}", o.progress)
-        with hint_on_failure(self.planner):
-            self.decoder = Decoder(mesh, config, self.weights, o.kv, self.sim_layers, capacity, o.allreduce,
-                                   o.groups, forwarding=o.forwarding)
-        self.decoder.load_prompt_cache(self.pre.k_cache, self.pre.v_cache, self.prompt, prefill_side=self.side,
-                                       prefill_mesh=pmesh)
-        self.warnings = [f"prefill {w}" for w in pmesh.memory.warnings + pmesh.routes.warnings]
-        self.prefill_timeline = pmesh.timeline.collect() if keep_timeline else None
+        try:
+            self.planner = Planner(config, pmesh.hardware, self.prompt, self.new_tokens, o.kv, o.allreduce,
+                                   o.forwarding)
+            with hint_on_failure(self.planner), progress.Progress(
+                    self.sim_layers, f"prefill of {self.prompt} tokens", "layers", o.progress) as bar:
+                self.pre = prefill(pmesh, config, self.weights, ids, layers=self.sim_layers,
+                                   forwarding=o.forwarding, on_layer=bar.update)
+            self.mesh = mesh = self.make_mesh(self.rows, self.cols)
+            capacity = kv_rows(o.kv, self.prompt + self.new_tokens, self.rows)
+            progress.stage(f"placing {self.sim_layers} decode layers on {self.rows}x{self.cols}", o.progress)
+            with hint_on_failure(self.planner):
+                self.decoder = Decoder(mesh, config, self.weights, o.kv, self.sim_layers, capacity, o.allreduce,
+                                       o.groups, forwarding=o.forwarding)
+            self.decoder.load_prompt_cache(self.pre.k_cache, self.pre.v_cache, self.prompt,
+                                           prefill_side=self.side, prefill_mesh=pmesh)
+            self.warnings = [f"prefill {w}" for w in pmesh.memory.warnings + pmesh.routes.warnings]
+            self.prefill_timeline = pmesh.timeline.collect() if keep_timeline else None
+        except MeshmpiError as exc:
+            if exc.collective:      # every rank is here: the regions can be freed together
+                self.close()
+                pmesh.free()
+            raise
         pmesh.free()
 
     # ------------------------------------------------------------------ decode
