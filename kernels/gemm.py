@@ -69,6 +69,11 @@ class GemmPlan:
     def chunk(self) -> int:
         return self.k_pad // self.chunks
 
+    @property
+    def b_tile_shape(self) -> tuple[int, int]:
+        """A pre-skewed B operand's tile (:func:`place_b_skewed`): its K-chunks by a column block."""
+        return (self.chunks // self.rows) * self.chunk, self.n_pad // self.cols
+
     def chunk_rows(self, label: np.ndarray) -> np.ndarray:
         """Where K-chunk ``label`` lies in K: inside the natural block of core ``ring_x[label mod C]``."""
         per_block = self.chunks // self.cols

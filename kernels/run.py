@@ -72,7 +72,7 @@ def run_gemm(mesh, algo: str, m: int, k: int, n: int, dtype=np.float32, seed: in
     if algo == "summa":
         b_shape = (plan.k_pad // mesh.rows, plan.n_pad // mesh.cols)
     else:
-        b_shape = ((plan.chunks // mesh.rows) * plan.chunk, plan.n_pad // mesh.cols)
+        b_shape = plan.b_tile_shape
     if mesh.dry_run:
         a_tiles = b_tiles = None
     else:

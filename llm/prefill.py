@@ -360,11 +360,6 @@ class _Prefill:
         tiles = tiles_fn() if self.numeric else None
         return host.scatter(self.mesh, name, tiles, tile_shape, np.float32)
 
-    @staticmethod
-    def b_tile_shape(plan) -> tuple[int, int]:
-        """A pre-skewed B operand's tile: its chunks of the k dimension by a column block."""
-        return (plan.chunks // plan.rows) * plan.chunk, plan.n_pad // plan.cols
-
     MATRICES = {"w_qkv": ("qkv", "qkv_weight"), "w_o": ("o", "o_weight"),
                 "w_gate_up": ("gate_up", "gate_up_weight"), "w_down": ("down", "down_weight")}
     NORMS = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm"}
@@ -384,7 +379,7 @@ class _Prefill:
 
     def layer_weight_bytes(self) -> int:
         """Bytes per core of one layer's resident weights (:meth:`place_layer`)."""
-        elements = sum(int(np.prod(self.b_tile_shape(self.plans[plan]))) for plan, _ in self.MATRICES.values())
+        elements = sum(int(np.prod(self.plans[plan].b_tile_shape)) for plan, _ in self.MATRICES.values())
         return (elements + len(self.NORMS) * self.lay.hb) * self.mesh.hardware.element_bytes
 
     def kv_bytes(self) -> int:
@@ -395,7 +390,7 @@ class _Prefill:
         """A B operand pre-skewed on load (:func:`kernels.gemm.place_b_skewed`'s layout: core
         (i, j) holds the chunks of group ``(pos_y(i) + pos_x(j)) mod R`` of column block j);
         each rank reads only its cores' rows and columns of the :class:`Gathered` ``matrix_fn()``."""
-        shape = self.b_tile_shape(plan)
+        shape = plan.b_tile_shape
         block = None
         if self.numeric:
             group = (plan.ring_y.position[self.rows][:, None] + plan.ring_x.position[self.cols][None, :]) % plan.rows
