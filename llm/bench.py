@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from kernels.bench import CsvTable, add_out_options, figure, mesh_axis, out_dir, parse_sides, progress, save_figure
+from meshmpi.benchtools import (CsvTable, add_out_options, figure, mesh_axis, out_dir, parse_sides, progress,
+                                read_csv, save_figure)
 from meshmpi import Mesh, cli
 from meshmpi.errors import MeshmpiError, UsageError
 
@@ -184,7 +185,7 @@ def run_bench(args) -> int:
     if args.e2e is not None:
         return run_e2e(args, out)
     if args.replot:
-        plot(_read_csv(out / f"{CSV_NAME}.csv"), out / f"{CSV_NAME}.png", args.hardware)
+        plot(read_csv(out / f"{CSV_NAME}.csv"), out / f"{CSV_NAME}.png", args.hardware)
         return 0
     models, sides = _models(args.models), parse_sides(args, MESHES)
     if args.prompt_len < 1 or args.new_tokens < 2:
@@ -231,14 +232,6 @@ def markdown(rows: list[dict]) -> str:
             f"| {int(r['decode_room_shift']):,} / {int(r['decode_room_concat']):,} "
             f"| {int(r['peak_bytes_per_core']):,} |")
     return "\n".join(lines)
-
-
-def _read_csv(path: Path) -> list[dict]:
-    import csv
-    if not path.exists():
-        raise UsageError(f"{path}: no such file (run the bench first)")
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def plot(rows: list[dict], path: Path, hardware: str) -> None:

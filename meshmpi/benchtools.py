@@ -1,0 +1,121 @@
+"""The plumbing every bench shares (kernels and llm): output folders, CSVs that are whole after
+every row, figures, a progress bar over runs, and the ``--meshes`` option."""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+from . import cli, outputs
+from .errors import UsageError
+
+
+def add_out_options(p, pngs: str, csvs: str) -> None:
+    p.add_argument("--out", metavar="DIR", help="output folder (default: a new folder results/runs/<time>, "
+                   "named on stderr; --out results refreshes the committed results)")
+    p.add_argument("--replot", action="store_true", help=f"only redraw the {pngs} from the {csvs} in --out")
+
+
+def out_dir(args) -> Path:
+    """--out, or a fresh folder; --replot needs the folder of an earlier run."""
+    if args.out is None:
+        if args.replot:
+            raise UsageError("--replot redraws the figures of an earlier run: give its folder with --out DIR")
+        args.out = cli.fresh_run_dir()
+        cli.say(f"writing into {args.out} (--out DIR to choose)", file=sys.stderr)
+    return Path(args.out)
+
+
+class CsvTable:
+    """A CSV that is whole after every row: ``add`` rewrites it (atomically, rank 0), so an
+    interrupted bench leaves the rows it finished."""
+
+    def __init__(self, path: Path):
+        self.path, self.rows = Path(path), []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        write_csv(self.path, self.rows, quiet=True)
+
+    def close(self) -> list[dict]:
+        if _is_root() and self.rows:
+            cli.say(f"wrote {self.path}", file=sys.stderr)
+        return self.rows
+
+
+def parse_sides(args, default):
+    if not args.meshes:
+        return default
+    try:
+        sides = tuple(int(s) for s in args.meshes.split(","))
+    except ValueError:
+        raise UsageError(f"--meshes expects a comma list of whole numbers, got {args.meshes!r}") from None
+    if any(s < 1 for s in sides):
+        raise UsageError("--meshes: sides must be positive")
+    return sides
+
+
+def _is_root() -> bool:
+    return cli.world_rank() == 0
+
+
+def progress(total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="run", disable=not _is_root(), file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def write_csv(path: Path, rows: list[dict], quiet: bool = False) -> None:
+    if not _is_root() or not rows:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    outputs.write_atomic(path, write)
+    if not quiet:
+        cli.say(f"wrote {path}", file=sys.stderr)
+
+
+def figure(ncols: int, nrows: int = 1, width: float = 4.2, height: float = 3.4):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    return plt, fig, axes
+
+
+def save_figure(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    cli.say(f"wrote {path}", file=sys.stderr)
+
+
+def mesh_axis(ax, sides) -> None:
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(sorted(set(sides)))
+    ax.set_xticklabels([str(s) for s in sorted(set(sides))], fontsize=7)
+
+
+def read_csv(path: Path) -> list[dict]:
+    """A bench's CSV back, numbers as numbers; a one-line error when the bench has not run."""
+    if not Path(path).exists():
+        raise UsageError(f"{path}: no such file (run the bench first)")
+
+    def value(text):
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return {"True": True, "False": False}.get(text, text)
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
