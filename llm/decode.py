@@ -128,7 +128,7 @@ class Decoder:
         self.reduce = dict(algo=allreduce_algo, groups=groups, forwarding=forwarding)
         self.layout = lay = DecodeLayout.for_config(config, mesh.rows, mesh.cols)
         self.sim_layers = layers or config.num_hidden_layers
-        self.relayout_cycles = self.hand_off_cycles = 0.0
+        self.relayout_cycles = 0.0
         self.reduction_payloads = {}     # the last step's, elements per core (see _note_payload)
         eb = mesh.hardware.element_bytes
         reserve = self._scratch_elements(capacity_tokens) * eb
@@ -469,7 +469,6 @@ class Decoder:
                 cycles.hand_offs += self.hand_off(x)
             elif not self.every_layer and self.plan.regions > 1:
                 cycles.hand_offs = (self.plan.regions - 1) * self.hand_off(x)
-            self.hand_off_cycles = cycles.hand_offs
             start = mesh.modeled_cycles()
             with mesh.phase("decode.lm_head"):
                 xn = self._rms_norm(x, self.norm, "decode.final_norm")
