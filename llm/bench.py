@@ -139,28 +139,37 @@ def run_e2e(args, out: Path) -> int:
     if args.decode_samples < 2:
         raise UsageError(f"--decode-samples must be at least 2 (the first and the last step), got {args.decode_samples}")
     models, sides, pairs = _models(args.models), parse_sides(args, E2E_MESHES), _pairs(args.e2e)
-    table = CsvTable(out / "llm_e2e.csv")
+    jobs = [(f"{model} {side}x{side} {prompt}/{new}",
+             lambda m=model, n=side, p=prompt, g=new: _e2e_row(m, n, _request(args, m, n, p, g, args.prefill_side)),
+             {"model": model, "mesh": side, "prompt_tokens": prompt, "new_tokens": new})
+            for model in models for side in sides for prompt, new in pairs]
+    _run_rows(args, out / "llm_e2e.csv", "end-to-end", jobs, e2e_markdown)
+    return 0
+
+
+def _run_rows(args, path: Path, desc: str, jobs: list, to_markdown) -> list[dict]:
+    """Run each ``(label, row(), error row)`` job into a CSV that is whole after every row; a
+    failure every rank agrees on (a region too small for a layer) becomes that row's ``error``.
+    Prints the rows as JSON or as the Markdown table."""
+    table = CsvTable(path)
     t0 = time.perf_counter()
-    with progress(len(models) * len(sides) * len(pairs), "end-to-end") as bar:
-        for model in models:
-            for side in sides:
-                for prompt, new in pairs:
-                    bar.set_postfix_str(f"{model} {side}x{side} {prompt}/{new}")
-                    try:
-                        table.add(_e2e_row(model, side, _request(args, model, side, prompt, new, args.prefill_side)))
-                    except MeshmpiError as exc:
-                        if not exc.collective:
-                            raise
-                        table.add({"model": model, "mesh": side, "prompt_tokens": prompt, "new_tokens": new,
-                                   "error": str(exc)})
-                    bar.update()
+    with progress(len(jobs), desc) as bar:
+        for label, row, error_row in jobs:
+            bar.set_postfix_str(label)
+            try:
+                table.add(row())
+            except MeshmpiError as exc:
+                if not exc.collective:
+                    raise
+                table.add({**error_row, "error": str(exc)})
+            bar.update()
     rows = table.close()
     if args.json:
-        cli.print_json({"out": str(out), "rows": rows})
+        cli.print_json({"out": str(path.parent), "rows": rows})
     else:
-        cli.say(e2e_markdown(rows))
-    cli.say(f"bench end-to-end: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return 0
+        cli.say(to_markdown(rows))
+    cli.say(f"bench {desc}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return rows
 
 
 def e2e_markdown(rows: list[dict]) -> str:
@@ -190,28 +199,13 @@ def run_bench(args) -> int:
     models, sides = _models(args.models), parse_sides(args, MESHES)
     if args.prompt_len < 1 or args.new_tokens < 2:
         raise UsageError("--prompt-len must be >= 1 and --new-tokens >= 2 (one decode step to time)")
-    table = CsvTable(out / f"{CSV_NAME}.csv")
-    t0 = time.perf_counter()
-    with progress(len(models) * len(sides), "presets") as bar:
-        for model in models:
-            for side in sides:
-                bar.set_postfix_str(f"{model} {side}x{side}")
-                try:
-                    table.add(_row(model, side, _request(args, model, side, args.prompt_len, args.new_tokens)))
-                except MeshmpiError as exc:   # e.g. one layer does not fit this region: a table entry
-                    if not exc.collective:
-                        raise
-                    table.add({"model": model, "mesh": side, "prompt_tokens": args.prompt_len,
-                               "error": str(exc)})
-                bar.update()
-    rows = table.close()
+    jobs = [(f"{model} {side}x{side}",
+             lambda m=model, n=side: _row(m, n, _request(args, m, n, args.prompt_len, args.new_tokens)),
+             {"model": model, "mesh": side, "prompt_tokens": args.prompt_len})
+            for model in models for side in sides]
+    rows = _run_rows(args, out / f"{CSV_NAME}.csv", "presets", jobs, markdown)
     if cli.world_rank() == 0:
         plot(rows, out / f"{CSV_NAME}.png", args.hardware)
-    if args.json:
-        cli.print_json({"out": str(out), "rows": rows})
-    else:
-        cli.say(markdown(rows))
-    cli.say(f"bench presets: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
 
 

@@ -31,19 +31,24 @@ def _shared_dir():
     return Path(comm.bcast(path))
 
 
-def test_bench_rows_agree_with_generate_and_closed_forms():
+def _bench_and_generate(bench: list, generate: list):
+    """(the bench's folder, the ``generate --json`` report) on rank 0; None on the others."""
     out = _shared_dir()
     with redirect_stdout(StringIO()):
-        assert main(["bench", "--models", "llama3-8b", "--meshes", f"16,{SIDE}", "--prompt-len", str(PROMPT),
-                     "--new-tokens", "2", "--out", str(out)]) == 0
+        assert main(["bench", "--models", "llama3-8b", *bench, "--out", str(out)]) == 0
     text = StringIO()
     with redirect_stdout(text):
-        main(["generate", "--model", "llama3-8b", "--dry-run", "--prompt-len", str(PROMPT),
-              "--max-new-tokens", "2", "--mesh", f"{SIDE}x{SIDE}", "--json"])
+        main(["generate", "--model", "llama3-8b", "--dry-run", *generate, "--json"])
     MPI.COMM_WORLD.Barrier()
-    if MPI.COMM_WORLD.rank != 0:
+    return (out, json.loads(text.getvalue())) if MPI.COMM_WORLD.rank == 0 else None
+
+
+def test_bench_rows_agree_with_generate_and_closed_forms():
+    ran = _bench_and_generate(["--meshes", f"16,{SIDE}", "--prompt-len", str(PROMPT), "--new-tokens", "2"],
+                              ["--prompt-len", str(PROMPT), "--max-new-tokens", "2", "--mesh", f"{SIDE}x{SIDE}"])
+    if ran is None:
         return
-    report = json.loads(text.getvalue())
+    out, report = ran
     with open(out / "llm_presets.csv", newline="") as f:
         small, row = list(csv.DictReader(f))
     assert (out / "llm_presets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -99,18 +104,13 @@ def test_an_interrupted_bench_keeps_the_rows_it_finished(monkeypatch):
 def test_e2e_bench_rows_are_the_generate_reports():
     """``--e2e``: one row per (input, output) pair, prefill on the larger square and decode on its
     corner, each the ``generate --json`` report of the same dry run."""
-    out = _shared_dir()
-    with redirect_stdout(StringIO()):
-        assert main(["bench", "--models", "llama3-8b", "--e2e", "60/3,40/30", "--prefill-side", "200",
-                     "--meshes", "160", "--decode-samples", "4", "--out", str(out)]) == 0
-    text = StringIO()
-    with redirect_stdout(text):
-        main(["generate", "--model", "llama3-8b", "--dry-run", "--prompt-len", "40", "--max-new-tokens", "30",
-              "--mesh", "160x160", "--prefill-mesh", "200x200", "--decode-samples", "4", "--json"])
-    MPI.COMM_WORLD.Barrier()
-    if MPI.COMM_WORLD.rank != 0:
+    ran = _bench_and_generate(["--e2e", "60/3,40/30", "--prefill-side", "200", "--meshes", "160",
+                               "--decode-samples", "4"],
+                              ["--prompt-len", "40", "--max-new-tokens", "30", "--mesh", "160x160",
+                               "--prefill-mesh", "200x200", "--decode-samples", "4"])
+    if ran is None:
         return
-    report = json.loads(text.getvalue())
+    out, report = ran
     with open(out / "llm_e2e.csv", newline="") as f:
         short, long = list(csv.DictReader(f))
     assert (short["prompt_tokens"], short["new_tokens"], short["decode_steps_simulated"]) == ("60", "3", "2")
