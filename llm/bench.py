@@ -28,6 +28,7 @@ from meshmpi.benchtools import (CsvTable, add_out_options, figure, mesh_axis, ou
 from meshmpi import Mesh, cli
 from meshmpi.errors import MeshmpiError, UsageError
 
+from . import e2e
 from .plan import regions_text
 from .presets import PRESET_NAMES, preset
 from .session import Options, Session
@@ -136,8 +137,7 @@ def _e2e_row(model: str, side: int, r: dict) -> dict:
 
 def run_e2e(args, out: Path) -> int:
     """The end-to-end table: see the module docstring."""
-    if args.decode_samples < 2:
-        raise UsageError(f"--decode-samples must be at least 2 (the first and the last step), got {args.decode_samples}")
+    e2e.check_samples(args.decode_samples)
     models, sides, pairs = _models(args.models), parse_sides(args, E2E_MESHES), _pairs(args.e2e)
     jobs = [(f"{model} {side}x{side} {prompt}/{new}",
              lambda m=model, n=side, p=prompt, g=new: _e2e_row(m, n, _request(args, m, n, p, g, args.prefill_side)),

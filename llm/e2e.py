@@ -12,6 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from meshmpi.errors import UsageError
+
+
+def check_samples(samples: int) -> None:
+    """``--decode-samples``: at least the first and the last step."""
+    if samples < 2:
+        raise UsageError(f"--decode-samples must be at least 2 (the first and the last step), got {samples}")
+
 
 def sample_positions(first: int, last: int, samples: int) -> list[int]:
     """Positions of the steps to simulate among ``first..last`` (inclusive): all of them when

@@ -18,6 +18,7 @@ from meshmpi.mesh import parse_grid
 from meshmpi.text import article, plural
 from meshmpi.trace import concat_timelines, write_trace
 
+from . import e2e
 from .checkpoint import check_finite, open_checkpoint, resolve_model_dir
 from .config import LlamaConfig, generation_eos_ids
 from .decode import POLICIES
@@ -184,8 +185,7 @@ def _check_options(args) -> None:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if isinstance(args.layers, int) and args.layers < 1:
         raise UsageError(f"--layers must be at least 1, got {args.layers}")
-    if args.decode_samples < 2:
-        raise UsageError(f"--decode-samples must be at least 2 (the first and the last step), got {args.decode_samples}")
+    e2e.check_samples(args.decode_samples)
     if args.check and args.dry_run:
         raise UsageError("--check compares numbers with the reference: it cannot be combined with --dry-run")
     if args.save_logits and args.dry_run:
