@@ -87,7 +87,8 @@ def build_parser():
 
 
 def _load_model(args):
-    """(config, weights or None, tokenizer or None)."""
+    """(config, weights or None, tokenizer or None). Weights are handles read lazily, each rank
+    reading its cores' share; the scan for NaN and infinity is shared out over the ranks."""
     if args.model in PRESETS:
         if not args.dry_run:
             raise UsageError(f"preset {args.model} has shapes only: add --dry-run, or give a checkpoint directory")
@@ -95,19 +96,17 @@ def _load_model(args):
     try:
         if is_gguf(args.model):
             config, weights, tokenizer = load_gguf(args.model, weights=not args.dry_run)
-            if weights is not None:
-                check_finite(weights, *world_share())
-            return config, weights, tokenizer
-        directory = resolve_model_dir(args.model)
-        weights = None
-        if not args.dry_run:     # read lazily: each rank reads its cores' share of the weights
-            weights = open_checkpoint(directory)
+        else:
+            directory = resolve_model_dir(args.model)
+            weights = None if args.dry_run else open_checkpoint(directory)
+            config = weights.config if weights is not None else LlamaConfig.from_file(directory / "config.json")
+            eos = generation_eos_ids(directory)
+            if eos is not None:
+                config = dataclasses.replace(config, eos_token_ids=eos)
+            tokenizer = load_tokenizer(directory, config.bos_token_id)
+        if weights is not None:
             check_finite(weights, *world_share())
-        config = weights.config if weights is not None else LlamaConfig.from_file(directory / "config.json")
-        eos = generation_eos_ids(directory)
-        if eos is not None:
-            config = dataclasses.replace(config, eos_token_ids=eos)
-        return config, weights, load_tokenizer(directory, config.bos_token_id)
+        return config, weights, tokenizer
     except ModelError as exc:
         raise UsageError(str(exc)) from None
 
