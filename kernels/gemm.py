@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshmpi import host
+from meshmpi.layout import Dim, Layout, expect
 
 from .ring import Ring, interleaved_ring, plain_ring
 
@@ -71,8 +71,59 @@ class GemmPlan:
 
     @property
     def b_tile_shape(self) -> tuple[int, int]:
-        """A pre-skewed B operand's tile (:func:`place_b_skewed`): its K-chunks by a column block."""
+        """A pre-skewed B operand's tile (:meth:`b_layout`): its K-chunks by a column block."""
         return (self.chunks // self.rows) * self.chunk, self.n_pad // self.cols
+
+    # ------------------------------------------------------------------ layouts (PAPER.md §2)
+    def a_layout(self) -> Layout:
+        """A (M x K) natural: core (i, j) holds row block i and K block j (``L / C`` chunks)."""
+        return Layout(self.rows, self.cols, (Dim(self.m, "y", self.rows),
+                                             Dim(self.k, "x", self.cols, padded=self.k_pad)))
+
+    def b_layout(self) -> Layout:
+        """B (K x N) pre-skewed on load: core (i, j) holds the chunk group of y-ring position
+        ``(pos_y(i) + pos_x(j)) mod R`` (the chunks with those labels, stacked along K) and
+        column block j."""
+        R, L = self.rows, self.chunks
+        group = (self.ring_y.position[:, None] + self.ring_x.position[None, :]) % R      # [R, C]
+        labels = group[:, :, None] + R * np.arange(L // R)[None, None, :]             # [R, C, L/R]
+        return Layout(self.rows, self.cols, (
+            Dim(self.k, "y", L, padded=self.k_pad, held=self.chunk_rows(labels)),
+            Dim(self.n, "x", self.cols)))
+
+    def b_natural_layout(self) -> Layout:
+        """B (K x N) natural, as SUMMA takes it: core (i, j) holds K block i, column block j."""
+        return Layout(self.rows, self.cols, (Dim(self.k, "y", self.rows, padded=self.k_pad),
+                                             Dim(self.n, "x", self.cols)))
+
+    def c_layout(self) -> Layout:
+        """C (M x N) natural."""
+        return Layout(self.rows, self.cols, (Dim(self.m, "y", self.rows), Dim(self.n, "x", self.cols)))
+
+    def t_a_layout(self) -> Layout:
+        """GEMM-T's A (M x K, here K = ``n``) natural."""
+        return Layout(self.rows, self.cols, (Dim(self.m, "y", self.rows), Dim(self.n, "x", self.cols)))
+
+    def t_c_layout(self) -> Layout:
+        """GEMM-T's C (M x N, here N = ``k``, the labelled dimension) natural."""
+        return Layout(self.rows, self.cols, (Dim(self.m, "y", self.rows),
+                                             Dim(self.k, "x", self.cols, padded=self.k_pad)))
+
+    def rotated(self, layout: Layout, axis: int, along: str, shift) -> Layout:
+        """``layout`` after each line's tiles moved ``shift`` positions backward along this
+        plan's ring on ``along`` (``shift``: a scalar or one value per line): dimension
+        ``axis``'s blocks are those of the core ``shift`` ring positions further on."""
+        ring, lines = (self.ring_x, self.rows) if along == "x" else (self.ring_y, self.cols)
+        shift = np.broadcast_to(np.asarray(shift, np.int64), (lines,))
+        dim = layout.dims[axis]
+        held = dim.blocks_of(np.arange(self.rows), np.arange(self.cols))
+        if along == "x":
+            source = ring.order[(ring.position[None, :] + shift[:, None]) % ring.n]      # [R, C]
+            moved = held[np.arange(self.rows)[:, None], source]
+        else:
+            source = ring.order[(ring.position[:, None] + shift[None, :]) % ring.n]      # [R, C]
+            moved = held[source, np.arange(self.cols)[None, :]]
+        return layout.with_dim(axis, held=moved)
 
     def chunk_rows(self, label: np.ndarray) -> np.ndarray:
         """Where K-chunk ``label`` lies in K: inside the natural block of core ``ring_x[label mod C]``."""
@@ -110,36 +161,6 @@ class CellMap:
         for arr, size in ((slots, self.cells // self.per_slot), (cells, self.cells), (entries, self.entries)):
             if arr is not None and arr.tile_shape[0] != size:
                 raise ValueError(f"{arr.name} {arr.tile_shape}: expected a batch of {size}")
-
-
-# ---------------------------------------------------------------------------- host placement
-def place_a(plan: GemmPlan, a: np.ndarray) -> np.ndarray:
-    """A in its natural layout: core (i, j) holds rows block i, K block j."""
-    return host.tile_matrix(host.pad_to(a, plan.m_pad, plan.k_pad), plan.rows, plan.cols)
-
-
-def place_b_skewed(plan: GemmPlan, b: np.ndarray) -> np.ndarray:
-    """B pre-skewed on load: core (i, j) holds the group of y-ring position
-    ``(pos_y(i) + pos_x(j)) mod R``, i.e. the chunks with those labels, stacked along K."""
-    b = host.pad_to(b, plan.k_pad, plan.n_pad)
-    R, C, L, s = plan.rows, plan.cols, plan.chunks, plan.chunk
-    chunks = b.reshape(L, s, C, plan.n_pad // C)          # [chunk, row in chunk, col block, col]
-    group = (plan.ring_y.position[:, None] + plan.ring_x.position[None, :]) % R   # [R, C]
-    labels = group[:, :, None] + R * np.arange(L // R)[None, None, :]             # [R, C, L/R]
-    where = plan.chunk_rows(labels)                                                # [R, C, L/R]
-    cols = np.arange(C)[None, :, None]
-    tiles = chunks[where, :, cols, :]                     # [R, C, L/R, s, n/C]
-    return tiles.reshape(R, C, (L // R) * s, plan.n_pad // C)
-
-
-def unplace_c(plan: GemmPlan, tiles: np.ndarray, transposed_b: bool = False) -> np.ndarray:
-    """C from its natural tiles (for GEMM-T, C is M x plan.k)."""
-    return host.untile_matrix(tiles)[: plan.m, : (plan.k if transposed_b else plan.n)]
-
-
-def place_a_for_t(plan: GemmPlan, a: np.ndarray) -> np.ndarray:
-    """GEMM-T's A (M x K, K = plan.n) in its natural layout."""
-    return host.tile_matrix(host.pad_to(a, plan.m_pad, plan.n_pad), plan.rows, plan.cols)
 
 
 # ---------------------------------------------------------------------------- wafer side
@@ -193,6 +214,26 @@ def _products(plan, a, b, heads, out: str, **operands) -> tuple[tuple, int]:
     return (getattr(heads, out),), heads.cells
 
 
+def _expect_operands(plan, a, b, cells, a_layout: Layout, name: str) -> None:
+    """Operands that carry layouts must be where the schedule expects them: A as ``a_layout``,
+    B pre-skewed (:meth:`GemmPlan.b_layout`), batched as the products are."""
+    a_batch = a.tile_shape[:-2] if cells is None else (a.tile_shape[0],)
+    b_batch = b.tile_shape[:-2] if cells is None else (b.tile_shape[0],)
+    expect(a, a_layout.batched(*a_batch), f"{name} A")
+    expect(b, plan.b_layout().batched(*b_batch), f"{name} B")
+
+
+def _record_moves(plan, a, b, a_shift=None) -> None:
+    """After the L steps, B has moved L - 1 positions along its column ring and (in MeshGEMM)
+    A, aligned then stepped, ``a_shift`` along its row ring: their layouts say where the
+    tiles now are."""
+    steps = plan.chunks - 1
+    if b.layout is not None:
+        b.layout = plan.rotated(b.layout, -2, "y", -steps)
+    if a is not None and a.layout is not None:
+        a.layout = plan.rotated(a.layout, -1, "x", a_shift)
+
+
 def _ring_buffers(mesh, arr, ring: Ring, name: str):
     """The spare buffer a tile moving along ``ring`` is received into, owned by the kernel;
     None on a 1-long line, where the tile never moves."""
@@ -207,10 +248,12 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm", cells: CellMap | N
     With ``cells``, A's batch is every head's and C's is the core's cells: cell u adds
     ``A[entry(u)] @ B[u // per_slot]`` (see :class:`CellMap`).
     The kernel owns and frees its spare buffers; ``a`` and ``b`` stay the caller's (same names,
-    same charges), holding the tiles of the last step: A rotated along x, B along y."""
+    same charges), holding the tiles of the last step: A rotated along x, B along y (their
+    layouts say so afterwards)."""
     R, C, L = plan.rows, plan.cols, plan.chunks
     tm, tn, s = plan.m_pad // R, plan.n_pad // C, plan.chunk
     batch, products = _products(plan, a, b, cells, "cells", slots=b, entries=a)
+    _expect_operands(plan, a, b, cells, plan.a_layout(), name)
     if cells is not None:
         entry = cells.local(mesh)
         valid = (entry >= 0)[None, :, :, None, None]
@@ -246,6 +289,9 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm", cells: CellMap | N
             mesh.step(f"step {step}")
     for _, spare, _ in moving:
         spare.free()
+    _record_moves(plan, a, b, a_shift=plan.ring_y.position - (L - 1))
+    if cells is None:
+        c.layout = plan.c_layout().batched(*batch)
     return c
 
 
@@ -264,6 +310,7 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap
     R, C, L = plan.rows, plan.cols, plan.chunks
     tm, s = plan.m_pad // R, plan.chunk
     batch, products = _products(plan, a, b, cells, "entries", slots=b, cells=a)
+    _expect_operands(plan, a, b, cells, plan.t_a_layout(), name)
     if cells is not None:
         entry = cells.local(mesh)
     rows, cols = mesh.global_rows(), mesh.global_cols()
@@ -304,4 +351,7 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap
         # partial group at x-ring position x is x + pos_y(i) (+ the L-1 steps taken): move it home.
         steps = -(plan.ring_y.position - (L - 1))
         rotate_lines(mesh, partial, "x", plan.ring_x, steps, f"{name}.c")
+    _record_moves(plan, None, b)
+    if cells is None:
+        partial.layout = plan.t_c_layout().batched(*batch)
     return partial

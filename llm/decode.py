@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels.allreduce import allreduce
-from kernels.gemv import meshgemv, place_vector, read_vector
+from kernels.gemv import matrix_layout, meshgemv, vector_layout
 from meshmpi import costs, host
 from meshmpi.errors import UsageError
 from meshmpi.mesh import block_offsets
@@ -170,6 +170,8 @@ class Decoder:
                                      charge=False)
         self.lm_head = host.place_block(mesh, "w.lm_head", head.get("lm_head"),
                                         (lay.hidden_chunk, lay.vocab_chunk), np.float32, charge=False)
+        self.lm_head.layout = matrix_layout(mesh.rows, mesh.cols, self.config.hidden_size,
+                                            self.config.vocab_size, "y")
         mesh.memory.charge("weights", self.plan.weight_bytes_per_core)
 
     def _layer_tiles(self, w) -> dict:
@@ -445,10 +447,8 @@ class Decoder:
         simulated, the hidden vector is handed to the next region where the plan starts one
         (:meth:`RegionPlan.region_starts`), and those hand-offs are the ones counted. With fewer
         layers, one hand-off is simulated and counted once per region boundary."""
-        mesh, lay = self.mesh, self.layout
-        tiles = None if embedding is None else place_vector(
-            np.asarray(embedding, np.float32), mesh.rows, mesh.cols, "y")
-        x = host.scatter(mesh, "hidden", tiles, (lay.hidden_chunk,), np.float32)
+        mesh = self.mesh
+        x = self._hidden(embedding)
         starts = set(self.plan.region_starts(self.config.num_hidden_layers)) if self.every_layer else set()
         cycles = StepCycles()
         with mesh.phase("decode"):
@@ -478,9 +478,15 @@ class Decoder:
         x.free()
         result = None
         if not mesh.dry_run:
-            result = read_vector(host.gather(mesh, logits), "x", self.config.vocab_size)
+            result = host.gather(logits)
         logits.free()
         return result, cycles
+
+    def _hidden(self, vector: np.ndarray | None):
+        """A hidden vector on the mesh, row-indexed (the layout the first GEMV reads)."""
+        mesh = self.mesh
+        return host.scatter(mesh, "hidden", None if vector is None else np.asarray(vector, np.float32),
+                            vector_layout(mesh.rows, mesh.cols, self.config.hidden_size, "y"), np.float32)
 
     def _store_new(self, index: int, k_new, v_new, row: int) -> None:
         """Write layer ``index``'s new k, v into ``row``'s newest slot (k, v are column-indexed,
@@ -495,13 +501,12 @@ class Decoder:
     # ---------------------------------------------------------------- around the steps
     def logits_from(self, hidden: np.ndarray | None):
         """Logits of an already final-normed hidden vector (the prefill's last token): the LM head GEMV."""
-        mesh, lay = self.mesh, self.layout
-        tiles = None if hidden is None else place_vector(np.asarray(hidden, np.float32), mesh.rows, mesh.cols, "y")
-        x = host.scatter(mesh, "hidden", tiles, (lay.hidden_chunk,), np.float32)
+        mesh = self.mesh
+        x = self._hidden(hidden)
         with mesh.phase("decode.lm_head"):
             logits = meshgemv(mesh, x, self.lm_head, "y", **self.reduce, name="decode.lm_head")
         x.free()
-        result = None if mesh.dry_run else read_vector(host.gather(mesh, logits), "x", self.config.vocab_size)
+        result = None if mesh.dry_run else host.gather(logits)
         logits.free()
         return result
 

@@ -358,7 +358,7 @@ class _Prefill:
     # ------------------------------------------------------------------ host plane
     def scatter(self, name, tiles_fn, tile_shape):
         tiles = tiles_fn() if self.numeric else None
-        return host.scatter(self.mesh, name, tiles, tile_shape, np.float32)
+        return host.scatter_tiles(self.mesh, name, tiles, tile_shape, np.float32)
 
     MATRICES = {"w_qkv": ("qkv", "qkv_weight"), "w_o": ("o", "o_weight"),
                 "w_gate_up": ("gate_up", "gate_up_weight"), "w_down": ("down", "down_weight")}
@@ -373,7 +373,7 @@ class _Prefill:
                                           charge=False)
                   for name, (plan, method) in self.MATRICES.items()}
         for name, field in self.NORMS.items():
-            placed[name] = host.scatter(self.mesh, f"{p}.{name}", self.lay.norm_tiles(getattr(w, field)) if w else None,
+            placed[name] = host.scatter_tiles(self.mesh, f"{p}.{name}", self.lay.norm_tiles(getattr(w, field)) if w else None,
                                         (self.lay.hb,), np.float32, charge=False)
         return placed
 
@@ -387,7 +387,7 @@ class _Prefill:
         return 2 * self.lay.tb * self.lay.kpc * 2 * self.lay.p * self.mesh.hardware.element_bytes
 
     def place_weight(self, name, plan, matrix_fn, charge: bool = True):
-        """A B operand pre-skewed on load (:func:`kernels.gemm.place_b_skewed`'s layout: core
+        """A B operand pre-skewed on load (:meth:`kernels.gemm.GemmPlan.b_layout`: core
         (i, j) holds the chunks of group ``(pos_y(i) + pos_x(j)) mod R`` of column block j);
         each rank reads only its cores' rows and columns of the :class:`Gathered` ``matrix_fn()``."""
         shape = plan.b_tile_shape
@@ -611,7 +611,7 @@ class _Prefill:
     def read_cache(self, kept) -> tuple[np.ndarray, np.ndarray]:
         """Host plane, after the prefill: a layer's kept K|V as [kv_heads, T, head_dim] each."""
         lay = self.lay
-        cols = host.untile_matrix(host.gather(self.mesh, kept)).reshape(lay.t_pad, self.n, 2, lay.kpc, 2 * lay.p)
+        cols = host.untile_matrix(host.gather_tiles(self.mesh, kept)).reshape(lay.t_pad, self.n, 2, lay.kpc, 2 * lay.p)
         return lay.unpermute_kv(cols[:, :, 0]), lay.unpermute_kv(cols[:, :, 1])
 
 
@@ -691,7 +691,7 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
     charged = run.flops_so_far() - flops_before
     last = k_cache = v_cache = None
     if run.numeric:          # host plane: the last hidden vector and the caches
-        full = host.untile_matrix(host.gather(mesh, final))
+        full = host.untile_matrix(host.gather_tiles(mesh, final))
         last = full[length - 1, : config.hidden_size].copy()
         k_cache, v_cache = (list(c) for c in zip(*(run.read_cache(layer) for layer in kept)))
     for arr in (final, x, cos, sin, final_w, *kept, *(w for layer in resident for w in layer.values())):
