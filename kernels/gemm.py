@@ -141,14 +141,15 @@ class RealWork:
         """``charge(step)``: charge this rank's cores the work of that step."""
         rows, cols = mesh.global_rows(), mesh.global_cols()
         per_k = 2 * self.rows[rows][:, None].astype(np.int64) * self.cols[cols][None, :]
-        units = np.broadcast_to(self.units[cols][None, :], per_k.shape)
+        units = self.units[cols][None, :]
+        one_each = bool(np.all(units == 1))
         first = (plan.ring_y.position[rows][:, None] + plan.ring_x.position[cols][None, :]) % plan.chunks
         by_label = self.k[plan.chunk_rows(np.arange(plan.chunks))]
         twice = np.concatenate([by_label, by_label])     # label (first - step) mod L, step < L
 
         def charge(step: int) -> None:
             k = twice[first + (plan.chunks - step)]
-            mesh.compute(per_k * k, ops=k * units)
+            mesh.compute(per_k * k, ops=k if one_each else k * units)
         return charge
 
 

@@ -246,7 +246,7 @@ class Mesh:
         flops = np.broadcast_to(np.asarray(flops, np.int64), self.block_shape)
         if where is not None:
             flops = np.where(where, flops, 0)
-        working = (flops > 0) | (np.asarray(scalars) > 0)
+        working = flops > 0 if np.ndim(scalars) == 0 and not scalars else (flops > 0) | (np.asarray(scalars) > 0)
         if where is not None:
             working &= where
         cycles = np.where(working, costs.compute(self.hardware, flops, ops, scalars), 0.0)
