@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshmpi import host
+from meshmpi import costs, host
 
 from .ring import Ring, interleaved_ring, plain_ring
 
@@ -138,18 +138,22 @@ class RealWork:
         return 2 * int(self.rows.sum()) * int(self.k.sum()) * int(self.cols.sum())
 
     def charger(self, mesh, plan: GemmPlan):
-        """``charge(step)``: charge this rank's cores the work of that step."""
+        """``charge(step)``: charge this rank's cores the work of that step. A core's cycles are
+        its step's real K rows times a per-core rate (:func:`meshmpi.costs.compute` of one K
+        row's FLOPs and vector operations; nothing where the core has no rows or columns)."""
         rows, cols = mesh.global_rows(), mesh.global_cols()
         per_k = 2 * self.rows[rows][:, None].astype(np.int64) * self.cols[cols][None, :]
-        units = self.units[cols][None, :]
-        one_each = bool(np.all(units == 1))
-        first = (plan.ring_y.position[rows][:, None] + plan.ring_x.position[cols][None, :]) % plan.chunks
-        by_label = self.k[plan.chunk_rows(np.arange(plan.chunks))]
-        twice = np.concatenate([by_label, by_label])     # label (first - step) mod L, step < L
+        rate = np.where(per_k > 0, costs.compute(mesh.hardware, per_k, self.units[cols][None, :]), 0.0)
+        # core (i, j) at step t multiplies label (pos_y(i) + pos_x(j) - t) mod L: a table of each
+        # column's real K rows by pos_y(i) - t, from which a step takes whole rows
+        label = (np.arange(plan.chunks)[:, None] + plan.ring_x.position[cols][None, :]) % plan.chunks
+        table = self.k[plan.chunk_rows(label)].astype(np.int64)              # [L, block cols]
+        start = plan.ring_y.position[rows]
+        k, flops, cycles = np.empty_like(per_k), np.empty_like(per_k), np.empty_like(rate)
 
         def charge(step: int) -> None:
-            k = twice[first + (plan.chunks - step)]
-            mesh.compute(per_k * k, ops=k if one_each else k * units)
+            np.take(table, (start - step) % plan.chunks, axis=0, out=k)
+            mesh.compute(np.multiply(per_k, k, out=flops), cycles=np.multiply(rate, k, out=cycles))
         return charge
 
 

@@ -227,12 +227,21 @@ class Mesh:
                 np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype))
         return arr
 
-    def compute(self, flops, where=None, advance_clock: bool = True, ops: int = 1, scalars: int = 0) -> None:
+    def compute(self, flops, where=None, advance_clock: bool = True, ops: int = 1, scalars: int = 0,
+                cycles: np.ndarray | None = None) -> None:
         """Charge ``flops`` (scalar or block-shaped) of local work to each core: its FLOP count,
         its busy cycles and (unless the work overlaps a transfer the caller times itself,
         ``advance_clock=False``) its clock. The work takes ``ops`` vector operations and
         ``scalars`` scalar ones (counts, scalar or block-shaped), each with its fixed start cost
-        (:func:`meshmpi.costs.compute`), on the cores that do any of it."""
+        (:func:`meshmpi.costs.compute`), on the cores that do any of it. A caller charging
+        block-shaped work at every step may pass its ``cycles``, worked out by those rules."""
+        if cycles is not None:
+            if advance_clock:
+                self.clock += cycles
+            self.busy += cycles
+            self._counters["flops"] += flops
+            self.totals["flops"] += int(flops.sum())
+            return
         if where is None and np.ndim(flops) == np.ndim(ops) == np.ndim(scalars) == 0:  # no block temporaries
             if not flops and not scalars:
                 return
