@@ -120,10 +120,16 @@ def test_real_work_charges_what_each_core_multiplies_at_each_step(monkeypatch, r
     total = mesh.sum_over_ranks(int(mesh.counters["flops"].sum()))
     real_rows = work.rows[mesh.global_rows()][:, None]
     real_cols = work.cols[mesh.global_cols()][None, :]
+    busy, hw = mesh.busy.copy(), mesh.hardware
     mesh.free()
     assert len(picked) == len(charged) == plan.chunks
+    expected_busy = 0
     for step, (chunk, flops) in enumerate(zip(picked, charged)):
-        assert np.array_equal(flops, 2 * real_rows * real_cols * chunk.sum(axis=-1)), step
+        k_rows = chunk.sum(axis=-1)
+        assert np.array_equal(flops, 2 * real_rows * real_cols * k_rows), step
+        # one vector operation per real K row, on the cores that do any work
+        expected_busy = expected_busy + np.where(flops > 0, flops / hw.flops_per_cycle + k_rows * hw.vector_op_cycles, 0)
+    np.testing.assert_allclose(busy, expected_busy, rtol=1e-12)
     assert total == 2 * m * k * n
 
 
