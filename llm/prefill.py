@@ -81,7 +81,7 @@ class PrefillResult:
     cycles_per_layer: float             # modeled cycles of layer 0
     tokens: int                         # prompt length T
     layers: int                         # layers simulated
-    flops_charged: int                  # FLOPs the mesh charged (padding included), all cores
+    flops_charged: int                  # FLOPs the mesh charged (real work + distribution), all cores
     flops_real: int                     # FLOPs of the unpadded model for the same layers
     layers_per_region: int = 1          # layers a prefill region holds resident (weights + K|V)
     regions: int = 1                    # prefill regions the whole model needs (a pipeline)
