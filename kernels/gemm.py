@@ -18,6 +18,10 @@ heads. A :class:`CellMap` says, per column, which entry of a batch over all head
 core's ``cells`` reads (MeshGEMM's A) or adds into (GEMM-T's partial C); the operand that
 stays with the column holds ``cells / per_slot`` batch entries, each shared by ``per_slot``
 consecutive cells. The tile that travels along X carries every head; the FLOPs are the cells'.
+
+Uneven tiles (:class:`RealWork`, PAPER.md §4): the fabric moves tiles of one padded shape, but
+a core can be charged for the real rows, K rows and columns its product spans at each step;
+without it a core is charged its whole padded tile product.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meshmpi import costs
 from meshmpi.layout import Dim, Layout, expect
 
 from .ring import Ring, interleaved_ring, plain_ring
@@ -163,6 +168,47 @@ class CellMap:
                 raise ValueError(f"{arr.name} {arr.tile_shape}: expected a batch of {size}")
 
 
+@dataclass
+class RealWork:
+    """The unpadded extent of each block of a product, for the FLOP charge of uneven tiles:
+    core (i, j) at a step whose K-chunk is c does ``2 rows[i] k[c] cols[j]`` FLOPs in
+    ``k[c] units[j]`` vector operations (one per real K row and product). ``k`` is indexed by
+    the chunk's place in K (:meth:`GemmPlan.chunk_rows` order); with head cells, ``cols[j]``
+    sums the real columns of column j's cells and ``units[j]`` counts the cells holding any."""
+    rows: np.ndarray       # [R]
+    k: np.ndarray          # [L]
+    cols: np.ndarray       # [C]
+    units: np.ndarray      # [C]
+
+    @staticmethod
+    def blocks(size: int, parts: int, block: int) -> np.ndarray:
+        """Real extent of each of ``parts`` blocks of ``block`` over a dimension of ``size``."""
+        return np.clip(size - np.arange(parts) * block, 0, block)
+
+    def total(self) -> int:
+        """FLOPs of the whole product, all cores and steps."""
+        return 2 * int(self.rows.sum()) * int(self.k.sum()) * int(self.cols.sum())
+
+    def charger(self, mesh, plan: GemmPlan):
+        """``charge(step)``: charge this rank's cores the work of that step. A core's cycles are
+        its step's real K rows times a per-core rate (:func:`meshmpi.costs.compute` of one K
+        row's FLOPs and vector operations; nothing where the core has no rows or columns)."""
+        rows, cols = mesh.global_rows(), mesh.global_cols()
+        per_k = 2 * self.rows[rows][:, None].astype(np.int64) * self.cols[cols][None, :]
+        rate = np.where(per_k > 0, costs.compute(mesh.hardware, per_k, self.units[cols][None, :]), 0.0)
+        # core (i, j) at step t multiplies label (pos_y(i) + pos_x(j) - t) mod L: a table of each
+        # column's real K rows by pos_y(i) - t, from which a step takes whole rows
+        label = (np.arange(plan.chunks)[:, None] + plan.ring_x.position[cols][None, :]) % plan.chunks
+        table = self.k[plan.chunk_rows(label)].astype(np.int64)              # [L, block cols]
+        start = plan.ring_y.position[rows]
+        k, flops, cycles = np.empty_like(per_k), np.empty_like(per_k), np.empty_like(rate)
+
+        def charge(step: int) -> None:
+            np.take(table, (start - step) % plan.chunks, axis=0, out=k)
+            mesh.compute(np.multiply(per_k, k, out=flops), cycles=np.multiply(rate, k, out=cycles))
+        return charge
+
+
 # ---------------------------------------------------------------------------- wafer side
 def rotate_lines(mesh, arr, axis: str, ring: Ring, steps: np.ndarray, name: str) -> None:
     """Rotate each line's tiles along ``ring``: line l moves ``steps[l]`` positions backward
@@ -240,13 +286,15 @@ def _ring_buffers(mesh, arr, ring: Ring, name: str):
     return mesh.alloc(name, arr.tile_shape, arr.dtype) if ring.n > 1 else None
 
 
-def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm", cells: CellMap | None = None):
+def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm", cells: CellMap | None = None,
+              work: RealWork | None = None):
     """C = A @ B with A natural, B pre-skewed; returns C (natural layout), which the caller owns.
 
     Tiles may carry leading batch dims (e.g. attention heads): every core multiplies its whole
     batch at each step and every transfer carries the whole batch, one message per step.
     With ``cells``, A's batch is every head's and C's is the core's cells: cell u adds
-    ``A[entry(u)] @ B[u // per_slot]`` (see :class:`CellMap`).
+    ``A[entry(u)] @ B[u // per_slot]`` (see :class:`CellMap`). With ``work``, each core is
+    charged its real work (:class:`RealWork`), else its whole tile product.
     The kernel owns and frees its spare buffers; ``a`` and ``b`` stay the caller's (same names,
     same charges), holding the tiles of the last step: A rotated along x, B along y (their
     layouts say so afterwards)."""
@@ -259,6 +307,8 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm", cells: CellMap | N
         valid = (entry >= 0)[None, :, :, None, None]
         pick = (np.arange(entry.shape[0])[:, None], np.maximum(entry, 0))
     rows, cols = mesh.global_rows(), mesh.global_cols()
+    charge = work.charger(mesh, plan) if work is not None else (
+        lambda step: mesh.compute(2 * tm * s * tn * products, ops=s * products))
     with mesh.phase(f"{name}.align"):
         rotate_lines(mesh, a, "x", plan.ring_x, plan.ring_y.position, f"{name}.a")
     moving = [(a, _ring_buffers(mesh, a, plan.ring_x, f"{name}.a.next"),
@@ -280,7 +330,7 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm", cells: CellMap | N
                 else:
                     a_cells = np.where(valid, a_part[:, pick[0], pick[1]], 0)
                     c.data += np.matmul(a_cells, b_part[:, :, cells.slot_of_cell()])
-            mesh.compute(2 * tm * s * tn * products, ops=s * products)
+            charge(step)
             for transfer in sends:
                 transfer.wait()
             if not last:
@@ -295,7 +345,8 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm", cells: CellMap | N
     return c
 
 
-def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap | None = None):
+def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap | None = None,
+                work: RealWork | None = None):
     """C = A @ B^T (PAPER.md §2, GEMM-T), K never transposed on the wafer.
 
     A (M x K) stays; B (N x K) moves along its column's ring; each core's partial tile of C
@@ -304,7 +355,9 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap
     and ``plan.n`` is the shared K. A final rotation puts C in its natural layout. Leading
     batch dims of the tiles are independent products, as in :func:`ring_gemm`. With ``cells``,
     A's batch is the core's cells and the partial's every head's: cell u adds
-    ``A[u] @ B[u // per_slot]^T`` into ``C[entry(u)]`` (see :class:`CellMap`). Returns C
+    ``A[u] @ B[u // per_slot]^T`` into ``C[entry(u)]`` (see :class:`CellMap`). ``work``
+    charges real work as in :func:`ring_gemm` (its ``k`` is C's labelled columns, its ``cols``
+    the shared K). Returns C
     (the caller owns it); the kernel frees its spare buffers and ``b`` stays the caller's.
     """
     R, C, L = plan.rows, plan.cols, plan.chunks
@@ -314,6 +367,8 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap
     if cells is not None:
         entry = cells.local(mesh)
     rows, cols = mesh.global_rows(), mesh.global_cols()
+    charge = work.charger(mesh, plan) if work is not None else (
+        lambda step: mesh.compute(2 * tm * s * b.tile_shape[-1] * products, ops=s * products))
     partial = mesh.alloc(f"{name}.c", batch + (tm, (L // C) * s), a.dtype)
     moving = [(partial, _ring_buffers(mesh, partial, plan.ring_x, f"{name}.c.next"),
                mesh.fabric.permutation(f"{name}.shift.x", "x", plan.ring_x.send())),
@@ -337,7 +392,7 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap
                     for u in range(cells.cells):
                         where = np.flatnonzero(entry[:, u] >= 0)
                         partial.data[:, where, entry[where, u]] += update[:, where, u]
-            mesh.compute(2 * tm * s * b.tile_shape[-1] * products, ops=s * products)
+            charge(step)
             if step < L - 1:
                 sends = [pattern.start(tile, spare) for tile, spare, pattern in moving]
                 for transfer in sends:

@@ -227,13 +227,22 @@ class Mesh:
                 np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype))
         return arr
 
-    def compute(self, flops, where=None, advance_clock: bool = True, ops: int = 1, scalars: int = 0) -> None:
+    def compute(self, flops, where=None, advance_clock: bool = True, ops: int = 1, scalars: int = 0,
+                cycles: np.ndarray | None = None) -> None:
         """Charge ``flops`` (scalar or block-shaped) of local work to each core: its FLOP count,
         its busy cycles and (unless the work overlaps a transfer the caller times itself,
         ``advance_clock=False``) its clock. The work takes ``ops`` vector operations and
-        ``scalars`` scalar ones, each with its fixed start cost (:func:`meshmpi.costs.compute`),
-        on the cores that do any of it."""
-        if where is None and np.ndim(flops) == 0:  # the common case: no block-sized temporaries
+        ``scalars`` scalar ones (counts, scalar or block-shaped), each with its fixed start cost
+        (:func:`meshmpi.costs.compute`), on the cores that do any of it. A caller charging
+        block-shaped work at every step may pass its ``cycles``, worked out by those rules."""
+        if cycles is not None:
+            if advance_clock:
+                self.clock += cycles
+            self.busy += cycles
+            self._counters["flops"] += flops
+            self.totals["flops"] += int(flops.sum())
+            return
+        if where is None and np.ndim(flops) == np.ndim(ops) == np.ndim(scalars) == 0:  # no block temporaries
             if not flops and not scalars:
                 return
             cycles = float(costs.compute(self.hardware, float(flops), ops, scalars))
@@ -246,7 +255,9 @@ class Mesh:
         flops = np.broadcast_to(np.asarray(flops, np.int64), self.block_shape)
         if where is not None:
             flops = np.where(where, flops, 0)
-        working = flops > 0 if not scalars else (np.ones(self.block_shape, bool) if where is None else where)
+        working = flops > 0 if np.ndim(scalars) == 0 and not scalars else (flops > 0) | (np.asarray(scalars) > 0)
+        if where is not None:
+            working &= where
         cycles = np.where(working, costs.compute(self.hardware, flops, ops, scalars), 0.0)
         if advance_clock:
             self.clock += cycles

@@ -83,6 +83,55 @@ def test_summa_direct_call_matches_numpy():
     mesh.free()
 
 
+@pytest.mark.parametrize("rows,cols", [(3, 3), (5, 5), (2, 3)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_real_work_charges_what_each_core_multiplies_at_each_step(monkeypatch, rows, cols, transposed):
+    """Uneven tiles (:class:`kernels.gemm.RealWork`): the labelled operand's padded K rows are
+    zero here, so the real K rows a core multiplies at a step can be counted in the chunk it
+    picks; each core's charge at that step is 2 x its real rows x those K rows x its real
+    columns, and over the product the cores' sum is the unpadded 2 m k n."""
+    m, k, n = 3 * rows - 1, 2 * cols + 1, 2 * cols - 1     # the last blocks partly or wholly padding
+    picked, charged = [], []
+    real_pick = gemm._pick_chunk
+    axis = -2 if transposed else -1                 # the operand whose chunk holds the real K rows
+
+    def pick(data, index, along, parts):
+        part = real_pick(data, index, along, parts)
+        if along == axis:   # B's key rows (any real column), or A's row 0 (zero on padded rows)
+            picked.append(part.any(axis=-1) if transposed else part[:, :, 0] != 0)
+        return part
+    monkeypatch.setattr(gemm, "_pick_chunk", pick)
+    plan = gemm.GemmPlan.build("meshgemm", rows, cols, m, k, n)
+    block = gemm.RealWork.blocks
+    work = gemm.RealWork(block(m, rows, plan.m_pad // rows), block(k, plan.chunks, plan.chunk),
+                         block(n, cols, plan.n_pad // cols), np.ones(cols, np.int64))
+    mesh = make_mesh(rows, cols)
+    real_compute = mesh.compute
+    monkeypatch.setattr(mesh, "compute", lambda f, **kw: (charged.append(np.array(f)), real_compute(f, **kw)))
+    if transposed:      # C = A B^T, A m x n, B k x n: the labelled chunks are B's rows
+        a = host.scatter(mesh, "w.a", np.ones((m, n)), plan.t_a_layout())
+        b = host.scatter(mesh, "w.b", np.ones((k, n)), plan.b_layout())
+        gemm.ring_gemm_t(mesh, plan, a, b, work=work).free()
+    else:
+        a = host.scatter(mesh, "w.a", np.ones((m, k)), plan.a_layout())
+        b = host.scatter(mesh, "w.b", np.ones((k, n)), plan.b_layout())
+        gemm.ring_gemm(mesh, plan, a, b, work=work).free()
+    total = mesh.sum_over_ranks(int(mesh.counters["flops"].sum()))
+    real_rows = work.rows[mesh.global_rows()][:, None]
+    real_cols = work.cols[mesh.global_cols()][None, :]
+    busy, hw = mesh.busy.copy(), mesh.hardware
+    mesh.free()
+    assert len(picked) == len(charged) == plan.chunks
+    expected_busy = 0
+    for step, (chunk, flops) in enumerate(zip(picked, charged)):
+        k_rows = chunk.sum(axis=-1)
+        assert np.array_equal(flops, 2 * real_rows * real_cols * k_rows), step
+        # one vector operation per real K row, on the cores that do any work
+        expected_busy = expected_busy + np.where(flops > 0, flops / hw.flops_per_cycle + k_rows * hw.vector_op_cycles, 0)
+    np.testing.assert_allclose(busy, expected_busy, rtol=1e-12)
+    assert total == 2 * m * k * n
+
+
 @pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (2, 3), (3, 4), (4, 2), (5, 3), (8, 8)] + LINES)
 @pytest.mark.parametrize("algo", ["meshgemm", "cannon"])
 def test_gemm_t_matches_a_times_b_transposed(algo, rows, cols):
