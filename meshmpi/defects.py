@@ -2,22 +2,27 @@
 with dead cores (PAPER.md §1: small cores, so that a defect takes out little; redundant links
 bypass a dead core).
 
-The scheme (row shift with spare columns, row retirement with spare rows):
+The scheme (row shift toward a shared profile with spare columns, row retirement with spare
+rows):
 
 - The physical wafer is ``rows + spare_rows`` by ``cols + spare_cols`` cores; the logical mesh
   is ``rows x cols``, so kernels and layouts do not change. A defect-free wafer maps logical
   core (r, c) to physical core (r, c) and leaves the spares idle.
-- Row shift: logical row r uses the first ``cols`` healthy cores of its physical row, in
-  order. A dead core is bypassed by a redundant link that runs past the dead tile, so the
-  logical x-neighbours on either side of it are 2 physical hops apart (k + 1 past k dead
-  cores in a row); the row's tail moves one column over into the spares.
-- Row retirement: a physical row with more dead cores than there are spare columns is
-  retired whole and the next row takes its place (the spare rows absorb it); y-neighbours
-  across a retired row are 2 rows apart.
+- Row shift: each row places its logical cores left to right on healthy cores, logical
+  column c on the first healthy core at or after both the core right of column c-1 and
+  ``c + T(c)``, the shared shift profile ``T(c) = floor(slope * c)``, ``slope`` twice the
+  share of dead cores in the logical rectangle (0 without defects). A dead core is bypassed by
+  a redundant link that runs past the dead tile, so the logical x-neighbours on either side of
+  it are 2 physical hops apart (k + 1 past k skipped cores); a row that a dead core pushed
+  ahead of the profile catches up with it where the profile steps (its slack), so rows stay
+  aligned and their shifts differ only by local clusters of dead cores. Where the profile
+  steps, a healthy core is left idle and bypassed the same way.
+- Row retirement: a physical row that runs out of columns is retired whole and the next row
+  takes its place (the spare rows absorb it); y-neighbours across a retired row are 2 rows
+  apart.
 - A y-link joins (r, c) and (r+1, c), whose rows may have shifted differently: it is a
   redundant link of ``rows apart + |column offset|`` physical hops (the Manhattan length).
-- Too many dead cores for the spares (fewer than ``rows`` physical rows with ``cols`` healthy
-  cores) is an error.
+- Too many dead cores for the spares (fewer than ``rows`` physical rows that fit) is an error.
 
 What the fabric pays (:mod:`meshmpi.fabric`, :mod:`meshmpi.worms`): every logical link has
 its own physical path of ``k`` hops (no two logical links share a physical link), crossed
@@ -35,8 +40,9 @@ Defects come from a file (``--defects FILE``, JSON
 ``{"rows": PR, "cols": PC, "dead": [[row, col], ...]}``: the physical wafer and its dead cores,
 the logical mesh on its top-left, the rest spares) or from a rate (``--defects RATE``: every
 physical core is dead with that probability, drawn from ``--defect-seed``; the spares are
-provisioned for twice the rate, ``ceil(n / (1 - 2 rate)) - n`` spare rows and columns for n
-logical ones).
+provisioned for the profile's slack and three standard deviations of a line's dead cores: for
+n logical rows (or columns), the fewest spares s with ``s >= 2 lam + 3 sqrt(lam)``,
+``lam = rate (n + s)``).
 """
 from __future__ import annotations
 
@@ -48,7 +54,7 @@ import numpy as np
 
 from .errors import UsageError
 
-MAX_RATE = 0.25      # spares for twice the rate: at most half the wafer
+MAX_RATE = 0.25
 
 
 class Remap:
@@ -62,15 +68,16 @@ class Remap:
             raise UsageError(f"defect map: a {phys_rows}x{phys_cols} physical wafer cannot hold the "
                              f"{rows}x{cols} mesh")
         self.dead, self.rows, self.cols, self.source = dead, rows, cols, source
-        usable = np.flatnonzero(phys_cols - dead.sum(axis=1) >= cols)
+        self.slope = 2 * float(dead[:rows, :cols].mean())
+        columns = place_rows(dead, cols, self.slope)
+        usable = np.flatnonzero(columns[:, -1] < phys_cols)
         if usable.size < rows:
             raise UsageError(f"too many defects for the spares: {usable.size} of the {phys_rows} physical rows "
-                             f"have {cols} healthy cores, the {rows}x{cols} mesh needs {rows} "
+                             f"fit {cols} cores, the {rows}x{cols} mesh needs {rows} "
                              f"({int(dead.sum())} dead cores, {phys_rows - rows} spare rows, "
                              f"{phys_cols - cols} spare columns)")
         self.row_of = usable[:rows]                                   # physical row of each logical row
-        # per logical row, its healthy physical columns in order (a stable sort puts them first)
-        self.col_of = np.argsort(dead[self.row_of], axis=1, kind="stable")[:, :cols]
+        self.col_of = columns[self.row_of]                            # physical column of each logical core
         self.link_hops = {
             "x": np.diff(self.col_of, axis=1),                                            # [rows, cols-1]
             "y": (np.diff(self.row_of)[:, None] + np.abs(np.diff(self.col_of, axis=0))),  # [rows-1, cols]
@@ -111,6 +118,22 @@ class Remap:
         padded = np.concatenate([np.ones((1, hops.shape[1]), np.int64), hops,
                                  np.ones((1, hops.shape[1]), np.int64)])      # row i: link i-1 <-> i
         return {+1: padded[start + 1:stop + 1].astype(np.float64), -1: padded[start:stop].astype(np.float64)}
+
+
+def place_rows(dead: np.ndarray, cols: int, slope: float) -> np.ndarray:
+    """Per physical row, the physical column of each of ``cols`` logical columns (see the
+    module docstring; the number of physical columns where the row runs out of them). One
+    step per logical column, vectorised over the rows."""
+    phys_rows, phys_cols = dead.shape
+    healthy_at = np.where(dead, phys_cols, np.arange(phys_cols))
+    next_healthy = np.minimum.accumulate(healthy_at[:, ::-1], axis=1)[:, ::-1]   # first healthy >= x
+    next_healthy = np.concatenate([next_healthy, np.full((phys_rows, 1), phys_cols)], axis=1)
+    profile = np.arange(cols) + np.floor(slope * np.arange(cols)).astype(np.int64)
+    columns = np.empty((phys_rows, cols), np.int64)
+    every, previous = np.arange(phys_rows), np.full(phys_rows, -1)
+    for c in range(cols):
+        previous = columns[:, c] = next_healthy[every, np.minimum(np.maximum(previous + 1, profile[c]), phys_cols)]
+    return columns
 
 
 def message_spans(src, dst, multicast: bool, relay: bool):
@@ -155,9 +178,13 @@ class PatternPaths:
 
 # ---------------------------------------------------------------------------- input
 def spares_for(rate: float, n: int) -> int:
-    """Spare rows (or columns) provisioned for ``n`` logical ones at a defect rate: for twice
-    the rate, ``ceil(n / (1 - 2 rate)) - n``."""
-    return math.ceil(n / (1 - 2 * rate) - 1e-9) - n
+    """Spare rows (or columns) provisioned for ``n`` logical ones at a defect rate: the fewest
+    ``s`` with ``s >= 2 lam + 3 sqrt(lam)``, ``lam = rate (n + s)`` (the shift profile's slack,
+    twice the mean dead cores of a line of ``n + s``, and three standard deviations)."""
+    s = 0
+    while s < 2 * rate * (n + s) + 3 * math.sqrt(rate * (n + s)):
+        s += 1
+    return s
 
 
 def parse_spec(text: str):

@@ -23,25 +23,28 @@ TS, BW = HW.transfer_start_cycles, HW.link_bytes_per_cycle
 
 
 def hand_map():
-    """3x4 logical on a 4x5 wafer: (1, 1) dead shifts row 1; row 2 has two dead cores, more
-    than the one spare column, so it is retired and physical row 3 is logical row 2."""
+    """3x4 logical on a 4x5 wafer: (1, 1) dead shifts row 1; row 2 runs out of columns, so
+    it is retired and physical row 3 is logical row 2."""
     dead = np.zeros((4, 5), bool)
     dead[1, 1] = dead[2, 0] = dead[2, 4] = True
     return Remap(dead, 3, 4, "hand")
 
 
-# Worked by hand from the scheme: healthy columns per used row are [0,1,2,3], [0,2,3,4], [0,1,2,3].
-KX = np.array([[1, 1, 1], [2, 1, 1], [1, 1, 1]])        # x-link (r, c)-(r, c+1)
-KY = np.array([[1, 2, 2, 2], [2, 3, 3, 3]])              # y-link (r, c)-(r+1, c): rows apart + column offset
+# Worked by hand from the scheme: 2 of the 12 logical-rectangle cores are dead, so the profile
+# is c + floor(2 * 2/12 * c) = [0, 1, 2, 4]; rows 0 and 3 follow it, row 1 skips its dead
+# column 1 and catches up at column 3 ([0, 2, 3, 4]); row 2 (dead 0 and 4) would need column 5.
+COLUMNS = np.array([[0, 1, 2, 4], [0, 2, 3, 4], [0, 1, 2, 4]])
+KX = np.array([[1, 1, 2], [2, 1, 1], [1, 1, 2]])        # x-link (r, c)-(r, c+1)
+KY = np.array([[1, 2, 2, 1], [2, 3, 3, 2]])              # y-link (r, c)-(r+1, c): rows apart + column offset
 
 
 def test_hand_made_map_hops():
     remap = hand_map()
-    assert remap.row_of.tolist() == [0, 1, 3]
+    assert remap.row_of.tolist() == [0, 1, 3] and np.array_equal(remap.col_of, COLUMNS)
     assert np.array_equal(remap.link_hops["x"], KX) and np.array_equal(remap.link_hops["y"], KY)
     stats = remap.stats()
     assert stats["logical_links"] == 3 * 3 + 2 * 4
-    assert stats["stretched_share"] == pytest.approx(8 / 17) and stats["worst_stretch"] == 3
+    assert stats["stretched_share"] == pytest.approx(9 / 17) and stats["worst_stretch"] == 3
     assert (stats["dead_cores"], stats["spare_rows"], stats["spare_cols"]) == (3, 1, 1)
 
 
@@ -65,10 +68,17 @@ def test_too_many_defects_for_the_spares():
 
 
 def test_rate_draw_and_spares():
-    assert [spares_for(r, 16) for r in (0.0, 0.07, 0.1)] == [0, 3, 4]     # ceil(16 / (1 - 2r)) - 16
+    def enough(rate, n, s):          # the profile's slack and a line's dead cores at three sigma
+        lam = rate * (n + s)
+        return s >= 2 * lam + 3 * lam ** 0.5
+    assert spares_for(0.0, 16) == 0
+    for rate, n in ((0.01, 64), (0.07, 16), (0.1, 360)):
+        s = spares_for(rate, n)
+        assert enough(rate, n, s) and not enough(rate, n, s - 1)
     assert remap_for(0.0, 5, 8, 8).dead.shape == (8, 8) and not remap_for(0.0, 5, 8, 8).stretched
     a, b = remap_for(0.1, 7, 16, 16), remap_for(0.1, 7, 16, 16)
-    assert a.dead.shape == (20, 20) and np.array_equal(a.dead, b.dead)
+    s = spares_for(0.1, 16)
+    assert a.dead.shape == (16 + s, 16 + s) and np.array_equal(a.dead, b.dead)
 
 
 def full(mesh, block):
