@@ -55,6 +55,21 @@ def parse_sides(args, default):
     return sides
 
 
+DEFECT_RATES = "0,0.01,0.02,0.03,0.05,0.07,0.1"
+
+
+def parse_rates(text: str, option: str) -> list[float]:
+    """A comma list of defect rates (each in meshmpi.defects' range), ascending."""
+    from .defects import MAX_RATE
+    try:
+        rates = sorted({float(r) for r in text.split(",") if r.strip()})
+    except ValueError:
+        raise UsageError(f"{option} expects a comma list of rates like {DEFECT_RATES}, got {text!r}") from None
+    if not rates or rates[0] < 0 or rates[-1] > MAX_RATE:
+        raise UsageError(f"{option}: rates must be in [0, {MAX_RATE}], got {text!r}")
+    return rates
+
+
 def _is_root() -> bool:
     return cli.world_rank() == 0
 
