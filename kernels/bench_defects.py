@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshmpi.benchtools import figure, save_figure
+from meshmpi.benchtools import figure, plot_over_rates, save_figure
 from meshmpi.defects import remap_for
 from meshmpi.errors import UsageError
 
@@ -66,22 +66,12 @@ def plot_defects(rows: list[dict], path: Path, hardware_name: str) -> None:
     plt, fig, axes = figure(2, width=4.6)
     slow, hops = axes[0]
     good = [r for r in rows if not r.get("error") and r.get("slowdown") != ""]
-    for index, key in enumerate(dict.fromkeys((r["algo"], r["size"], r["mesh"]) for r in good)):
-        mine = [r for r in good if (r["algo"], r["size"], r["mesh"]) == key]
-        label = f"{key[0]} {key[1] // 1024}K on {key[2]}²"
-        rates = sorted({float(r["rate"]) for r in mine})
-        for ax, field in ((slow, "slowdown"), (hops, "max_hops_per_step")):
-            ax.plot([100 * float(r["rate"]) for r in mine], [float(r[field]) for r in mine], ".",
-                    color=f"C{index}", alpha=0.5)
-            means = [sum(float(r[field]) for r in mine if float(r["rate"]) == x)
-                     / sum(1 for r in mine if float(r["rate"]) == x) for x in rates]
-            ax.plot([100 * x for x in rates], means, "-", color=f"C{index}", label=label)
-    slow.set(xlabel="dead cores (% of the physical wafer)", ylabel="modeled cycles / defect-free",
-             title=f"slowdown on a remapped wafer ({hardware_name})")
-    hops.set(xlabel="dead cores (% of the physical wafer)", ylabel="physical hops",
-             title="longest message of any step")
+    for ax, field in ((slow, "slowdown"), (hops, "max_hops_per_step")):
+        plot_over_rates(ax, good, lambda r: (r["algo"], int(r["size"]), r["mesh"]), field,
+                        lambda key: f"{key[0]} {key[1] // 1024}K on {key[2]}²")
+    slow.set(ylabel="modeled cycles / defect-free", title=f"slowdown on a remapped wafer ({hardware_name})")
+    hops.set(ylabel="physical hops", title="longest message of any step")
     hops.axhline(2, color="grey", linestyle=":", label="MeshGEMM's 2-hop bound")
     for ax in (slow, hops):
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     save_figure(plt, fig, path)
