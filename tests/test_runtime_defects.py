@@ -4,13 +4,19 @@ forms, numeric kernels against numpy, rank invariance, a defect-free map running
 perfect wafer, and bad defect input."""
 from __future__ import annotations
 
+import csv
 import json
+import tempfile
+from contextlib import redirect_stderr, redirect_stdout
+from io import StringIO
+from pathlib import Path
 
 import numpy as np
 import pytest
 from mpi4py import MPI
 
 import kernels.__main__ as kernels_cli
+import llm.__main__ as llm_cli
 from kernels.run import run_gemm, run_gemv
 from meshmpi import Mesh, UsageError, load_hardware
 from meshmpi.defects import Remap, parse_spec, remap_for, spares_for
@@ -179,3 +185,60 @@ def test_bad_defect_input(tmp_path):
     many.write_text(json.dumps({"rows": 5, "cols": 5, "dead": [[0, 0], [0, 1], [1, 0], [1, 1]]}))
     usage_error(kernels_cli.main, base + [str(many)], "too many defects for the spares")
     assert parse_spec("0.07") == 0.07
+
+
+def _shared_dir():
+    path = tempfile.mkdtemp(prefix="defects-bench-") if MPI.COMM_WORLD.rank == 0 else None
+    return Path(MPI.COMM_WORLD.bcast(path))
+
+
+def _draw(rate, seed, side):
+    """The dead cores of a --defects RATE draw, counted straight from the generator."""
+    phys = side + spares_for(rate, side)
+    return int((np.random.default_rng(seed).random((phys, phys)) < rate).sum())
+
+
+@pytest.mark.mpi
+def test_kernels_bench_defects(new_mesh):
+    out = _shared_dir()
+    with redirect_stdout(StringIO()), redirect_stderr(StringIO()):
+        assert kernels_cli.main(["bench", "defects", "--meshes", "8", "--rates", "0,0.05", "--seeds", "2",
+                                 "--out", str(out)]) == 0
+    perfect = {"meshgemm": run_gemm(new_mesh(8, 8, dry_run=True, memory="warn"), "meshgemm", 2048, 2048, 2048),
+               "meshgemv": run_gemv(new_mesh(8, 8, dry_run=True, memory="warn"), "meshgemv", 16384, 16384)}
+    if MPI.COMM_WORLD.rank:
+        return
+    with open(out / "defects.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert (out / "defects.png").read_bytes()[:4] == b"\x89PNG"
+    assert [(r["algo"], float(r["rate"]), int(r["seed"])) for r in rows] == [
+        (algo, rate, seed) for algo in ("meshgemm", "meshgemv") for rate, seed in ((0, 0), (0.05, 0), (0.05, 1))]
+    for r in rows:
+        assert not r["error"] and int(r["dead_cores"]) == _draw(float(r["rate"]), int(r["seed"]), 8)
+        base = perfect[r["algo"]]
+        assert float(r["extra_cycles"]) == pytest.approx(float(r["modeled_cycles"]) - base["modeled_cycles"])
+        assert int(r["defect_free_max_hops"]) == base["max_hops_per_step"]
+        if float(r["rate"]) == 0:
+            assert float(r["modeled_cycles"]) == base["modeled_cycles"] and float(r["slowdown"]) == 1
+        else:
+            assert float(r["stretched_share"]) > 0 and int(r["max_hops_per_step"]) > base["max_hops_per_step"]
+
+
+@pytest.mark.mpi
+def test_llm_bench_defects():
+    out = _shared_dir()
+    with redirect_stdout(StringIO()), redirect_stderr(StringIO()):
+        assert llm_cli.main(["bench", "--defects", "0,0.05", "--seeds", "1", "--meshes", "176", "--prompt-len", "16",
+                             "--out", str(out)]) == 0
+    if MPI.COMM_WORLD.rank:
+        return
+    with open(out / "llm_defects.csv", newline="") as f:
+        perfect, remapped = list(csv.DictReader(f))
+    assert (out / "llm_defects.png").read_bytes()[:4] == b"\x89PNG"
+    assert float(perfect["slowdown"]) == 1 and int(perfect["dead_cores"]) == 0
+    assert int(remapped["dead_cores"]) == _draw(0.05, 0, 176) and float(remapped["stretched_share"]) > 0
+    clock = load_hardware("wse2").clock_hz
+    for r in (perfect, remapped):        # tokens/s is the clock over the step's cycles
+        assert float(r["modeled_decode_tokens_per_s"]) == pytest.approx(clock / float(r["modeled_decode_cycles_per_token"]))
+    assert float(remapped["slowdown"]) == pytest.approx(
+        float(remapped["modeled_decode_cycles_per_token"]) / float(perfect["modeled_decode_cycles_per_token"]))
