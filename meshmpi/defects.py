@@ -20,8 +20,10 @@ rows):
 - Row retirement: a physical row that runs out of columns is retired whole and the next row
   takes its place (the spare rows absorb it); y-neighbours across a retired row are 2 rows
   apart.
-- A y-link joins (r, c) and (r+1, c), whose rows may have shifted differently: it is a
-  redundant link of ``rows apart + |column offset|`` physical hops (the Manhattan length).
+- A y-link joins (r, c) and (r+1, c), whose rows may have shifted differently. Every router
+  has redundant links to its diagonal neighbours, so a row offset by one column is one hop
+  away (a diagonal link); the y-link costs ``max(rows apart, |column offset|)`` physical hops
+  (diagonal steps first, the rest straight).
 - Too many dead cores for the spares (fewer than ``rows`` physical rows that fit) is an error.
 
 What the fabric pays (:mod:`meshmpi.fabric`, :mod:`meshmpi.worms`): every logical link has
@@ -80,7 +82,7 @@ class Remap:
         self.col_of = columns[self.row_of]                            # physical column of each logical core
         self.link_hops = {
             "x": np.diff(self.col_of, axis=1),                                            # [rows, cols-1]
-            "y": (np.diff(self.row_of)[:, None] + np.abs(np.diff(self.col_of, axis=0))),  # [rows-1, cols]
+            "y": np.maximum(np.diff(self.row_of)[:, None], np.abs(np.diff(self.col_of, axis=0))),  # [rows-1, cols]
         }
 
     @property

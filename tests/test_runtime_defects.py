@@ -29,19 +29,20 @@ TS, BW = HW.transfer_start_cycles, HW.link_bytes_per_cycle
 
 
 def hand_map():
-    """3x4 logical on a 4x5 wafer: (1, 1) dead shifts row 1; row 2 runs out of columns, so
-    it is retired and physical row 3 is logical row 2."""
-    dead = np.zeros((4, 5), bool)
-    dead[1, 1] = dead[2, 0] = dead[2, 4] = True
+    """3x4 logical on a 4x6 wafer: dead (1, 0) and (1, 1) shift row 1 by two; row 2 runs out
+    of columns, so it is retired and physical row 3, shifted by its dead (3, 2), is logical row 2."""
+    dead = np.zeros((4, 6), bool)
+    dead[1, 0] = dead[1, 1] = dead[2, 4] = dead[2, 5] = dead[3, 2] = True
     return Remap(dead, 3, 4, "hand")
 
 
 # Worked by hand from the scheme: 2 of the 12 logical-rectangle cores are dead, so the profile
-# is c + floor(2 * 2/12 * c) = [0, 1, 2, 4]; rows 0 and 3 follow it, row 1 skips its dead
-# column 1 and catches up at column 3 ([0, 2, 3, 4]); row 2 (dead 0 and 4) would need column 5.
-COLUMNS = np.array([[0, 1, 2, 4], [0, 2, 3, 4], [0, 1, 2, 4]])
-KX = np.array([[1, 1, 2], [2, 1, 1], [1, 1, 2]])        # x-link (r, c)-(r, c+1)
-KY = np.array([[1, 2, 2, 1], [2, 3, 3, 2]])              # y-link (r, c)-(r+1, c): rows apart + column offset
+# is c + floor(2 * 2/12 * c) = [0, 1, 2, 4]. Row 0 follows it; row 1 starts at column 2 and
+# stays ahead ([2, 3, 4, 5]); row 2 would need column 6 for its last core (4 and 5 are dead);
+# row 3 skips its dead column 2 ([0, 1, 3, 4]).
+COLUMNS = np.array([[0, 1, 2, 4], [2, 3, 4, 5], [0, 1, 3, 4]])
+KX = np.array([[1, 1, 2], [1, 1, 1], [1, 2, 1]])        # x-link (r, c)-(r, c+1)
+KY = np.array([[2, 2, 2, 1], [2, 2, 2, 2]])              # y-link (r, c)-(r+1, c): max(rows apart, column offset)
 
 
 def test_hand_made_map_hops():
@@ -50,14 +51,15 @@ def test_hand_made_map_hops():
     assert np.array_equal(remap.link_hops["x"], KX) and np.array_equal(remap.link_hops["y"], KY)
     stats = remap.stats()
     assert stats["logical_links"] == 3 * 3 + 2 * 4
-    assert stats["stretched_share"] == pytest.approx(9 / 17) and stats["worst_stretch"] == 3
-    assert (stats["dead_cores"], stats["spare_rows"], stats["spare_cols"]) == (3, 1, 1)
+    assert stats["stretched_share"] == pytest.approx(9 / 17) and stats["worst_stretch"] == 2
+    assert (stats["dead_cores"], stats["spare_rows"], stats["spare_cols"]) == (5, 1, 2)
 
 
 def test_dead_cores_among_the_spares_stretch_nothing():
     dead = np.zeros((4, 5), bool)
     dead[3, :] = dead[:, 4] = True        # only the spare row and the spare column
     remap = Remap(dead, 3, 4)
+    assert np.array_equal(remap.col_of, np.tile(np.arange(4), (3, 1))) and remap.row_of.tolist() == [0, 1, 2]
     assert not remap.stretched
     mesh = Mesh(3, 4, HW, comm=MPI.COMM_SELF, defects=remap)
     try:
@@ -221,7 +223,7 @@ def test_kernels_bench_defects(new_mesh):
         if float(r["rate"]) == 0:
             assert float(r["modeled_cycles"]) == base["modeled_cycles"] and float(r["slowdown"]) == 1
         else:
-            assert float(r["stretched_share"]) > 0 and int(r["max_hops_per_step"]) > base["max_hops_per_step"]
+            assert float(r["stretched_share"]) > 0 and int(r["max_hops_per_step"]) >= base["max_hops_per_step"]
 
 
 @pytest.mark.mpi
