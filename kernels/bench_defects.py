@@ -2,10 +2,11 @@
 (meshmpi/defects.py), against the defect rate, as dry runs.
 
 Cases: MeshGEMM 2K on a 180² logical mesh and MeshGEMV 16K on 360² (LLaMA3-8B's decode
-region, PAPER.md §7), or both on each ``--meshes`` side, at each rate of ``--rates`` (default 0-10%) and ``--seeds`` draws of the dead cores. Each row
+region, PAPER.md §7), or both on each ``--meshes`` side, at each rate of ``--rates``
+(default 0-10%) and ``--seeds`` draws of the dead cores. Each row
 gives the map (dead cores, spares, share of logical links stretched, the longest logical
 link in physical hops), the longest message of any step in physical hops against the
-defect-free wafer's (MeshGEMM's 2-hop bound, PAPER.md §3: its interleaved ring keeps every
+defect-free wafer's (MeshGEMM's 2-hop bound, PAPER.md §2: its interleaved ring keeps every
 step within 2 logical hops), the modeled cycles and the slowdown against the defect-free
 wafer (rate 0 on the same mesh).
 """

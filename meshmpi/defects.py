@@ -1,5 +1,5 @@
 """Defective cores and remapping: the logical mesh the kernels see, laid over a physical wafer
-with dead cores (PAPER.md §1: small cores, so that a defect takes out little; redundant links
+with dead cores (PAPER.md §9: small cores, so that a defect takes out little; redundant wires
 bypass a dead core).
 
 The scheme (row shift toward a shared profile with spare columns, row retirement with spare
