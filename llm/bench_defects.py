@@ -7,7 +7,8 @@ in ``generate --layers 1``) on the logical region laid over a physical wafer wit
 drawn at each rate (``--seeds`` draws each). Only the decode region is simulated: no prefill,
 the cache placed as the prefill leaves it. Each row gives the map (dead cores, spares, the
 share of logical links stretched, the longest one in physical hops), the cycles of the layer
-and of the whole step, decode tokens/s and the slowdown against the defect-free region.
+and of the whole step, decode tokens/s, and the extra cycles per token and the slowdown against
+the defect-free region (rate 0, run first).
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def jobs(args, hardware, models: list[str], sides, rates: list[float]) -> list:
                 "dead_cores": stats["dead_cores"], "spare_rows": stats["spare_rows"],
                 "spare_cols": stats["spare_cols"], "stretched_share": stats["stretched_share"],
                 "worst_stretch": stats["worst_stretch"], **got,
+                "extra_cycles_per_token": got["modeled_decode_cycles_per_token"] - base["modeled_decode_cycles_per_token"]
+                if base else "",
                 "slowdown": got["modeled_decode_cycles_per_token"] / base["modeled_decode_cycles_per_token"]
                 if base else "", "error": ""}
     return [(f"{model} {side}x{side} rate {rate:g} seed {seed}",

@@ -242,5 +242,7 @@ def test_llm_bench_defects():
     clock = load_hardware("wse2").clock_hz
     for r in (perfect, remapped):        # tokens/s is the clock over the step's cycles
         assert float(r["modeled_decode_tokens_per_s"]) == pytest.approx(clock / float(r["modeled_decode_cycles_per_token"]))
+    assert float(remapped["extra_cycles_per_token"]) == pytest.approx(
+        float(remapped["modeled_decode_cycles_per_token"]) - float(perfect["modeled_decode_cycles_per_token"]))
     assert float(remapped["slowdown"]) == pytest.approx(
         float(remapped["modeled_decode_cycles_per_token"]) / float(perfect["modeled_decode_cycles_per_token"]))
