@@ -124,6 +124,20 @@ def test_fabric_pays_physical_hops(new_mesh):
     assert mesh.max_over_ranks(mesh.max_hops) == int((KY[0] + KY[1]).max())
 
 
+@pytest.mark.mpi
+def test_a_stretched_path_is_occupied_as_one_link(new_mesh):
+    """Two shifts started together over the same links: the second message enters each
+    stretched path when the first one's payload has left it, then crosses it in alpha a hop."""
+    mesh = new_mesh(3, 4, HW, defects=hand_map())
+    a, b, c, d = (mesh.alloc(name, (4,)) for name in "abcd")
+    nbytes = 4 * HW.element_bytes
+    first, second = mesh.fabric.shift("east", "x", 1).start(a, b), mesh.fabric.shift("east too", "x", 1).start(c, d)
+    first.wait()
+    second.wait()
+    want = TS + 2 * nbytes / BW + ALPHA * KX                  # queued behind one payload
+    assert np.array_equal(full(mesh, mesh.clock)[:, 1:], want)
+
+
 def rate_map(seed=3):
     return remap_for(0.1, seed, ROWS, COLS)
 
