@@ -56,7 +56,7 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", metavar="NAME,...",
                    help=f"presets (default all: {', '.join(PRESET_NAMES)}; --defects: {bench_defects.MODELS})")
-    p.add_argument("--meshes", metavar="N,N,...", help="square region sides (default 360,375,420,540,660,720)")
+    p.add_argument("--meshes", metavar="N,N,...", help="square region sides (default 360,375,420,540,660,720; --defects: 360)")
     p.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help=f"context tokens (default {PROMPT_LEN})")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
                    help=f"decode steps to time at that context (default {NEW_TOKENS})")
