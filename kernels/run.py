@@ -53,6 +53,7 @@ def _report(mesh, algo: str, sizes: dict, wall: float, error: float | None,
         "wall_seconds": wall, "max_abs_err": error,
         "check": None if mesh.dry_run else ("failed" if failure else "passed"),
         "check_failure": failure,
+        "defects": None if mesh.defects is None else mesh.defects.stats(),
     }
 
 

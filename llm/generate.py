@@ -77,6 +77,7 @@ def build_parser():
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     g.add_argument("--check", action="store_true", help="run the numpy reference alongside; fail on any mismatch")
     cli.add_hardware_options(g)
+    cli.add_defect_options(g)
     cli.add_run_options(g)
     g.set_defaults(func=generate)
     from .bench import register
@@ -378,5 +379,6 @@ def _format(r: dict, streamed: bool = False) -> str:
               f"({r['cores_used']:,} cores, {r['wafers']:.2f} of {article(r['hardware'])} {r['hardware']} wafer)",
               f"  KV capacity       {r['kv_capacity_tokens']:,} tokens ({r['kv_policy']})",
               f"  peak memory       {r['peak_bytes_per_core']:,} B per core",
+              *([f"  defects           {cli.defects_text(r['defects'])}"] if r.get("defects") else []),
               f"  wall time         {r['wall_seconds']:.2f} s"]
     return "\n".join(lines)

@@ -184,6 +184,7 @@ class Session:
             "routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
             "wall_seconds": time.perf_counter() - self.started,
             "warnings": self.warnings + mesh.memory.warnings + mesh.routes.warnings,
+            "defects": None if mesh.defects is None else mesh.defects.stats(),
         }
 
     def close(self) -> None:

@@ -88,16 +88,21 @@ class Mesh:
     Parameters mirror the command-line options: ``dry_run`` drops payloads (shapes only);
     ``memory`` and ``routes`` are ``"strict"`` (raise) or ``"warn"`` (record, continue);
     ``hazard_checks`` also catches writes to a transfer's source before its ``wait`` (it copies
-    every payload; default: on when the environment sets ``MESHMPI_HAZARD_CHECKS=1``).
+    every payload; default: on when the environment sets ``MESHMPI_HAZARD_CHECKS=1``);
+    ``defects``: the logical-to-physical map of a wafer with dead cores
+    (:class:`meshmpi.defects.Remap` of this mesh's shape; None: a perfect wafer).
     """
 
     def __init__(self, rows: int, cols: int, hardware: Hardware | None = None, *,
                  comm: MPI.Comm | None = None, rank_grid: tuple[int, int] | None = None,
                  dry_run: bool = False, memory: str = "strict", routes: str = "strict",
-                 hazard_checks: bool | None = None):
+                 hazard_checks: bool | None = None, defects=None):
         self.rows, self.cols = int(rows), int(cols)
         if self.rows < 1 or self.cols < 1:
             raise UsageError(f"mesh must be at least 1x1, got {rows}x{cols}")
+        if defects is not None and (defects.rows, defects.cols) != (self.rows, self.cols):
+            raise ValueError(f"a defect map of a {defects.rows}x{defects.cols} mesh on a {rows}x{cols} one")
+        self.defects = defects
         self.hardware = hardware or load_hardware("wse2")
         keep_freed_memory()
         self.dry_run = bool(dry_run)
@@ -145,6 +150,10 @@ class Mesh:
 
     def axis_length(self, axis: str) -> int:
         return self.cols if axis == "x" else self.rows
+
+    def axis_lines(self, axis: str) -> tuple[int, int]:
+        """This block's first and last-plus-one line of the lines along ``axis`` (rows for x)."""
+        return (self.row_start, self.row_stop) if axis == "x" else (self.col_start, self.col_stop)
 
     def rank_coord(self, axis: str) -> int:
         return self.coords[1] if axis == "x" else self.coords[0]
@@ -211,6 +220,11 @@ class Mesh:
         else:
             self._counters[name][:, line_mask] += per_position[:, None]
         self.totals[name] += int(per_position.sum()) * lines
+
+    def count_cores(self, name: str, values: np.ndarray, axis: str) -> None:
+        """Add ``values`` ([this block's positions along ``axis``, lines]) to counter ``name``."""
+        self._counters[name] += values.T if axis == "x" else values
+        self.totals[name] += int(values.sum())
 
     # ------------------------------------------------------------------ arrays and compute
     def alloc(self, name: str, tile_shape, dtype=np.float32, fill: float | None = 0.0,

@@ -78,6 +78,12 @@ SUBSTITUTE = {
     "python -m llm bench --models llama3-8b --e2e --prefill-side 660 --meshes 360 --out results":
         ("python -m llm bench --models llama3-8b --e2e 16/3 --prefill-side 200 --meshes 160 --decode-samples 2 "
          "--out results", "one short request on small regions"),
+    "python -m kernels bench defects --out results":
+        ("python -m kernels bench defects --meshes 8 --rates 0,0.05 --seeds 1 --out results",
+         "one small mesh, two rates"),
+    "python -m llm bench --defects --out results":
+        ("python -m llm bench --defects 0,0.05 --seeds 1 --meshes 176 --prompt-len 16 --out results",
+         "two rates on the smallest region one layer fits"),
     "python -m meshmpi info [--json]": ("python -m meshmpi info --json", "the option spelled out"),
     "python -m meshmpi trace summary run.h5 [--json]":
         ("python -m meshmpi trace summary run.h5 --json", "the option spelled out"),
