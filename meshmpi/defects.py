@@ -20,9 +20,10 @@ rows):
 - Row retirement: a physical row that runs out of columns is retired whole and the next row
   takes its place (the spare rows absorb it); y-neighbours across a retired row are 2 rows
   apart.
-- A y-link joins (r, c) and (r+1, c), whose rows may have shifted differently. Every router
-  has redundant links to its diagonal neighbours, so a row offset by one column is one hop
-  away (a diagonal link); the y-link costs ``max(rows apart, |column offset|)`` physical hops
+- A y-link joins (r, c) and (r+1, c), whose rows may have shifted differently. The scheme
+  assumes that every router has redundant links to its diagonal neighbours (an assumption of
+  this model: the public descriptions say only that redundant wires bypass a dead core), so a
+  row offset by one column is one hop away (a diagonal link); the y-link costs ``max(rows apart, |column offset|)`` physical hops
   (diagonal steps first, the rest straight).
 - Too many dead cores for the spares (fewer than ``rows`` physical rows that fit) is an error.
 
