@@ -62,7 +62,7 @@ SUBSTITUTE = {
         ("python -m kernels gemv --algo pipeline --mesh 128x128 --m 4096 --n 4096 --dry-run --forwarding store",
          "smaller mesh and vector"),
     "python -m kernels bench all --out results":
-        ("python -m kernels bench gemm --meshes 4 --out results", "all five benches take many minutes"),
+        ("python -m kernels bench gemm --meshes 4 --out results", "all seven benches take many minutes"),
     'mpiexec -n 4 python -m llm generate --model tiny --prompt "The meaning of" --max-new-tokens 24 --mesh 8x8':
         ('mpiexec -n 2 python -m llm generate --model tiny --prompt "The meaning of" --max-new-tokens 4 --mesh 8x8',
          "2 ranks, fewer tokens"),
