@@ -415,6 +415,7 @@ class LinePattern:
         add("bytes_sent", self.axis, self.messages_sent * nbytes, line_mask)
         add("bytes_recv", self.axis, self.received * nbytes, line_mask)
         add("hops", self.axis, self.hops_sent, line_mask)
+        add("byte_hops", self.axis, self.hops_sent * nbytes, line_mask)   # the fabric's energy
         if self.relay:
             add("relays", self.axis, self.relays_at, line_mask)
         mesh.max_hops = max(mesh.max_hops, self.max_hops)

@@ -62,7 +62,7 @@ def test_trace_schema_read_with_plain_h5py(new_mesh, world, gather_full, mpi_tmp
         counters = {k: f["counters"][k][()] for k in f["counters"]}
         docs = {k: f["counters"][k].attrs["doc"] for k in f["counters"]}
         phases, steps = f["phases"][()], f["steps"][()]
-    assert meta["schema_version"] == SCHEMA_VERSION == 3
+    assert meta["schema_version"] == SCHEMA_VERSION == 4
     assert (meta["mesh_rows"], meta["mesh_cols"]) == (ROWS, COLS)
     assert tuple(meta["rank_grid"]) == mesh.rank_grid and meta["mpi_world_size"] == world.size
     assert meta["kind"] == "unit" and meta["command_line"] == "prog --mesh 4x6"
