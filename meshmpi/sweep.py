@@ -41,6 +41,7 @@ from .mesh import parse_grid
 
 COMMANDS = (("kernels", "gemm"), ("kernels", "gemv"), ("llm", "generate"))
 OWN_OPTIONS = ("--hardware", "--json", "--trace")   # the sweep sets these itself
+LAUNCHER_STATE = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPICH_", "SLURM_", "OMPI_")
 METRICS = {  # command -> (column, axis label) of the two plotted metrics
     "llm": (("modeled_decode_tokens_per_s", "decode tokens/s per request"),
             ("energy_decode_joules_per_token", "decode energy per token (J)")),
@@ -123,7 +124,9 @@ def launcher(ranks: int) -> list[str]:
 
 def run_point(launch: list[str], words: list[str]) -> dict:
     """One point's flattened JSON result, or ``{"error": ...}``."""
-    done = subprocess.run(launch + ["-m", *words, "--json"], capture_output=True, text=True)
+    # a fresh job: none of this process's MPI launcher state (it may run under mpiexec -n 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_STATE)}
+    done = subprocess.run(launch + ["-m", *words, "--json"], capture_output=True, text=True, env=env)
     lines = [line for line in done.stderr.splitlines() if line.startswith("error")]
     if done.returncode:
         return {"error": lines[0] if lines else f"exit status {done.returncode}"}

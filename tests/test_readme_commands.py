@@ -78,6 +78,11 @@ SUBSTITUTE = {
     "python -m llm bench --models llama3-8b --e2e --prefill-side 660 --meshes 360 --out results":
         ("python -m llm bench --models llama3-8b --e2e 16/3 --prefill-side 200 --meshes 160 --decode-samples 2 "
          "--out results", "one short request on small regions"),
+    "python -m meshmpi sweep --hardware wse3 --grid sram_bytes_per_core=48K,96K mesh=360x360,420x420 --out "
+    "results/runs/sram -- llm generate --model llama3-8b --dry-run --prompt-len 4096 --max-new-tokens 4 --layers 1":
+        ("python -m meshmpi sweep --hardware wse3 --grid sram_bytes_per_core=48K,96K --out sram -- llm generate "
+         "--model tiny --dry-run --prompt-len 8 --max-new-tokens 3 --mesh 8x8",
+         "four paper-scale dry runs take minutes: two points of the built-in model"),
     "python -m meshmpi info [--json]": ("python -m meshmpi info --json", "the option spelled out"),
     "python -m meshmpi trace summary run.h5 [--json]":
         ("python -m meshmpi trace summary run.h5 --json", "the option spelled out"),
@@ -148,6 +153,10 @@ def test_readme_commands_run(tmp_path, run_env, python_exe, mpiexec_exe):
     with open(tmp_path / "results" / "llm_presets.csv", newline="") as f:
         assert [r["mesh"] for r in csv.DictReader(f)] == ["16"]
     assert (tmp_path / "results" / "gemm.csv").is_file()
+    for folder, points in (("sweep", 2), ("sram", 2)):
+        with open(tmp_path / folder / "sweep.csv", newline="") as f:
+            assert len([r for r in csv.DictReader(f) if not r.get("error")]) == points, folder
+        assert (tmp_path / folder / "sweep.png").is_file()
 
 
 def _parsers():
