@@ -169,12 +169,14 @@ class Session:
         split = {part: prefill[part] + relayout[part] + head[part]
                  + e2e.integrate(self.simulated, [step[part] for step in steps], self.prompt, self.last_step)
                  for part in energy.PARTS + ("total",)}
-        decode_steps = split["total"] - prefill["total"] - relayout["total"] - head["total"]
         generated = len(self.tokens)
+        decode = {part: (split[part] - prefill[part] - relayout[part] - head[part]) / (generated - 1)
+                  for part in energy.PARTS + ("total",)} if generated > 1 else None
         return {**energy.summary(split, seconds(self.e2e_cycles())),
                 "energy_joules_per_token": split["total"] / generated,
                 "energy_prefill_joules": prefill["total"] + relayout["total"],
-                "energy_decode_joules_per_token": decode_steps / (generated - 1) if generated > 1 else None}
+                "energy_decode_joules_per_token": decode["total"] if decode else None,
+                "energy_decode_split_joules_per_token": {part: decode[part] for part in energy.PARTS} if decode else None}
 
     def e2e_cycles(self) -> float:
         """The request's modeled cycles: prefill, re-layout, the first LM head and the decode."""

@@ -117,3 +117,28 @@ def test_sram_suffixes_parse():
     assert load_hardware("wse2", ["sram_bytes_per_core=1m"]).sram_bytes_per_core == 2 ** 20
     with pytest.raises(UsageError):
         load_hardware("wse2", ["sram_bytes_per_core=96Q"])
+
+
+@pytest.mark.mpi
+def test_generate_reports_energy_per_token_with_the_static_closed_form():
+    """Decode's static joules per token are static W x every decode region's cores x the modeled
+    seconds per token; the parts add up; a numeric and a dry run agree on every rank."""
+    from llm.generate import build_parser, run_generate
+    from meshes import fits
+    if not fits(4, 5) or not fits(4, 4):
+        pytest.skip("mesh smaller than the rank grid")
+    common = ["generate", "--model", "tiny", "--max-new-tokens", "4", "--mesh", "4x5", "--layers", "all"]
+    dry = run_generate(build_parser().parse_args(common + ["--dry-run", "--prompt-len", "5"]))
+    numeric = run_generate(build_parser().parse_args(common + ["--prompt-ids", "1,2,3,4,5"]))
+    assert numeric["new_tokens"] == dry["new_tokens"] == 4
+    decode = dry["energy_decode_split_joules_per_token"]
+    seconds = dry["modeled_decode_cycles_per_token"] / HW.clock_hz
+    assert decode["static"] == pytest.approx(HW.static_watts_per_core * dry["cores_used"] * seconds, rel=1e-12)
+    assert sum(decode.values()) == pytest.approx(dry["energy_decode_joules_per_token"], rel=1e-12)
+    assert min(decode.values()) > 0
+    assert sum(dry["energy_split_joules"].values()) == pytest.approx(dry["energy_joules"], rel=1e-12)
+    assert dry["energy_joules_per_token"] == pytest.approx(dry["energy_joules"] / 4, rel=1e-12)
+    assert dry["energy_joules"] > dry["energy_prefill_joules"] + 3 * dry["energy_decode_joules_per_token"]
+    for key in ("energy_joules", "energy_split_joules", "energy_prefill_joules", "energy_decode_split_joules_per_token"):
+        assert numeric[key] == dry[key], key
+    assert all(g == dry["energy_joules"] for g in MPI.COMM_WORLD.allgather(dry["energy_joules"]))
