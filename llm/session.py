@@ -157,7 +157,9 @@ class Session:
         steps' joules integrated like their cycles, static power on every decode region)."""
         hw, config = self.mesh.hardware, self.config
         if not hw.has_energy:
-            return {"energy_joules": None, "energy_joules_per_token": None}
+            return dict.fromkeys(("energy_joules", "energy_split_joules", "average_watts", "energy_joules_per_token",
+                                  "energy_prefill_joules", "energy_decode_joules_per_token",
+                                  "energy_decode_split_joules_per_token"))
         seconds = hw.cycles_to_seconds
         decode_cores = self.decoder.plan.regions * self.rows * self.cols
         prefill = energy.joules(hw, self.prefill_events, self.pre.regions * self.side ** 2
