@@ -40,7 +40,9 @@ from .hardware import SCHEMA, load_hardware
 from .mesh import parse_grid
 
 COMMANDS = (("kernels", "gemm"), ("kernels", "gemv"), ("llm", "generate"))
-OWN_OPTIONS = ("--hardware", "--json", "--trace")   # the sweep sets these itself
+OWN_OPTIONS = {"--hardware": "give the base profile to the sweep's own --hardware",
+               "--json": "the sweep adds it to every point",
+               "--trace": "every point would write the same file"}
 LAUNCHER_STATE = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPICH_", "SLURM_", "OMPI_")
 METRICS = {  # command -> (column, axis label) of the two plotted metrics
     "llm": (("modeled_decode_tokens_per_s", "decode tokens/s per request"),
@@ -78,9 +80,9 @@ def check_command(command: list[str]) -> list[str]:
     if tuple(command[:2]) not in COMMANDS:
         raise UsageError("after --, give the command to sweep: kernels gemm|gemv ... or llm generate ... "
                          f"(got {shlex.join(command[:2]) or 'nothing'})")
-    for option in OWN_OPTIONS:
+    for option, reason in OWN_OPTIONS.items():
         if any(word == option or word.startswith(option + "=") for word in command):
-            raise UsageError(f"the swept command may not set {option}: the sweep sets it for every point")
+            raise UsageError(f"the swept command may not set {option}: {reason}")
     return command
 
 
