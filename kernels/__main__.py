@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshmpi import cli
+from meshmpi import cli, energy
 from meshmpi.errors import CheckError, UsageError
 from meshmpi.mesh import parse_grid
 from meshmpi.text import plural
@@ -121,6 +121,7 @@ def format_report(r: dict) -> str:
              f"{r['max_hops_per_step']}, {r['routes_per_core_max']} routes/core max",
              f"  memory     {r['peak_bytes_per_core']:,} B per core at peak",
              *([f"  defects    {cli.defects_text(r['defects'])}"] if r.get("defects") else []),
+             *([f"  energy     {energy.describe(r)[len('energy '):]}"] if r.get("energy_joules") is not None else []),
              f"  wall       {r['wall_seconds']:.3f} s"]
     if r.get("check"):
         lines.append(f"  check      {r['check']}: max |error| vs numpy = {r['max_abs_err']:.3g} "

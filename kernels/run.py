@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from meshmpi import host
+from meshmpi import energy, host
 from meshmpi.check import check_product
 from meshmpi.errors import CheckError, UsageError
 
@@ -50,6 +50,7 @@ def _report(mesh, algo: str, sizes: dict, wall: float, error: float | None,
         "messages": int(mesh.sum_over_ranks(int(counters["messages_sent"].sum()))),
         "bytes_moved": int(mesh.sum_over_ranks(int(counters["bytes_sent"].sum()))),
         "relays": int(mesh.sum_over_ranks(int(counters["relays"].sum()))),
+        **energy.run_summary(mesh),
         "wall_seconds": wall, "max_abs_err": error,
         "check": None if mesh.dry_run else ("failed" if failure else "passed"),
         "check_failure": failure,

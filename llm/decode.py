@@ -20,7 +20,7 @@ import numpy as np
 
 from kernels.allreduce import allreduce
 from kernels.gemv import matrix_layout, meshgemv, vector_layout
-from meshmpi import costs, host
+from meshmpi import costs, energy, host
 from meshmpi.errors import UsageError
 from meshmpi.mesh import block_offsets
 
@@ -104,8 +104,15 @@ class StepCycles:
     hand_offs: float = 0.0
     head: float = 0.0
 
+    layer_events: dict = field(default_factory=dict)   # counted events of the simulated layers
+    other_events: dict = field(default_factory=dict)   # of the rest of the step (hand-offs extrapolated)
+
     def total(self, layers: int) -> float:
         return self.kv_shift + sum(self.layers) * layers / len(self.layers) + self.hand_offs + self.head
+
+    def events(self, layers: int) -> dict:
+        """The step's counted events (:mod:`meshmpi.energy`), its layers' extrapolated as in :meth:`total`."""
+        return energy.combine((1, self.other_events), (layers / len(self.layers), self.layer_events))
 
 
 @dataclass
@@ -451,6 +458,8 @@ class Decoder:
         x = self._hidden(embedding)
         starts = set(self.plan.region_starts(self.config.num_hidden_layers)) if self.every_layer else set()
         cycles = StepCycles()
+        begin = energy.mesh_events(mesh)
+        layer_events = energy.combine()
         with mesh.phase("decode"):
             start = mesh.modeled_cycles()
             with mesh.phase("decode.kv_shift"):
@@ -459,22 +468,30 @@ class Decoder:
             for index in range(self.sim_layers):
                 if index in starts:
                     cycles.hand_offs += self.hand_off(x)
-                start = mesh.modeled_cycles()
+                start, before = mesh.modeled_cycles(), energy.mesh_events(mesh)
                 with mesh.phase(f"decode.layer{index}"):
                     q, k_new, v_new = self._layer(index, x, position)
                     self._store_new(index, k_new, v_new, newest_row)
                     self._attend(index, q, x, position)
                 cycles.layers.append(mesh.modeled_cycles() - start)
+                layer_events = energy.combine((1, layer_events), (1, energy.mesh_events(mesh)), (-1, before))
+            unsimulated = energy.combine()      # the hand-offs counted but not simulated
             if self.sim_layers in starts:               # the LM head's region holds no layer
                 cycles.hand_offs += self.hand_off(x)
             elif not self.every_layer and self.plan.regions > 1:
+                before = energy.mesh_events(mesh)
                 cycles.hand_offs = (self.plan.regions - 1) * self.hand_off(x)
+                unsimulated = energy.combine((self.plan.regions - 2, energy.mesh_events(mesh)),
+                                             (2 - self.plan.regions, before))
             start = mesh.modeled_cycles()
             with mesh.phase("decode.lm_head"):
                 xn = self._rms_norm(x, self.norm, "decode.final_norm")
                 logits = self._meshgemv(xn, self.lm_head, "y", "decode.lm_head")
                 xn.free()
             cycles.head = mesh.modeled_cycles() - start
+        cycles.layer_events = layer_events
+        cycles.other_events = energy.combine((1, energy.mesh_events(mesh)), (-1, begin), (-1, layer_events),
+                                             (1, unsimulated))
         x.free()
         result = None
         if not mesh.dry_run:

@@ -428,8 +428,10 @@ class LinePattern:
         add("bytes_sent", self.axis, self.messages_sent * nbytes, line_mask)
         add("bytes_recv", self.axis, self.received * nbytes, line_mask)
         add("hops", self.axis, self.hops_sent, line_mask)
-        if self.physical is not None:
+        add("byte_hops", self.axis, self.hops_sent * nbytes, line_mask)   # the fabric's energy
+        if self.physical is not None:       # a stretched link's extra physical hops
             mesh.count_cores("hops", self.physical.extra_hops * line_mask, self.axis)
+            mesh.count_cores("byte_hops", self.physical.extra_hops * line_mask * nbytes, self.axis)
         if self.relay:
             add("relays", self.axis, self.relays_at, line_mask)
         mesh.max_hops = max(mesh.max_hops, self.max_hops)

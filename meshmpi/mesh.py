@@ -27,7 +27,7 @@ from .memory import MemoryLedger
 from .routes import RouteTable
 from .timeline import Timeline
 
-COUNTERS = ("bytes_sent", "bytes_recv", "messages_sent", "hops", "relays", "flops")
+COUNTERS = ("bytes_sent", "bytes_recv", "messages_sent", "hops", "byte_hops", "relays", "flops")
 
 
 def keep_freed_memory() -> None:

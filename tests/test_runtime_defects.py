@@ -121,6 +121,7 @@ def test_fabric_pays_physical_hops(new_mesh):
     want[0] += cum[2].astype(np.int64)                        # down: the root's worm to the last row
     want[0] += KY[0] + KY[1]                                  # two down: rows 0 -> 2
     assert np.array_equal(hops, want)
+    assert np.array_equal(full(mesh, mesh.counters["byte_hops"]), want * nbytes)   # every message carried 4 elements
     assert mesh.max_over_ranks(mesh.max_hops) == int((KY[0] + KY[1]).max())
 
 
