@@ -49,8 +49,7 @@ def meshgemv(mesh, x, w, reduce_axis: str = "y", algo: str = "ktree", groups: in
     if w.layout is not None:
         y.layout = vector_layout(mesh.rows, mesh.cols, n, other(reduce_axis))
     with mesh.phase(f"{name}.local"):
-        if not mesh.dry_run:
-            y.data[...] = np.matmul(x.data[:, :, None, :], w.data)[:, :, 0, :]
-        mesh.compute(2 * in_chunk * out_chunk, ops=in_chunk)    # one multiply-add vector op per x element
+        mesh.local(2 * in_chunk * out_chunk, lambda: np.matmul(x.data[:, :, None, :], w.data)[:, :, 0, :], y,
+                   ops=in_chunk)    # one multiply-add vector op per x element
     allreduce(mesh, y, reduce_axis, "sum", algo, groups, name=f"{name}.allreduce", forwarding=forwarding)
     return y

@@ -71,9 +71,7 @@ def summa(mesh, plan: GemmPlan, a, b, name: str = "summa", broadcast: str = "rel
                 transfer.wait()
             current = panels[k % 2]
             pending = start(k + 1, panels[(k + 1) % 2]) if k + 1 < L else []
-            if not mesh.dry_run:
-                c.data += np.matmul(current[0].data, current[1].data)
-            mesh.compute(2 * tm * s * tn, ops=s)
+            mesh.matmul_acc(c, current[0], current[1])
             mesh.step(f"step {k}")
     for pa, pb in panels:
         pa.free()

@@ -322,15 +322,15 @@ class Decoder:
         """RMSNorm of a row-indexed vector: local sum of squares, allreduce along Y, scale."""
         mesh, eps = self.mesh, self.config.rms_norm_eps
         total = mesh.alloc(f"{name}.ss", (1,), np.float32)
-        if not mesh.dry_run:
-            total.data[..., 0] = np.einsum("rci,rci->rc", x.data, x.data)
-        mesh.compute(flops.RMS_SUMSQ * x.tile_elements)
+        mesh.local(flops.RMS_SUMSQ * x.tile_elements, lambda: np.einsum("rci,rci->rc", x.data, x.data)[..., None],
+                   total)
         self._allreduce(total, "y", "sum", f"{name}.allreduce")
         out = mesh.alloc(f"{name}.out", x.tile_shape, np.float32)
-        if not mesh.dry_run:
-            scale = 1.0 / np.sqrt(total.data / np.float32(self.config.hidden_size) + np.float32(eps))
-            out.data[...] = x.data * scale * weight.data
-        mesh.compute(flops.RMS_ROW + flops.RMS_SCALE * x.tile_elements, scalars=1)   # one reciprocal root
+
+        def scale():
+            inverse_rms = 1.0 / np.sqrt(total.data / np.float32(self.config.hidden_size) + np.float32(eps))
+            return x.data * inverse_rms * weight.data
+        mesh.local(flops.RMS_ROW + flops.RMS_SCALE * x.tile_elements, scale, out, scalars=1)   # one reciprocal root
         total.free()
         return out
 
@@ -343,16 +343,15 @@ class Decoder:
         xn = self._rms_norm(x, w["norm1"], f"{tag}.norm1")
         qkv = self._meshgemv(xn, w["qkv"], "y", f"{tag}.qkv")
         xn.free()
-        k_new = v_new = None
-        if not mesh.dry_run:
+
+        def rope():
             cos, sin = self._rope(position)
             parts = qkv.data.reshape(mesh.block_shape + (g + 2, s))
-            q = self._rotate(parts[:, :, :g], cos[None, :, None, :], sin[None, :, None, :])
-            k_new = self._rotate(parts[:, :, g], cos[None], sin[None])
-            v_new = parts[:, :, g + 1].copy()
-        mesh.compute(flops.ROPE_PAIR * (g + 1) * s // 2)     # q's g heads and k, s // 2 pairs each
+            return (self._rotate(parts[:, :, :g], cos[None, :, None, :], sin[None, :, None, :]),
+                    self._rotate(parts[:, :, g], cos[None], sin[None]), parts[:, :, g + 1].copy())
+        q_k_v = mesh.local(flops.ROPE_PAIR * (g + 1) * s // 2, rope)   # q's g heads and k, s // 2 pairs each
         qkv.free()
-        return (q, k_new, v_new) if not mesh.dry_run else (None, None, None)
+        return q_k_v or (None, None, None)
 
     def _attend(self, index: int, q, x, position: int):
         """Scores against the cache (allreduce X over each kv head's segment of columns), softmax
@@ -366,38 +365,46 @@ class Decoder:
         scores = mesh.alloc(f"{tag}.scores", (lay.score_elements(cap),), np.float32)
         cols = slice(mesh.col_start * s, mesh.col_stop * s)
         slot_local = lay.slot_local[cols].reshape(-1, s)                   # (bc, s)
-        if not mesh.dry_run:
+
+        def partial_scores():
             onehot = (slot_local[:, :, None] == np.arange(local_heads)).astype(np.float32)  # (bc, s, lh)
             keys = self.kv.k[index][:, :, :cap]
-            part = np.einsum("rcts,rcas,csh->rctha", keys, q, onehot, optimize=True)
-            scores.data[...] = part.reshape(scores.data.shape)
-        mesh.compute(2 * cap * g * s)
+            return np.einsum("rcts,rcas,csh->rctha", keys, q, onehot, optimize=True).reshape(scores.data.shape)
+        mesh.local(2 * cap * g * s, partial_scores, scores)
         self._allreduce(scores, "x", "sum", f"{tag}.scores", segments=lay.segments)
         valid = np.arange(cap)[None, :] < counts[:, None]                  # (br, cap)
+        by_token = mesh.block_shape + (cap, local_heads * g)
         peak = mesh.alloc(f"{tag}.max", (local_heads * g,), np.float32)
         total = mesh.alloc(f"{tag}.sum", (local_heads * g,), np.float32)
-        if not mesh.dry_run:
-            sc = scores.data.reshape(mesh.block_shape + (cap, local_heads * g)) / np.float32(np.sqrt(lay.head_dim))
+
+        def scale_mask_max():          # the scores scaled and masked in place; their row maxima
+            sc = scores.data.reshape(by_token) / np.float32(np.sqrt(lay.head_dim))
             sc = np.where(valid[:, None, :, None], sc, np.float32(-np.inf))
-            peak.data[...] = np.where(valid.any(1)[:, None, None], sc.max(axis=2), np.float32(-3e38))
-        mesh.compute((flops.SCORE_SCALE_MASK + flops.SOFTMAX_MAX) * lay.score_elements(cap))
+            scores.data[...] = sc.reshape(scores.data.shape)
+            return np.where(valid.any(1)[:, None, None], sc.max(axis=2), np.float32(-3e38))
+        mesh.local((flops.SCORE_SCALE_MASK + flops.SOFTMAX_MAX) * lay.score_elements(cap), scale_mask_max, peak)
         self._allreduce(peak, "y", "max", f"{tag}.softmax_max")
-        if not mesh.dry_run:
+
+        def exp_sum():                 # the exponentials in place; their sums
+            sc = scores.data.reshape(by_token)
             e = np.where(valid[:, None, :, None], np.exp(sc - peak.data[:, :, None, :]), np.float32(0))
-            total.data[...] = e.sum(axis=2)
-        mesh.compute(flops.SOFTMAX_EXP_SUM * lay.score_elements(cap))
+            scores.data[...] = e.reshape(scores.data.shape)
+            return e.sum(axis=2)
+        mesh.local(flops.SOFTMAX_EXP_SUM * lay.score_elements(cap), exp_sum, total)
         self._allreduce(total, "y", "sum", f"{tag}.softmax_sum")
         o = mesh.alloc(f"{tag}.o", (g * s,), np.float32)
-        if not mesh.dry_run:
+
+        def divide_pv():
+            e = scores.data.reshape(by_token)
             p = (e / total.data[:, :, None, :]).reshape(mesh.block_shape + (cap, local_heads, g))
             # p_slot[r, c, t, a, slot]: the probability of query head a of the slot's kv head
             index_of = np.broadcast_to(np.maximum(slot_local, 0)[None, :, None, :, None],
                                        p.shape[:3] + (s, g))
             p_slot = np.take_along_axis(p, index_of, axis=3).swapaxes(3, 4)
             values = self.kv.v[index][:, :, :cap]
-            o.data[...] = np.einsum("rcts,rctas->rcas", values, p_slot * (slot_local >= 0)[None, :, None, None, :]
-                                    ).reshape(o.data.shape)
-        mesh.compute(flops.SOFTMAX_DIVIDE * lay.score_elements(cap) + 2 * cap * g * s)
+            return np.einsum("rcts,rctas->rcas", values, p_slot * (slot_local >= 0)[None, :, None, None, :]
+                             ).reshape(o.data.shape)
+        mesh.local(flops.SOFTMAX_DIVIDE * lay.score_elements(cap) + 2 * cap * g * s, divide_pv, o)
         self._allreduce(o, "y", "sum", f"{tag}.pv")
         for buf in (scores, peak, total):
             buf.free()
@@ -410,10 +417,11 @@ class Decoder:
         xn.free()
         f = lay.ffn_chunk
         act = mesh.alloc(f"{tag}.act", (f,), np.float32)
-        if not mesh.dry_run:
+
+        def silu_mul():
             gate, up = gate_up.data[..., :f], gate_up.data[..., f:]
-            act.data[...] = gate / (1.0 + np.exp(-gate)) * up
-        mesh.compute(flops.SILU_MUL * f)
+            return gate / (1.0 + np.exp(-gate)) * up
+        mesh.local(flops.SILU_MUL * f, silu_mul, act)
         gate_up.free()
         down = self._meshgemv(act, w["down"], "x", f"{tag}.down")
         act.free()
@@ -437,9 +445,7 @@ class Decoder:
         self.reduction_payloads[parts[-1]] = int(elements)
 
     def _add_into(self, x, y) -> None:
-        if not self.mesh.dry_run:
-            x.data += y.data
-        self.mesh.compute(flops.ADD * x.tile_elements)
+        self.mesh.local(flops.ADD * x.tile_elements, lambda: np.add(x.data, y.data, out=x.data))
 
     @property
     def every_layer(self) -> bool:

@@ -241,6 +241,21 @@ class Mesh:
                 np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype))
         return arr
 
+    def local(self, flops, work=None, out: MeshArray | None = None, *, ops=1, scalars=0, where=None,
+              advance_clock: bool = True):
+        """Local work on every core, in one place: in a numeric run ``work()`` runs on the
+        payloads (its result, if ``out`` is given, lands in ``out``'s tiles) and is returned; in
+        a dry run it is skipped and None returned. Either way each core is charged ``flops``,
+        ``ops`` vector and ``scalars`` scalar operations (:meth:`compute`; the FLOP counts of
+        the model's operators are tables, e.g. ``llm/flops.py``)."""
+        result = None
+        if work is not None and not self.dry_run:
+            result = work()
+            if out is not None:
+                out.data[...] = result
+        self.compute(flops, where, advance_clock, ops, scalars)
+        return result
+
     def compute(self, flops, where=None, advance_clock: bool = True, ops: int = 1, scalars: int = 0,
                 cycles: np.ndarray | None = None) -> None:
         """Charge ``flops`` (scalar or block-shaped) of local work to each core: its FLOP count,

@@ -403,3 +403,22 @@ def test_per_core_counts_of_operations(new_mesh, world, gather_full):
     clock = gather_full(mesh, {"c": mesh.clock})["c"]
     r, c = np.mgrid[0:3, 0:4]
     assert np.array_equal(clock, np.where((r > 0) | (c > 0), c + 4 * (r + c) + 16 * r, 0).astype(float))
+
+
+def test_local_work_runs_only_on_payloads_and_is_charged_either_way(new_mesh):
+    """``Mesh.local``: a numeric run does the work (into ``out``) and returns it; a dry run
+    skips it; both charge the same FLOPs and the same clock (2 FLOPs x 3 elements at the
+    profile's rate plus one vector operation's start)."""
+    hw = load_hardware("wse2")
+    clocks = []
+    for dry_run in (False, True):
+        mesh = new_mesh(3, 4, hw, dry_run=dry_run)
+        x, y = mesh.alloc("x", (3,), fill=2.0), mesh.alloc("y", (3,))
+        done = mesh.local(6, lambda: x.data * x.data + 1.0, y)
+        if dry_run:
+            assert done is None and y.data is None
+        else:
+            assert np.array_equal(y.data, np.full(mesh.block_shape + (3,), 5.0)) and done is not None
+        assert mesh.sum_over_ranks(int(mesh.counters["flops"].sum())) == 6 * 12
+        clocks.append(mesh.modeled_cycles())
+    assert clocks[0] == clocks[1] == 6 / hw.flops_per_cycle + hw.vector_op_cycles
