@@ -10,7 +10,8 @@ gaps come from, §3).
 
 A strategy's GEMV takes and returns vectors in natural order (fused outputs as ``[q | k | v]``
 and ``[gate | up]``); between it and the shared part the vector changes layout through the
-host, untimed. Each mapping times the collectives its own system needs around its GEMVs (its
+host, untimed, and what follows starts when the last core of the GEMV is done (the vector
+is whole only then). Each mapping times the collectives its own system needs around its GEMVs (its
 module docstring says which); the untimed changes of layout favour the strategies, so their
 gap to WaferLLM measured here is a lower bound. The strategies' weights are placed where they
 live uncharged (each op's report of memory is its own); the region plan, capacity and memory
@@ -72,6 +73,8 @@ class StrategyDecoder(Decoder):
         x_vec = None if mesh.dry_run else self._natural_input(kind, x)
         with mesh.phase(name), mesh.fabric.scope():
             y_vec = self.mapping.gemv(mesh, kind, m, n, x_vec, self.matrices.get((layer, kind)), name)
+        # the output is whole when its last part is: what follows waits for it
+        np.maximum(mesh.clock, mesh.modeled_cycles(), out=mesh.clock)
         return self._waferllm_output(kind, y_vec, w.tile_shape[1], name)
 
     def logits_from(self, hidden: np.ndarray | None):

@@ -5,16 +5,16 @@ Mapping: every GEMV is T10's: W's columns resident 1-D over row-major core ids (
 cores), x split in p chunks rotating around rings of p consecutive ids, p the fewest shifts
 whose buffers fit a core (:func:`kernels.baselines.t10_ring`; at decode scale x whole fits, so
 p = 1 and nothing rotates). Before each GEMV its input must reach every ring (each ring holds
-all of x): T10 plans this re-layout between operators on the IPU's crossbar, where it is one
-exchange; on the mesh it is timed as a streaming broadcast chain down the snake of the used
-cores (:func:`kernels.baselines.megatron_broadcast`) — the best 1-D order, better than T10's
-own id order (whose row ends jump C − 1 hops back), so it favours T10.
+all of x): T10 plans this exchange between operators as one step of its crossbar, addressing
+cores by id. On the mesh it becomes a one-to-all multicast from the first core on hardware
+routes (T10 handles R: no software relays), down column 0 over the used rows and then along
+each of them: long paths (the rows' and columns' lengths), but a tree, not a chain.
 
 Choices the paper leaves open: the ring size as above; the hand-over as above; the attention
 runs WaferLLM's way (:mod:`llm.strategies.base`).
 
-Pays: L — the hand-over chain of (used − 1)·(α + β) per GEMV and, where rings rotate, the
-wrap edges; P — at most n cores per GEMV, the partition coarser than the mesh; M — handled by
+Pays: L — the hand-over's paths of up to (used rows − 1) + (C − 1) hops per GEMV and, where
+rings rotate, the wrap edges; P — at most n cores per GEMV, the partition coarser than the mesh; M — handled by
 the ring choice; R — a few pass-through routes per core.
 """
 from __future__ import annotations
@@ -23,6 +23,17 @@ import numpy as np
 
 from kernels import baselines
 from meshmpi import host
+
+
+def hand_over(mesh, plan, whole, name: str) -> None:
+    """``whole`` from core (0, 0) to every used core: a multicast down column 0 over the used
+    rows, then one along each used row, on pass-through routes (module docstring)."""
+    fabric = mesh.fabric
+    if plan.used_rows > 1:
+        fabric.multicast(f"{name}.down", "y", 0, hi=plan.used_rows).start(whole, lines=[0]).wait()
+    if plan.cols > 1:
+        fabric.multicast(f"{name}.across", "x", 0).start(whole, lines=list(range(plan.used_rows))).wait()
+    mesh.step("hand-over")
 
 
 class T10:
@@ -36,7 +47,7 @@ class T10:
         x_tiles, w_tiles = (None, None) if x_vec is None else baselines.t10_tiles(plan, ring, x_vec, w_mat)
         with mesh.phase(f"{name}.hand_over"):
             whole = mesh.alloc(f"{name}.x.whole", (m,), np.float32, charge=False)
-            baselines.megatron_broadcast(mesh, plan, whole)
+            hand_over(mesh, plan, whole, name)
             whole.free()
         x = host.scatter(mesh, f"{name}.x", x_tiles, (chunk,), np.float32)
         w = host.scatter(mesh, f"{name}.w", w_tiles, (ring, chunk, plan.width), np.float32, charge=False)
