@@ -1,6 +1,8 @@
 """Decode with the systems WaferLLM is compared with (llm/strategies, PAPER.md §8): tokens and
 logits against the numpy reference, closed forms of the collectives each strategy adds, strict
 route limits, dry runs and rank splits against numeric runs."""
+import subprocess
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -153,3 +155,16 @@ def test_ladder_direct_routes_raise_in_decode_and_relays_fit():
     decoder.step(None, len(PROMPT))
     assert mesh.max_over_ranks(int(mesh.routes.peak.max())) <= HW.routes_per_core
     mesh.free()
+
+
+def test_unknown_strategies_are_one_usage_error(run_env, python_exe):
+    import llm.__main__ as llm_cli
+    from meshmpi import UsageError
+    with pytest.raises(UsageError, match="--strategies takes waferllm, megatron, ladder, t10"):
+        llm_cli.main(["bench", "--strategies", "waferllm,gpu", "--models", "llama3-8b", "--out", "/nonexistent"])
+    done = subprocess.run([python_exe, "-m", "llm", "generate", "--model", "tiny", "--strategy", "gpu"],
+                          capture_output=True, text=True, timeout=120, env=run_env)
+    assert done.returncode == 2
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        "error: python -m llm generate: argument --strategy: invalid choice: 'gpu' "
+        "(choose from 'waferllm', 'megatron', 'ladder', 't10')"]
