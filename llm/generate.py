@@ -370,7 +370,8 @@ def _format(r: dict, streamed: bool = False) -> str:
         lines.append(f"tokens: {r['tokens']}")
     rate = r["modeled_decode_tokens_per_s"]
     lines += [f"{r['model']} on {r['mesh']} (prefill {r['prefill_mesh']}, {r['hardware']}, {plural(r['ranks'], 'rank')}"
-              f"{', dry run' if r['dry_run'] else ''}), KV {r['kv_policy']}",
+              f"{', dry run' if r['dry_run'] else ''}), KV {r['kv_policy']}"
+              + ("" if r["strategy"] == "waferllm" else f", {r['strategy']} decode"),
               f"  prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new",
               f"  modeled prefill   {r['modeled_prefill_seconds'] * 1e3:.4f} ms",
               f"  prefill FLOPs     {r['prefill_flops_charged']:,} charged, {r['prefill_flops_real']:,} real "
