@@ -138,7 +138,8 @@ def plot(rows: list[dict], path: Path, hardware: str) -> None:
         values = [max(float(r[key]), 0.0) / float(r["cycles_per_token"]) for r in first]
         parts.bar([r["strategy"] for r in first], values, bottom=bottom, label=key.removesuffix("_cycles"))
         bottom = [b + v for b, v in zip(bottom, values)]
-    parts.set_ylabel(f"share of a token's cycles ({models[0]})")
+    parts.set_ylabel("share of a token's cycles")
+    parts.set_title(models[0], fontsize=9)
     parts.legend(fontsize=7)
     for ax in (rate, parts):
         ax.grid(alpha=0.3, axis="y")
