@@ -92,12 +92,13 @@ def test_strategies_differ_from_waferllm_and_each_other():
     assert len(set(times.values())) == len(STRATEGIES)
 
 
-@pytest.mark.parametrize("rows,cols,m,n", [(3, 4, 23, 40), (4, 5, 50, 16), (2, 6, 7, 30)])
+@pytest.mark.parametrize("rows,cols,m,n", [(3, 4, 23, 40), (4, 5, 50, 16), (2, 6, 7, 30), (3, 6, 5, 9)])
 def test_megatron_row_parallel_closed_form(rows, cols, m, n):
     """W's rows over the snake of ceil(m / cols) rows of cores (w = ceil(m / used) each): a
     local GEMV of w·n multiply-adds (min(w, n) vector operations), then the reduce chain up the
     snake: (used - 1)·(α + β), the n-element payload once; one 1-hop message into every used
-    core but the first, cols - 2 relays on each used row."""
+    core but the first, cols - 2 relays on each used row; 2 routes for the row chains, 1 more for
+    the turns when there are several rows."""
     used_rows = min(rows, -(-m // cols))
     used = used_rows * cols
     width = -(-m // used)
@@ -113,17 +114,19 @@ def test_megatron_row_parallel_closed_form(rows, cols, m, n):
         assert mesh.sum_over_ranks(int(mesh.counters["relays"].sum())) == used_rows * (cols - 2)
         assert mesh.sum_over_ranks(int(mesh.counters["messages_sent"].sum())) == used - 1
         assert mesh.max_over_ranks(mesh.max_hops) == cols - 1
+        # the relayed row chain's send and receive colours, and the 1-hop turn between rows
+        assert mesh.max_over_ranks(int(mesh.routes.peak.max())) == 2 + (used_rows > 1)
         if not dry_run:
             assert np.abs(y - x @ w).max() < 1e-4
         mesh.free()
 
 
-@pytest.mark.parametrize("rows,cols,m,n", [(3, 4, 23, 40), (4, 5, 50, 16), (5, 3, 9, 14)])
+@pytest.mark.parametrize("rows,cols,m,n", [(3, 4, 23, 40), (4, 5, 50, 16), (5, 3, 9, 14), (4, 6, 10, 5)])
 def test_t10_hand_over_closed_form(rows, cols, m, n):
     """x whole fits beside a core's columns, so T10's ring is 1 and nothing rotates: the GEMV is
     the hand-over, one multicast down column 0 over the used rows (ceil(n / cols)) and then one
     along each used row on pass-through routes (each: a start, α a hop, the m-element payload
-    once; no relays), then the local GEMV of m·w multiply-adds."""
+    once; no relays, a route per axis it covers), then the local GEMV of m·w multiply-adds."""
     used_rows = min(rows, -(-n // cols))
     used = used_rows * cols
     width = -(-n // used)
@@ -139,6 +142,8 @@ def test_t10_hand_over_closed_form(rows, cols, m, n):
     assert mesh.modeled_cycles() == pytest.approx(expected)
     assert mesh.sum_over_ranks(int(mesh.counters["relays"].sum())) == 0
     assert mesh.max_over_ranks(mesh.max_hops) == max(used_rows - 1, cols - 1)
+    # one route at each position along each axis a multicast covers (meshmpi/routes.py)
+    assert mesh.max_over_ranks(int(mesh.routes.peak.max())) == (used_rows > 1) + (cols > 1)
     mesh.free()
 
 
