@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshmpi import cli
+from meshmpi import cli, energy
 from meshmpi.errors import CheckError, UsageError
 from meshmpi.mesh import parse_grid
 from meshmpi.text import plural
@@ -65,6 +65,7 @@ def build_parser():
         s.add_argument("--dtype", choices=("float32", "float64"), default="float32")
         s.add_argument("--seed", type=int, default=0)
         cli.add_hardware_options(s)
+        cli.add_defect_options(s)
         cli.add_run_options(s)
         s.set_defaults(func=run_kernel)
     from .bench import register
@@ -119,6 +120,8 @@ def format_report(r: dict) -> str:
              f"  fabric     {r['messages']:,} messages, {r['bytes_moved']:,} bytes, longest hop "
              f"{r['max_hops_per_step']}, {r['routes_per_core_max']} routes/core max",
              f"  memory     {r['peak_bytes_per_core']:,} B per core at peak",
+             *([f"  defects    {cli.defects_text(r['defects'])}"] if r.get("defects") else []),
+             *([f"  energy     {energy.describe(r)[len('energy '):]}"] if r.get("energy_joules") is not None else []),
              f"  wall       {r['wall_seconds']:.3f} s"]
     if r.get("check"):
         lines.append(f"  check      {r['check']}: max |error| vs numpy = {r['max_abs_err']:.3g} "

@@ -14,6 +14,8 @@
   numeric size).
 - ``baselines``: MeshGEMV against the Megatron-LM, Ladder and T10 style GEMVs at paper scale
   (kernels/bench_baselines.py).
+- ``defects``: MeshGEMM 2K on 180² and MeshGEMV 16K on 360², on wafers with dead cores,
+  remapped, against the defect rate (``--rates``, ``--seeds`` draws each; kernels/bench_defects.py).
 - ``all``: everything above.
 
 Rank 0 writes <out>/<bench>.csv and <out>/<bench>.png, the CSV rewritten as each row completes
@@ -34,15 +36,16 @@ from pathlib import Path
 
 
 from meshmpi import cli
-from meshmpi.benchtools import (CsvTable, _is_root, add_out_options, figure, mesh_axis, out_dir, parse_sides,
-                                progress, read_csv, save_figure, write_csv)
+from meshmpi.errors import UsageError
+from meshmpi.benchtools import (DEFECT_RATES, CsvTable, _is_root, add_out_options, figure, mesh_axis, out_dir,
+                                parse_rates, parse_sides, progress, read_csv, save_figure, write_csv)
 from meshmpi.hardware import load_hardware
 from meshmpi.mesh import Mesh
 
-from . import speed
+from . import bench_defects, speed
 from .run import GEMV_ALGOS, run_gemm, run_gemv
 
-BENCHES = ("gemm", "gemv", "groups", "calibrate", "speed", "baselines")
+BENCHES = ("gemm", "gemv", "groups", "calibrate", "speed", "baselines", "defects")
 GEMM_SIZES = (2048, 8192)
 GEMM_MESHES = (16, 32, 64, 90, 180, 360, 720)
 GEMM_VARIANTS = (("meshgemm", None), ("cannon", None), ("summa", "relay"), ("summa", "direct"))
@@ -76,6 +79,9 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one profile value (repeatable)")
     p.add_argument("--size", type=int, metavar="N", help="speed: the numeric MeshGEMM's M = K = N (default 2048)")
+    p.add_argument("--rates", default=DEFECT_RATES, metavar="R,R,...",
+                   help=f"defects: the dead-core rates (default {DEFECT_RATES})")
+    p.add_argument("--seeds", type=int, default=3, metavar="K", help="defects: draws of the dead cores per rate (default 3)")
     p.set_defaults(func=run_bench)
 
 
@@ -85,8 +91,8 @@ def _quiet():
     return contextlib.redirect_stderr(io.StringIO())
 
 
-def _dry(side: int, hardware, fn, *, routes: str = "strict"):
-    mesh = Mesh(side, side, hardware, dry_run=True, memory="warn", routes=routes)
+def _dry(side: int, hardware, fn, *, routes: str = "strict", defects=None):
+    mesh = Mesh(side, side, hardware, dry_run=True, memory="warn", routes=routes, defects=defects)
     try:
         with _quiet():
             return fn(mesh)
@@ -213,7 +219,7 @@ def plot_groups(rows: list[dict], path: Path, hardware_name: str) -> None:
     save_figure(plt, fig, path)
 
 
-PLOTS = {"gemm": plot_gemm, "gemv": plot_gemv, "groups": plot_groups}
+PLOTS = {"gemm": plot_gemm, "gemv": plot_gemv, "groups": plot_groups, "defects": bench_defects.plot_defects}
 
 
 def replot(which, hardware, out: Path) -> None:
@@ -344,8 +350,16 @@ def bench_baselines(args, hardware, out: Path) -> list[dict]:
     return baselines.bench_baselines(args, hardware, out, sys.modules[__name__])
 
 
+def run_defects(args, hardware, out: Path) -> list[dict]:
+    if args.seeds < 1:
+        raise UsageError("--seeds must be at least 1")
+    args.rate_list = parse_rates(args.rates, "--rates")
+    return bench_defects.bench_defects(args, hardware, out, sys.modules[__name__])
+
+
 RUNNERS = {"gemm": bench_gemm, "gemv": bench_gemv, "groups": bench_groups,
-           "calibrate": bench_calibrate, "speed": bench_speed, "baselines": bench_baselines}
+           "calibrate": bench_calibrate, "speed": bench_speed, "baselines": bench_baselines,
+           "defects": run_defects}
 
 
 def run_bench(args, argv=None) -> int:

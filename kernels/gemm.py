@@ -18,6 +18,10 @@ heads. A :class:`CellMap` says, per column, which entry of a batch over all head
 core's ``cells`` reads (MeshGEMM's A) or adds into (GEMM-T's partial C); the operand that
 stays with the column holds ``cells / per_slot`` batch entries, each shared by ``per_slot``
 consecutive cells. The tile that travels along X carries every head; the FLOPs are the cells'.
+
+Uneven tiles (:class:`RealWork`, PAPER.md §4): the fabric moves tiles of one padded shape, but
+a core can be charged for the real rows, K rows and columns its product spans at each step;
+without it a core is charged its whole padded tile product.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshmpi import host
+from meshmpi import costs
+from meshmpi.layout import Dim, Layout, expect
 
 from .ring import Ring, interleaved_ring, plain_ring
 
@@ -71,8 +76,59 @@ class GemmPlan:
 
     @property
     def b_tile_shape(self) -> tuple[int, int]:
-        """A pre-skewed B operand's tile (:func:`place_b_skewed`): its K-chunks by a column block."""
+        """A pre-skewed B operand's tile (:meth:`b_layout`): its K-chunks by a column block."""
         return (self.chunks // self.rows) * self.chunk, self.n_pad // self.cols
+
+    # ------------------------------------------------------------------ layouts (PAPER.md §2)
+    def a_layout(self) -> Layout:
+        """A (M x K) natural: core (i, j) holds row block i and K block j (``L / C`` chunks)."""
+        return Layout(self.rows, self.cols, (Dim(self.m, "y", self.rows),
+                                             Dim(self.k, "x", self.cols, padded=self.k_pad)))
+
+    def b_layout(self) -> Layout:
+        """B (K x N) pre-skewed on load: core (i, j) holds the chunk group of y-ring position
+        ``(pos_y(i) + pos_x(j)) mod R`` (the chunks with those labels, stacked along K) and
+        column block j."""
+        R, L = self.rows, self.chunks
+        group = (self.ring_y.position[:, None] + self.ring_x.position[None, :]) % R      # [R, C]
+        labels = group[:, :, None] + R * np.arange(L // R)[None, None, :]             # [R, C, L/R]
+        return Layout(self.rows, self.cols, (
+            Dim(self.k, "y", L, padded=self.k_pad, held=self.chunk_rows(labels)),
+            Dim(self.n, "x", self.cols)))
+
+    def b_natural_layout(self) -> Layout:
+        """B (K x N) natural, as SUMMA takes it: core (i, j) holds K block i, column block j."""
+        return Layout(self.rows, self.cols, (Dim(self.k, "y", self.rows, padded=self.k_pad),
+                                             Dim(self.n, "x", self.cols)))
+
+    def c_layout(self) -> Layout:
+        """C (M x N) natural."""
+        return Layout(self.rows, self.cols, (Dim(self.m, "y", self.rows), Dim(self.n, "x", self.cols)))
+
+    def t_a_layout(self) -> Layout:
+        """GEMM-T's A (M x K, here K = ``n``) natural."""
+        return Layout(self.rows, self.cols, (Dim(self.m, "y", self.rows), Dim(self.n, "x", self.cols)))
+
+    def t_c_layout(self) -> Layout:
+        """GEMM-T's C (M x N, here N = ``k``, the labelled dimension) natural."""
+        return Layout(self.rows, self.cols, (Dim(self.m, "y", self.rows),
+                                             Dim(self.k, "x", self.cols, padded=self.k_pad)))
+
+    def rotated(self, layout: Layout, axis: int, along: str, shift) -> Layout:
+        """``layout`` after each line's tiles moved ``shift`` positions backward along this
+        plan's ring on ``along`` (``shift``: a scalar or one value per line): dimension
+        ``axis``'s blocks are those of the core ``shift`` ring positions further on."""
+        ring, lines = (self.ring_x, self.rows) if along == "x" else (self.ring_y, self.cols)
+        shift = np.broadcast_to(np.asarray(shift, np.int64), (lines,))
+        dim = layout.dims[axis]
+        held = dim.blocks_of(np.arange(self.rows), np.arange(self.cols))
+        if along == "x":
+            source = ring.order[(ring.position[None, :] + shift[:, None]) % ring.n]      # [R, C]
+            moved = held[np.arange(self.rows)[:, None], source]
+        else:
+            source = ring.order[(ring.position[:, None] + shift[None, :]) % ring.n]      # [R, C]
+            moved = held[source, np.arange(self.cols)[None, :]]
+        return layout.with_dim(axis, held=moved)
 
     def chunk_rows(self, label: np.ndarray) -> np.ndarray:
         """Where K-chunk ``label`` lies in K: inside the natural block of core ``ring_x[label mod C]``."""
@@ -112,34 +168,45 @@ class CellMap:
                 raise ValueError(f"{arr.name} {arr.tile_shape}: expected a batch of {size}")
 
 
-# ---------------------------------------------------------------------------- host placement
-def place_a(plan: GemmPlan, a: np.ndarray) -> np.ndarray:
-    """A in its natural layout: core (i, j) holds rows block i, K block j."""
-    return host.tile_matrix(host.pad_to(a, plan.m_pad, plan.k_pad), plan.rows, plan.cols)
+@dataclass
+class RealWork:
+    """The unpadded extent of each block of a product, for the FLOP charge of uneven tiles:
+    core (i, j) at a step whose K-chunk is c does ``2 rows[i] k[c] cols[j]`` FLOPs in
+    ``k[c] units[j]`` vector operations (one per real K row and product). ``k`` is indexed by
+    the chunk's place in K (:meth:`GemmPlan.chunk_rows` order); with head cells, ``cols[j]``
+    sums the real columns of column j's cells and ``units[j]`` counts the cells holding any."""
+    rows: np.ndarray       # [R]
+    k: np.ndarray          # [L]
+    cols: np.ndarray       # [C]
+    units: np.ndarray      # [C]
 
+    @staticmethod
+    def blocks(size: int, parts: int, block: int) -> np.ndarray:
+        """Real extent of each of ``parts`` blocks of ``block`` over a dimension of ``size``."""
+        return np.clip(size - np.arange(parts) * block, 0, block)
 
-def place_b_skewed(plan: GemmPlan, b: np.ndarray) -> np.ndarray:
-    """B pre-skewed on load: core (i, j) holds the group of y-ring position
-    ``(pos_y(i) + pos_x(j)) mod R``, i.e. the chunks with those labels, stacked along K."""
-    b = host.pad_to(b, plan.k_pad, plan.n_pad)
-    R, C, L, s = plan.rows, plan.cols, plan.chunks, plan.chunk
-    chunks = b.reshape(L, s, C, plan.n_pad // C)          # [chunk, row in chunk, col block, col]
-    group = (plan.ring_y.position[:, None] + plan.ring_x.position[None, :]) % R   # [R, C]
-    labels = group[:, :, None] + R * np.arange(L // R)[None, None, :]             # [R, C, L/R]
-    where = plan.chunk_rows(labels)                                                # [R, C, L/R]
-    cols = np.arange(C)[None, :, None]
-    tiles = chunks[where, :, cols, :]                     # [R, C, L/R, s, n/C]
-    return tiles.reshape(R, C, (L // R) * s, plan.n_pad // C)
+    def total(self) -> int:
+        """FLOPs of the whole product, all cores and steps."""
+        return 2 * int(self.rows.sum()) * int(self.k.sum()) * int(self.cols.sum())
 
+    def charger(self, mesh, plan: GemmPlan):
+        """``charge(step)``: charge this rank's cores the work of that step. A core's cycles are
+        its step's real K rows times a per-core rate (:func:`meshmpi.costs.compute` of one K
+        row's FLOPs and vector operations; nothing where the core has no rows or columns)."""
+        rows, cols = mesh.global_rows(), mesh.global_cols()
+        per_k = 2 * self.rows[rows][:, None].astype(np.int64) * self.cols[cols][None, :]
+        rate = np.where(per_k > 0, costs.compute(mesh.hardware, per_k, self.units[cols][None, :]), 0.0)
+        # core (i, j) at step t multiplies label (pos_y(i) + pos_x(j) - t) mod L: a table of each
+        # column's real K rows by pos_y(i) - t, from which a step takes whole rows
+        label = (np.arange(plan.chunks)[:, None] + plan.ring_x.position[cols][None, :]) % plan.chunks
+        table = self.k[plan.chunk_rows(label)].astype(np.int64)              # [L, block cols]
+        start = plan.ring_y.position[rows]
+        k, flops, cycles = np.empty_like(per_k), np.empty_like(per_k), np.empty_like(rate)
 
-def unplace_c(plan: GemmPlan, tiles: np.ndarray, transposed_b: bool = False) -> np.ndarray:
-    """C from its natural tiles (for GEMM-T, C is M x plan.k)."""
-    return host.untile_matrix(tiles)[: plan.m, : (plan.k if transposed_b else plan.n)]
-
-
-def place_a_for_t(plan: GemmPlan, a: np.ndarray) -> np.ndarray:
-    """GEMM-T's A (M x K, K = plan.n) in its natural layout."""
-    return host.tile_matrix(host.pad_to(a, plan.m_pad, plan.n_pad), plan.rows, plan.cols)
+        def charge(step: int) -> None:
+            np.take(table, (start - step) % plan.chunks, axis=0, out=k)
+            mesh.compute(np.multiply(per_k, k, out=flops), cycles=np.multiply(rate, k, out=cycles))
+        return charge
 
 
 # ---------------------------------------------------------------------------- wafer side
@@ -193,29 +260,55 @@ def _products(plan, a, b, heads, out: str, **operands) -> tuple[tuple, int]:
     return (getattr(heads, out),), heads.cells
 
 
+def _expect_operands(plan, a, b, cells, a_layout: Layout, name: str) -> None:
+    """Operands that carry layouts must be where the schedule expects them: A as ``a_layout``,
+    B pre-skewed (:meth:`GemmPlan.b_layout`), batched as the products are."""
+    a_batch = a.tile_shape[:-2] if cells is None else (a.tile_shape[0],)
+    b_batch = b.tile_shape[:-2] if cells is None else (b.tile_shape[0],)
+    expect(a, a_layout.batched(*a_batch), f"{name} A")
+    expect(b, plan.b_layout().batched(*b_batch), f"{name} B")
+
+
+def _record_moves(plan, a, b, a_shift=None) -> None:
+    """After the L steps, B has moved L - 1 positions along its column ring and (in MeshGEMM)
+    A, aligned then stepped, ``a_shift`` along its row ring: their layouts say where the
+    tiles now are."""
+    steps = plan.chunks - 1
+    if b.layout is not None:
+        b.layout = plan.rotated(b.layout, -2, "y", -steps)
+    if a is not None and a.layout is not None:
+        a.layout = plan.rotated(a.layout, -1, "x", a_shift)
+
+
 def _ring_buffers(mesh, arr, ring: Ring, name: str):
     """The spare buffer a tile moving along ``ring`` is received into, owned by the kernel;
     None on a 1-long line, where the tile never moves."""
     return mesh.alloc(name, arr.tile_shape, arr.dtype) if ring.n > 1 else None
 
 
-def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm", cells: CellMap | None = None):
+def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm", cells: CellMap | None = None,
+              work: RealWork | None = None):
     """C = A @ B with A natural, B pre-skewed; returns C (natural layout), which the caller owns.
 
     Tiles may carry leading batch dims (e.g. attention heads): every core multiplies its whole
     batch at each step and every transfer carries the whole batch, one message per step.
     With ``cells``, A's batch is every head's and C's is the core's cells: cell u adds
-    ``A[entry(u)] @ B[u // per_slot]`` (see :class:`CellMap`).
+    ``A[entry(u)] @ B[u // per_slot]`` (see :class:`CellMap`). With ``work``, each core is
+    charged its real work (:class:`RealWork`), else its whole tile product.
     The kernel owns and frees its spare buffers; ``a`` and ``b`` stay the caller's (same names,
-    same charges), holding the tiles of the last step: A rotated along x, B along y."""
+    same charges), holding the tiles of the last step: A rotated along x, B along y (their
+    layouts say so afterwards)."""
     R, C, L = plan.rows, plan.cols, plan.chunks
     tm, tn, s = plan.m_pad // R, plan.n_pad // C, plan.chunk
     batch, products = _products(plan, a, b, cells, "cells", slots=b, entries=a)
+    _expect_operands(plan, a, b, cells, plan.a_layout(), name)
     if cells is not None:
         entry = cells.local(mesh)
         valid = (entry >= 0)[None, :, :, None, None]
         pick = (np.arange(entry.shape[0])[:, None], np.maximum(entry, 0))
     rows, cols = mesh.global_rows(), mesh.global_cols()
+    charge = work.charger(mesh, plan) if work is not None else (
+        lambda step: mesh.compute(2 * tm * s * tn * products, ops=s * products))
     with mesh.phase(f"{name}.align"):
         rotate_lines(mesh, a, "x", plan.ring_x, plan.ring_y.position, f"{name}.a")
     moving = [(a, _ring_buffers(mesh, a, plan.ring_x, f"{name}.a.next"),
@@ -237,7 +330,7 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm", cells: CellMap | N
                 else:
                     a_cells = np.where(valid, a_part[:, pick[0], pick[1]], 0)
                     c.data += np.matmul(a_cells, b_part[:, :, cells.slot_of_cell()])
-            mesh.compute(2 * tm * s * tn * products, ops=s * products)
+            charge(step)
             for transfer in sends:
                 transfer.wait()
             if not last:
@@ -246,10 +339,14 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm", cells: CellMap | N
             mesh.step(f"step {step}")
     for _, spare, _ in moving:
         spare.free()
+    _record_moves(plan, a, b, a_shift=plan.ring_y.position - (L - 1))
+    if cells is None:
+        c.layout = plan.c_layout().batched(*batch)
     return c
 
 
-def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap | None = None):
+def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap | None = None,
+                work: RealWork | None = None):
     """C = A @ B^T (PAPER.md §2, GEMM-T), K never transposed on the wafer.
 
     A (M x K) stays; B (N x K) moves along its column's ring; each core's partial tile of C
@@ -258,15 +355,20 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap
     and ``plan.n`` is the shared K. A final rotation puts C in its natural layout. Leading
     batch dims of the tiles are independent products, as in :func:`ring_gemm`. With ``cells``,
     A's batch is the core's cells and the partial's every head's: cell u adds
-    ``A[u] @ B[u // per_slot]^T`` into ``C[entry(u)]`` (see :class:`CellMap`). Returns C
+    ``A[u] @ B[u // per_slot]^T`` into ``C[entry(u)]`` (see :class:`CellMap`). ``work``
+    charges real work as in :func:`ring_gemm` (its ``k`` is C's labelled columns, its ``cols``
+    the shared K). Returns C
     (the caller owns it); the kernel frees its spare buffers and ``b`` stays the caller's.
     """
     R, C, L = plan.rows, plan.cols, plan.chunks
     tm, s = plan.m_pad // R, plan.chunk
     batch, products = _products(plan, a, b, cells, "entries", slots=b, cells=a)
+    _expect_operands(plan, a, b, cells, plan.t_a_layout(), name)
     if cells is not None:
         entry = cells.local(mesh)
     rows, cols = mesh.global_rows(), mesh.global_cols()
+    charge = work.charger(mesh, plan) if work is not None else (
+        lambda step: mesh.compute(2 * tm * s * b.tile_shape[-1] * products, ops=s * products))
     partial = mesh.alloc(f"{name}.c", batch + (tm, (L // C) * s), a.dtype)
     moving = [(partial, _ring_buffers(mesh, partial, plan.ring_x, f"{name}.c.next"),
                mesh.fabric.permutation(f"{name}.shift.x", "x", plan.ring_x.send())),
@@ -290,7 +392,7 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap
                     for u in range(cells.cells):
                         where = np.flatnonzero(entry[:, u] >= 0)
                         partial.data[:, where, entry[where, u]] += update[:, where, u]
-            mesh.compute(2 * tm * s * b.tile_shape[-1] * products, ops=s * products)
+            charge(step)
             if step < L - 1:
                 sends = [pattern.start(tile, spare) for tile, spare, pattern in moving]
                 for transfer in sends:
@@ -304,4 +406,7 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap
         # partial group at x-ring position x is x + pos_y(i) (+ the L-1 steps taken): move it home.
         steps = -(plan.ring_y.position - (L - 1))
         rotate_lines(mesh, partial, "x", plan.ring_x, steps, f"{name}.c")
+    _record_moves(plan, None, b)
+    if cells is None:
+        partial.layout = plan.t_c_layout().batched(*batch)
     return partial

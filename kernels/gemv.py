@@ -1,7 +1,7 @@
 """MeshGEMV, y = x @ W (PAPER.md §3): local GEMV per core, then an allreduce along one axis.
 
-Layouts are stated as data: a vector is ``indexed`` along one axis (chunk i on line i) and
-replicated along the other. With ``reduce_axis="y"`` the input x is row-indexed (chunk i on
+Layouts are stated as data (:mod:`meshmpi.layout`): a vector is ``indexed`` along one axis
+(chunk i on line i) and replicated along the other. With ``reduce_axis="y"`` the input x is row-indexed (chunk i on
 every core of row i), W's tile (i, j) is W[block i, block j], and y comes out column-indexed
 (chunk j on every core of column j) — the transpose of the input layout, so consecutive
 GEMVs alternate their reduction axis and no vector is ever transposed.
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshmpi import host
+from meshmpi import layout
+from meshmpi.layout import Layout
 
 from .allreduce import allreduce
 
@@ -19,42 +20,34 @@ def other(axis: str) -> str:
     return "x" if axis == "y" else "y"
 
 
-def place_vector(vector: np.ndarray, rows: int, cols: int, indexed_along: str) -> np.ndarray:
-    """Tiles of a vector split over the lines of ``indexed_along`` ('y': chunk i on row i) and
-    replicated along the other axis; zero-padded to a whole number of chunks."""
-    parts = rows if indexed_along == "y" else cols
-    chunk = -(-vector.size // parts)
-    padded = np.zeros(parts * chunk, vector.dtype)
-    padded[: vector.size] = vector
-    chunks = padded.reshape(parts, chunk)
-    if indexed_along == "y":
-        return np.broadcast_to(chunks[:, None, :], (rows, cols, chunk)).copy()
-    return np.broadcast_to(chunks[None, :, :], (rows, cols, chunk)).copy()
+def vector_layout(rows: int, cols: int, length: int, indexed_along: str) -> Layout:
+    """A vector split over the lines of ``indexed_along`` ('y': chunk i on every core of row i)
+    and replicated along the other axis; zero-padded to a whole number of chunks."""
+    return layout.vector(rows, cols, length, indexed_along)
 
 
-def place_matrix(w: np.ndarray, rows: int, cols: int, reduce_axis: str) -> np.ndarray:
-    """W (in x out) so that the GEMV reduces along ``reduce_axis``: for 'y' tile (i, j) is
+def matrix_layout(rows: int, cols: int, m: int, n: int, reduce_axis: str) -> Layout:
+    """W (m in x n out) so that the GEMV reduces along ``reduce_axis``: for 'y' tile (i, j) is
     W[in block i, out block j]; for 'x' (the transposed placement) it is W[in block j, out block i]."""
-    in_parts, out_parts = (rows, cols) if reduce_axis == "y" else (cols, rows)
-    w = host.pad_to(w, -(-w.shape[0] // in_parts) * in_parts, -(-w.shape[1] // out_parts) * out_parts)
-    tiles = host.tile_matrix(w, in_parts, out_parts)
-    return tiles if reduce_axis == "y" else tiles.swapaxes(0, 1).copy()
-
-
-def read_vector(tiles: np.ndarray, indexed_along: str, length: int) -> np.ndarray:
-    """The vector back from replicated tiles (one line's copy)."""
-    chunks = tiles[:, 0] if indexed_along == "y" else tiles[0, :]
-    return chunks.reshape(-1)[:length]
+    return layout.blocked(rows, cols, (m, n), (reduce_axis, other(reduce_axis)))
 
 
 def meshgemv(mesh, x, w, reduce_axis: str = "y", algo: str = "ktree", groups: int | None = None,
              name: str = "gemv", out=None, forwarding: str = "stream"):
     """y = x @ W on every core, indexed along the other axis. ``x`` tiles: (in_chunk,);
-    ``w`` tiles: (in_chunk, out_chunk). Returns the output mesh array (allocated unless ``out``)."""
+    ``w`` tiles: (in_chunk, out_chunk). When W carries its layout (:func:`matrix_layout`), x
+    must be laid out as W's input (:func:`vector_layout` along ``reduce_axis``) and y carries
+    its own. Returns the output mesh array (allocated unless ``out``)."""
     in_chunk, out_chunk = w.tile_shape
+    if w.layout is not None:
+        m, n = w.layout.shape
+        layout.expect(w, matrix_layout(mesh.rows, mesh.cols, m, n, reduce_axis), f"{name} W")
+        layout.expect(x, vector_layout(mesh.rows, mesh.cols, m, reduce_axis), f"{name} x")
     if x.tile_shape != (in_chunk,):
         raise ValueError(f"{name}: x chunk {x.tile_shape} does not match W tile {w.tile_shape}")
     y = out or mesh.alloc(f"{name}.y", (out_chunk,), x.dtype)
+    if w.layout is not None:
+        y.layout = vector_layout(mesh.rows, mesh.cols, n, other(reduce_axis))
     with mesh.phase(f"{name}.local"):
         if not mesh.dry_run:
             y.data[...] = np.matmul(x.data[:, :, None, :], w.data)[:, :, 0, :]

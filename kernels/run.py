@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from meshmpi import host
+from meshmpi import energy, host
 from meshmpi.check import check_product
 from meshmpi.errors import CheckError, UsageError
 
@@ -50,9 +50,11 @@ def _report(mesh, algo: str, sizes: dict, wall: float, error: float | None,
         "messages": int(mesh.sum_over_ranks(int(counters["messages_sent"].sum()))),
         "bytes_moved": int(mesh.sum_over_ranks(int(counters["bytes_sent"].sum()))),
         "relays": int(mesh.sum_over_ranks(int(counters["relays"].sum()))),
+        **energy.run_summary(mesh),
         "wall_seconds": wall, "max_abs_err": error,
         "check": None if mesh.dry_run else ("failed" if failure else "passed"),
         "check_failure": failure,
+        "defects": None if mesh.defects is None else mesh.defects.stats(),
     }
 
 
@@ -68,29 +70,19 @@ def run_gemm(mesh, algo: str, m: int, k: int, n: int, dtype=np.float32, seed: in
     """C = A @ B with A (m x k) and B (k x n) drawn from ``seed``; checked against numpy.
     ``broadcast`` (SUMMA only): ``relay`` (software chain) or ``direct`` (a route per root)."""
     plan = gemm.GemmPlan.build("cannon" if algo == "cannon" else "meshgemm", mesh.rows, mesh.cols, m, k, n)
-    a_shape = (plan.m_pad // mesh.rows, plan.k_pad // mesh.cols)
-    if algo == "summa":
-        b_shape = (plan.k_pad // mesh.rows, plan.n_pad // mesh.cols)
-    else:
-        b_shape = plan.b_tile_shape
-    if mesh.dry_run:
-        a_tiles = b_tiles = None
-    else:
+    b_layout = plan.b_natural_layout() if algo == "summa" else plan.b_layout()
+    a_mat = b_mat = None
+    if not mesh.dry_run:
         a_mat, b_mat = _inputs(seed, dtype, (m, k), (k, n))
-        if algo == "summa":
-            a_tiles, b_tiles = summa.place_natural(plan, a_mat, b_mat)
-        else:
-            a_tiles, b_tiles = gemm.place_a(plan, a_mat), gemm.place_b_skewed(plan, b_mat)
-    a = host.scatter(mesh, f"{algo}.a", a_tiles, a_shape, dtype)
-    b = host.scatter(mesh, f"{algo}.b", b_tiles, b_shape, dtype)
+    a = host.scatter(mesh, f"{algo}.a", a_mat, plan.a_layout(), dtype)
+    b = host.scatter(mesh, f"{algo}.b", b_mat, b_layout, dtype)
     if algo == "summa":
         c, wall = _timed(mesh, lambda: summa.summa(mesh, plan, a, b, name=algo, broadcast=broadcast))
     else:
         c, wall = _timed(mesh, lambda: gemm.ring_gemm(mesh, plan, a, b, name=algo))
     error = failure = None
     if not mesh.dry_run:
-        result = gemm.unplace_c(plan, host.gather(mesh, c))
-        error, failure = _checked(f"{algo} C", result, a_mat, b_mat, dtype)
+        error, failure = _checked(f"{algo} C", host.gather(c), a_mat, b_mat, dtype)
     report = _report(mesh, algo, {"m": m, "k": k, "n": n}, wall, error, failure)
     report["broadcast"] = broadcast if algo == "summa" else None
     return report
@@ -100,21 +92,16 @@ def run_gemv(mesh, algo: str, m: int, n: int, groups: int | None = None, dtype=n
              seed: int = 0, forwarding: str = "stream") -> dict:
     """y = x @ W with x (1 x m) and W (m x n), reduced along the columns; checked against numpy."""
     rows, cols = mesh.rows, mesh.cols
-    in_chunk, out_chunk = -(-m // rows), -(-n // cols)
-    if mesh.dry_run:
-        x_tiles = w_tiles = None
-    else:
+    x_vec = w_mat = None
+    if not mesh.dry_run:
         x_vec, w_mat = _inputs(seed, dtype, (m,), (m, n))
-        x_tiles = gemv.place_vector(x_vec, rows, cols, "y")
-        w_tiles = gemv.place_matrix(w_mat, rows, cols, "y")
-    x = host.scatter(mesh, "gemv.x", x_tiles, (in_chunk,), dtype)
-    w = host.scatter(mesh, "gemv.w", w_tiles, (in_chunk, out_chunk), dtype)
+    x = host.scatter(mesh, "gemv.x", x_vec, gemv.vector_layout(rows, cols, m, "y"), dtype)
+    w = host.scatter(mesh, "gemv.w", w_mat, gemv.matrix_layout(rows, cols, m, n, "y"), dtype)
     y, wall = _timed(mesh, lambda: gemv.meshgemv(mesh, x, w, "y", GEMV_ALGOS[algo], groups, name=algo,
                                                  forwarding=forwarding))
     error = failure = None
     if not mesh.dry_run:
-        result = gemv.read_vector(host.gather(mesh, y), "x", n)
-        error, failure = _checked(f"{algo} y", result, x_vec, w_mat, dtype)
+        error, failure = _checked(f"{algo} y", host.gather(y), x_vec, w_mat, dtype)
     report = _report(mesh, algo, {"m": m, "k": None, "n": n}, wall, error, failure)
     report["groups"] = groups
     report["forwarding"] = forwarding
@@ -143,26 +130,26 @@ def run_baseline(mesh, algo: str, m: int, n: int, dtype=np.float32, seed: int = 
                 x_tiles = np.zeros((mesh.rows, mesh.cols, m), dtype)
                 x_tiles[0, 0] = x_vec
                 w_tiles = plan.column_tiles(w_mat, plan.snake(), m)
-            x = host.scatter(mesh, "megatron.x", x_tiles, (m,), dtype)
-            w = host.scatter(mesh, "megatron.w", w_tiles, (m, plan.width), dtype)
+            x = host.scatter_tiles(mesh, "megatron.x", x_tiles, (m,), dtype)
+            w = host.scatter_tiles(mesh, "megatron.w", w_tiles, (m, plan.width), dtype)
             y, wall = _timed(mesh, lambda: baselines.megatron(mesh, plan, x, w))
             order = plan.snake()
         elif algo == "ladder":
             h = -(-m // plan.used)
             tiles = None if x_vec is None else baselines.ladder_stored(plan, x_vec, w_mat)
-            stored = host.scatter(mesh, "ladder.stored", tiles, (h + h * plan.n_pad,), dtype)
+            stored = host.scatter_tiles(mesh, "ladder.stored", tiles, (h + h * plan.n_pad,), dtype)
             y, wall = _timed(mesh, lambda: baselines.ladder(mesh, plan, stored, routing=routing))
             order = plan.row_major()
         else:
             chunk = -(-m // ring)
             x_tiles, w_tiles = (None, None) if x_vec is None else baselines.t10_tiles(plan, ring, x_vec, w_mat)
-            x = host.scatter(mesh, "t10.x", x_tiles, (chunk,), dtype)
-            w = host.scatter(mesh, "t10.w", w_tiles, (ring, chunk, plan.width), dtype)
+            x = host.scatter_tiles(mesh, "t10.x", x_tiles, (chunk,), dtype)
+            w = host.scatter_tiles(mesh, "t10.w", w_tiles, (ring, chunk, plan.width), dtype)
             y, wall = _timed(mesh, lambda: baselines.t10(mesh, plan, x, w, ring))
             order = plan.row_major()
     error = failure = None
     if not mesh.dry_run:
-        result = plan.read_columns(host.gather(mesh, y), order)
+        result = plan.read_columns(host.gather_tiles(mesh, y), order)
         error, failure = _checked(f"{algo} y", result, x_vec, w_mat, dtype)
     report = _report(mesh, algo, {"m": m, "k": None, "n": n}, wall, error, failure)
     report.update(cores_used=plan.used, columns_per_core=plan.width,

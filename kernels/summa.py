@@ -18,23 +18,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshmpi import host
+from meshmpi.layout import expect
 
 from .gemm import GemmPlan, _pick_chunk
-
-
-def place_natural(plan: GemmPlan, a: np.ndarray, b: np.ndarray):
-    """A and B both in their natural layouts (no skew)."""
-    ta = host.tile_matrix(host.pad_to(a, plan.m_pad, plan.k_pad), plan.rows, plan.cols)
-    tb = host.tile_matrix(host.pad_to(b, plan.k_pad, plan.n_pad), plan.rows, plan.cols)
-    return ta, tb
 
 
 BROADCASTS = ("relay", "direct")
 
 
 def summa(mesh, plan: GemmPlan, a, b, name: str = "summa", broadcast: str = "relay"):
-    """C = A @ B with A and B in their natural layouts; returns C (natural layout)."""
+    """C = A @ B with A and B in their natural layouts (:meth:`GemmPlan.a_layout`,
+    :meth:`GemmPlan.b_natural_layout`); returns C (natural layout)."""
     if broadcast not in BROADCASTS:
         raise ValueError(f"broadcast must be one of {BROADCASTS}, not {broadcast!r}")
     relay = broadcast == "relay"
@@ -42,7 +36,10 @@ def summa(mesh, plan: GemmPlan, a, b, name: str = "summa", broadcast: str = "rel
     tm, tn, s = plan.m_pad // R, plan.n_pad // C, plan.chunk
     per_col, per_row = L // C, L // R
     dtype = a.dtype
+    expect(a, plan.a_layout(), f"{name} A")
+    expect(b, plan.b_natural_layout(), f"{name} B")
     c = mesh.alloc(f"{name}.c", (tm, tn), dtype)
+    c.layout = plan.c_layout()
     panels = [(mesh.alloc(f"{name}.a.panel{i}", (tm, s), dtype),
                mesh.alloc(f"{name}.b.panel{i}", (s, tn), dtype)) for i in range(2)]
     send_a = a if per_col == 1 else mesh.alloc(f"{name}.a.send", (tm, s), dtype)

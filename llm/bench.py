@@ -16,6 +16,10 @@ each (input, output) pair, a prefill of IN tokens on the ``--prefill-side`` squa
 tokens decoded on each ``--meshes`` region (default 360², PAPER.md §7's LLaMA3-8B decode region),
 the decode integrated over sampled contexts (``generate --decode-samples``).
 
+``--defects [RATES]`` runs the defect table instead (<out>/llm_defects.csv and .png): one
+decode step of each model (default llama3-8b) on each region (default 360²) at the
+``--prompt-len`` context, on wafers with dead cores at each rate, remapped (llm/bench_defects.py).
+
 ``--strategies NAME,...`` runs the strategies' table instead (<out>/llm_strategies.csv and .png):
 the decode of WaferLLM and of the systems it is compared with, where each one's cycles go
 (:mod:`llm.strategies.bench`); the region defaults to 360² (PAPER.md §7).
@@ -27,12 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-from meshmpi.benchtools import (CsvTable, add_out_options, figure, mesh_axis, out_dir, parse_sides, progress,
-                                read_csv, save_figure)
+from meshmpi.benchtools import (DEFECT_RATES, CsvTable, add_out_options, figure, mesh_axis, out_dir, parse_rates,
+                                parse_sides, progress, read_csv, save_figure)
 from meshmpi import Mesh, cli
 from meshmpi.errors import MeshmpiError, UsageError
 
-from . import e2e
+from . import bench_defects, e2e
 from .plan import regions_text
 from .presets import PRESET_NAMES, preset
 from .session import Options, Session
@@ -48,6 +52,7 @@ EXAMPLES = """\
   mpiexec -n 2 python -m llm bench --out results
   python -m llm bench --models llama3-8b --meshes 360,420 --prompt-len 1024 --out /tmp/bench
   python -m llm bench --models llama3-8b --e2e 2048/128,4096/4096 --prefill-side 660 --meshes 360
+  python -m llm bench --defects 0,0.01,0.07 --seeds 2 --out /tmp/bench
   python -m llm bench --strategies --models llama3-8b --out results
 """
 
@@ -56,9 +61,9 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="dry-run predictions for the presets on the paper's meshes",
                        description=cli.help_text(__doc__), epilog="examples:\n" + EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(PRESET_NAMES), metavar="NAME,...",
-                   help=f"presets (default all: {', '.join(PRESET_NAMES)})")
-    p.add_argument("--meshes", metavar="N,N,...", help="square region sides (default 360,375,420,540,660,720)")
+    p.add_argument("--models", metavar="NAME,...",
+                   help=f"presets (default all: {', '.join(PRESET_NAMES)}; --defects: {bench_defects.MODELS})")
+    p.add_argument("--meshes", metavar="N,N,...", help="square region sides (default 360,375,420,540,660,720; --defects: 360)")
     p.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help=f"context tokens (default {PROMPT_LEN})")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
                    help=f"decode steps to time at that context (default {NEW_TOKENS})")
@@ -71,14 +76,18 @@ def register(sub) -> None:
                         f"(default all: {', '.join(STRATEGIES)}; meshes default {STRATEGY_MESHES[0]})")
     p.add_argument("--decode-samples", type=int, default=16, metavar="K",
                    help="--e2e: decode contexts simulated per run (default 16)")
+    p.add_argument("--defects", nargs="?", const=DEFECT_RATES, metavar="R,R,...",
+                   help=f"the defect table: a decode step against these dead-core rates (default {DEFECT_RATES})")
+    p.add_argument("--seeds", type=int, default=3, metavar="K",
+                   help="--defects: draws of the dead cores per rate (default 3)")
     add_out_options(p, "PNG", "CSV")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON object instead of the table")
     cli.add_hardware_options(p)
     p.set_defaults(func=run_bench)
 
 
-def _models(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
+def _models(text: str | None, default: str = ",".join(PRESET_NAMES)) -> list[str]:
+    names = [m.strip() for m in (text or default).split(",") if m.strip()]
     unknown = [m for m in names if m not in PRESET_NAMES]
     if unknown or not names:
         raise UsageError(f"--models takes presets ({', '.join(PRESET_NAMES)}), got {text!r}")
@@ -218,6 +227,8 @@ def run_bench(args) -> int:
     out = out_dir(args)
     if args.e2e is not None:
         return run_e2e(args, out)
+    if args.defects is not None:
+        return run_defects(args, out)
     if args.strategies is not None:
         return run_strategies(args, out)
     if args.replot:
@@ -233,6 +244,23 @@ def run_bench(args) -> int:
     rows = _run_rows(args, out / f"{CSV_NAME}.csv", "presets", jobs, markdown)
     if cli.world_rank() == 0:
         plot(rows, out / f"{CSV_NAME}.png", args.hardware)
+    return 0
+
+
+def run_defects(args, out: Path) -> int:
+    """The defect table: see the module docstring."""
+    path = out / f"{bench_defects.CSV_NAME}.csv"
+    if args.replot:
+        bench_defects.plot(read_csv(path), path.with_suffix(".png"), args.hardware)
+        return 0
+    rates = parse_rates(args.defects, "--defects")
+    if args.seeds < 1 or args.prompt_len < 1:
+        raise UsageError("--seeds and --prompt-len must be at least 1")
+    jobs = bench_defects.jobs(args, cli.hardware_from_args(args), _models(args.models, bench_defects.MODELS),
+                              parse_sides(args, bench_defects.MESHES), rates)
+    rows = _run_rows(args, path, "defects", jobs, bench_defects.markdown)
+    if cli.world_rank() == 0:
+        bench_defects.plot(rows, path.with_suffix(".png"), args.hardware)
     return 0
 
 

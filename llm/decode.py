@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels.allreduce import allreduce
-from kernels.gemv import meshgemv, place_vector, read_vector
-from meshmpi import costs, host
+from kernels.gemv import matrix_layout, meshgemv, vector_layout
+from meshmpi import costs, energy, host
 from meshmpi.errors import UsageError
 from meshmpi.mesh import block_offsets
 
@@ -104,8 +104,15 @@ class StepCycles:
     hand_offs: float = 0.0
     head: float = 0.0
 
+    layer_events: dict = field(default_factory=dict)   # counted events of the simulated layers
+    other_events: dict = field(default_factory=dict)   # of the rest of the step (hand-offs extrapolated)
+
     def total(self, layers: int) -> float:
         return self.kv_shift + sum(self.layers) * layers / len(self.layers) + self.hand_offs + self.head
+
+    def events(self, layers: int) -> dict:
+        """The step's counted events (:mod:`meshmpi.energy`), its layers' extrapolated as in :meth:`total`."""
+        return energy.combine((1, self.other_events), (layers / len(self.layers), self.layer_events))
 
 
 @dataclass
@@ -170,6 +177,8 @@ class Decoder:
                                      charge=False)
         self.lm_head = host.place_block(mesh, "w.lm_head", head.get("lm_head"),
                                         (lay.hidden_chunk, lay.vocab_chunk), np.float32, charge=False)
+        self.lm_head.layout = matrix_layout(mesh.rows, mesh.cols, self.config.hidden_size,
+                                            self.config.vocab_size, "y")
         mesh.memory.charge("weights", self.plan.weight_bytes_per_core)
 
     def _layer_tiles(self, w) -> dict:
@@ -445,12 +454,12 @@ class Decoder:
         simulated, the hidden vector is handed to the next region where the plan starts one
         (:meth:`RegionPlan.region_starts`), and those hand-offs are the ones counted. With fewer
         layers, one hand-off is simulated and counted once per region boundary."""
-        mesh, lay = self.mesh, self.layout
-        tiles = None if embedding is None else place_vector(
-            np.asarray(embedding, np.float32), mesh.rows, mesh.cols, "y")
-        x = host.scatter(mesh, "hidden", tiles, (lay.hidden_chunk,), np.float32)
+        mesh = self.mesh
+        x = self._hidden(embedding)
         starts = set(self.plan.region_starts(self.config.num_hidden_layers)) if self.every_layer else set()
         cycles = StepCycles()
+        begin = energy.mesh_events(mesh)
+        layer_events = energy.combine()
         with mesh.phase("decode"):
             start = mesh.modeled_cycles()
             with mesh.phase("decode.kv_shift"):
@@ -459,28 +468,42 @@ class Decoder:
             for index in range(self.sim_layers):
                 if index in starts:
                     cycles.hand_offs += self.hand_off(x)
-                start = mesh.modeled_cycles()
+                start, before = mesh.modeled_cycles(), energy.mesh_events(mesh)
                 with mesh.phase(f"decode.layer{index}"):
                     q, k_new, v_new = self._layer(index, x, position)
                     self._store_new(index, k_new, v_new, newest_row)
                     self._attend(index, q, x, position)
                 cycles.layers.append(mesh.modeled_cycles() - start)
+                layer_events = energy.combine((1, layer_events), (1, energy.mesh_events(mesh)), (-1, before))
+            unsimulated = energy.combine()      # the hand-offs counted but not simulated
             if self.sim_layers in starts:               # the LM head's region holds no layer
                 cycles.hand_offs += self.hand_off(x)
             elif not self.every_layer and self.plan.regions > 1:
+                before = energy.mesh_events(mesh)
                 cycles.hand_offs = (self.plan.regions - 1) * self.hand_off(x)
+                unsimulated = energy.combine((self.plan.regions - 2, energy.mesh_events(mesh)),
+                                             (2 - self.plan.regions, before))
             start = mesh.modeled_cycles()
             with mesh.phase("decode.lm_head"):
                 xn = self._rms_norm(x, self.norm, "decode.final_norm")
                 logits = self._meshgemv(xn, self.lm_head, "y", "decode.lm_head")
                 xn.free()
             cycles.head = mesh.modeled_cycles() - start
+        cycles.layer_events = layer_events
+        cycles.other_events = energy.combine((1, energy.mesh_events(mesh)), (-1, begin), (-1, layer_events),
+                                             (1, unsimulated))
         x.free()
         result = None
         if not mesh.dry_run:
-            result = read_vector(host.gather(mesh, logits), "x", self.config.vocab_size)
+            result = host.gather(logits)
         logits.free()
         return result, cycles
+
+    def _hidden(self, vector: np.ndarray | None):
+        """A hidden vector on the mesh, row-indexed (the layout the first GEMV reads)."""
+        mesh = self.mesh
+        return host.scatter(mesh, "hidden", None if vector is None else np.asarray(vector, np.float32),
+                            vector_layout(mesh.rows, mesh.cols, self.config.hidden_size, "y"), np.float32)
 
     def _store_new(self, index: int, k_new, v_new, row: int) -> None:
         """Write layer ``index``'s new k, v into ``row``'s newest slot (k, v are column-indexed,
@@ -495,13 +518,12 @@ class Decoder:
     # ---------------------------------------------------------------- around the steps
     def logits_from(self, hidden: np.ndarray | None):
         """Logits of an already final-normed hidden vector (the prefill's last token): the LM head GEMV."""
-        mesh, lay = self.mesh, self.layout
-        tiles = None if hidden is None else place_vector(np.asarray(hidden, np.float32), mesh.rows, mesh.cols, "y")
-        x = host.scatter(mesh, "hidden", tiles, (lay.hidden_chunk,), np.float32)
+        mesh = self.mesh
+        x = self._hidden(hidden)
         with mesh.phase("decode.lm_head"):
             logits = meshgemv(mesh, x, self.lm_head, "y", **self.reduce, name="decode.lm_head")
         x.free()
-        result = None if mesh.dry_run else read_vector(host.gather(mesh, logits), "x", self.config.vocab_size)
+        result = None if mesh.dry_run else host.gather(logits)
         logits.free()
         return result
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from kernels.allreduce import FORWARDING
-from meshmpi import cli, outputs, progress
+from meshmpi import cli, energy, outputs, progress
 from meshmpi.check import require_finite
 from meshmpi.errors import CheckError, UsageError
 from meshmpi.host import agree, world_share
@@ -81,6 +81,7 @@ def build_parser():
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     g.add_argument("--check", action="store_true", help="run the numpy reference alongside; fail on any mismatch")
     cli.add_hardware_options(g)
+    cli.add_defect_options(g)
     cli.add_run_options(g)
     g.set_defaults(func=generate)
     from .bench import register
@@ -380,9 +381,14 @@ def _format(r: dict, streamed: bool = False) -> str:
                                          f"({r['modeled_cycles_per_layer']:,.0f} cycles per layer)" if rate else "n/a (one token)"),
               f"  modeled e2e       {r['modeled_e2e_tokens_per_s']:,.1f} tokens/s over {r['modeled_e2e_seconds'] * 1e3:.4f} ms "
               f"(prefill {r['e2e_prefill_share']:.0%}; decode: {_integration_text(r['decode_integration'])})",
+              *([f"  modeled energy    {r['energy_joules_per_token']:.4g} J per token, {energy.describe(r)}"
+                 + (f"; decode {r['energy_decode_joules_per_token']:.4g} J per token"
+                    if r["energy_decode_joules_per_token"] is not None else "")]
+                if r.get("energy_joules") is not None else []),
               f"  regions           {regions_text(r)} "
               f"({r['cores_used']:,} cores, {r['wafers']:.2f} of {article(r['hardware'])} {r['hardware']} wafer)",
               f"  KV capacity       {r['kv_capacity_tokens']:,} tokens ({r['kv_policy']})",
               f"  peak memory       {r['peak_bytes_per_core']:,} B per core",
+              *([f"  defects           {cli.defects_text(r['defects'])}"] if r.get("defects") else []),
               f"  wall time         {r['wall_seconds']:.2f} s"]
     return "\n".join(lines)

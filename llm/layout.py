@@ -94,7 +94,7 @@ def block_tiles(matrix: Gathered, row_of: np.ndarray, col_of: np.ndarray) -> np.
 
 def vector_block(vector, parts: int, part_range: np.ndarray) -> np.ndarray:
     """``[len(part_range), chunk]``: chunks ``part_range`` of ``vector`` cut into ``parts``
-    zero-padded chunks (:func:`kernels.gemv.place_vector`'s), only those read."""
+    zero-padded chunks (:func:`kernels.gemv.vector_layout`'s), only those read."""
     chunk = ceil_div(vector.shape[0], parts)
     index = part_range[:, None] * chunk + np.arange(chunk)[None, :]
     out = np.zeros(index.shape, np.float32)
@@ -207,7 +207,7 @@ class DecodeLayout:
         return np.concatenate([g, u], axis=2).reshape(wg.shape[0], -1)
 
     def place(self, matrix: Gathered, reduce_axis: str, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """The tiles of cores ``rows x cols`` of :func:`kernels.gemv.place_matrix`'s layout:
+        """The tiles of cores ``rows x cols`` of :func:`kernels.gemv.matrix_layout`:
         for 'y' tile (i, j) is W[in block i, out block j]; for 'x' W[in block j, out block i]."""
         in_lines, out_lines = (rows, cols) if reduce_axis == "y" else (cols, rows)
         in_parts, out_parts = (self.rows, self.cols) if reduce_axis == "y" else (self.cols, self.rows)

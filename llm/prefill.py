@@ -4,7 +4,7 @@ Layout. Activations are ``[tokens, features]`` matrices in MeshGEMM's natural la
 (i, j) holds token block i and feature block j. The prompt of T tokens is zero-padded to
 ``N * ceil(T / N)`` tokens; padded tokens are masked out of attention and dropped from the
 outputs. Feature sizes that do not divide N (hidden, intermediate, head dims) are padded with
-zero columns, which stay zero through every operator.
+zero columns, which stay zero through every operator (and are not charged: uneven tiles).
 
 Heads (:class:`PrefillLayout`; PAPER.md section 4, "group the heads, then run the same
 operators per group"). Each kv head owns a segment of columns and its query heads split the
@@ -15,9 +15,19 @@ W_q, W_k, W_v (and the rows of W_o) by these slots; the same permutation of Q's 
 leaves Q.K^T unchanged, and W_o's rows undo it. Q.K^T of a head needs a reduction over that
 head's columns only: GEMM-T's partial scores carry every head along X and each column adds its
 own head's product (:class:`kernels.gemm.CellMap`); P.V likewise reads each column's head out
-of the travelling P and leaves O in the column order of Q. Charged FLOPs are those of each
-column's own pairs (:meth:`PrefillLayout.charged_flops`; the unpadded model's are
-:func:`real_flops`).
+of the travelling P and leaves O in the column order of Q.
+
+Uneven tiles. The fabric moves tiles of one shape (the padded one: ``tb`` tokens, ``hb``
+hidden, ``fb`` intermediate, ``cells`` x ``2p`` head dims), but a core does, and is charged,
+only the work of its real token rows, keys, K rows, columns and head pairs
+(:class:`kernels.gemm.RealWork` for the MeshGEMMs; the local operators alike), so padding
+costs no FLOPs (:meth:`PrefillLayout.charged_flops` = :func:`real_flops` plus the
+distribution's row scalars and allreduce adds). This rather than choosing, per kv group, a
+column count that its pairs divide: PAPER.md §4 groups the heads and runs the same operators
+per group over the whole square, and tokens (any prompt length) and feature sizes would be
+left padded anyway. The modeled time still follows the fullest cores: a MeshGEMM step waits
+for its neighbours, so the columns holding the most pairs and the row blocks holding ``tb``
+real tokens set the critical path (the imbalance of the division, not padding).
 
 One layer (all on the wafer, charged to the modeled clocks):
 
@@ -46,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.allreduce import allreduce
-from kernels.gemm import CellMap, GemmPlan, ring_gemm, ring_gemm_t, rotate_lines
+from kernels.gemm import CellMap, GemmPlan, RealWork, ring_gemm, ring_gemm_t, rotate_lines
 from kernels.ring import interleaved_ring
 from meshmpi import costs, host
 from meshmpi.mesh import block_offsets
@@ -71,7 +81,7 @@ class PrefillResult:
     cycles_per_layer: float             # modeled cycles of layer 0
     tokens: int                         # prompt length T
     layers: int                         # layers simulated
-    flops_charged: int                  # FLOPs the mesh charged (padding included), all cores
+    flops_charged: int                  # FLOPs the mesh charged (real work + distribution), all cores
     flops_real: int                     # FLOPs of the unpadded model for the same layers
     layers_per_region: int = 1          # layers a prefill region holds resident (weights + K|V)
     regions: int = 1                    # prefill regions the whole model needs (a pipeline)
@@ -174,9 +184,33 @@ class PrefillLayout:
         return is_v, offset
 
     def k_pairs(self) -> np.ndarray:
-        """[n]: K pairs each column rotates in its share (real kv slots only)."""
-        k, _, r = self.slots()
-        return (k >= 0).sum(axis=1) * -(-(self.p - r) // self.sb)
+        """[n]: real K pairs each column rotates in its share (pair i of a block in share
+        ``i mod sb``; pairs past head_dim/2 in a block are padding)."""
+        k, x, r = self.slots()
+        pair = np.arange(self.p)
+        mine = (pair[None, None, :] % self.sb == r[:, None, None]) & (x[:, :, None] * self.p + pair < self.half)
+        return ((k >= 0)[:, :, None] & mine).sum(axis=(1, 2))
+
+    def q_dims(self) -> np.ndarray:
+        """[n]: real query dims of each column's cells (twice its real Q pairs)."""
+        return (self.q_slots() >= 0).sum(axis=(1, 2))
+
+    def work(self) -> dict[str, RealWork]:
+        """The real extents of each MeshGEMM's blocks (uneven tiles: see the module docstring):
+        tokens by row block, then K-chunks and columns as each product lays them out."""
+        n, c = self.n, self.config
+        tokens = RealWork.blocks(self.tokens, n, self.tb)
+        hidden = RealWork.blocks(c.hidden_size, n, self.hb)
+        inter = RealWork.blocks(c.intermediate_size, n, self.fb)
+        q_dims, one = self.q_dims(), np.ones(n, np.int64)
+        kv_made = (self.kv_slots() >= 0).sum(axis=(1, 2))
+        q_cells = (self.q_slots() >= 0).any(axis=2).sum(axis=1)
+        return {"qkv": RealWork(tokens, hidden, q_dims + kv_made, one),
+                "qk": RealWork(tokens, tokens, q_dims, q_cells),     # GEMM-T: k is the keys
+                "pv": RealWork(tokens, tokens, q_dims, q_cells),
+                "o": RealWork(tokens, q_dims, hidden, one),
+                "gate_up": RealWork(tokens, hidden, 2 * inter, one),
+                "down": RealWork(tokens, inter, hidden, one)}
 
     def kv_slots(self) -> np.ndarray:
         """[n, kpc, share]: column of [W_k | W_v] each column's K|V share makes, -1 for padding."""
@@ -280,27 +314,21 @@ class PrefillLayout:
     # ----------------------------------------------------------------- FLOPs
     def charged_flops(self) -> dict:
         """FLOPs the mesh charges for one layer, by operator, summed over the N x N cores
-        (``final_norm`` once per prefill), from the tile sizes above."""
-        n, tb, hb, fb, p2 = self.n, self.tb, self.hb, self.fb, 2 * self.p
-        cores = n * n
+        (``final_norm`` once per prefill): each core's real work (:meth:`work`; token rows,
+        hidden and intermediate columns as :class:`RealWork` blocks), and the distribution's
+        own: every core of a row computes the row's 1/rms, and an allreduce along x adds
+        N - 1 deliveries of each line's (padded) tile."""
+        n, tb, t = self.n, self.tb, self.tokens
+        h, f = self.config.hidden_size, self.config.intermediate_size
         line = n * (n - 1)          # an allreduce adds N - 1 deliveries per line, N lines
-
-        def norm():
-            return cores * (flops.RMS_SUMSQ * tb * hb + flops.RMS_ROW * tb + flops.RMS_SCALE * tb * hb) + line * tb
-
-        def gemm(m, k, cols):       # n compute-shift steps of an (m x k) @ (k x cols) tile product
-            return cores * n * 2 * m * k * cols
-
-        rows = self.nq * tb
-        return {"input_norm": norm(), "qkv": gemm(tb, hb, self.qkv_cols),
-                "rope": n * flops.ROPE_PAIR * tb * (n * self.cells * self.p + int(self.k_pairs().sum())),
-                "qk": gemm(tb, p2, tb) * self.cells,
-                "softmax": cores * flops.SOFTMAX_ALL * rows * tb + 2 * line * rows,
-                "pv": gemm(tb, tb, p2) * self.cells, "o": gemm(tb, self.cells * p2, hb),
-                "o_residual": cores * flops.ADD * tb * hb, "post_norm": norm(),
-                "gate_up": gemm(tb, hb, 2 * fb), "silu": cores * flops.SILU_MUL * tb * fb,
-                "down": gemm(tb, fb, hb), "down_residual": cores * flops.ADD * tb * hb,
-                "final_norm": norm()}
+        norm = (flops.RMS_SUMSQ + flops.RMS_SCALE) * t * h + flops.RMS_ROW * t * n + line * tb
+        work = {op: w.total() for op, w in self.work().items()}
+        return {"input_norm": norm, "qkv": work["qkv"],
+                "rope": flops.ROPE_PAIR * t * (int(self.q_dims().sum()) // 2 + int(self.k_pairs().sum())),
+                "qk": work["qk"], "softmax": flops.SOFTMAX_ALL * self.nq * t * t + 2 * line * self.nq * tb,
+                "pv": work["pv"], "o": work["o"], "o_residual": flops.ADD * t * h, "post_norm": norm,
+                "gate_up": work["gate_up"], "silu": flops.SILU_MUL * t * f, "down": work["down"],
+                "down_residual": flops.ADD * t * h, "final_norm": norm}
 
 
 def real_flops(config: LlamaConfig, tokens: int) -> dict:
@@ -354,11 +382,17 @@ class _Prefill:
                       "qk": build(lay.t_pad, lay.t_pad, n * 2 * lay.p),      # S = Q K^T per cell
                       "pv": build(lay.t_pad, lay.t_pad, n * 2 * lay.p)}      # O = P V per cell
         self.heads = lay.cell_map()
+        self.work = lay.work()
+        # each core's real token rows, keys (the columns of S), hidden and intermediate columns
+        tokens = RealWork.blocks(tokens, n, lay.tb)
+        self.real_rows, self.real_keys = tokens[self.rows][:, None], tokens[self.cols][None, :]
+        self.real_hidden = RealWork.blocks(hidden, n, lay.hb)[self.cols][None, :]
+        self.real_inter = RealWork.blocks(config.intermediate_size, n, lay.fb)[self.cols][None, :]
 
     # ------------------------------------------------------------------ host plane
     def scatter(self, name, tiles_fn, tile_shape):
         tiles = tiles_fn() if self.numeric else None
-        return host.scatter(self.mesh, name, tiles, tile_shape, np.float32)
+        return host.scatter_tiles(self.mesh, name, tiles, tile_shape, np.float32)
 
     MATRICES = {"w_qkv": ("qkv", "qkv_weight"), "w_o": ("o", "o_weight"),
                 "w_gate_up": ("gate_up", "gate_up_weight"), "w_down": ("down", "down_weight")}
@@ -373,7 +407,7 @@ class _Prefill:
                                           charge=False)
                   for name, (plan, method) in self.MATRICES.items()}
         for name, field in self.NORMS.items():
-            placed[name] = host.scatter(self.mesh, f"{p}.{name}", self.lay.norm_tiles(getattr(w, field)) if w else None,
+            placed[name] = host.scatter_tiles(self.mesh, f"{p}.{name}", self.lay.norm_tiles(getattr(w, field)) if w else None,
                                         (self.lay.hb,), np.float32, charge=False)
         return placed
 
@@ -387,7 +421,7 @@ class _Prefill:
         return 2 * self.lay.tb * self.lay.kpc * 2 * self.lay.p * self.mesh.hardware.element_bytes
 
     def place_weight(self, name, plan, matrix_fn, charge: bool = True):
-        """A B operand pre-skewed on load (:func:`kernels.gemm.place_b_skewed`'s layout: core
+        """A B operand pre-skewed on load (:meth:`kernels.gemm.GemmPlan.b_layout`: core
         (i, j) holds the chunks of group ``(pos_y(i) + pos_x(j)) mod R`` of column block j);
         each rank reads only its cores' rows and columns of the :class:`Gathered` ``matrix_fn()``."""
         shape = plan.b_tile_shape
@@ -414,7 +448,7 @@ class _Prefill:
         with mesh.phase(name):
             if self.numeric:
                 ss.data[...] = np.einsum("abij,abij->abi", x.data, x.data)
-            mesh.compute(flops.RMS_SUMSQ * tb * hb)
+            mesh.compute(flops.RMS_SUMSQ * self.real_rows * self.real_hidden)
             with mesh.fabric.scope():
                 allreduce(mesh, ss, "x", "sum", name=f"{name}.allreduce", forwarding=self.forwarding)
             out = mesh.alloc(f"{name}.out", x.tile_shape, np.float32)
@@ -422,15 +456,18 @@ class _Prefill:
                 inv = 1.0 / np.sqrt(ss.data / np.float32(self.config.hidden_size)
                                     + np.float32(self.config.rms_norm_eps))
                 out.data[...] = x.data * inv[..., None] * w.data[:, :, None, :]
-            mesh.compute(flops.RMS_ROW * tb + flops.RMS_SCALE * tb * hb, scalars=tb)   # a reciprocal root per row
+            rows = np.broadcast_to(self.real_rows, mesh.block_shape)
+            mesh.compute(flops.RMS_ROW * rows + flops.RMS_SCALE * rows * self.real_hidden,
+                         scalars=rows)   # a reciprocal root per row
         ss.free()
         return out
 
-    def gemm(self, plan, a, b, name, cells=None, resident_b=False):
-        """MeshGEMM; A is consumed (shifted on the wafer) and released, and so is B unless it
-        is a resident weight (left one ring step short of home: the schedule is cyclic)."""
+    def gemm(self, op, a, b, name, cells=None, resident_b=False):
+        """MeshGEMM ``op`` (its plan, charged its real work); A is consumed (shifted on the
+        wafer) and released, and so is B unless it is a resident weight (left one ring step
+        short of home: the schedule is cyclic)."""
         with self.mesh.fabric.scope():
-            c = ring_gemm(self.mesh, plan, a, b, name=name, cells=cells)
+            c = ring_gemm(self.mesh, self.plans[op], a, b, name=name, cells=cells, work=self.work[op])
         a.free()
         if not resident_b:
             b.free()
@@ -439,7 +476,7 @@ class _Prefill:
     def add_into(self, x, y):
         if self.numeric:
             x.data += y.data
-        self.mesh.compute(flops.ADD * y.tile_elements)
+        self.mesh.compute(flops.ADD * self.real_rows * self.real_hidden)
         y.free()
 
     def kv_share(self, qkv, name):
@@ -472,8 +509,8 @@ class _Prefill:
                                              np.take_along_axis(a, index, axis=4), other)
             _rotate(keys, pick(c, 1), pick(s, 0))     # V values past a share's K pairs stay
             share.data.reshape(shape + (lay.tb, lay.kpc, lay.share))[..., : 2 * m.size] = keys.reshape(keys.shape[:-2] + (-1,))
-        k_pairs = np.broadcast_to(lay.k_pairs()[self.cols][None, :], mesh.block_shape)
-        mesh.compute(flops.ROPE_PAIR * lay.tb * (lay.cells * lay.p + k_pairs))
+        pairs = lay.q_dims()[self.cols] // 2 + lay.k_pairs()[self.cols]
+        mesh.compute(flops.ROPE_PAIR * self.real_rows * pairs[None, :])
 
     def gather_kv(self, share, name):
         """K and V of every column's block: each column's share of the block's K|V values goes
@@ -523,31 +560,31 @@ class _Prefill:
     def softmax(self, s, name):
         """Masked, scaled softmax over the keys of each row (tile: query head x token x key)."""
         mesh, lay = self.mesh, self.lay
-        row_shape, keys_t = s.tile_shape[:-1], s.tile_shape[-1]
-        rows_t = math.prod(row_shape)
+        row_shape = s.tile_shape[:-1]
+        scores = row_shape[0] * self.real_rows * self.real_keys      # each core's real ones
         if self.numeric:
             query = self.rows[:, None, None, None] * lay.tb + np.arange(lay.tb)[None, None, :, None]
             key = self.cols[None, :, None, None] * lay.tb + np.arange(lay.tb)[None, None, None, :]
             visible = ((key <= query) & (key < lay.tokens))[:, :, None]   # same for every head
             scale = np.float32(1.0 / math.sqrt(self.config.head_dim))
             s.data[...] = np.where(visible, s.data * scale, -np.inf)
-        mesh.compute(flops.SCORE_SCALE_MASK * rows_t * keys_t)
+        mesh.compute(flops.SCORE_SCALE_MASK * scores)
         m = mesh.alloc(f"{name}.max", row_shape, np.float32)
         if self.numeric:
             m.data[...] = s.data.max(axis=-1)
-        mesh.compute(flops.SOFTMAX_MAX * rows_t * keys_t)
+        mesh.compute(flops.SOFTMAX_MAX * scores)
         with mesh.fabric.scope():
             allreduce(mesh, m, "x", "max", name=f"{name}.max", forwarding=self.forwarding)
         l = mesh.alloc(f"{name}.sum", row_shape, np.float32)
         if self.numeric:
             s.data[...] = np.exp(s.data - m.data[..., None])
             l.data[...] = s.data.sum(axis=-1)
-        mesh.compute(flops.SOFTMAX_EXP_SUM * rows_t * keys_t)
+        mesh.compute(flops.SOFTMAX_EXP_SUM * scores)
         with mesh.fabric.scope():
             allreduce(mesh, l, "x", "sum", name=f"{name}.sum", forwarding=self.forwarding)
         if self.numeric:
             s.data /= l.data[..., None]
-        mesh.compute(flops.SOFTMAX_DIVIDE * rows_t * keys_t)
+        mesh.compute(flops.SOFTMAX_DIVIDE * scores)
         m.free()
         l.free()
 
@@ -561,7 +598,7 @@ class _Prefill:
 
         with mesh.phase(f"{p}.attention"):
             xn = self.rms_norm(x, w["norm1"], f"{p}.input_norm")
-            qkv = self.gemm(plans["qkv"], xn, w["w_qkv"], f"{p}.qkv", resident_b=True)
+            qkv = self.gemm("qkv", xn, w["w_qkv"], f"{p}.qkv", resident_b=True)
             q = mesh.alloc(f"{p}.q", (cells, tb, p2), np.float32)
             if self.numeric:
                 q.data[...] = qkv.data[..., : cells * p2].reshape(qkv.data.shape[:3] + (cells, p2)).transpose(0, 1, 3, 2, 4)
@@ -582,36 +619,36 @@ class _Prefill:
             # scores, then P) carry every head, so every head's reduction stays on its columns.
             k = self.slots_of(kv, 0, f"{p}.k")
             with mesh.fabric.scope():
-                s = ring_gemm_t(mesh, plan_t, q, k, name=f"{p}.qk", cells=heads)
+                s = ring_gemm_t(mesh, plan_t, q, k, name=f"{p}.qk", cells=heads, work=self.work["qk"])
             q.free()
             k.free()
             with mesh.phase(f"{p}.softmax"):
                 self.softmax(s, f"{p}.softmax")
             v = self.slots_of(kv, 1, f"{p}.v")
-            o = self.gemm(plans["pv"], s, v, f"{p}.pv", cells=heads)
+            o = self.gemm("pv", s, v, f"{p}.pv", cells=heads)
             out = mesh.alloc(f"{p}.attn", (tb, cells * p2), np.float32)
             if self.numeric:
                 out.data[...] = o.data.transpose(0, 1, 3, 2, 4).reshape(out.data.shape)
             o.free()
             kv.free()
-            self.add_into(x, self.gemm(plans["o"], out, w["w_o"], f"{p}.o", resident_b=True))
+            self.add_into(x, self.gemm("o", out, w["w_o"], f"{p}.o", resident_b=True))
 
         with mesh.phase(f"{p}.mlp"):
             xn = self.rms_norm(x, w["norm2"], f"{p}.post_norm")
-            gu = self.gemm(plans["gate_up"], xn, w["w_gate_up"], f"{p}.gate_up", resident_b=True)
+            gu = self.gemm("gate_up", xn, w["w_gate_up"], f"{p}.gate_up", resident_b=True)
             act = mesh.alloc(f"{p}.act", (tb, lay.fb), np.float32)
             if self.numeric:
                 gate, up = gu.data[..., : lay.fb], gu.data[..., lay.fb:]
                 act.data[...] = gate / (1.0 + np.exp(-gate)) * up
-            mesh.compute(flops.SILU_MUL * tb * lay.fb)
+            mesh.compute(flops.SILU_MUL * self.real_rows * self.real_inter)
             gu.free()
-            self.add_into(x, self.gemm(plans["down"], act, w["w_down"], f"{p}.down", resident_b=True))
+            self.add_into(x, self.gemm("down", act, w["w_down"], f"{p}.down", resident_b=True))
         return kept
 
     def read_cache(self, kept) -> tuple[np.ndarray, np.ndarray]:
         """Host plane, after the prefill: a layer's kept K|V as [kv_heads, T, head_dim] each."""
         lay = self.lay
-        cols = host.untile_matrix(host.gather(self.mesh, kept)).reshape(lay.t_pad, self.n, 2, lay.kpc, 2 * lay.p)
+        cols = host.untile_matrix(host.gather_tiles(self.mesh, kept)).reshape(lay.t_pad, self.n, 2, lay.kpc, 2 * lay.p)
         return lay.unpermute_kv(cols[:, :, 0]), lay.unpermute_kv(cols[:, :, 1])
 
 
@@ -691,7 +728,7 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
     charged = run.flops_so_far() - flops_before
     last = k_cache = v_cache = None
     if run.numeric:          # host plane: the last hidden vector and the caches
-        full = host.untile_matrix(host.gather(mesh, final))
+        full = host.untile_matrix(host.gather_tiles(mesh, final))
         last = full[length - 1, : config.hidden_size].copy()
         k_cache, v_cache = (list(c) for c in zip(*(run.read_cache(layer) for layer in kept)))
     for arr in (final, x, cos, sin, final_w, *kept, *(w for layer in resident for w in layer.values())):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshmpi import progress
+from meshmpi import energy, progress
 from meshmpi.errors import MeshmpiError
 from meshmpi.check import require_finite
 
@@ -89,6 +89,10 @@ class Session:
                                        o.groups, forwarding=o.forwarding)
             self.decoder.load_prompt_cache(self.pre.k_cache, self.pre.v_cache, self.prompt,
                                            prefill_side=self.side, prefill_mesh=pmesh)
+            # the simulated prefill layers' events, scaled to the model's; the re-layout's
+            self.prefill_events = energy.combine((config.num_hidden_layers / self.pre.layers,
+                                                  energy.mesh_events(pmesh)))
+            self.relayout_events = energy.mesh_events(mesh)
             self.warnings = [f"prefill {w}" for w in pmesh.memory.warnings + pmesh.routes.warnings]
             self.prefill_timeline = pmesh.timeline.collect() if keep_timeline else None
         except MeshmpiError as exc:
@@ -117,6 +121,8 @@ class Session:
         with mesh.phase("decode"):
             logits = decoder.logits_from(self.pre.last_hidden)
         self.first_head_cycles = mesh.modeled_cycles() - start
+        self.first_head_events = energy.combine((1, energy.mesh_events(mesh)), (-1, self.relayout_events))
+        self.step_events = []
         for index in range(self.new_tokens):
             if logits is not None:  # a NaN would otherwise pass as token 0
                 require_finite(f"the logits of new token {index}", logits)
@@ -138,12 +144,49 @@ class Session:
             self.layer_cycles = self.layer_cycles or cycles.layers
             total = cycles.total(config.num_hidden_layers)
             self.step_cycles.append(total)
+            self.step_events.append(cycles.events(config.num_hidden_layers))
             self.last_parts = {"kv_shift": cycles.kv_shift, "hand_offs": cycles.hand_offs, "lm_head": cycles.head,
                                "layers": total - cycles.kv_shift - cycles.hand_offs - cycles.head}
         self.simulated = steps_at[: len(self.step_cycles)]
         self.last_step = prompt + len(self.tokens) - 2
         self.decode_cycles = e2e.integrate(self.simulated, self.step_cycles, prompt, self.last_step)
         return self.tokens
+
+    # ------------------------------------------------------------------ energy
+    def energy_report(self) -> dict:
+        """Joules of the request (PAPER.md §9, :mod:`meshmpi.energy`): the prefill (its region's
+        events scaled to every layer, static power on every prefill region) with the KV
+        re-layout, and the decode (the first token's LM head, then every step: the sampled
+        steps' joules integrated like their cycles, static power on every decode region)."""
+        hw, config = self.mesh.hardware, self.config
+        if not hw.has_energy:
+            return dict.fromkeys(("energy_joules", "energy_split_joules", "average_watts", "energy_joules_per_token",
+                                  "energy_prefill_joules", "energy_decode_joules_per_token",
+                                  "energy_decode_split_joules_per_token"))
+        seconds = hw.cycles_to_seconds
+        decode_cores = self.decoder.plan.regions * self.rows * self.cols
+        prefill = energy.joules(hw, self.prefill_events, self.pre.regions * self.side ** 2
+                                * seconds(self.pre.cycles(config.num_hidden_layers)))
+        relayout = energy.joules(hw, self.relayout_events, decode_cores * seconds(self.decoder.relayout_cycles))
+        head = energy.joules(hw, self.first_head_events, decode_cores * seconds(self.first_head_cycles))
+        steps = [energy.joules(hw, events, decode_cores * seconds(cycles))
+                 for events, cycles in zip(self.step_events, self.step_cycles)]
+        split = {part: prefill[part] + relayout[part] + head[part]
+                 + e2e.integrate(self.simulated, [step[part] for step in steps], self.prompt, self.last_step)
+                 for part in energy.PARTS + ("total",)}
+        generated = len(self.tokens)
+        decode = {part: (split[part] - prefill[part] - relayout[part] - head[part]) / (generated - 1)
+                  for part in energy.PARTS + ("total",)} if generated > 1 else None
+        return {**energy.summary(split, seconds(self.e2e_cycles())),
+                "energy_joules_per_token": split["total"] / generated,
+                "energy_prefill_joules": prefill["total"] + relayout["total"],
+                "energy_decode_joules_per_token": decode["total"] if decode else None,
+                "energy_decode_split_joules_per_token": {part: decode[part] for part in energy.PARTS} if decode else None}
+
+    def e2e_cycles(self) -> float:
+        """The request's modeled cycles: prefill, re-layout, the first LM head and the decode."""
+        return (self.pre.cycles(self.config.num_hidden_layers) + self.decoder.relayout_cycles
+                + self.first_head_cycles + self.decode_cycles)
 
     # ------------------------------------------------------------------ report
     def report(self) -> dict:
@@ -153,7 +196,7 @@ class Session:
         clock, tokens = hardware.clock_hz, self.tokens
         prefill_cycles, relayout_cycles = pre.cycles(config.num_hidden_layers), decoder.relayout_cycles
         per_token = self.decode_cycles / (len(tokens) - 1) if len(tokens) > 1 else None
-        e2e_cycles = prefill_cycles + relayout_cycles + self.first_head_cycles + self.decode_cycles
+        e2e_cycles = self.e2e_cycles()
         return {
             "mesh": f"{rows}x{cols}", "prefill_mesh": f"{side}x{side}",
             "dry_run": bool(mesh.dry_run), "hardware": hardware.name, "ranks": mesh.size,
@@ -186,7 +229,9 @@ class Session:
             "peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0)))),
             "routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
             "wall_seconds": time.perf_counter() - self.started,
+            **self.energy_report(),
             "warnings": self.warnings + mesh.memory.warnings + mesh.routes.warnings,
+            "defects": None if mesh.defects is None else mesh.defects.stats(),
         }
 
     def close(self) -> None:

@@ -1,10 +1,10 @@
-"""``python -m meshmpi``: info about the installation, trace analysis, sweep collection."""
+"""``python -m meshmpi``: info about the installation, trace analysis, sweep collection, design-space sweeps."""
 from __future__ import annotations
 
 import platform
 import sys
 
-from . import __version__, cli, collect, compare, export, mpi_library_version, outputs, plots
+from . import __version__, cli, collect, compare, export, mpi_library_version, outputs, plots, sweep
 from .errors import UsageError
 from .hardware import BUILTIN, load_hardware
 from .summary import AGGREGATES, format_summary, summarize
@@ -18,6 +18,7 @@ EXAMPLES = """\
   python -m meshmpi trace compare meshgemm.h5 cannon.h5
   python -m meshmpi trace export results/run/generate.h5 -o generate.json
   python -m meshmpi results collect results/slurm/sweep-42 -o sweep.csv
+  python -m meshmpi sweep --grid sram_bytes_per_core=24K,48K --out /tmp/sweep -- kernels gemv --mesh 8x8 --m 256 --n 256
 """
 
 
@@ -80,6 +81,7 @@ def build_parser():
     for command in (plots, compare, export):
         command.register(t)
     collect.register(sub)
+    sweep.register(sub)
     return p
 
 

@@ -24,6 +24,7 @@ class MeshArray:
         self.dtype = np.dtype(dtype)
         self._data: np.ndarray | None = None
         self.incoming = None     # the pattern whose transfer into this array is in flight
+        self.layout = None       # where the global array lives (meshmpi.layout), when known
 
     @property
     def data(self) -> np.ndarray | None:

@@ -55,6 +55,41 @@ def parse_sides(args, default):
     return sides
 
 
+DEFECT_RATES = "0,0.01,0.02,0.03,0.05,0.07,0.1"
+
+
+def parse_rates(text: str, option: str) -> list[float]:
+    """A comma list of defect rates (each in meshmpi.defects' range), ascending."""
+    from .defects import MAX_RATE
+    try:
+        rates = sorted({float(r) for r in text.split(",") if r.strip()})
+    except ValueError:
+        raise UsageError(f"{option} expects a comma list of rates like {DEFECT_RATES}, got {text!r}") from None
+    if not rates or rates[0] < 0 or rates[-1] > MAX_RATE:
+        raise UsageError(f"{option}: rates must be in [0, {MAX_RATE}], got {text!r}")
+    return rates
+
+
+def mean_over_seeds(rows: list[dict], field: str) -> list[tuple[float, float]]:
+    """(rate, mean of ``field``) for each rate of ``rows`` (the draws of a defect sweep)."""
+    rates = sorted({float(r["rate"]) for r in rows})
+    return [(x, sum(float(r[field]) for r in rows if float(r["rate"]) == x)
+             / sum(1 for r in rows if float(r["rate"]) == x)) for x in rates]
+
+
+def plot_over_rates(ax, rows: list[dict], group, field: str, label) -> None:
+    """Each group of a defect sweep (``group(row)`` a key, ``label(key)`` its name): ``field``
+    against the rate in %, every draw a dot, their mean a line."""
+    for index, key in enumerate(dict.fromkeys(group(r) for r in rows)):
+        mine = [r for r in rows if group(r) == key]
+        ax.plot([100 * float(r["rate"]) for r in mine], [float(r[field]) for r in mine], ".",
+                color=f"C{index}", alpha=0.5)
+        means = mean_over_seeds(mine, field)
+        ax.plot([100 * x for x, _ in means], [y for _, y in means], "-", color=f"C{index}", label=label(key))
+    ax.set_xlabel("dead cores (% of the physical wafer)")
+    ax.grid(alpha=0.3)
+
+
 def _is_root() -> bool:
     return cli.world_rank() == 0
 

@@ -59,6 +59,22 @@ def add_hardware_options(p: argparse.ArgumentParser) -> None:
                    help="routes over the router limit: raise (strict) or record and go on (warn)")
 
 
+def add_defect_options(p: argparse.ArgumentParser) -> None:
+    from .defects import MAX_RATE, parse_spec
+    g = p.add_argument_group("defects")
+    g.add_argument("--defects", type=parse_spec, metavar="FILE|RATE",
+                   help=f"run on a wafer with dead cores, remapped around them (meshmpi/defects.py): a "
+                        f"defect-map JSON file, or a rate in [0, {MAX_RATE}] of dead cores drawn at random")
+    g.add_argument("--defect-seed", type=int, default=0, metavar="S", help="seed of the --defects RATE draw (default 0)")
+
+
+def defects_text(stats: dict) -> str:
+    """One line of a human report on the defect map."""
+    return (f"{stats['dead_cores']:,} dead of a {stats['physical']} wafer ({stats['source']}; "
+            f"{stats['spare_rows']} spare rows, {stats['spare_cols']} spare columns): "
+            f"{stats['stretched_share']:.1%} of logical links stretched, the longest {stats['worst_stretch']} hops")
+
+
 def add_run_options(p: argparse.ArgumentParser, dry_run: bool = True) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--rank-grid", metavar="RYxRX", help="how ranks tile the mesh (default: automatic)")
@@ -114,9 +130,12 @@ def hardware_from_args(args):
 
 
 def mesh_from_args(args, rows: int, cols: int, hardware=None) -> Mesh:
+    from .defects import remap_for
     grid = parse_grid(args.rank_grid, "rank-grid") if getattr(args, "rank_grid", None) else None
+    defects = remap_for(getattr(args, "defects", None), getattr(args, "defect_seed", 0), rows, cols)
     return Mesh(rows, cols, hardware or hardware_from_args(args), rank_grid=grid,
-                dry_run=getattr(args, "dry_run", False), memory=args.memory, routes=args.routes)
+                dry_run=getattr(args, "dry_run", False), memory=args.memory, routes=args.routes,
+                defects=defects)
 
 
 def print_json(obj) -> None:

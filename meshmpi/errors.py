@@ -30,6 +30,13 @@ class RoutingError(MeshmpiError):
     collective = True
 
 
+class LayoutError(MeshmpiError):
+    """An operand is not laid out the way a kernel expects (layouts are global, so every rank
+    raises it at once)."""
+
+    collective = True
+
+
 class CheckError(MeshmpiError):
     """A numeric run disagrees with its independent reference, or produced NaN or infinity
     (raised identically on every rank)."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import costs, worms
+from . import costs, defects, worms
 from .array import MeshArray
 from .errors import HazardError, UsageError
 
@@ -101,6 +101,12 @@ class LinePattern:
         self._count_closed_forms()
         self.worms = worms.Worms.of_pattern(src, dst, multicast, relay, self.load)
         self._plan_transport()
+        self.physical = None         # a remapped wafer's physical paths (meshmpi.defects)
+        if fabric.remap is not None:
+            lines = slice(*mesh.axis_lines(axis))
+            self.physical = defects.PatternPaths(fabric.remap, self, self.block_start,
+                                                 self.block_start + fabric.block_length(axis), lines)
+            self.max_hops = self.physical.max_hops
         mesh.routes.declare(axis, self.group, id(self), self.routes)
         self.live = True
 
@@ -300,17 +306,21 @@ class LinePattern:
         deliveries into this block as (destinations, times [D, active lines]) pairs, and (unless
         ``payload`` is off) when this block's senders complete their sends, as one more such
         pair: the receivers' "landed - path capacity" travels back along the worms' rounds."""
-        free = self.fabric.link_free(self.axis)
+        free, hops = self.fabric.link_free(self.axis), self.fabric.link_hops(self.axis)
         if lines_idx is None:
-            return self._move_heads_on(free, send_clock, nbytes, payload, in_place)
+            return self._move_heads_on(free, hops, send_clock, nbytes, payload, in_place, slice(None))
         active = {sign: f[:, lines_idx] for sign, f in free.items()}
-        result = self._move_heads_on(active, send_clock, nbytes, payload, in_place)
+        if hops is not None:
+            hops = {sign: h[:, lines_idx] for sign, h in hops.items()}
+        result = self._move_heads_on(active, hops, send_clock, nbytes, payload, in_place, lines_idx)
         for sign, f in free.items():
             f[:, lines_idx] = active[sign]
         return result
 
-    def _move_heads_on(self, free: dict, send_clock: np.ndarray, nbytes: int, payload: bool, in_place: bool):
-        """:meth:`_move_heads` on the link free times ``free`` of the lines being computed."""
+    def _move_heads_on(self, free: dict, hops: dict | None, send_clock: np.ndarray, nbytes: int, payload: bool,
+                       in_place: bool, lines_idx):
+        """:meth:`_move_heads` on the link free times ``free`` (and, on a remapped wafer, the
+        links' physical hops ``hops``) of the lines ``lines_idx`` being computed."""
         mesh, w, first = self.mesh, self.worms, self.block_start
         hw = mesh.hardware
         snapshot = {sign: f.copy() for sign, f in free.items()} if self.links_shared else None
@@ -323,7 +333,10 @@ class LinePattern:
         posted = send_clock
         if in_place:
             posted = posted + costs.serialisation(hw, nbytes, self.send_load[first:first + posted.shape[0]])[:, None]
-        capacity = costs.path_capacity(hw, self.hops)
+        if self.physical is None:
+            capacity = costs.path_capacity(hw, self.hops)[:, None]
+        else:
+            capacity = costs.path_capacity(hw, self.physical.delivery_hops[:, lines_idx])
         touch = self.touch_row
         # Back-pressure reaches the source only on a pass-through route: a software relay takes
         # the message off the fabric at the next core (its time is in ``beta``).
@@ -332,14 +345,14 @@ class LinePattern:
 
         def advance(batch: _Batch, head_in):
             last, heads = worms.advance(w, batch.worms, head_in, free, alpha, beta, occupancy,
-                                        keep_path=self.multicast, snapshot=snapshot)
+                                        keep_path=self.multicast, snapshot=snapshot, link_hops=hops)
             if batch.index.size:
                 times = heads[batch.rows, batch.columns] if heads is not None else last[batch.rows]
                 posted_here = posted[batch.run[1]:batch.run[2]] if batch.run else posted[batch.dests]
                 landed = costs.landing(times, posted_here, tails[batch.index][:, None])
                 arrivals.append((batch.dests, landed, batch.run))
                 if track:              # the latest each worm's source may finish its send
-                    late = landed - capacity[batch.index][:, None]
+                    late = landed - capacity[batch.index]
                     if self.multicast:     # a worm delivers at several cores
                         worms.latest_into(need, batch.need_rows, late)
                     else:                  # a unicast worm delivers once, on one rank
@@ -415,6 +428,10 @@ class LinePattern:
         add("bytes_sent", self.axis, self.messages_sent * nbytes, line_mask)
         add("bytes_recv", self.axis, self.received * nbytes, line_mask)
         add("hops", self.axis, self.hops_sent, line_mask)
+        add("byte_hops", self.axis, self.hops_sent * nbytes, line_mask)   # the fabric's energy
+        if self.physical is not None:       # a stretched link's extra physical hops
+            mesh.count_cores("hops", self.physical.extra_hops * line_mask, self.axis)
+            mesh.count_cores("byte_hops", self.physical.extra_hops * line_mask * nbytes, self.axis)
         if self.relay:
             add("relays", self.axis, self.relays_at, line_mask)
         mesh.max_hops = max(mesh.max_hops, self.max_hops)
@@ -544,6 +561,22 @@ class Fabric:
         rows, cols = mesh.block_shape
         self._link_free = {axis: {sign: np.full(shape, -np.inf) for sign in (+1, -1)}
                            for axis, shape in (("x", (cols, rows)), ("y", (rows, cols)))}
+        # A remapped wafer (meshmpi.defects) with some logical link longer than one hop: the
+        # physical hops of each directed link, stored like the free times. None: a perfect wafer.
+        remap = mesh.defects
+        self.remap = remap if remap is not None and remap.stretched else None
+        self._link_hops = None if self.remap is None else {
+            axis: self.remap.block_link_hops(axis, mesh.axis_start(axis), mesh.axis_start(axis) + self.block_length(axis),
+                                             slice(*mesh.axis_lines(axis))) for axis in ("x", "y")}
+
+    def block_length(self, axis: str) -> int:
+        """This block's positions along ``axis``."""
+        return self.mesh.block_shape[1 if axis == "x" else 0]
+
+    def link_hops(self, axis: str) -> dict | None:
+        """Physical hops of the links along ``axis``, laid out as :meth:`link_free`; None on a
+        wafer whose logical links are all one hop."""
+        return None if self._link_hops is None else self._link_hops[axis]
 
     def link_free(self, axis: str) -> dict:
         """Free times of the links along ``axis`` as ``{+1: ..., -1: ...}`` arrays of shape
@@ -562,7 +595,7 @@ class Fabric:
         """Add a per-position vector to a per-core counter on the active lines."""
         mesh = self.mesh
         start = mesh.axis_start(axis)
-        stop = start + mesh.block_shape[1 if axis == "x" else 0]
+        stop = start + self.block_length(axis)
         mesh.count_along(counter, axis, per_position[start:stop], line_mask)
 
     def plan(self, name: str, axis: str, src, dst, *, multicast: bool = False,

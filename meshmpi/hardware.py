@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import UsageError
 
 BUILTIN = ("wse2", "wse3")
+BINARY_SUFFIX = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,24 @@ class Hardware:
     transfer_start_cycles: float
     routes_per_core: int
     element_bytes: int
+    # energy constants (PAPER.md §9); None when a profile states none (older files and traces)
+    pj_per_flop_fp16: float | None = None
+    pj_per_flop_fp32: float | None = None
+    pj_per_sram_byte_read: float | None = None
+    pj_per_sram_byte_written: float | None = None
+    pj_per_byte_hop: float | None = None
+    static_watts_per_core: float | None = None
     description: str = ""
     sources: dict = field(default_factory=dict, compare=False, repr=False)
     guessed: tuple = field(default=(), compare=False, repr=False)
 
     def cycles_to_seconds(self, cycles: float) -> float:
         return float(cycles) / self.clock_hz
+
+    @property
+    def has_energy(self) -> bool:
+        """The profile states every energy constant (:data:`ENERGY_KEYS`)."""
+        return all(getattr(self, key) is not None for key in ENERGY_KEYS)
 
     def values(self) -> dict:
         """The numeric parameters, for reports and traces."""
@@ -49,7 +62,7 @@ class Hardware:
     def to_json(self) -> str:
         doc = {"name": self.name, "description": self.description}
         for key, value in self.values().items():
-            if key == "name":
+            if key == "name" or value is None:
                 continue
             doc[key] = {"value": value, "source": self.sources.get(key, ""),
                         "guessed": key in self.guessed}
@@ -83,6 +96,7 @@ class Parameter:
     low: float
     low_open: bool
     high: float
+    optional: bool = False   # a profile may leave it out (the energy constants)
 
     def describe(self) -> str:
         what = "a whole number" if self.kind is int else "a finite number"
@@ -111,8 +125,12 @@ class Parameter:
         return self.check(value, where)
 
     def parse_text(self, raw: str, where: str):
-        """A value written on the command line (whole-number fields take digits only)."""
+        """A value written on the command line (whole-number fields take digits only, with an
+        optional binary suffix: ``48K`` is 49152, ``1M`` 1048576, ``1G`` 2**30)."""
         if self.kind is int:
+            suffixed = re.fullmatch(r"([+-]?[0-9]+)([KMG])", raw, re.IGNORECASE)
+            if suffixed:
+                return self.check(int(suffixed[1]) * BINARY_SUFFIX[suffixed[2].upper()], where)
             if not re.fullmatch(r"[+-]?[0-9]+", raw):
                 try:
                     float(raw)
@@ -151,7 +169,14 @@ SCHEMA = {
     "transfer_start_cycles": Parameter(float, "cycles", 0, False, 1e9),
     "routes_per_core": Parameter(int, "routes", 1, False, 2 ** 16),
     "element_bytes": Parameter(int, "bytes", 1, False, 64),
+    "pj_per_flop_fp16": Parameter(float, "pJ per FLOP", 0, False, 1e6, optional=True),
+    "pj_per_flop_fp32": Parameter(float, "pJ per FLOP", 0, False, 1e6, optional=True),
+    "pj_per_sram_byte_read": Parameter(float, "pJ per byte", 0, False, 1e6, optional=True),
+    "pj_per_sram_byte_written": Parameter(float, "pJ per byte", 0, False, 1e6, optional=True),
+    "pj_per_byte_hop": Parameter(float, "pJ per byte per hop", 0, False, 1e6, optional=True),
+    "static_watts_per_core": Parameter(float, "W", 0, False, 1e3, optional=True),
 }
+ENERGY_KEYS = tuple(key for key, parameter in SCHEMA.items() if parameter.optional)
 
 
 def from_document(doc: dict, origin: str) -> Hardware:
@@ -164,6 +189,8 @@ def from_document(doc: dict, origin: str) -> Hardware:
         kwargs[key] = value
     for key, parameter in SCHEMA.items():
         where = f"hardware profile {origin}: {key}"
+        if key not in doc and parameter.optional:
+            continue
         if key not in doc:
             raise UsageError(f"hardware profile {origin}: missing parameter {key!r}")
         entry = doc[key]

@@ -1,6 +1,9 @@
 """The host plane: placing data into tiles and collecting results (not modeled as wafer time).
 
-These helpers may use any MPI collective; kernels call them only outside their timed regions.
+:func:`scatter` and :func:`gather` move a global array to and from the mesh by its
+:class:`~meshmpi.layout.Layout`; :func:`scatter_tiles` and :func:`gather_tiles` take the
+tiles themselves, for layouts made by hand. These helpers may use any MPI collective; kernels
+call them only outside their timed regions.
 """
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import numpy as np
 from mpi4py import MPI
 
 from .array import MeshArray
+from .errors import LayoutError
+from .layout import Layout
 
 
 def pad_to(matrix: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -29,9 +34,38 @@ def untile_matrix(tiles: np.ndarray) -> np.ndarray:
     return tiles.swapaxes(1, 2).reshape(gr * th, gc * tw)
 
 
-def scatter(mesh, name: str, tiles: np.ndarray | None, tile_shape=None, dtype=None,
+def scatter(mesh, name: str, array: np.ndarray | None, layout: Layout, dtype=None,
             root: int | None = None, charge: bool = True) -> MeshArray:
-    """A mesh array whose core (r, c) holds ``tiles[r, c]``.
+    """The global ``array`` placed on the mesh as ``layout`` says; the mesh array carries the
+    layout. Each rank cuts its own cores' tiles. With ``root=None`` every rank passes the same
+    array; otherwise only ``root`` passes it and it is broadcast. In a dry run ``array`` may be
+    None (give ``dtype``; float32 by default)."""
+    if root is not None and not mesh.dry_run:
+        array = mesh.cart.bcast(array if mesh.rank == root else None, root=root)
+    if (layout.rows, layout.cols) != (mesh.rows, mesh.cols):
+        raise LayoutError(f"{name}: layout {layout} is for another mesh than {mesh.rows}x{mesh.cols}")
+    block = None
+    if array is not None and not mesh.dry_run:
+        block = layout.tiles(array, mesh.global_rows(), mesh.global_cols())
+        dtype = block.dtype
+    arr = place_block(mesh, name, block, layout.tile_shape, dtype or np.float32, charge)
+    arr.layout = layout
+    return arr
+
+
+def gather(arr: MeshArray, root: int | None = None) -> np.ndarray | None:
+    """The global array of ``arr`` (which must carry its layout) on every rank (``root=None``)
+    or on ``root`` only."""
+    if arr.layout is None:
+        raise LayoutError(f"{arr.name}: an array without a layout cannot be gathered as a whole")
+    mesh = arr.mesh
+    pieces = _pieces(mesh, arr, root)
+    return None if pieces is None else arr.layout.assemble(pieces, arr.dtype)
+
+
+def scatter_tiles(mesh, name: str, tiles: np.ndarray | None, tile_shape=None, dtype=None,
+                  root: int | None = None, charge: bool = True) -> MeshArray:
+    """A mesh array whose core (r, c) holds ``tiles[r, c]`` (a layout made by hand).
 
     ``tiles`` has shape ``(rows, cols, *tile)``. With ``root=None`` every rank passes the same
     array (e.g. from the same seed); otherwise only ``root`` passes it and it is broadcast.
@@ -56,12 +90,17 @@ def place_block(mesh, name: str, block: np.ndarray | None, tile_shape=None, dtyp
     return arr
 
 
-def gather(mesh, arr: MeshArray, root: int | None = None) -> np.ndarray | None:
-    """The full ``(rows, cols, *tile)`` array on every rank (``root=None``) or on ``root`` only."""
+def _pieces(mesh, arr: MeshArray, root: int | None):
     if arr.data is None:
         raise ValueError(f"{arr.name}: a dry-run array has no payload to gather")
     piece = (mesh.row_start, mesh.col_start, arr.data)
-    pieces = mesh.cart.allgather(piece) if root is None else mesh.cart.gather(piece, root=root)
+    return mesh.cart.allgather(piece) if root is None else mesh.cart.gather(piece, root=root)
+
+
+def gather_tiles(mesh, arr: MeshArray, root: int | None = None) -> np.ndarray | None:
+    """The full ``(rows, cols, *tile)`` array of tiles on every rank (``root=None``) or on
+    ``root`` only."""
+    pieces = _pieces(mesh, arr, root)
     if pieces is None:
         return None
     full = np.empty((mesh.rows, mesh.cols) + arr.tile_shape, arr.dtype)

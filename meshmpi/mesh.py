@@ -27,7 +27,7 @@ from .memory import MemoryLedger
 from .routes import RouteTable
 from .timeline import Timeline
 
-COUNTERS = ("bytes_sent", "bytes_recv", "messages_sent", "hops", "relays", "flops")
+COUNTERS = ("bytes_sent", "bytes_recv", "messages_sent", "hops", "byte_hops", "relays", "flops")
 
 
 def keep_freed_memory() -> None:
@@ -88,16 +88,21 @@ class Mesh:
     Parameters mirror the command-line options: ``dry_run`` drops payloads (shapes only);
     ``memory`` and ``routes`` are ``"strict"`` (raise) or ``"warn"`` (record, continue);
     ``hazard_checks`` also catches writes to a transfer's source before its ``wait`` (it copies
-    every payload; default: on when the environment sets ``MESHMPI_HAZARD_CHECKS=1``).
+    every payload; default: on when the environment sets ``MESHMPI_HAZARD_CHECKS=1``);
+    ``defects``: the logical-to-physical map of a wafer with dead cores
+    (:class:`meshmpi.defects.Remap` of this mesh's shape; None: a perfect wafer).
     """
 
     def __init__(self, rows: int, cols: int, hardware: Hardware | None = None, *,
                  comm: MPI.Comm | None = None, rank_grid: tuple[int, int] | None = None,
                  dry_run: bool = False, memory: str = "strict", routes: str = "strict",
-                 hazard_checks: bool | None = None):
+                 hazard_checks: bool | None = None, defects=None):
         self.rows, self.cols = int(rows), int(cols)
         if self.rows < 1 or self.cols < 1:
             raise UsageError(f"mesh must be at least 1x1, got {rows}x{cols}")
+        if defects is not None and (defects.rows, defects.cols) != (self.rows, self.cols):
+            raise ValueError(f"a defect map of a {defects.rows}x{defects.cols} mesh on a {rows}x{cols} one")
+        self.defects = defects
         self.hardware = hardware or load_hardware("wse2")
         keep_freed_memory()
         self.dry_run = bool(dry_run)
@@ -145,6 +150,10 @@ class Mesh:
 
     def axis_length(self, axis: str) -> int:
         return self.cols if axis == "x" else self.rows
+
+    def axis_lines(self, axis: str) -> tuple[int, int]:
+        """This block's first and last-plus-one line of the lines along ``axis`` (rows for x)."""
+        return (self.row_start, self.row_stop) if axis == "x" else (self.col_start, self.col_stop)
 
     def rank_coord(self, axis: str) -> int:
         return self.coords[1] if axis == "x" else self.coords[0]
@@ -212,6 +221,11 @@ class Mesh:
             self._counters[name][:, line_mask] += per_position[:, None]
         self.totals[name] += int(per_position.sum()) * lines
 
+    def count_cores(self, name: str, values: np.ndarray, axis: str) -> None:
+        """Add ``values`` ([this block's positions along ``axis``, lines]) to counter ``name``."""
+        self._counters[name] += values.T if axis == "x" else values
+        self.totals[name] += int(values.sum())
+
     # ------------------------------------------------------------------ arrays and compute
     def alloc(self, name: str, tile_shape, dtype=np.float32, fill: float | None = 0.0,
               charge: bool = True) -> MeshArray:
@@ -227,13 +241,22 @@ class Mesh:
                 np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype))
         return arr
 
-    def compute(self, flops, where=None, advance_clock: bool = True, ops: int = 1, scalars: int = 0) -> None:
+    def compute(self, flops, where=None, advance_clock: bool = True, ops: int = 1, scalars: int = 0,
+                cycles: np.ndarray | None = None) -> None:
         """Charge ``flops`` (scalar or block-shaped) of local work to each core: its FLOP count,
         its busy cycles and (unless the work overlaps a transfer the caller times itself,
         ``advance_clock=False``) its clock. The work takes ``ops`` vector operations and
-        ``scalars`` scalar ones, each with its fixed start cost (:func:`meshmpi.costs.compute`),
-        on the cores that do any of it."""
-        if where is None and np.ndim(flops) == 0:  # the common case: no block-sized temporaries
+        ``scalars`` scalar ones (counts, scalar or block-shaped), each with its fixed start cost
+        (:func:`meshmpi.costs.compute`), on the cores that do any of it. A caller charging
+        block-shaped work at every step may pass its ``cycles``, worked out by those rules."""
+        if cycles is not None:
+            if advance_clock:
+                self.clock += cycles
+            self.busy += cycles
+            self._counters["flops"] += flops
+            self.totals["flops"] += int(flops.sum())
+            return
+        if where is None and np.ndim(flops) == np.ndim(ops) == np.ndim(scalars) == 0:  # no block temporaries
             if not flops and not scalars:
                 return
             cycles = float(costs.compute(self.hardware, float(flops), ops, scalars))
@@ -246,7 +269,9 @@ class Mesh:
         flops = np.broadcast_to(np.asarray(flops, np.int64), self.block_shape)
         if where is not None:
             flops = np.where(where, flops, 0)
-        working = flops > 0 if not scalars else (np.ones(self.block_shape, bool) if where is None else where)
+        working = flops > 0 if np.ndim(scalars) == 0 and not scalars else (flops > 0) | (np.asarray(scalars) > 0)
+        if where is not None:
+            working &= where
         cycles = np.where(working, costs.compute(self.hardware, flops, ops, scalars), 0.0)
         if advance_clock:
             self.clock += cycles

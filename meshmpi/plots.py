@@ -45,7 +45,9 @@ HEATMAPS = (  # counter, title, unit
     ("relays", "software relays per core", "relays"),
     ("peak_bytes", "peak memory per core", "bytes"),
     ("routes_peak", "routes used per router", "routes"),
+    ("energy_joules", "energy per core", "nJ"),
 )
+SCALES = {"energy_joules": 1e9}  # counter -> factor into the heatmap's unit (joules to nJ)
 
 
 def _matplotlib():
@@ -117,7 +119,7 @@ def pool_max(values: np.ndarray, limit: int = MAX_CELLS) -> tuple[np.ndarray, in
 
 def _heatmap(Figure, trace, profile, counter, title, unit, out: Path) -> Path:
     meta = trace["meta"]
-    values = np.asarray(trace["counters"][counter])
+    values = np.asarray(trace["counters"][counter]) * SCALES.get(counter, 1)
     rows, cols = values.shape
     image, k = pool_max(values)
     import matplotlib.ticker
@@ -141,9 +143,15 @@ def _heatmap(Figure, trace, profile, counter, title, unit, out: Path) -> Path:
         axis.get_major_locator().set_params(integer=True)
     cbar = fig.colorbar(im, ax=ax, extend="max" if limit else "neither", shrink=0.9)
     cbar.set_label(unit)
-    cbar.ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    cbar.ax.yaxis.set_major_formatter(THOUSANDS)
-    details = [f"min {low:,.0f}, mean {float(values.mean()):,.0f}, max {peak:,.0f} {unit}"]
+    whole = counter not in SCALES       # counts: whole-number ticks; energies: real numbers
+    if whole:
+        cbar.ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        cbar.ax.yaxis.set_major_formatter(THOUSANDS)
+    shown = "{:,.0f}" if whole else "{:.4g}"
+    details = [f"min {shown.format(low)}, mean {shown.format(float(values.mean()))}, "
+               f"max {shown.format(peak)} {unit}"]
+    if counter == "energy_joules":
+        details[0] += f", {float(values.sum()) / 1e9:.4g} J in all"
     if counter in ("busy_cycles", "clock_cycles"):
         scale, tunit = _time_unit(peak / profile.clock_hz or 1e-9)
         details[0] += f" = {peak / profile.clock_hz / scale:.4g} {tunit} at {profile.clock_hz / 1e9:g} GHz"

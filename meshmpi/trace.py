@@ -14,20 +14,23 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from . import energy
 from .errors import UsageError
 from .hardware import from_document
 from .host import agree, gather_block_arrays
 from .outputs import is_temporary, write_atomic
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # v2 added the phases' resident_bytes and peak_bytes; v3 the phases' label, /meta modeled_cycles,
-# stable LLM phase names and the prefill and relayout phases of a generate run
-READABLE_VERSIONS = (1, 2, 3)
+# stable LLM phase names and the prefill and relayout phases of a generate run; v4 the
+# byte_hops and energy_joules counters and the profile's energy constants
+READABLE_VERSIONS = (1, 2, 3, 4)
 COUNTER_DOCS = {
     "bytes_sent": "bytes the core sent (at the profile's element size)",
     "bytes_recv": "bytes delivered to the core",
     "messages_sent": "messages the core sent",
     "hops": "links used by the messages the core sent",
+    "byte_hops": "bytes times links crossed, over the messages the core sent",
     "relays": "messages the core forwarded in software",
     "flops": "floating-point operations the core did",
     "peak_bytes": "most bytes resident at once",
@@ -35,7 +38,11 @@ COUNTER_DOCS = {
     "routes_peak": "most routes configured at once on the core's router",
     "busy_cycles": "modeled cycles spent computing",
     "clock_cycles": "the core's modeled clock at the end of the run",
+    "energy_joules": "joules of the core's counted events and static power over the mesh's modeled time",
 }
+# counters a trace may lack: added after schema 3, or (energy) absent when the profile has no
+# energy constants
+OPTIONAL_COUNTERS = ("byte_hops", "energy_joules")
 PHASE_DTYPE = np.dtype([("name", h5py.string_dtype()), ("label", h5py.string_dtype()), ("parent", "i4"), ("depth", "i4"),
                         ("start_cycles", "f8"), ("end_cycles", "f8"), ("wall_seconds", "f8"),
                         ("messages", "i8"), ("bytes", "i8"), ("flops", "i8"), ("max_hops", "i8"),
@@ -48,9 +55,11 @@ STEP_DTYPE = np.dtype([("phase", "i4"), ("step", "i4"), ("label", h5py.string_dt
 def mesh_counters(mesh) -> dict:
     """This block's per-core counters, by dataset name."""
     counters = {name: mesh.counters[name] for name in
-                ("bytes_sent", "bytes_recv", "messages_sent", "hops", "relays", "flops")}
+                ("bytes_sent", "bytes_recv", "messages_sent", "hops", "byte_hops", "relays", "flops")}
     counters.update(peak_bytes=mesh.memory.peak, resident_bytes=mesh.memory.resident,
                     routes_peak=mesh.routes.peak, busy_cycles=mesh.busy, clock_cycles=mesh.clock)
+    if mesh.hardware.has_energy:     # collective: every rank has the same profile
+        counters["energy_joules"] = energy.per_core(mesh, mesh.hardware.cycles_to_seconds(mesh.modeled_cycles()))
     return counters
 
 
@@ -151,7 +160,7 @@ def read_trace(path) -> dict:
     if meta.get("schema_version") not in READABLE_VERSIONS:
         raise UsageError(f"{path}: trace schema {meta.get('schema_version')} is not supported "
                          f"(this meshmpi reads {', '.join(map(str, READABLE_VERSIONS))})")
-    missing = [name for name in COUNTER_DOCS if name not in counters]
+    missing = [name for name in COUNTER_DOCS if name not in counters and name not in OPTIONAL_COUNTERS]
     missing += [f"/meta {key}" for key in REQUIRED_META if key not in meta]
     if missing:
         raise UsageError(f"{path} is not a complete meshmpi trace: it has no {missing[0]}")

@@ -107,7 +107,7 @@ def batch(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, fi
 
 
 def advance(worms: Worms, plan: Batch, head_in: np.ndarray, free: dict, alpha: float, beta: float,
-            occupancy: np.ndarray, keep_path: bool, snapshot: dict | None = None):
+            occupancy: np.ndarray, keep_path: bool, snapshot: dict | None = None, link_hops: dict | None = None):
     """Move the heads of the batch's worms (entering the block at ``head_in``, shape
     [W, lines]) over their local links, and mark those links busy (``occupancy`` [W] cycles
     from the head's entry). Returns ``last`` [W, lines], the head at the core after the last
@@ -117,7 +117,10 @@ def advance(worms: Worms, plan: Batch, head_in: np.ndarray, free: dict, alpha: f
 
     When worms of the pattern share links, ``snapshot`` holds the links' free times from before
     the pattern started: every worm reads those, and each link ends busy until the latest of
-    its worms has left it. Otherwise each link is read and written by one worm only."""
+    its worms has left it. Otherwise each link is read and written by one worm only.
+
+    ``link_hops`` (laid out as ``free``): on a remapped wafer (:mod:`meshmpi.defects`), the
+    physical hops of each link, which the head crosses in ``alpha`` each; None: one hop each."""
     lines = head_in.shape[1]
     last = np.empty_like(head_in)
     last[plan.ends_here] = head_in[plan.ends_here]
@@ -136,23 +139,45 @@ def advance(worms: Worms, plan: Batch, head_in: np.ndarray, free: dict, alpha: f
         # e_0 = max(entry, free_0), e_i = max(e_{i-1} + step, free_i)
         enter = np.empty_like(link_free)
         np.maximum(entry, link_free[:, 0], out=enter[:, 0])
-        if 1 < n_links <= 4:
-            for i in range(1, n_links):
-                np.maximum(enter[:, i - 1] + step, link_free[:, i], out=enter[:, i])
-        elif n_links > 4:                   # a running max of free - step*i, then add back
-            offsets = step * np.arange(n_links)[None, :, None]
-            running = np.maximum.accumulate(link_free - offsets, axis=1)
-            np.maximum(enter[:, :1], running, out=running)
-            enter = running + offsets
-        last[rows] = enter[:, -1] + alpha
-        if heads is not None:
-            heads[rows, 1:n_links + 1] = enter + alpha
+        if link_hops is not None:
+            reach = alpha * link_hops[sign][pos]                                # [G, L, lines]
+            enter = _enter_stretched(enter, link_free, reach + forwards)
+            last[rows] = enter[:, -1] + reach[:, -1]
+            if heads is not None:
+                heads[rows, 1:n_links + 1] = enter + reach
+        else:
+            if 1 < n_links <= 4:
+                for i in range(1, n_links):
+                    np.maximum(enter[:, i - 1] + step, link_free[:, i], out=enter[:, i])
+            elif n_links > 4:                   # a running max of free - step*i, then add back
+                offsets = step * np.arange(n_links)[None, :, None]
+                running = np.maximum.accumulate(link_free - offsets, axis=1)
+                np.maximum(enter[:, :1], running, out=running)
+                enter = running + offsets
+            last[rows] = enter[:, -1] + alpha
+            if heads is not None:
+                heads[rows, 1:n_links + 1] = enter + alpha
         busy = np.add(enter, occupancy[w][:, None, None], out=enter)   # >= the link's old free time
         if snapshot is None:
             free[sign][pos] = busy
         else:
             latest_into(free[sign], pos.ravel(), busy.reshape(-1, lines))
     return last, heads
+
+
+def _enter_stretched(enter: np.ndarray, link_free: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """The head recurrence with a step per link (``steps[:, i]`` from entering link i to
+    entering link i+1): ``e_i = max(e_{i-1} + steps_{i-1}, free_i)``, ``enter[:, 0]`` given."""
+    n_links = enter.shape[1]
+    if n_links <= 4:
+        for i in range(1, n_links):
+            np.maximum(enter[:, i - 1] + steps[:, i - 1], link_free[:, i], out=enter[:, i])
+        return enter
+    offsets = np.zeros_like(link_free)              # running max of free - offset, then add back
+    np.cumsum(steps[:, :-1], axis=1, out=offsets[:, 1:])
+    running = np.maximum.accumulate(link_free - offsets, axis=1)
+    np.maximum(enter[:, :1], running, out=running)
+    return running + offsets
 
 
 def latest_into(target: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:

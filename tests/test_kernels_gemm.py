@@ -71,17 +71,65 @@ def test_summa_direct_call_matches_numpy():
     mesh = make_mesh(rows, cols)
     plan = gemm.GemmPlan.build("meshgemm", rows, cols, m, k, n)
     for broadcast in ("relay", "direct"):
-        ta, tb = summa.place_natural(plan, a_mat, b_mat)
-        a = host.scatter(mesh, f"a.{broadcast}", ta)
-        b = host.scatter(mesh, f"b.{broadcast}", tb)
+        a = host.scatter(mesh, f"a.{broadcast}", a_mat, plan.a_layout())
+        b = host.scatter(mesh, f"b.{broadcast}", b_mat, plan.b_natural_layout())
         c = summa.summa(mesh, plan, a, b, name=f"s.{broadcast}", broadcast=broadcast)
-        result = gemm.unplace_c(plan, host.gather(mesh, c))
+        result = host.gather(c)
         np.testing.assert_allclose(result, a_mat @ b_mat, atol=tolerance(a_mat @ b_mat, np.float64))
         for arr in (a, b, c):
             arr.free()
     with pytest.raises(ValueError):
         summa.summa(mesh, plan, a, b, broadcast="carrier-pigeon")
     mesh.free()
+
+
+@pytest.mark.parametrize("rows,cols", [(3, 3), (5, 5), (2, 3)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_real_work_charges_what_each_core_multiplies_at_each_step(monkeypatch, rows, cols, transposed):
+    """Uneven tiles (:class:`kernels.gemm.RealWork`): the labelled operand's padded K rows are
+    zero here, so the real K rows a core multiplies at a step can be counted in the chunk it
+    picks; each core's charge at that step is 2 x its real rows x those K rows x its real
+    columns, and over the product the cores' sum is the unpadded 2 m k n."""
+    m, k, n = 3 * rows - 1, 2 * cols + 1, 2 * cols - 1     # the last blocks partly or wholly padding
+    picked, charged = [], []
+    real_pick = gemm._pick_chunk
+    axis = -2 if transposed else -1                 # the operand whose chunk holds the real K rows
+
+    def pick(data, index, along, parts):
+        part = real_pick(data, index, along, parts)
+        if along == axis:   # B's key rows (any real column), or A's row 0 (zero on padded rows)
+            picked.append(part.any(axis=-1) if transposed else part[:, :, 0] != 0)
+        return part
+    monkeypatch.setattr(gemm, "_pick_chunk", pick)
+    plan = gemm.GemmPlan.build("meshgemm", rows, cols, m, k, n)
+    block = gemm.RealWork.blocks
+    work = gemm.RealWork(block(m, rows, plan.m_pad // rows), block(k, plan.chunks, plan.chunk),
+                         block(n, cols, plan.n_pad // cols), np.ones(cols, np.int64))
+    mesh = make_mesh(rows, cols)
+    real_compute = mesh.compute
+    monkeypatch.setattr(mesh, "compute", lambda f, **kw: (charged.append(np.array(f)), real_compute(f, **kw)))
+    if transposed:      # C = A B^T, A m x n, B k x n: the labelled chunks are B's rows
+        a = host.scatter(mesh, "w.a", np.ones((m, n)), plan.t_a_layout())
+        b = host.scatter(mesh, "w.b", np.ones((k, n)), plan.b_layout())
+        gemm.ring_gemm_t(mesh, plan, a, b, work=work).free()
+    else:
+        a = host.scatter(mesh, "w.a", np.ones((m, k)), plan.a_layout())
+        b = host.scatter(mesh, "w.b", np.ones((k, n)), plan.b_layout())
+        gemm.ring_gemm(mesh, plan, a, b, work=work).free()
+    total = mesh.sum_over_ranks(int(mesh.counters["flops"].sum()))
+    real_rows = work.rows[mesh.global_rows()][:, None]
+    real_cols = work.cols[mesh.global_cols()][None, :]
+    busy, hw = mesh.busy.copy(), mesh.hardware
+    mesh.free()
+    assert len(picked) == len(charged) == plan.chunks
+    expected_busy = 0
+    for step, (chunk, flops) in enumerate(zip(picked, charged)):
+        k_rows = chunk.sum(axis=-1)
+        assert np.array_equal(flops, 2 * real_rows * real_cols * k_rows), step
+        # one vector operation per real K row, on the cores that do any work
+        expected_busy = expected_busy + np.where(flops > 0, flops / hw.flops_per_cycle + k_rows * hw.vector_op_cycles, 0)
+    np.testing.assert_allclose(busy, expected_busy, rtol=1e-12)
+    assert total == 2 * m * k * n
 
 
 @pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (2, 3), (3, 4), (4, 2), (5, 3), (8, 8)] + LINES)
@@ -92,10 +140,10 @@ def test_gemm_t_matches_a_times_b_transposed(algo, rows, cols):
     a_mat, b_mat = rng.standard_normal((m, kk)), rng.standard_normal((n, kk))
     plan = gemm.GemmPlan.build(algo, rows, cols, m, n, kk)   # plan.k is C's N, plan.n the shared K
     mesh = make_mesh(rows, cols)
-    a = host.scatter(mesh, "t.a", gemm.place_a_for_t(plan, a_mat))
-    b = host.scatter(mesh, "t.b", gemm.place_b_skewed(plan, b_mat))
+    a = host.scatter(mesh, "t.a", a_mat, plan.t_a_layout())
+    b = host.scatter(mesh, "t.b", b_mat, plan.b_layout())
     c = gemm.ring_gemm_t(mesh, plan, a, b)
-    result = gemm.unplace_c(plan, host.gather(mesh, c), transposed_b=True)
+    result = host.gather(c)
     mesh.free()
     reference = a_mat @ b_mat.T
     assert result.shape == reference.shape
@@ -111,28 +159,24 @@ def test_batched_tiles_are_independent_products(rows, cols):
     a_mats, b_mats = rng.standard_normal((batch, m, kk)), rng.standard_normal((batch, kk, n))
     plan = gemm.GemmPlan.build("meshgemm", rows, cols, m, kk, n)
     mesh = make_mesh(rows, cols)
-    a = host.scatter(mesh, "b.a", np.stack([gemm.place_a(plan, x) for x in a_mats], axis=2))
-    b = host.scatter(mesh, "b.b", np.stack([gemm.place_b_skewed(plan, x) for x in b_mats], axis=2))
+    a = host.scatter(mesh, "b.a", a_mats, plan.a_layout().batched(batch))
+    b = host.scatter(mesh, "b.b", b_mats, plan.b_layout().batched(batch))
     flops_before = mesh.counters["flops"].sum()
     c = gemm.ring_gemm(mesh, plan, a, b)
     flops = mesh.sum_over_ranks(int(mesh.counters["flops"].sum() - flops_before))
-    tiles = host.gather(mesh, c)
+    result = host.gather(c)
     mesh.free()
-    for i in range(batch):
-        result = gemm.unplace_c(plan, tiles[:, :, i])
-        np.testing.assert_allclose(result, a_mats[i] @ b_mats[i], atol=tolerance(result, np.float64))
+    np.testing.assert_allclose(result, a_mats @ b_mats, atol=tolerance(result, np.float64))
     assert flops == batch * 2 * plan.m_pad * plan.k_pad * plan.n_pad
 
     plan_t = gemm.GemmPlan.build("meshgemm", rows, cols, m, n, kk)
     bt_mats = np.swapaxes(b_mats, 1, 2)                      # n x kk each
     mesh = make_mesh(rows, cols)
-    a = host.scatter(mesh, "t.a", np.stack([gemm.place_a_for_t(plan_t, x) for x in a_mats], axis=2))
-    b = host.scatter(mesh, "t.b", np.stack([gemm.place_b_skewed(plan_t, x) for x in bt_mats], axis=2))
-    tiles = host.gather(mesh, gemm.ring_gemm_t(mesh, plan_t, a, b))
+    a = host.scatter(mesh, "t.a", a_mats, plan_t.t_a_layout().batched(batch))
+    b = host.scatter(mesh, "t.b", bt_mats, plan_t.b_layout().batched(batch))
+    result = host.gather(gemm.ring_gemm_t(mesh, plan_t, a, b))
     mesh.free()
-    for i in range(batch):
-        result = gemm.unplace_c(plan_t, tiles[:, :, i], transposed_b=True)
-        np.testing.assert_allclose(result, a_mats[i] @ b_mats[i], atol=tolerance(result, np.float64))
+    np.testing.assert_allclose(result, a_mats @ b_mats, atol=tolerance(result, np.float64))
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
@@ -150,17 +194,19 @@ def test_head_cells_multiply_only_their_own_heads(n):
     a_mats[np.broadcast_to((entry < 0).T[:, None, :, None], (cells, m, n, width)).reshape(a_mats.shape)] = 0
     plan_t = gemm.GemmPlan.build("meshgemm", n, n, m, kk, n * width)
     mesh = make_mesh(n, n)
-    a = host.scatter(mesh, "h.a", np.stack([gemm.place_a_for_t(plan_t, x) for x in a_mats], axis=2))
-    b = host.scatter(mesh, "h.b", np.stack([gemm.place_b_skewed(plan_t, x) for x in b_mats], axis=2))
+    a = host.scatter(mesh, "h.a", a_mats, plan_t.t_a_layout().batched(cells))
+    b = host.scatter(mesh, "h.b", b_mats, plan_t.b_layout().batched(cells // per_slot))
     before = mesh.counters["flops"].sum()
-    tiles = host.gather(mesh, gemm.ring_gemm_t(mesh, plan_t, a, b, cells=heads_map))
+    partial = gemm.ring_gemm_t(mesh, plan_t, a, b, cells=heads_map)
+    partial.layout = plan_t.t_c_layout().batched(heads)    # the partials of every head, natural
+    tiles = host.gather(partial)
     flops = mesh.sum_over_ranks(int(mesh.counters["flops"].sum() - before))
     mesh.free()
     block = lambda x, j: x[:, j * width:(j + 1) * width]  # noqa: E731
     for h in range(heads):
         want = sum((block(a_mats[u], j) @ block(b_mats[u // per_slot], j).T
                     for j in range(n) for u in range(cells) if entry[j, u] == h), np.zeros((m, kk)))
-        got = gemm.unplace_c(plan_t, tiles[:, :, h], transposed_b=True)
+        got = tiles[h]
         np.testing.assert_allclose(got, want, atol=tolerance(want, np.float64))
     assert flops == n * cells * 2 * plan_t.m_pad * plan_t.k_pad * width   # each cell: its column's dims
 
@@ -168,12 +214,14 @@ def test_head_cells_multiply_only_their_own_heads(n):
     plan = gemm.GemmPlan.build("meshgemm", n, n, m, kk, n * width)
     v_mats = rng.standard_normal((cells // per_slot, kk, n * width))
     mesh = make_mesh(n, n)
-    a = host.scatter(mesh, "h.p", np.stack([gemm.place_a(plan, x) for x in p_mats], axis=2))
-    b = host.scatter(mesh, "h.v", np.stack([gemm.place_b_skewed(plan, x) for x in v_mats], axis=2))
-    tiles = host.gather(mesh, gemm.ring_gemm(mesh, plan, a, b, cells=heads_map))
+    a = host.scatter(mesh, "h.p", p_mats, plan.a_layout().batched(heads))
+    b = host.scatter(mesh, "h.v", v_mats, plan.b_layout().batched(cells // per_slot))
+    out = gemm.ring_gemm(mesh, plan, a, b, cells=heads_map)
+    out.layout = plan.c_layout().batched(cells)       # cell u of every column, natural
+    tiles = host.gather(out)
     mesh.free()
     for u in range(cells):
-        got = gemm.unplace_c(plan, tiles[:, :, u])
+        got = tiles[u]
         for j in range(n):
             want = p_mats[entry[j, u]] @ block(v_mats[u // per_slot], j) if entry[j, u] >= 0 else np.zeros((m, width))
             np.testing.assert_allclose(block(got, j), want, atol=tolerance(want, np.float64))
@@ -288,10 +336,8 @@ def test_gemm_memory_ledger_phase_by_phase(algo, rows, cols):
     for dry_run in (True, False):
         mesh = make_mesh(rows, cols, dry_run=dry_run)
         plan = gemm.GemmPlan.build(algo, rows, cols, m, k, n)
-        a = host.scatter(mesh, "caller.a", None if dry_run else gemm.place_a(plan, a_mat),
-                         (-(-m // rows), a_el // -(-m // rows)), np.float64)
-        b = host.scatter(mesh, "caller.b", None if dry_run else gemm.place_b_skewed(plan, b_mat),
-                         (b_el // -(-n // cols), -(-n // cols)), np.float64)
+        a = host.scatter(mesh, "caller.a", None if dry_run else a_mat, plan.a_layout(), np.float64)
+        b = host.scatter(mesh, "caller.b", None if dry_run else b_mat, plan.b_layout(), np.float64)
         c = gemm.ring_gemm(mesh, plan, a, b, name="k")
         phases = {p["name"]: p for p in mesh.timeline.collect()[0]}
         assert phases["k.align"]["peak_bytes"] == (a_el + b_el) * eb
@@ -299,7 +345,7 @@ def test_gemm_memory_ledger_phase_by_phase(algo, rows, cols):
             ((1 + spare_a) * a_el + (1 + spare_b) * b_el + c_el) * eb
         assert live_buffers(mesh) == {"caller.a": a_el * eb, "caller.b": b_el * eb, "k.c": c_el * eb}
         if not dry_run:
-            np.testing.assert_allclose(gemm.unplace_c(plan, host.gather(mesh, c)), a_mat @ b_mat,
+            np.testing.assert_allclose(host.gather(c), a_mat @ b_mat,
                                        atol=1e-12 * k * np.abs(a_mat).max() * np.abs(b_mat).max())
         a.free()
         b.free()
@@ -325,10 +371,8 @@ def test_gemm_t_memory_ledger_phase_by_phase(rows, cols):
     for dry_run in (True, False):
         mesh = make_mesh(rows, cols, dry_run=dry_run)
         plan = gemm.GemmPlan.build("meshgemm", rows, cols, m, n, kk)
-        a = host.scatter(mesh, "caller.a", None if dry_run else gemm.place_a_for_t(plan, a_mat),
-                         (tm, a_el // tm), np.float64)
-        b = host.scatter(mesh, "caller.b", None if dry_run else gemm.place_b_skewed(plan, b_mat),
-                         (b_el // -(-kk // cols), -(-kk // cols)), np.float64)
+        a = host.scatter(mesh, "caller.a", None if dry_run else a_mat, plan.t_a_layout(), np.float64)
+        b = host.scatter(mesh, "caller.b", None if dry_run else b_mat, plan.b_layout(), np.float64)
         c = gemm.ring_gemm_t(mesh, plan, a, b, name="t")
         phases = {p["name"]: p for p in mesh.timeline.collect()[0]}
         assert phases["t.compute_shift"]["peak_bytes"] == \
@@ -336,7 +380,7 @@ def test_gemm_t_memory_ledger_phase_by_phase(rows, cols):
         assert phases["t.realign"]["peak_bytes"] == (a_el + b_el + c_el) * eb
         assert live_buffers(mesh) == {"caller.a": a_el * eb, "caller.b": b_el * eb, "t.c": c_el * eb}
         if not dry_run:
-            result = gemm.unplace_c(plan, host.gather(mesh, c), transposed_b=True)
+            result = host.gather(c)
             np.testing.assert_allclose(result, a_mat @ b_mat.T, atol=1e-12 * kk * 25)
         mesh.free()
 

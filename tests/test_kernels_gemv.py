@@ -11,6 +11,7 @@ from kernels import gemv
 from kernels.allreduce import ALGOS, allreduce
 from kernels.run import GEMV_ALGOS, run_gemv
 from meshmpi import Mesh, load_hardware
+from meshmpi.errors import LayoutError
 from meshmpi import host
 from meshes import make_mesh, modeled
 
@@ -45,13 +46,26 @@ def test_meshgemv_output_is_the_transposed_layout(reduce_axis):
     x_vec, w_mat = rng.standard_normal(m), rng.standard_normal((m, n))
     indexed = "y" if reduce_axis == "y" else "x"
     mesh = make_mesh(rows, cols)
-    x = host.scatter(mesh, "x", gemv.place_vector(x_vec, rows, cols, indexed))
-    w = host.scatter(mesh, "w", gemv.place_matrix(w_mat, rows, cols, reduce_axis))
+    x = host.scatter(mesh, "x", x_vec, gemv.vector_layout(rows, cols, m, indexed))
+    w = host.scatter(mesh, "w", w_mat, gemv.matrix_layout(rows, cols, m, n, reduce_axis))
+    # W's tile (i, j) by slicing: W[in block i, out block j] ('y'), W[in block j, out block i] ('x')
+    w_tiles = host.gather_tiles(mesh, w)
+    ti, to = w.tile_shape
+    padded = np.zeros((ti * (rows if reduce_axis == "y" else cols), to * (cols if reduce_axis == "y" else rows)))
+    padded[:m, :n] = w_mat
+    for i in range(rows):
+        for j in range(cols):
+            bi, bo = (i, j) if reduce_axis == "y" else (j, i)
+            assert np.array_equal(w_tiles[i, j], padded[bi * ti:(bi + 1) * ti, bo * to:(bo + 1) * to])
     y = gemv.meshgemv(mesh, x, w, reduce_axis)
-    tiles = host.gather(mesh, y)
-    mesh.free()
     out_axis = gemv.other(indexed)
-    np.testing.assert_allclose(gemv.read_vector(tiles, out_axis, n), x_vec @ w_mat, atol=1e-12 * m)
+    assert y.layout == gemv.vector_layout(rows, cols, n, out_axis)
+    tiles, result = host.gather_tiles(mesh, y), host.gather(y)
+    with pytest.raises(LayoutError, match="wrong is laid out as"):     # x indexed along the wrong axis
+        wrong = host.scatter(mesh, "wrong", x_vec, gemv.vector_layout(rows, cols, m, out_axis))
+        gemv.meshgemv(mesh, wrong, w, reduce_axis, name="wrong_x")
+    mesh.free()
+    np.testing.assert_allclose(result, x_vec @ w_mat, atol=1e-12 * m)
     # replicated along the reduction axis: every line holds the same copy
     assert np.all(tiles == (tiles[:1] if out_axis == "x" else tiles[:, :1]))
 
@@ -64,9 +78,9 @@ def test_allreduce_matches_numpy(op, algo, rows, cols):
     tiles = rng.standard_normal((rows, cols, 7))
     mesh = make_mesh(rows, cols)
     for axis, numpy_axis in (("y", 0), ("x", 1)):
-        acc = host.scatter(mesh, f"acc.{axis}", tiles)
+        acc = host.scatter_tiles(mesh, f"acc.{axis}", tiles)
         allreduce(mesh, acc, axis, op, algo, name=f"ar.{axis}")
-        got = host.gather(mesh, acc)
+        got = host.gather_tiles(mesh, acc)
         acc.free()
         reduce = np.sum if op == "sum" else np.max
         want = np.broadcast_to(reduce(tiles, axis=numpy_axis, keepdims=True), tiles.shape)
@@ -174,9 +188,9 @@ def test_segmented_allreduce_matches_numpy_per_segment(op, algo, segments):
     for axis, shape in (("x", (3, 12, 5)), ("y", (12, 3, 5))):
         tiles = rng.standard_normal(shape)
         mesh = make_mesh(*shape[:2])
-        acc = host.scatter(mesh, "acc", tiles)
+        acc = host.scatter_tiles(mesh, "acc", tiles)
         allreduce(mesh, acc, axis, op, algo, groups=2, name="ar", segments=segments)
-        got = host.gather(mesh, acc)
+        got = host.gather_tiles(mesh, acc)
         mesh.free()
         line = np.moveaxis(tiles, 1 if axis == "x" else 0, 0).copy()     # positions first
         for lo, hi in segments:

@@ -14,8 +14,8 @@ import pytest
 from mpi4py import MPI
 from safetensors.numpy import load_file
 
-from kernels.gemm import GemmPlan, place_b_skewed
-from kernels.gemv import place_matrix
+from kernels.gemm import GemmPlan
+from kernels.gemv import matrix_layout
 from llm.checkpoint import check_finite, load_checkpoint, open_checkpoint, random_weights, save_checkpoint, select
 from llm.config import LlamaConfig
 from llm.errors import ModelError
@@ -75,7 +75,8 @@ def test_bf16_reads_are_the_top_halves_of_float32(tmp_path):
 
 @pytest.mark.parametrize("rows, cols, ranks", [(4, 4, (2, 2)), (3, 5, (3, 2)), (5, 3, (1, 3))])
 def test_decode_blocks_equal_the_whole_placement(rows, cols, ranks):
-    """Every rank block of every decode matrix equals kernels' place_matrix of the whole matrix."""
+    """Every rank block of every decode matrix equals the tiles of kernels' GEMV layout
+    (:func:`kernels.gemv.matrix_layout`) of the whole matrix."""
     w = random_weights(CONFIG, seed=3)
     lay = DecodeLayout.for_config(CONFIG, rows, cols)
     whole = {("qkv", "y"): lay.qkv_matrix(w.layers[0].q_proj, w.layers[0].k_proj, w.layers[0].v_proj),
@@ -85,7 +86,7 @@ def test_decode_blocks_equal_the_whole_placement(rows, cols, ranks):
     matrices = lay.layer_matrices(w.layers[0])
     y_bounds, x_bounds = (np.linspace(0, n, k + 1).astype(int) for n, k in ((rows, ranks[0]), (cols, ranks[1])))
     for (name, axis), matrix in whole.items():
-        tiles = place_matrix(matrix, rows, cols, axis)
+        tiles = matrix_layout(rows, cols, *matrix.shape, axis).tiles(matrix, np.arange(rows), np.arange(cols))
         for r0, r1 in zip(y_bounds[:-1], y_bounds[1:]):
             for c0, c1 in zip(x_bounds[:-1], x_bounds[1:]):
                 block = lay.place(matrices[name], axis, np.arange(r0, r1), np.arange(c0, c1))
@@ -145,8 +146,8 @@ def test_each_rank_reads_only_its_block_of_the_decode_weights(mpi_tmp_path, new_
 
 @pytest.mark.mpi
 def test_prefill_blocks_equal_the_whole_skewed_placement(mpi_tmp_path, new_mesh):
-    """Each rank's pre-skewed B tiles of every prefill matrix equal kernels' place_b_skewed of
-    the whole matrix, and a rank of several reads less than the whole tensor."""
+    """Each rank's pre-skewed B tiles of every prefill matrix equal the tiles of kernels' B
+    layout (:meth:`kernels.gemm.GemmPlan.b_layout`) of the whole matrix, and a rank of several reads less than the whole tensor."""
     if not fits(4, 4):
         pytest.skip("mesh smaller than the rank grid")
     weights = open_checkpoint(shared_checkpoint(mpi_tmp_path / "bf16"))
@@ -162,9 +163,9 @@ def test_prefill_blocks_equal_the_whole_skewed_placement(mpi_tmp_path, new_mesh)
         plan = GemmPlan.build("meshgemm", n, n, lay.t_pad, k, cols)
         full = weight(whole)
         matrix = full.read(np.arange(k), np.arange(cols))
-        tiles = place_b_skewed(plan, matrix)
+        tiles = plan.b_layout().tiles(matrix, mesh.global_rows(), mesh.global_cols())
         arr = run.place_weight(name, plan, lambda: weight(weights.layers[0]))
-        np.testing.assert_array_equal(arr.data, tiles[mesh.row_start:mesh.row_stop, mesh.col_start:mesh.col_stop])
+        np.testing.assert_array_equal(arr.data, tiles)
         arr.free()
     read = weights.embed.files.bytes_read
     if mesh.size > 1:

@@ -8,7 +8,6 @@ texts are worked out by hand from each template's rules (tests/data/chat_templat
 """
 import json
 import pathlib
-import shutil
 
 import numpy as np
 import pytest

@@ -62,7 +62,7 @@ SUBSTITUTE = {
         ("python -m kernels gemv --algo pipeline --mesh 128x128 --m 4096 --n 4096 --dry-run --forwarding store",
          "smaller mesh and vector"),
     "python -m kernels bench all --out results":
-        ("python -m kernels bench gemm --meshes 4 --out results", "all five benches take many minutes"),
+        ("python -m kernels bench gemm --meshes 4 --out results", "all seven benches take many minutes"),
     'mpiexec -n 4 python -m llm generate --model tiny --prompt "The meaning of" --max-new-tokens 24 --mesh 8x8':
         ('mpiexec -n 2 python -m llm generate --model tiny --prompt "The meaning of" --max-new-tokens 4 --mesh 8x8',
          "2 ranks, fewer tokens"),
@@ -81,6 +81,17 @@ SUBSTITUTE = {
     "python -m llm bench --models llama3-8b --e2e --prefill-side 660 --meshes 360 --out results":
         ("python -m llm bench --models llama3-8b --e2e 16/3 --prefill-side 200 --meshes 160 --decode-samples 2 "
          "--out results", "one short request on small regions"),
+    "python -m kernels bench defects --out results":
+        ("python -m kernels bench defects --meshes 8 --rates 0,0.05 --seeds 1 --out results",
+         "one small mesh, two rates"),
+    "python -m llm bench --defects --out results":
+        ("python -m llm bench --defects 0,0.05 --seeds 1 --meshes 176 --prompt-len 16 --out results",
+         "two rates on the smallest region one layer fits"),
+    "python -m meshmpi sweep --hardware wse3 --grid sram_bytes_per_core=48K,96K mesh=360x360,420x420 --out "
+    "results/runs/sram -- llm generate --model llama3-8b --dry-run --prompt-len 4096 --max-new-tokens 4 --layers 1":
+        ("python -m meshmpi sweep --hardware wse3 --grid sram_bytes_per_core=48K,96K --out sram -- llm generate "
+         "--model tiny --dry-run --prompt-len 8 --max-new-tokens 3 --mesh 8x8",
+         "four paper-scale dry runs take minutes: two points of the built-in model"),
     "python -m meshmpi info [--json]": ("python -m meshmpi info --json", "the option spelled out"),
     "python -m meshmpi trace summary run.h5 [--json]":
         ("python -m meshmpi trace summary run.h5 --json", "the option spelled out"),
@@ -151,6 +162,10 @@ def test_readme_commands_run(tmp_path, run_env, python_exe, mpiexec_exe):
     with open(tmp_path / "results" / "llm_presets.csv", newline="") as f:
         assert [r["mesh"] for r in csv.DictReader(f)] == ["16"]
     assert (tmp_path / "results" / "gemm.csv").is_file()
+    for folder, points in (("sweep", 2), ("sram", 2)):
+        with open(tmp_path / folder / "sweep.csv", newline="") as f:
+            assert len([r for r in csv.DictReader(f) if not r.get("error")]) == points, folder
+        assert (tmp_path / folder / "sweep.png").is_file()
 
 
 def _parsers():

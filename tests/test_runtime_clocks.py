@@ -390,3 +390,16 @@ def test_fixed_costs_of_local_work(new_mesh, world, gather_full):
     clock = gather_full(mesh, {"c": mesh.clock})["c"]
     working = 22 + 40 + 8
     assert np.array_equal(clock, np.array([[working] * 4, [22 + 36] * 4, [working] * 4], float))
+
+
+def test_per_core_counts_of_operations(new_mesh, world, gather_full):
+    """Vector and scalar operation counts may be block-shaped (uneven tiles: each core its own);
+    a core with neither FLOPs nor scalar operations pays nothing."""
+    mesh = new_mesh(3, 4, profile(vector_op_cycles=4, scalar_op_cycles=16), rank_grid=(world.size, 1)
+                    if world.size <= 3 else None)
+    rows, cols = mesh.global_rows()[:, None], mesh.global_cols()[None, :]
+    mesh.compute(np.broadcast_to(2 * cols, mesh.block_shape), ops=np.broadcast_to(rows + cols, mesh.block_shape),
+                 scalars=np.broadcast_to(rows, mesh.block_shape))       # column 0: no FLOPs, row 0: no scalars
+    clock = gather_full(mesh, {"c": mesh.clock})["c"]
+    r, c = np.mgrid[0:3, 0:4]
+    assert np.array_equal(clock, np.where((r > 0) | (c > 0), c + 4 * (r + c) + 16 * r, 0).astype(float))

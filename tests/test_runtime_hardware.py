@@ -12,7 +12,9 @@ from meshmpi.cli import add_hardware_options, hardware_from_args, parser
 PROFILES = Path(__file__).resolve().parents[1] / "meshmpi" / "profiles"
 PARAMETERS = ("mesh_rows", "mesh_cols", "sram_bytes_per_core", "clock_hz", "alpha_cycles_per_hop",
               "beta_cycles_per_relay", "link_bytes_per_cycle", "router_queue_bytes", "flops_per_cycle",
-              "vector_op_cycles", "scalar_op_cycles", "transfer_start_cycles", "routes_per_core", "element_bytes")
+              "vector_op_cycles", "scalar_op_cycles", "transfer_start_cycles", "routes_per_core", "element_bytes",
+              "pj_per_flop_fp16", "pj_per_flop_fp32", "pj_per_sram_byte_read", "pj_per_sram_byte_written",
+              "pj_per_byte_hop", "static_watts_per_core")
 
 
 @pytest.mark.parametrize("name", ["wse2", "wse3"])

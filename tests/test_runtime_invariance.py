@@ -13,7 +13,7 @@ import pytest
 from mpi4py import MPI
 
 from meshmpi import load_hardware
-from meshmpi.host import gather, scatter
+from meshmpi.host import gather_tiles, scatter_tiles
 from meshes import ring_dest
 
 pytestmark = pytest.mark.mpi
@@ -35,10 +35,10 @@ def schedule(mesh):
     checker = (np.add.outer(np.arange(ROWS), np.arange(COLS)) % 2).astype(bool)
     perm = rng.permutation(ROWS)
     if mesh.dry_run:
-        a = scatter(mesh, "a", None, (2, 3), np.float32)
-        b = scatter(mesh, "b", None, (2, 3), np.float32)
+        a = scatter_tiles(mesh, "a", None, (2, 3), np.float32)
+        b = scatter_tiles(mesh, "b", None, (2, 3), np.float32)
     else:
-        a, b = scatter(mesh, "a", a_full), scatter(mesh, "b", b_full)
+        a, b = scatter_tiles(mesh, "a", a_full), scatter_tiles(mesh, "b", b_full)
     c = mesh.alloc("c", (2, 2), np.float32)
     with mesh.phase("setup"):
         mesh.compute(block_of(mesh, flops_full), where=block_of(mesh, checker))
@@ -71,7 +71,7 @@ def schedule(mesh):
     full["max_hops"] = mesh.cart.allreduce(mesh.max_hops, op=MPI.MAX)
     full["modeled_cycles"] = mesh.modeled_cycles()
     if not mesh.dry_run:
-        full["tiles"] = {arr.name: gather(mesh, arr) for arr in (a, b, c)}
+        full["tiles"] = {arr.name: gather_tiles(mesh, arr) for arr in (a, b, c)}
     return full
 
 

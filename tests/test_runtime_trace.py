@@ -26,7 +26,7 @@ COMPUTE_CYCLES = 10 / HW.flops_per_cycle + HW.vector_op_cycles
 def expected_counters():
     """Per-core counters of the known schedule, by walking its messages."""
     c = {k: np.zeros((ROWS, COLS), np.int64) for k in ("bytes_sent", "bytes_recv", "messages_sent", "hops",
-                                                        "relays", "flops")}
+                                                        "byte_hops", "relays", "flops")}
     nbytes = TILE * HW.element_bytes
     clock = np.zeros((ROWS, COLS))
     for r in range(ROWS):
@@ -34,10 +34,18 @@ def expected_counters():
             c["messages_sent"][r, s] += 1
             c["bytes_sent"][r, s] += nbytes
             c["hops"][r, s] += 1
+            c["byte_hops"][r, s] += nbytes
             c["bytes_recv"][r, s + 1] += nbytes
             clock[r, s + 1] = SHIFT_CYCLES if s + 1 < COLS - 1 else START + HW.alpha_cycles_per_hop + SERIAL
         clock[r, 0] = START + SERIAL
     c["flops"][:] = 10
+    # fp16 FLOPs; SRAM: 3 bytes read and 1 written per FLOP, plus the bytes sent and received;
+    # one link per byte sent; static power over the run (PAPER.md §9, meshmpi/energy.py)
+    seconds = (SHIFT_CYCLES + COMPUTE_CYCLES) / HW.clock_hz
+    c["energy_joules"] = 1e-12 * (c["flops"] * HW.pj_per_flop_fp16
+                                  + (3 * c["flops"] + c["bytes_sent"]) * HW.pj_per_sram_byte_read
+                                  + (c["flops"] + c["bytes_recv"]) * HW.pj_per_sram_byte_written
+                                  + c["byte_hops"] * HW.pj_per_byte_hop) + seconds * HW.static_watts_per_core
     c["clock_cycles"] = clock + COMPUTE_CYCLES
     c["busy_cycles"] = np.full((ROWS, COLS), COMPUTE_CYCLES)
     c["peak_bytes"] = c["resident_bytes"] = np.full((ROWS, COLS), nbytes)
@@ -62,7 +70,7 @@ def test_trace_schema_read_with_plain_h5py(new_mesh, world, gather_full, mpi_tmp
         counters = {k: f["counters"][k][()] for k in f["counters"]}
         docs = {k: f["counters"][k].attrs["doc"] for k in f["counters"]}
         phases, steps = f["phases"][()], f["steps"][()]
-    assert meta["schema_version"] == SCHEMA_VERSION == 3
+    assert meta["schema_version"] == SCHEMA_VERSION == 4
     assert (meta["mesh_rows"], meta["mesh_cols"]) == (ROWS, COLS)
     assert tuple(meta["rank_grid"]) == mesh.rank_grid and meta["mpi_world_size"] == world.size
     assert meta["kind"] == "unit" and meta["command_line"] == "prog --mesh 4x6"
@@ -82,7 +90,10 @@ def test_trace_schema_read_with_plain_h5py(new_mesh, world, gather_full, mpi_tmp
     want = expected_counters()
     for name, array in counters.items():
         assert array.shape == (ROWS, COLS), name
-        assert np.array_equal(array, want[name]), name
+        if name == "energy_joules":
+            np.testing.assert_allclose(array, want[name], rtol=1e-12)
+        else:
+            assert np.array_equal(array, want[name]), name
         if name in held:
             assert np.array_equal(array, held[name]), name
     # Phase and step tables.

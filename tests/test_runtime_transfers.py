@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from meshmpi import HazardError
-from meshmpi.host import gather, scatter
+from meshmpi.host import gather_tiles, scatter_tiles
 from meshes import ring_dest, ring_order
 
 pytestmark = pytest.mark.mpi
@@ -37,8 +37,8 @@ def fresh_buffers(mesh, dtype, seed):
     rng = np.random.default_rng(seed)
     a_full = rng.standard_normal((mesh.rows, mesh.cols) + TILE).astype(dtype)
     b_full = rng.standard_normal((mesh.rows, mesh.cols) + TILE).astype(dtype)
-    a = scatter(mesh, f"a{seed}", a_full)
-    b = scatter(mesh, f"b{seed}", b_full)
+    a = scatter_tiles(mesh, f"a{seed}", a_full)
+    b = scatter_tiles(mesh, f"b{seed}", b_full)
     return a_full, b_full, a, b
 
 
@@ -50,8 +50,8 @@ def check_pattern(mesh, make_pattern, deliveries, axis, dtype, seed, lines=None)
     a_full, b_full, a, b = fresh_buffers(mesh, dtype, seed)
     with mesh.fabric.scope():
         make_pattern().run(a, b, lines=lines)
-    got = gather(mesh, b)
-    src_after = gather(mesh, a)
+    got = gather_tiles(mesh, b)
+    src_after = gather_tiles(mesh, a)
     a.free()
     b.free()
     want = expected_after(a_full, b_full, axis, deliveries, lines)
@@ -198,13 +198,13 @@ def test_in_place_shift_and_async_overlap(new_mesh, world):
     mesh = new_mesh(5, 7, rank_grid=(1, world.size) if world.size <= 7 else None)
     rng = np.random.default_rng(11)
     full = rng.standard_normal((5, 7) + TILE)
-    a = scatter(mesh, "inplace", full)
+    a = scatter_tiles(mesh, "inplace", full)
     with mesh.fabric.scope():
         transfer = mesh.fabric.shift("east", "x", 1).start(a)
         mesh.compute(10)
         transfer.wait()
         mesh.fabric.shift("south", "y", -2).run(a)
-    got = gather(mesh, a)
+    got = gather_tiles(mesh, a)
     want = full.copy()
     want[:, 1:] = full[:, :-1]
     step1 = want.copy()
@@ -218,7 +218,7 @@ def test_tiles_land_at_wait_and_buffers_in_flight_are_hazards(new_mesh, world):
     mesh = new_mesh(4, 6)
     rng = np.random.default_rng(5)
     src_full, dst_full = rng.standard_normal((4, 6) + TILE), rng.standard_normal((4, 6) + TILE)
-    src, dst = scatter(mesh, "send", src_full), scatter(mesh, "recv", dst_full)
+    src, dst = scatter_tiles(mesh, "send", src_full), scatter_tiles(mesh, "recv", dst_full)
     with mesh.fabric.scope():
         east = mesh.fabric.shift("east", "x", 1)
         transfer = east.start(src, dst)
@@ -227,7 +227,7 @@ def test_tiles_land_at_wait_and_buffers_in_flight_are_hazards(new_mesh, world):
             dst.data.sum()                                   # reading the receive buffer too early
         assert src.data is not None                          # reading the source is allowed
         transfer.wait()
-        assert np.array_equal(gather(mesh, dst), expected_after(src_full, dst_full, "x",
+        assert np.array_equal(gather_tiles(mesh, dst), expected_after(src_full, dst_full, "x",
                                                                 [(p, p + 1) for p in range(5)]))
         transfer = east.start(src, dst)
         src.data[...] = 0.0                                  # overwriting the send buffer in flight

@@ -6,7 +6,7 @@ import pytest
 from mpi4py import MPI
 
 from meshmpi import Mesh, UsageError, load_hardware
-from meshmpi.host import gather, scatter
+from meshmpi.host import gather_tiles, scatter_tiles
 from meshmpi.mesh import choose_rank_grid
 
 GRIDS = {"auto": lambda p: None, "1xP": lambda p: (1, p), "Px1": lambda p: (p, 1)}
@@ -48,7 +48,7 @@ def test_uneven_results_equal_one_rank(new_mesh, world, gather_full, grid):
     def run(mesh):
         rng = np.random.default_rng(9)
         full = rng.standard_normal((5, 7, 3))
-        a = scatter(mesh, "a", full)
+        a = scatter_tiles(mesh, "a", full)
         b = mesh.alloc("b", (3,), np.float64)
         with mesh.fabric.scope():
             for k in (1, -3, 6):
@@ -58,7 +58,7 @@ def test_uneven_results_equal_one_rank(new_mesh, world, gather_full, grid):
             mesh.fabric.multicast("mx", "x", 4).run(b)
             mesh.fabric.multicast("my", "y", 0, 0, 5).run(a)
         counters = gather_full(mesh, {"clock": mesh.clock, **mesh.counters})
-        return gather(mesh, a), gather(mesh, b), counters
+        return gather_tiles(mesh, a), gather_tiles(mesh, b), counters
 
     mesh = new_mesh(5, 7, rank_grid=GRIDS[grid](world.size))
     got = run(mesh)

@@ -26,7 +26,7 @@ from meshmpi.trace import write_trace
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEATMAPS = {f"core_{name}.png" for name in ("busy_cycles", "clock_cycles", "bytes_recv", "bytes_sent",
-                                              "hops", "relays", "peak_bytes", "routes_peak")}
+                                              "hops", "relays", "peak_bytes", "routes_peak", "energy_joules")}
 
 
 # ---------------------------------------------------------------------- traces
@@ -482,6 +482,21 @@ def test_a_schema_2_trace_is_still_read(traces, tmp_path, capsys):
     doc = json.loads(run_main(capsys, "trace", "summary", str(old), "--aggregate", "none", "--json"))
     assert [p["name"] for p in doc["phases"]] == stored and {p["label"] for p in doc["phases"]} == {""}
     assert doc["totals"]["modeled_cycles"] == clock
+
+
+def test_a_schema_3_trace_without_energy_is_still_read(traces, tmp_path, capsys):
+    """Version 3 had no byte_hops or energy_joules counters and no energy constants in its
+    profile: it reads, and plots without the energy heatmap."""
+    from meshmpi.hardware import ENERGY_KEYS
+    old = tmp_path / "v3.h5"
+    old.write_bytes(traces["alpha"].read_bytes())
+    with h5py.File(old, "r+") as f:
+        del f["counters/byte_hops"], f["counters/energy_joules"]
+        profile = json.loads(f["meta"].attrs["hardware_json"])
+        f["meta"].attrs["hardware_json"] = json.dumps({k: v for k, v in profile.items() if k not in ENERGY_KEYS})
+        f["meta"].attrs["schema_version"] = 3
+    out = run_main(capsys, "trace", "plot", str(old), "-o", str(tmp_path / "plots"))
+    assert {Path(line).name for line in out.split()} == (HEATMAPS - {"core_energy_joules.png"}) | {"phases.png", "steps.png"}
 
 
 # ---------------------------------------------------------------------- results collect

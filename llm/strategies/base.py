@@ -23,7 +23,7 @@ import functools
 
 import numpy as np
 
-from kernels.gemv import place_vector, read_vector
+from kernels.gemv import vector_layout
 from meshmpi import host
 
 from ..checkpoint import select
@@ -79,24 +79,23 @@ class StrategyDecoder(Decoder):
 
     def logits_from(self, hidden: np.ndarray | None):
         """The first token's LM head (the prefill's last hidden vector), the strategy's GEMV."""
-        mesh, lay = self.mesh, self.layout
-        tiles = None if hidden is None else place_vector(np.asarray(hidden, np.float32), mesh.rows, mesh.cols, "y")
-        x = host.scatter(mesh, "hidden", tiles, (lay.hidden_chunk,), np.float32)
+        mesh = self.mesh
+        x = self._hidden(hidden)
         with mesh.phase("decode.lm_head"):
             logits = self._meshgemv(x, self.lm_head, "y", "decode.lm_head")
         x.free()
-        result = None if mesh.dry_run else read_vector(host.gather(mesh, logits), "x", self.config.vocab_size)
+        result = None if mesh.dry_run else host.gather(logits)
         logits.free()
         return result
 
     # ------------------------------------------------------------------ layouts (host, untimed)
     def _natural_input(self, kind: str, x) -> np.ndarray:
         """The GEMV's input in natural order from WaferLLM's layout of it."""
-        lay, tiles = self.layout, host.gather(self.mesh, x)
+        lay, tiles = self.layout, host.gather_tiles(self.mesh, x)
         if kind in ("qkv", "gate_up", "lm_head"):            # the row-indexed hidden vector
-            return read_vector(tiles, "y", lay.hidden)
+            return tiles[:, 0].reshape(-1)[:lay.hidden]
         if kind == "down":                                     # column-indexed SiLU output
-            return read_vector(tiles, "x", lay.ffn)
+            return tiles[0, :].reshape(-1)[:lay.ffn]
         slots, arranged = lay.q_index().ravel(), tiles[0].reshape(-1)     # W_O: q slots per column
         out = np.zeros(lay.heads * lay.head_dim, np.float32)
         out[slots[slots >= 0]] = arranged[slots >= 0]
@@ -105,15 +104,18 @@ class StrategyDecoder(Decoder):
     def _waferllm_output(self, kind: str, y_vec, chunk: int, name: str):
         """The GEMV's output as WaferLLM's layout has it (a mesh array of ``chunk`` per core)."""
         mesh, lay = self.mesh, self.layout
-        tiles = None
         if y_vec is not None:
             if kind == "qkv":
                 q, kv = lay.heads * lay.head_dim, lay.kv_heads * lay.head_dim
                 y_vec = lay.qkv_matrix(y_vec[None, :q], y_vec[None, q:q + kv], y_vec[None, q + kv:])[0]
             elif kind == "gate_up":
                 y_vec = lay.gate_up_matrix(y_vec[None, :lay.ffn], y_vec[None, lay.ffn:])[0]
-            tiles = place_vector(y_vec, mesh.rows, mesh.cols, "y" if kind in ("o", "down") else "x")
-        return host.scatter(mesh, f"{name}.y", tiles, (chunk,), np.float32)
+        axis = "y" if kind in ("o", "down") else "x"
+        length = {"lm_head": lay.vocab, "o": lay.hidden, "down": lay.hidden}.get(kind, chunk * mesh.cols)
+        out = host.scatter(mesh, f"{name}.y", y_vec, vector_layout(mesh.rows, mesh.cols, length, axis), np.float32)
+        if out.tile_shape != (chunk,):
+            raise ValueError(f"{name}: output chunk {out.tile_shape} is not WaferLLM's ({chunk},)")
+        return out
 
 
 def bind(mapping):

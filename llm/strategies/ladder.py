@@ -36,9 +36,9 @@ class Ladder:
         plan = baselines.Plan(mesh.rows, mesh.cols, m, n)
         h = -(-m // plan.used)
         tiles = None if x_vec is None else baselines.ladder_stored(plan, x_vec, w_mat)
-        stored = host.scatter(mesh, f"{name}.stored", tiles, (h + h * plan.n_pad,), np.float32, charge=False)
+        stored = host.scatter_tiles(mesh, f"{name}.stored", tiles, (h + h * plan.n_pad,), np.float32, charge=False)
         y = baselines.ladder(mesh, plan, stored, name, routing=self.routing)
-        result = None if mesh.dry_run else plan.read_columns(host.gather(mesh, y), plan.row_major())
+        result = None if mesh.dry_run else plan.read_columns(host.gather_tiles(mesh, y), plan.row_major())
         stored.free()
         y.free()
         return result

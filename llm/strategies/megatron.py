@@ -42,10 +42,10 @@ def column_parallel(mesh, m: int, n: int, x_vec, w_mat, name: str):
         x_tiles = np.zeros((mesh.rows, mesh.cols, m), np.float32)
         x_tiles[0, 0] = x_vec
         w_tiles = plan.column_tiles(w_mat, plan.snake(), m)
-    x = host.scatter(mesh, f"{name}.x", x_tiles, (m,), np.float32)
-    w = host.scatter(mesh, f"{name}.w", w_tiles, (m, plan.width), np.float32, charge=False)
+    x = host.scatter_tiles(mesh, f"{name}.x", x_tiles, (m,), np.float32)
+    w = host.scatter_tiles(mesh, f"{name}.w", w_tiles, (m, plan.width), np.float32, charge=False)
     y = baselines.megatron(mesh, plan, x, w, name)
-    result = None if mesh.dry_run else plan.read_columns(host.gather(mesh, y), plan.snake())
+    result = None if mesh.dry_run else plan.read_columns(host.gather_tiles(mesh, y), plan.snake())
     for arr in (x, w, y):
         arr.free()
     return result
@@ -60,8 +60,8 @@ def row_parallel(mesh, m: int, n: int, x_vec, w_mat, name: str):
     if x_vec is not None:
         x_tiles = plan.column_tiles(x_vec[None, :], order, 1)[:, :, 0]
         w_tiles = plan.column_tiles(np.ascontiguousarray(w_mat.T), order, n)
-    x = host.scatter(mesh, f"{name}.x", x_tiles, (plan.width,), np.float32)
-    w = host.scatter(mesh, f"{name}.w", w_tiles, (n, plan.width), np.float32, charge=False)
+    x = host.scatter_tiles(mesh, f"{name}.x", x_tiles, (plan.width,), np.float32)
+    w = host.scatter_tiles(mesh, f"{name}.w", w_tiles, (n, plan.width), np.float32, charge=False)
     partial = mesh.alloc(f"{name}.partial", (n,), np.float32)
     with mesh.phase(f"{name}.local"):
         if not mesh.dry_run:
@@ -71,7 +71,7 @@ def row_parallel(mesh, m: int, n: int, x_vec, w_mat, name: str):
         stream = mesh.alloc(f"{name}.stream", (n,), np.float32, charge=False)
         baselines.megatron_broadcast(mesh, plan, stream)
         stream.free()
-    result = None if mesh.dry_run else host.gather(mesh, partial).sum(axis=(0, 1))
+    result = None if mesh.dry_run else host.gather_tiles(mesh, partial).sum(axis=(0, 1))
     for arr in (x, w, partial):
         arr.free()
     return result

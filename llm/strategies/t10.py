@@ -49,10 +49,10 @@ class T10:
             whole = mesh.alloc(f"{name}.x.whole", (m,), np.float32, charge=False)
             hand_over(mesh, plan, whole, name)
             whole.free()
-        x = host.scatter(mesh, f"{name}.x", x_tiles, (chunk,), np.float32)
-        w = host.scatter(mesh, f"{name}.w", w_tiles, (ring, chunk, plan.width), np.float32, charge=False)
+        x = host.scatter_tiles(mesh, f"{name}.x", x_tiles, (chunk,), np.float32)
+        w = host.scatter_tiles(mesh, f"{name}.w", w_tiles, (ring, chunk, plan.width), np.float32, charge=False)
         y = baselines.t10(mesh, plan, x, w, ring, name)
-        result = None if mesh.dry_run else plan.read_columns(host.gather(mesh, y), plan.row_major())
+        result = None if mesh.dry_run else plan.read_columns(host.gather_tiles(mesh, y), plan.row_major())
         for arr in (x, w, y):
             arr.free()
         return result
