@@ -19,6 +19,10 @@ the decode integrated over sampled contexts (``generate --decode-samples``).
 ``--defects [RATES]`` runs the defect table instead (<out>/llm_defects.csv and .png): one
 decode step of each model (default llama3-8b) on each region (default 360²) at the
 ``--prompt-len`` context, on wafers with dead cores at each rate, remapped (llm/bench_defects.py).
+
+``--strategies NAME,...`` runs the strategies' table instead (<out>/llm_strategies.csv and .png):
+the decode of WaferLLM and of the systems it is compared with, where each one's cycles go
+(:mod:`llm.strategies.bench`); the region defaults to 360² (PAPER.md §7).
 """
 from __future__ import annotations
 
@@ -36,17 +40,20 @@ from . import bench_defects, e2e
 from .plan import regions_text
 from .presets import PRESET_NAMES, preset
 from .session import Options, Session
+from .strategies import STRATEGIES, bench as strategies_bench
 
 MESHES = (360, 375, 420, 540, 660, 720)   # PAPER.md §7: end-to-end (360², 375²) and scaling regions
 PROMPT_LEN, NEW_TOKENS = 4096, 4
 CSV_NAME = "llm_presets"
 E2E_PAIRS, E2E_PREFILL_SIDE, E2E_MESHES = "2048/128,4096/128,2048/2048,4096/4096", 660, (360,)
+STRATEGY_MESHES = (360,)   # PAPER.md §7: LLaMA3-8B's decode region
 
 EXAMPLES = """\
   mpiexec -n 2 python -m llm bench --out results
   python -m llm bench --models llama3-8b --meshes 360,420 --prompt-len 1024 --out /tmp/bench
   python -m llm bench --models llama3-8b --e2e 2048/128,4096/4096 --prefill-side 660 --meshes 360
   python -m llm bench --defects 0,0.01,0.07 --seeds 2 --out /tmp/bench
+  python -m llm bench --strategies --models llama3-8b --out results
 """
 
 
@@ -64,6 +71,9 @@ def register(sub) -> None:
                    help=f"the end-to-end table for these input/output lengths (default {E2E_PAIRS})")
     p.add_argument("--prefill-side", type=int, default=E2E_PREFILL_SIDE,
                    help=f"--e2e: the square prefill region's side (default {E2E_PREFILL_SIDE})")
+    p.add_argument("--strategies", nargs="?", const=",".join(STRATEGIES), metavar="NAME,...",
+                   help="the decode of WaferLLM and the systems it is compared with, <out>/llm_strategies.csv "
+                        f"(default all: {', '.join(STRATEGIES)}; meshes default {STRATEGY_MESHES[0]})")
     p.add_argument("--decode-samples", type=int, default=16, metavar="K",
                    help="--e2e: decode contexts simulated per run (default 16)")
     p.add_argument("--defects", nargs="?", const=DEFECT_RATES, metavar="R,R,...",
@@ -156,6 +166,21 @@ def run_e2e(args, out: Path) -> int:
     return 0
 
 
+def run_strategies(args, out: Path) -> int:
+    """The strategies' table: see :mod:`llm.strategies.bench`."""
+    models, sides = _models(args.models), parse_sides(args, STRATEGY_MESHES)
+    if args.prompt_len < 1:
+        raise UsageError("--prompt-len must be >= 1")
+    t0 = time.perf_counter()
+    rows = strategies_bench.run(args, models, sides, strategies_bench.parse_strategies(args.strategies), out)
+    if args.json:
+        cli.print_json({"out": str(out), "rows": rows})
+    else:
+        cli.say(strategies_bench.markdown(rows))
+    cli.say(f"bench strategies: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
 def _run_rows(args, path: Path, desc: str, jobs: list, to_markdown) -> list[dict]:
     """Run each ``(label, row(), error row)`` job into a CSV that is whole after every row; a
     failure every rank agrees on (a region too small for a layer) becomes that row's ``error``.
@@ -204,6 +229,8 @@ def run_bench(args) -> int:
         return run_e2e(args, out)
     if args.defects is not None:
         return run_defects(args, out)
+    if args.strategies is not None:
+        return run_strategies(args, out)
     if args.replot:
         plot(read_csv(out / f"{CSV_NAME}.csv"), out / f"{CSV_NAME}.png", args.hardware)
         return 0

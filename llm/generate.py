@@ -27,6 +27,7 @@ from .gguf import is_gguf, load_gguf
 from .presets import PRESET_NAMES as PRESETS, preset
 from .plan import regions_text
 from .session import Options, Session
+from .strategies import STRATEGIES
 from .tokenizer import load_tokenizer
 
 EXAMPLES = """\
@@ -60,6 +61,9 @@ def build_parser():
     g.add_argument("--prefill-mesh", metavar="NxN", help="the (square) prefill region (default: the largest square in --mesh); it may also hold --mesh in its corner")
     g.add_argument("--kv", choices=POLICIES, default="shift", help="KV cache policy (default shift)")
     g.add_argument("--allreduce", choices=("ktree", "pipeline", "ring"), default="ktree")
+    g.add_argument("--strategy", choices=STRATEGIES, default="waferllm",
+                   help="the decode's mapping: WaferLLM's or a system it is compared with, their GEMVs on "
+                        "the same region (llm/strategies; default waferllm)")
     g.add_argument("--groups", type=int, help="K-tree groups per line (default about sqrt(N))")
     g.add_argument("--forwarding", choices=FORWARDING, default="stream",
                    help="allreduce chains: add and forward as the data streams past (stream, default) "
@@ -249,7 +253,8 @@ def run_generate(args) -> dict:
         raise UsageError(f"--layers must be in 1..{config.num_hidden_layers}, got {sim_layers}")
 
     options = Options(kv=args.kv, allreduce=args.allreduce, groups=args.groups, forwarding=args.forwarding,
-                      layers=sim_layers, decode_samples=args.decode_samples, progress=not args.quiet)
+                      layers=sim_layers, decode_samples=args.decode_samples, progress=not args.quiet,
+                      strategy=args.strategy)
     session = Session(config, weights, lambda r, c: cli.mesh_from_args(args, r, c, hardware), (rows, cols),
                       args.max_new_tokens, side[0], options)
     session.prefill(ids if weights is not None else len(ids), keep_timeline=bool(args.trace))
@@ -366,7 +371,8 @@ def _format(r: dict, streamed: bool = False) -> str:
         lines.append(f"tokens: {r['tokens']}")
     rate = r["modeled_decode_tokens_per_s"]
     lines += [f"{r['model']} on {r['mesh']} (prefill {r['prefill_mesh']}, {r['hardware']}, {plural(r['ranks'], 'rank')}"
-              f"{', dry run' if r['dry_run'] else ''}), KV {r['kv_policy']}",
+              f"{', dry run' if r['dry_run'] else ''}), KV {r['kv_policy']}"
+              + ("" if r["strategy"] == "waferllm" else f", {r['strategy']} decode"),
               f"  prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new",
               f"  modeled prefill   {r['modeled_prefill_seconds'] * 1e3:.4f} ms",
               f"  prefill FLOPs     {r['prefill_flops_charged']:,} charged, {r['prefill_flops_real']:,} real "

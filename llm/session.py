@@ -28,15 +28,17 @@ from meshmpi.errors import MeshmpiError
 from meshmpi.check import require_finite
 
 from . import e2e
-from .decode import POLICIES, Decoder
+from .decode import POLICIES
 from .plan import Planner, hint_on_failure, kv_rows
 from .prefill import prefill
+from .strategies import decoder_class
 
 
 @dataclass
 class Options:
     """How the request runs: the KV policy, the allreduces, the layers simulated (None: all;
-    fewer are extrapolated), the decode contexts a dry run simulates, progress on stderr."""
+    fewer are extrapolated), the decode contexts a dry run simulates, progress on stderr, and
+    the decode's mapping (:mod:`llm.strategies`: WaferLLM's or a system it is compared with)."""
     kv: str = "shift"
     allreduce: str = "ktree"
     groups: int | None = None
@@ -44,6 +46,7 @@ class Options:
     layers: int | None = None
     decode_samples: int = 16
     progress: bool = False
+    strategy: str = "waferllm"
 
 
 class Session:
@@ -82,7 +85,7 @@ class Session:
             capacity = kv_rows(o.kv, self.prompt + self.new_tokens, self.rows)
             progress.stage(f"placing {self.sim_layers} decode layers on {self.rows}x{self.cols}", o.progress)
             with hint_on_failure(self.planner):
-                self.decoder = Decoder(mesh, config, self.weights, o.kv, self.sim_layers, capacity, o.allreduce,
+                self.decoder = decoder_class(o.strategy)(mesh, config, self.weights, o.kv, self.sim_layers, capacity, o.allreduce,
                                        o.groups, forwarding=o.forwarding)
             self.decoder.load_prompt_cache(self.pre.k_cache, self.pre.v_cache, self.prompt,
                                            prefill_side=self.side, prefill_mesh=pmesh)
@@ -198,7 +201,7 @@ class Session:
             "mesh": f"{rows}x{cols}", "prefill_mesh": f"{side}x{side}",
             "dry_run": bool(mesh.dry_run), "hardware": hardware.name, "ranks": mesh.size,
             "tokens": tokens if self.weights is not None else [],
-            "prompt_tokens": self.prompt, "new_tokens": len(tokens), "kv_policy": o.kv,
+            "prompt_tokens": self.prompt, "new_tokens": len(tokens), "kv_policy": o.kv, "strategy": o.strategy,
             "modeled_prefill_seconds": (prefill_cycles + relayout_cycles) / clock,
             "modeled_prefill_cycles": prefill_cycles, "modeled_relayout_cycles": relayout_cycles,
             "prefill_flops_charged": pre.flops_charged, "prefill_flops_real": pre.flops_real,

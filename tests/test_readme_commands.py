@@ -75,6 +75,9 @@ SUBSTITUTE = {
     "mpiexec -n 2 python -m llm bench --out results":
         ("mpiexec -n 2 python -m llm bench --models llama3-8b --meshes 16 --prompt-len 8 --new-tokens 2 "
          "--out results", "one preset on one small region (a table entry: it does not fit)"),
+    "python -m llm bench --strategies --out results":
+        ("python -m llm bench --strategies waferllm,megatron,t10 --models llama3-8b --meshes 176 --prompt-len 16 "
+         "--out results", "one preset on a small region, Ladder left out (its all-to-all takes minutes)"),
     "python -m llm bench --models llama3-8b --e2e --prefill-side 660 --meshes 360 --out results":
         ("python -m llm bench --models llama3-8b --e2e 16/3 --prefill-side 200 --meshes 160 --decode-samples 2 "
          "--out results", "one short request on small regions"),

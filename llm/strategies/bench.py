@@ -1,0 +1,147 @@
+"""``python -m llm bench --strategies``: the decode of WaferLLM and of the systems it is compared
+with (PAPER.md §8) on one region, hardware and cost model, as dry runs.
+
+For each preset, region side and strategy, one decode step at a ``--prompt-len`` context (one
+layer simulated, the others extrapolated, as ``llm bench``), on a region planned as WaferLLM
+plans it. Where its cycles go is measured by rerunning the step with parts of the cost model
+switched off: ``hop_cycles`` is what α (cycles per hop) adds, ``relay_cycles`` what β (a
+software stage) adds, ``compute_cycles`` the step with the network free (α = β = transfer
+starts = 0, links 10⁹ B/cycle), ``other_cycles`` the rest (transfer starts, serialisation on
+links, waits behind other messages). The counts (messages, relays, bytes) are those of the
+simulated step (one layer and the LM head). Memory runs under the warn policy so every
+strategy gets a figure; ``fits_sram`` says whether the step's buffers fit a core beside the
+region's resident weights and KV cache.
+
+Writes <out>/llm_strategies.csv and <out>/llm_strategies.png (tokens/s per strategy, and the
+cycles of a token by part).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from meshmpi import Mesh, cli
+from meshmpi.benchtools import CsvTable, figure, progress, save_figure
+
+from ..plan import kv_rows
+from ..presets import preset
+from . import STRATEGIES, decoder_class
+
+CSV_NAME = "llm_strategies"
+FREE_NETWORK = dict(alpha_cycles_per_hop=0.0, beta_cycles_per_relay=0.0, transfer_start_cycles=0.0,
+                    link_bytes_per_cycle=1e9)
+VARIANTS = {"base": {}, "no_hops": {"alpha_cycles_per_hop": 0.0}, "no_relays": {"beta_cycles_per_relay": 0.0},
+            "compute": FREE_NETWORK}
+
+
+def parse_strategies(text: str) -> list[str]:
+    from meshmpi.errors import UsageError
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names or any(s not in STRATEGIES for s in names):
+        raise UsageError(f"--strategies takes {', '.join(STRATEGIES)}, got {text!r}")
+    return names
+
+
+def decode_step(model: str, side: int, strategy: str, hardware, context: int) -> dict:
+    """One dry-run decode step at ``context``: cycles per token and the step's counts."""
+    config = preset(model)
+    mesh = Mesh(side, side, hardware, dry_run=True, memory="warn", routes="strict")
+    try:
+        decoder = decoder_class(strategy)(mesh, config, None, layers=1,
+                                          capacity_tokens=kv_rows("shift", context + 1, side))
+        decoder.seek(context, context)
+        before = {k: mesh.sum_over_ranks(int(v.sum())) for k, v in mesh.counters.items()}
+        _, cycles = decoder.step(None, context)
+        after = {k: mesh.sum_over_ranks(int(v.sum())) for k, v in mesh.counters.items()}
+        return {"cycles_per_token": cycles.total(config.num_hidden_layers),
+                "cycles_per_layer": cycles.layers[0], "lm_head_cycles": cycles.head,
+                "messages": after["messages_sent"] - before["messages_sent"],
+                "relays": after["relays"] - before["relays"],
+                "bytes_moved": after["bytes_sent"] - before["bytes_sent"],
+                "max_hops": int(mesh.max_over_ranks(mesh.max_hops)),
+                "routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
+                "peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0))))}
+    finally:
+        mesh.free()
+
+
+def row(model: str, side: int, strategy: str, hardware, context: int) -> dict:
+    """The table's row: the step under each cost-model variant (module docstring)."""
+    t0 = time.perf_counter()
+    runs = {name: decode_step(model, side, strategy, dataclasses.replace(hardware, **change), context)
+            for name, change in VARIANTS.items()}
+    base = runs["base"]
+    total = base["cycles_per_token"]
+    parts = {"compute_cycles": runs["compute"]["cycles_per_token"],
+             "hop_cycles": total - runs["no_hops"]["cycles_per_token"],
+             "relay_cycles": total - runs["no_relays"]["cycles_per_token"]}
+    parts["other_cycles"] = total - sum(parts.values())
+    return {"model": model, "mesh": side, "strategy": strategy, "context": context,
+            "decode_tokens_per_s": hardware.clock_hz / total, **base, **parts,
+            "relays_per_message": base["relays"] / base["messages"] if base["messages"] else 0.0,
+            "fits_sram": base["peak_bytes_per_core"] <= hardware.sram_bytes_per_core,
+            "wall_seconds": time.perf_counter() - t0, "error": ""}
+
+
+def run(args, models: list[str], sides: list[int], strategies: list[str], out: Path) -> list[dict]:
+    hardware = cli.hardware_from_args(args)
+    table = CsvTable(out / f"{CSV_NAME}.csv")
+    jobs = [(m, s, st) for m in models for s in sides for st in strategies]
+    with progress(len(jobs), "strategies") as bar:
+        for model, side, strategy in jobs:
+            bar.set_postfix_str(f"{model} {side}x{side} {strategy}")
+            table.add(row(model, side, strategy, hardware, args.prompt_len))
+            bar.update()
+    rows = table.close()
+    if cli.world_rank() == 0:
+        plot(rows, out / f"{CSV_NAME}.png", hardware.name)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table of results/README.md: tokens/s, the gap to WaferLLM, where a token's cycles go."""
+    head = ("| model | region | strategy | decode tokens/s | WaferLLM × | compute | hops | relays | other "
+            "| relays / message | max hops | routes | peak B/core |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    ours = {(r["model"], r["mesh"]): float(r["decode_tokens_per_s"]) for r in rows if r["strategy"] == "waferllm"}
+    for r in rows:
+        total = float(r["cycles_per_token"])
+        share = lambda key: f"{float(r[key]) / total:.0%}"  # noqa: E731
+        gap = ours.get((r["model"], r["mesh"]))
+        times = f"{gap / float(r['decode_tokens_per_s']):,.1f}" if gap else "–"
+        lines.append(
+            f"| {r['model']} | {r['mesh']}² | {r['strategy']} | {float(r['decode_tokens_per_s']):,.1f} | {times} "
+            f"| {share('compute_cycles')} | {share('hop_cycles')} | {share('relay_cycles')} "
+            f"| {share('other_cycles')} | {float(r['relays_per_message']):.2f} | {r['max_hops']} "
+            f"| {r['routes_per_core_max']} | {int(r['peak_bytes_per_core']):,} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, hardware: str) -> None:
+    """Decode tokens/s per strategy and preset; a token's cycles by part per strategy."""
+    plt, fig, axes = figure(2, width=5.5)
+    rate, parts = axes[0]
+    models = list(dict.fromkeys(f"{r['model']} {r['mesh']}²" for r in rows))
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    width = 0.8 / len(strategies)
+    for i, strategy in enumerate(strategies):
+        mine = {f"{r['model']} {r['mesh']}²": float(r["decode_tokens_per_s"]) for r in rows if r["strategy"] == strategy}
+        rate.bar([j + i * width for j in range(len(models))], [mine.get(m, 0) for m in models], width, label=strategy)
+    rate.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models, rotation=20, fontsize=7)
+    rate.set_yscale("log")
+    rate.set_ylabel("decode tokens/s")
+    rate.legend(fontsize=7)
+    first = [r for r in rows if f"{r['model']} {r['mesh']}²" == models[0]]
+    bottom = [0.0] * len(first)
+    for key in ("compute_cycles", "hop_cycles", "relay_cycles", "other_cycles"):
+        values = [max(float(r[key]), 0.0) / float(r["cycles_per_token"]) for r in first]
+        parts.bar([r["strategy"] for r in first], values, bottom=bottom, label=key.removesuffix("_cycles"))
+        bottom = [b + v for b, v in zip(bottom, values)]
+    parts.set_ylabel("share of a token's cycles")
+    parts.set_title(models[0], fontsize=9)
+    parts.legend(fontsize=7)
+    for ax in (rate, parts):
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"decode per strategy, dry runs, {hardware}", fontsize=10)
+    save_figure(plt, fig, path)
