@@ -410,3 +410,34 @@ def ring_gemm_t(mesh, plan: GemmPlan, a, b, name: str = "gemm_t", cells: CellMap
     if cells is None:
         partial.layout = plan.t_c_layout().batched(*batch)
     return partial
+
+
+class MeshGemm:
+    """MeshGEMM as a plan (PAPER.md §2): the rings, sizes, operand layouts, head cells and
+    real-work charge of one product shape, built once and called for every operand pair of
+    that shape (prefill holds one per weight for a run). ``transposed``: GEMM-T, C = A @ B^T
+    with B (k x n) here the N x K operand. ``algo="cannon"``: the plain ring.
+
+    ``__call__(a, b, name)`` checks the operands' layouts, returns C with its layout and leaves
+    A and B where the schedule moved them (their layouts say so); it frees only its spares."""
+
+    def __init__(self, mesh, m: int, k: int, n: int, *, algo: str = "meshgemm", transposed: bool = False,
+                 cells: CellMap | None = None, work: RealWork | None = None, name: str = "gemm"):
+        self.mesh, self.transposed, self.cells, self.work, self.name = mesh, transposed, cells, work, name
+        self.plan = GemmPlan.build(algo, mesh.rows, mesh.cols, m, k, n)
+
+    @property
+    def a_layout(self) -> Layout:
+        return self.plan.t_a_layout() if self.transposed else self.plan.a_layout()
+
+    @property
+    def b_layout(self) -> Layout:
+        return self.plan.b_layout()
+
+    @property
+    def c_layout(self) -> Layout:
+        return self.plan.t_c_layout() if self.transposed else self.plan.c_layout()
+
+    def __call__(self, a, b, name: str | None = None):
+        run = ring_gemm_t if self.transposed else ring_gemm
+        return run(self.mesh, self.plan, a, b, name=name or self.name, cells=self.cells, work=self.work)

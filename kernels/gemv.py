@@ -53,3 +53,31 @@ def meshgemv(mesh, x, w, reduce_axis: str = "y", algo: str = "ktree", groups: in
                    ops=in_chunk)    # one multiply-add vector op per x element
     allreduce(mesh, y, reduce_axis, "sum", algo, groups, name=f"{name}.allreduce", forwarding=forwarding)
     return y
+
+
+class MeshGemv:
+    """MeshGEMV as a plan (PAPER.md §3): y = x @ W for one W shape (m x n) and reduction axis,
+    with its allreduce's algorithm, groups and forwarding, built once and called for every
+    (x, W) pair of that shape (decode holds one per weight). Its layouts are
+    :func:`vector_layout` along ``reduce_axis`` for x, :func:`matrix_layout` for W and the
+    other axis for y."""
+
+    def __init__(self, mesh, m: int, n: int, reduce_axis: str = "y", *, algo: str = "ktree",
+                 groups: int | None = None, forwarding: str = "stream", name: str = "gemv"):
+        self.mesh, self.m, self.n, self.reduce_axis, self.name = mesh, m, n, reduce_axis, name
+        self.reduce = dict(algo=algo, groups=groups, forwarding=forwarding)
+
+    @property
+    def x_layout(self) -> Layout:
+        return vector_layout(self.mesh.rows, self.mesh.cols, self.m, self.reduce_axis)
+
+    @property
+    def w_layout(self) -> Layout:
+        return matrix_layout(self.mesh.rows, self.mesh.cols, self.m, self.n, self.reduce_axis)
+
+    @property
+    def y_layout(self) -> Layout:
+        return vector_layout(self.mesh.rows, self.mesh.cols, self.n, other(self.reduce_axis))
+
+    def __call__(self, x, w, name: str | None = None, out=None):
+        return meshgemv(self.mesh, x, w, self.reduce_axis, name=name or self.name, out=out, **self.reduce)

@@ -69,17 +69,18 @@ def run_gemm(mesh, algo: str, m: int, k: int, n: int, dtype=np.float32, seed: in
              broadcast: str = "relay") -> dict:
     """C = A @ B with A (m x k) and B (k x n) drawn from ``seed``; checked against numpy.
     ``broadcast`` (SUMMA only): ``relay`` (software chain) or ``direct`` (a route per root)."""
-    plan = gemm.GemmPlan.build("cannon" if algo == "cannon" else "meshgemm", mesh.rows, mesh.cols, m, k, n)
-    b_layout = plan.b_natural_layout() if algo == "summa" else plan.b_layout()
+    kernel = gemm.MeshGemm(mesh, m, k, n, algo="cannon" if algo == "cannon" else "meshgemm", name=algo)
+    plan = kernel.plan
+    b_layout = plan.b_natural_layout() if algo == "summa" else kernel.b_layout
     a_mat = b_mat = None
     if not mesh.dry_run:
         a_mat, b_mat = _inputs(seed, dtype, (m, k), (k, n))
-    a = host.scatter(mesh, f"{algo}.a", a_mat, plan.a_layout(), dtype)
+    a = host.scatter(mesh, f"{algo}.a", a_mat, kernel.a_layout, dtype)
     b = host.scatter(mesh, f"{algo}.b", b_mat, b_layout, dtype)
     if algo == "summa":
         c, wall = _timed(mesh, lambda: summa.summa(mesh, plan, a, b, name=algo, broadcast=broadcast))
     else:
-        c, wall = _timed(mesh, lambda: gemm.ring_gemm(mesh, plan, a, b, name=algo))
+        c, wall = _timed(mesh, lambda: kernel(a, b))
     error = failure = None
     if not mesh.dry_run:
         error, failure = _checked(f"{algo} C", host.gather(c), a_mat, b_mat, dtype)
@@ -91,14 +92,13 @@ def run_gemm(mesh, algo: str, m: int, k: int, n: int, dtype=np.float32, seed: in
 def run_gemv(mesh, algo: str, m: int, n: int, groups: int | None = None, dtype=np.float32,
              seed: int = 0, forwarding: str = "stream") -> dict:
     """y = x @ W with x (1 x m) and W (m x n), reduced along the columns; checked against numpy."""
-    rows, cols = mesh.rows, mesh.cols
+    kernel = gemv.MeshGemv(mesh, m, n, "y", algo=GEMV_ALGOS[algo], groups=groups, forwarding=forwarding, name=algo)
     x_vec = w_mat = None
     if not mesh.dry_run:
         x_vec, w_mat = _inputs(seed, dtype, (m,), (m, n))
-    x = host.scatter(mesh, "gemv.x", x_vec, gemv.vector_layout(rows, cols, m, "y"), dtype)
-    w = host.scatter(mesh, "gemv.w", w_mat, gemv.matrix_layout(rows, cols, m, n, "y"), dtype)
-    y, wall = _timed(mesh, lambda: gemv.meshgemv(mesh, x, w, "y", GEMV_ALGOS[algo], groups, name=algo,
-                                                 forwarding=forwarding))
+    x = host.scatter(mesh, "gemv.x", x_vec, kernel.x_layout, dtype)
+    w = host.scatter(mesh, "gemv.w", w_mat, kernel.w_layout, dtype)
+    y, wall = _timed(mesh, lambda: kernel(x, w))
     error = failure = None
     if not mesh.dry_run:
         error, failure = _checked(f"{algo} y", host.gather(y), x_vec, w_mat, dtype)

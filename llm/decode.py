@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels.allreduce import allreduce
-from kernels.gemv import matrix_layout, meshgemv, vector_layout
+from kernels.gemv import MeshGemv, vector_layout
 from meshmpi import costs, energy, host
 from meshmpi.errors import UsageError
 from meshmpi.mesh import block_offsets
@@ -143,6 +143,14 @@ class Decoder:
         self.plan = plan_regions(lay, config, mesh.hardware, reserve,
                                  capacity_tokens if plan_tokens is None else plan_tokens)
         self.capacity_rows = capacity_tokens
+        c, g, s = mesh.cols, lay.group, lay.s
+        # The step's MeshGEMVs over the layout's arranged matrices (PAPER.md §5: the reduction
+        # axes alternate, so no vector is transposed)
+        self.gemvs = {kind: MeshGemv(mesh, m, n, axis, **self.reduce, name=kind) for kind, (m, n, axis) in {
+            "qkv": (config.hidden_size, c * (g + 2) * s, "y"), "o": (c * g * s, config.hidden_size, "x"),
+            "gate_up": (config.hidden_size, c * 2 * lay.ffn_chunk, "y"),
+            "down": (config.intermediate_size, config.hidden_size, "x"),
+            "lm_head": (config.hidden_size, config.vocab_size, "y")}.items()}
         self._load_weights(weights)
         self.kv = KVState(np.zeros(mesh.rows, np.int64))
         if not mesh.dry_run:
@@ -166,9 +174,11 @@ class Decoder:
         self.layers = []
         for index in range(self.sim_layers):
             tiles = self._layer_tiles(weights.layers[index]) if weights is not None else {}
-            self.layers.append({name: host.place_block(mesh, f"w{index}.{name}", tiles.get(name), shape,
-                                                       np.float32, charge=False)
-                                for name, shape in shapes.items()})
+            placed = {name: host.place_block(mesh, f"w{index}.{name}", tiles.get(name), shape, np.float32,
+                                             charge=False) for name, shape in shapes.items()}
+            for kind in ("qkv", "o", "gate_up", "down"):       # the arranged matrices' natural blocks
+                placed[kind].layout = self.gemvs[kind].w_layout
+            self.layers.append(placed)
         head = {}
         if weights is not None:
             head = {"norm": self._vector_tiles(weights.norm),
@@ -177,8 +187,7 @@ class Decoder:
                                      charge=False)
         self.lm_head = host.place_block(mesh, "w.lm_head", head.get("lm_head"),
                                         (lay.hidden_chunk, lay.vocab_chunk), np.float32, charge=False)
-        self.lm_head.layout = matrix_layout(mesh.rows, mesh.cols, self.config.hidden_size,
-                                            self.config.vocab_size, "y")
+        self.lm_head.layout = self.gemvs["lm_head"].w_layout
         mesh.memory.charge("weights", self.plan.weight_bytes_per_core)
 
     def _layer_tiles(self, w) -> dict:
@@ -326,6 +335,7 @@ class Decoder:
                    total)
         self._allreduce(total, "y", "sum", f"{name}.allreduce")
         out = mesh.alloc(f"{name}.out", x.tile_shape, np.float32)
+        out.layout = x.layout                            # a norm keeps its input's layout
 
         def scale():
             inverse_rms = 1.0 / np.sqrt(total.data / np.float32(self.config.hidden_size) + np.float32(eps))
@@ -341,7 +351,7 @@ class Decoder:
         g, s = lay.group, lay.s
         tag = f"decode.layer{index}"
         xn = self._rms_norm(x, w["norm1"], f"{tag}.norm1")
-        qkv = self._meshgemv(xn, w["qkv"], "y", f"{tag}.qkv")
+        qkv = self._meshgemv(xn, w["qkv"], f"{tag}.qkv")
         xn.free()
 
         def rope():
@@ -408,12 +418,12 @@ class Decoder:
         self._allreduce(o, "y", "sum", f"{tag}.pv")
         for buf in (scores, peak, total):
             buf.free()
-        attn = self._meshgemv(o, w["o"], "x", f"{tag}.o_proj")
+        attn = self._meshgemv(o, w["o"], f"{tag}.o_proj")
         o.free()
         self._add_into(x, attn)
         attn.free()
         xn = self._rms_norm(x, w["norm2"], f"{tag}.norm2")
-        gate_up = self._meshgemv(xn, w["gate_up"], "y", f"{tag}.gate_up")
+        gate_up = self._meshgemv(xn, w["gate_up"], f"{tag}.gate_up")
         xn.free()
         f = lay.ffn_chunk
         act = mesh.alloc(f"{tag}.act", (f,), np.float32)
@@ -423,7 +433,7 @@ class Decoder:
             return gate / (1.0 + np.exp(-gate)) * up
         mesh.local(flops.SILU_MUL * f, silu_mul, act)
         gate_up.free()
-        down = self._meshgemv(act, w["down"], "x", f"{tag}.down")
+        down = self._meshgemv(act, w["down"], f"{tag}.down")
         act.free()
         self._add_into(x, down)
         down.free()
@@ -433,10 +443,11 @@ class Decoder:
         self._note_payload(name, acc.tile_elements)
         allreduce(self.mesh, acc, axis, op, **self.reduce, name=name, segments=segments)
 
-    def _meshgemv(self, x, w, reduce_axis: str, name: str):
-        """A MeshGEMV of the step; its allreduce carries the output chunk."""
+    def _meshgemv(self, x, w, name: str):
+        """A MeshGEMV of the step with weight ``w`` (the run's plan for its kind: ``w0.qkv`` is
+        a ``qkv``); its allreduce carries the output chunk."""
         self._note_payload(name, w.tile_shape[1])
-        return meshgemv(self.mesh, x, w, reduce_axis, **self.reduce, name=name)
+        return self.gemvs[w.name.split(".")[-1]](x, w, name)
 
     def _note_payload(self, name: str, elements: int) -> None:
         """Elements per core of a reduction, by its name inside a layer (``scores``, ``pv``, ...;
@@ -492,7 +503,7 @@ class Decoder:
             start = mesh.modeled_cycles()
             with mesh.phase("decode.lm_head"):
                 xn = self._rms_norm(x, self.norm, "decode.final_norm")
-                logits = self._meshgemv(xn, self.lm_head, "y", "decode.lm_head")
+                logits = self._meshgemv(xn, self.lm_head, "decode.lm_head")
                 xn.free()
             cycles.head = mesh.modeled_cycles() - start
         cycles.layer_events = layer_events
@@ -527,7 +538,7 @@ class Decoder:
         mesh = self.mesh
         x = self._hidden(hidden)
         with mesh.phase("decode.lm_head"):
-            logits = meshgemv(mesh, x, self.lm_head, "y", **self.reduce, name="decode.lm_head")
+            logits = self.gemvs["lm_head"](x, self.lm_head, "decode.lm_head")
         x.free()
         result = None if mesh.dry_run else host.gather(logits)
         logits.free()

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.allreduce import allreduce
-from kernels.gemm import CellMap, GemmPlan, RealWork, ring_gemm, ring_gemm_t, rotate_lines
+from kernels.gemm import CellMap, MeshGemm, RealWork, rotate_lines
 from kernels.ring import interleaved_ring
 from meshmpi import costs, host
 from meshmpi.mesh import block_offsets
@@ -374,15 +374,16 @@ class _Prefill:
         self.rows = mesh.global_rows()
         self.cols = mesh.global_cols()
         lay, n, hidden = self.lay, self.n, config.hidden_size
-        build = lambda m, k, cols: GemmPlan.build("meshgemm", n, n, m, k, cols)  # noqa: E731
-        self.plans = {"qkv": build(lay.t_pad, hidden, n * lay.qkv_cols),
-                      "o": build(lay.t_pad, n * lay.cells * 2 * lay.p, hidden),
-                      "gate_up": build(lay.t_pad, hidden, n * 2 * lay.fb),
-                      "down": build(lay.t_pad, n * lay.fb, hidden),
-                      "qk": build(lay.t_pad, lay.t_pad, n * 2 * lay.p),      # S = Q K^T per cell
-                      "pv": build(lay.t_pad, lay.t_pad, n * 2 * lay.p)}      # O = P V per cell
-        self.heads = lay.cell_map()
-        self.work = lay.work()
+        work, heads = lay.work(), lay.cell_map()
+        # The run's MeshGEMMs, each charged its real work (uneven tiles)
+        self.kernels = {op: MeshGemm(mesh, m, k, cols, work=work[op], **extra)
+                        for op, (m, k, cols, extra) in {
+                            "qkv": (lay.t_pad, hidden, n * lay.qkv_cols, {}),
+                            "o": (lay.t_pad, n * lay.cells * 2 * lay.p, hidden, {}),
+                            "gate_up": (lay.t_pad, hidden, n * 2 * lay.fb, {}),
+                            "down": (lay.t_pad, n * lay.fb, hidden, {}),
+                            "qk": (lay.t_pad, lay.t_pad, n * 2 * lay.p, dict(transposed=True, cells=heads)),
+                            "pv": (lay.t_pad, lay.t_pad, n * 2 * lay.p, dict(cells=heads))}.items()}
         # each core's real token rows, keys (the columns of S), hidden and intermediate columns
         tokens = RealWork.blocks(tokens, n, lay.tb)
         self.real_rows, self.real_keys = tokens[self.rows][:, None], tokens[self.cols][None, :]
@@ -403,9 +404,9 @@ class _Prefill:
         matrices pre-skewed as MeshGEMM's B operands, the two norm weights by column block.
         Charged as one resident block by :func:`prefill`, not one by one."""
         p, w = f"prefill.layer{index}", self.weights.layers[index] if self.numeric else None
-        placed = {name: self.place_weight(f"{p}.{name}", self.plans[plan], lambda m=method: getattr(self.lay, m)(w),
+        placed = {name: self.place_weight(f"{p}.{name}", self.kernels[op], lambda m=method: getattr(self.lay, m)(w),
                                           charge=False)
-                  for name, (plan, method) in self.MATRICES.items()}
+                  for name, (op, method) in self.MATRICES.items()}
         for name, field in self.NORMS.items():
             placed[name] = host.scatter_tiles(self.mesh, f"{p}.{name}", self.lay.norm_tiles(getattr(w, field)) if w else None,
                                         (self.lay.hb,), np.float32, charge=False)
@@ -413,27 +414,26 @@ class _Prefill:
 
     def layer_weight_bytes(self) -> int:
         """Bytes per core of one layer's resident weights (:meth:`place_layer`)."""
-        elements = sum(int(np.prod(self.plans[plan].b_tile_shape)) for plan, _ in self.MATRICES.values())
+        elements = sum(int(np.prod(self.kernels[op].plan.b_tile_shape)) for op, _ in self.MATRICES.values())
         return (elements + len(self.NORMS) * self.lay.hb) * self.mesh.hardware.element_bytes
 
     def kv_bytes(self) -> int:
         """Bytes per core of one layer's K|V (the cache a region keeps for the re-layout)."""
         return 2 * self.lay.tb * self.lay.kpc * 2 * self.lay.p * self.mesh.hardware.element_bytes
 
-    def place_weight(self, name, plan, matrix_fn, charge: bool = True):
-        """A B operand pre-skewed on load (:meth:`kernels.gemm.GemmPlan.b_layout`: core
-        (i, j) holds the chunks of group ``(pos_y(i) + pos_x(j)) mod R`` of column block j);
-        each rank reads only its cores' rows and columns of the :class:`Gathered` ``matrix_fn()``."""
-        shape = plan.b_tile_shape
+    def place_weight(self, name, kernel, matrix_fn, charge: bool = True):
+        """A B operand pre-skewed on load, as ``kernel``'s B layout says
+        (:meth:`kernels.gemm.GemmPlan.b_layout`); each rank reads only its cores' rows and
+        columns of the :class:`Gathered` ``matrix_fn()``."""
+        layout = kernel.b_layout
         block = None
         if self.numeric:
-            group = (plan.ring_y.position[self.rows][:, None] + plan.ring_x.position[self.cols][None, :]) % plan.rows
-            labels = group[:, :, None] + plan.rows * np.arange(plan.chunks // plan.rows)
-            row_of = plan.chunk_rows(labels)[..., None] * plan.chunk + np.arange(plan.chunk)
-            col_of = self.cols[:, None] * shape[1] + np.arange(shape[1])
-            block = block_tiles(matrix_fn(), row_of.reshape(group.shape + (-1,)),
-                                np.broadcast_to(col_of[None], group.shape + (shape[1],)))
-        return host.place_block(self.mesh, name, block, shape, np.float32, charge=charge)
+            past_end = [np.where(at < 0, dim.length, at)        # padding: past the matrix's end
+                        for dim in layout.dims for at in [dim.index(self.rows, self.cols)]]
+            block = block_tiles(matrix_fn(), *past_end)
+        arr = host.place_block(self.mesh, name, block, layout.tile_shape, np.float32, charge=charge)
+        arr.layout = layout
+        return arr
 
     def flops_so_far(self) -> int:
         return int(self.mesh.sum_over_ranks(int(self.mesh.counters["flops"].sum())))
@@ -462,12 +462,12 @@ class _Prefill:
         ss.free()
         return out
 
-    def gemm(self, op, a, b, name, cells=None, resident_b=False):
-        """MeshGEMM ``op`` (its plan, charged its real work); A is consumed (shifted on the
-        wafer) and released, and so is B unless it is a resident weight (left one ring step
+    def gemm(self, op, a, b, name, resident_b=False):
+        """MeshGEMM ``op`` (the run's plan, charged its real work); A is consumed (shifted on
+        the wafer) and released, and so is B unless it is a resident weight (left one ring step
         short of home: the schedule is cyclic)."""
         with self.mesh.fabric.scope():
-            c = ring_gemm(self.mesh, self.plans[op], a, b, name=name, cells=cells, work=self.work[op])
+            c = self.kernels[op](a, b, name)
         a.free()
         if not resident_b:
             b.free()
@@ -591,10 +591,10 @@ class _Prefill:
     # ------------------------------------------------------------------ one layer
     def layer(self, index, x, cos, sin, w):
         """One decoder layer (PAPER.md §4) on resident weights ``w`` (:meth:`place_layer`)."""
-        mesh, lay, plans = self.mesh, self.lay, self.plans
+        mesh, lay = self.mesh, self.lay
         p = f"prefill.layer{index}"
         tb, p2, cells = lay.tb, 2 * lay.p, lay.cells
-        plan_t, heads = plans["qk"], self.heads
+        plan_t = self.kernels["qk"].plan
 
         with mesh.phase(f"{p}.attention"):
             xn = self.rms_norm(x, w["norm1"], f"{p}.input_norm")
@@ -619,13 +619,13 @@ class _Prefill:
             # scores, then P) carry every head, so every head's reduction stays on its columns.
             k = self.slots_of(kv, 0, f"{p}.k")
             with mesh.fabric.scope():
-                s = ring_gemm_t(mesh, plan_t, q, k, name=f"{p}.qk", cells=heads, work=self.work["qk"])
+                s = self.kernels["qk"](q, k, f"{p}.qk")
             q.free()
             k.free()
             with mesh.phase(f"{p}.softmax"):
                 self.softmax(s, f"{p}.softmax")
             v = self.slots_of(kv, 1, f"{p}.v")
-            o = self.gemm("pv", s, v, f"{p}.pv", cells=heads)
+            o = self.gemm("pv", s, v, f"{p}.pv")
             out = mesh.alloc(f"{p}.attn", (tb, cells * p2), np.float32)
             if self.numeric:
                 out.data[...] = o.data.transpose(0, 1, 3, 2, 4).reshape(out.data.shape)

@@ -118,8 +118,8 @@ def test_a_wrong_product_fails_the_command(monkeypatch):
 
     real = gemm.ring_gemm
 
-    def off_by_one_tile(mesh, plan, a, b, name="gemm"):
-        c = real(mesh, plan, a, b, name=name)
+    def off_by_one_tile(mesh, plan, a, b, name="gemm", **options):
+        c = real(mesh, plan, a, b, name=name, **options)
         c.data[0, 0] += 1.0
         return c
 

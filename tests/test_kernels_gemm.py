@@ -468,3 +468,25 @@ def test_relay_chain_costs(n, root):
     mesh.free()
     np.testing.assert_allclose(clock, np.broadcast_to(expected, (2, n)))
     assert routes <= 2
+
+
+@pytest.mark.parametrize("rows,cols", [(3, 4), (4, 4)])
+def test_a_plan_is_built_once_and_called_for_every_operand_pair(rows, cols):
+    """``MeshGemm``: one plan, called for two operand pairs of its shape (and GEMM-T's), gives
+    each product, with the result in the plan's C layout."""
+    m, k, n = 7, 9, 5
+    mesh = make_mesh(rows, cols)
+    plain, transposed = gemm.MeshGemm(mesh, m, k, n), gemm.MeshGemm(mesh, m, n, k, transposed=True)
+    rng = np.random.default_rng(rows)
+    for call in range(2):
+        a_mat, b_mat = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+        for kernel, b_operand in ((plain, b_mat), (transposed, b_mat.T)):
+            a = host.scatter(mesh, f"a{call}", a_mat, kernel.a_layout)
+            b = host.scatter(mesh, f"b{call}", b_operand, kernel.b_layout)
+            with mesh.fabric.scope():
+                c = kernel(a, b, f"call{call}")
+            assert c.layout == kernel.c_layout
+            np.testing.assert_allclose(host.gather(c), a_mat @ b_mat, atol=tolerance(a_mat @ b_mat, np.float64))
+            for arr in (a, b, c):
+                arr.free()
+    mesh.free()

@@ -14,7 +14,7 @@ import pytest
 from mpi4py import MPI
 from safetensors.numpy import load_file
 
-from kernels.gemm import GemmPlan
+from kernels.gemm import GemmPlan, MeshGemm
 from kernels.gemv import matrix_layout
 from llm.checkpoint import check_finite, load_checkpoint, open_checkpoint, random_weights, save_checkpoint, select
 from llm.config import LlamaConfig
@@ -164,7 +164,7 @@ def test_prefill_blocks_equal_the_whole_skewed_placement(mpi_tmp_path, new_mesh)
         full = weight(whole)
         matrix = full.read(np.arange(k), np.arange(cols))
         tiles = plan.b_layout().tiles(matrix, mesh.global_rows(), mesh.global_cols())
-        arr = run.place_weight(name, plan, lambda: weight(weights.layers[0]))
+        arr = run.place_weight(name, MeshGemm(mesh, lay.t_pad, k, cols), lambda: weight(weights.layers[0]))
         np.testing.assert_array_equal(arr.data, tiles)
         arr.free()
     read = weights.embed.files.bytes_read

@@ -64,7 +64,7 @@ class StrategyDecoder(Decoder):
             self.matrices[(None, "lm_head")] = _whole(weights.lm_head)
 
     # ------------------------------------------------------------------ the hook
-    def _meshgemv(self, x, w, reduce_axis: str, name: str):
+    def _meshgemv(self, x, w, name: str):
         """The strategy's GEMV in place of MeshGEMV; ``w`` (WaferLLM's tiles, unused) names it."""
         mesh = self.mesh
         owner, kind = w.name.split(".")
@@ -82,7 +82,7 @@ class StrategyDecoder(Decoder):
         mesh = self.mesh
         x = self._hidden(hidden)
         with mesh.phase("decode.lm_head"):
-            logits = self._meshgemv(x, self.lm_head, "y", "decode.lm_head")
+            logits = self._meshgemv(x, self.lm_head, "decode.lm_head")
         x.free()
         result = None if mesh.dry_run else host.gather(logits)
         logits.free()
