@@ -83,6 +83,13 @@ def _lookup(index: np.ndarray, at: np.ndarray) -> np.ndarray:
     return np.where(at < index.size, index[np.minimum(at, index.size - 1)], -1)
 
 
+def take_cols(w: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Columns ``index`` of w (zero where index is -1): a layout's host permutation."""
+    out = w[:, np.maximum(index, 0)]
+    out[:, index < 0] = 0
+    return out
+
+
 def block_tiles(matrix: Gathered, row_of: np.ndarray, col_of: np.ndarray) -> np.ndarray:
     """``[br, bc, th, tw]``: core (r, c) of a block holds ``matrix[row_of[r, c]][:, col_of[r, c]]``
     (logical indices); the block's rows and columns are read once."""
@@ -180,24 +187,17 @@ class DecodeLayout:
         return np.where(offs >= 0, heads * self.head_dim + offs, -1)
 
     # ---------------------------------------------------------------- host placement
-    @staticmethod
-    def _take_cols(w: np.ndarray, index: np.ndarray) -> np.ndarray:
-        out = np.zeros((w.shape[0], index.size), w.dtype)
-        keep = index >= 0
-        out[:, keep] = w[:, index[keep]]
-        return out
-
     def qkv_matrix(self, wq, wk, wv) -> np.ndarray:
         """Fused [hidden, cols*(group+2)*s]: column block j = [q slots, k slots, v slots]."""
-        q = self._take_cols(wq, self.q_index().ravel()).reshape(-1, self.cols, self.group * self.s)
+        q = take_cols(wq, self.q_index().ravel()).reshape(-1, self.cols, self.group * self.s)
         kv = self.kv_index()
-        k = self._take_cols(wk, kv).reshape(-1, self.cols, self.s)
-        v = self._take_cols(wv, kv).reshape(-1, self.cols, self.s)
+        k = take_cols(wk, kv).reshape(-1, self.cols, self.s)
+        v = take_cols(wv, kv).reshape(-1, self.cols, self.s)
         return np.concatenate([q, k, v], axis=2).reshape(wq.shape[0], -1)
 
     def o_matrix(self, wo) -> np.ndarray:
         """W_O rows in q-slot order: [cols*group*s, hidden]."""
-        return self._take_cols(wo.T, self.q_index().ravel()).T
+        return take_cols(wo.T, self.q_index().ravel()).T
 
     def gate_up_matrix(self, wg, wu) -> np.ndarray:
         """Fused [hidden, cols*2*ffn_chunk]: column block j = [gate chunk j, up chunk j]."""

@@ -64,7 +64,7 @@ from meshmpi.mesh import block_offsets
 from . import flops
 from .config import LlamaConfig
 from .errors import ModelError
-from .layout import Gathered, block_tiles
+from .layout import Gathered, block_tiles, take_cols
 from .reference import rope_inv_freq
 
 # Modeled FLOPs per element of the local elementwise operators (calibration constants).
@@ -251,24 +251,17 @@ class PrefillLayout:
         origin = ring.order[(ring.position[r][:, None] - steps) % self.sb]
         return dest, origin
 
-    @staticmethod
-    def take_cols(w: np.ndarray, index: np.ndarray) -> np.ndarray:
-        """Columns ``index`` of w (zero where index is -1)."""
-        out = w[:, np.maximum(index, 0)]
-        out[:, index < 0] = 0
-        return out
-
     def qkv_weight(self, layer) -> Gathered:
         """[hidden, n * qkv_cols]: block j = (Q cells of j | K|V share of j)."""
         def arrange(wq, wk, wv):
-            q = self.take_cols(wq, self.q_slots().ravel()).reshape(-1, self.n, self.cells * 2 * self.p)
-            kv = self.take_cols(np.concatenate([wk, wv], axis=1), self.kv_slots().ravel())
+            q = take_cols(wq, self.q_slots().ravel()).reshape(-1, self.n, self.cells * 2 * self.p)
+            kv = take_cols(np.concatenate([wk, wv], axis=1), self.kv_slots().ravel())
             return np.concatenate([q, kv.reshape(-1, self.n, self.kpc * self.share)], axis=2).reshape(wq.shape[0], -1)
         return Gathered.of((layer.q_proj, layer.k_proj, layer.v_proj), arrange)
 
     def o_weight(self, layer) -> Gathered:
         """[n * cells * 2p, hidden]: W_o's rows in the order of the attention output's columns."""
-        return Gathered.of((layer.o_proj,), arrange_rows=lambda wo: self.take_cols(wo.T, self.q_slots().ravel()).T)
+        return Gathered.of((layer.o_proj,), arrange_rows=lambda wo: take_cols(wo.T, self.q_slots().ravel()).T)
 
     def gate_up_weight(self, layer) -> Gathered:
         """[hidden, n * 2 fb]: block j = (gate block j | up block j), zero-padded."""
@@ -277,8 +270,8 @@ class PrefillLayout:
         index = np.where(index < f, index, -1).ravel()
 
         def arrange(wg, wu):
-            gate = self.take_cols(wg, index).reshape(-1, n, fb)
-            up = self.take_cols(wu, index).reshape(-1, n, fb)
+            gate = take_cols(wg, index).reshape(-1, n, fb)
+            up = take_cols(wu, index).reshape(-1, n, fb)
             return np.concatenate([gate, up], axis=2).reshape(wg.shape[0], -1)
         return Gathered.of((layer.gate_proj, layer.up_proj), arrange)
 
@@ -446,19 +439,19 @@ class _Prefill:
         tb, hb = x.tile_shape
         ss = mesh.alloc(f"{name}.ss", (tb,), np.float32)
         with mesh.phase(name):
-            if self.numeric:
-                ss.data[...] = np.einsum("abij,abij->abi", x.data, x.data)
-            mesh.compute(flops.RMS_SUMSQ * self.real_rows * self.real_hidden)
+            mesh.local(flops.RMS_SUMSQ * self.real_rows * self.real_hidden,
+                       lambda: np.einsum("abij,abij->abi", x.data, x.data), ss)
             with mesh.fabric.scope():
                 allreduce(mesh, ss, "x", "sum", name=f"{name}.allreduce", forwarding=self.forwarding)
             out = mesh.alloc(f"{name}.out", x.tile_shape, np.float32)
-            if self.numeric:
+
+            def scale():
                 inv = 1.0 / np.sqrt(ss.data / np.float32(self.config.hidden_size)
                                     + np.float32(self.config.rms_norm_eps))
-                out.data[...] = x.data * inv[..., None] * w.data[:, :, None, :]
+                return x.data * inv[..., None] * w.data[:, :, None, :]
             rows = np.broadcast_to(self.real_rows, mesh.block_shape)
-            mesh.compute(flops.RMS_ROW * rows + flops.RMS_SCALE * rows * self.real_hidden,
-                         scalars=rows)   # a reciprocal root per row
+            mesh.local(flops.RMS_ROW * rows + flops.RMS_SCALE * rows * self.real_hidden, scale, out,
+                       scalars=rows)   # a reciprocal root per row
         ss.free()
         return out
 
@@ -474,9 +467,7 @@ class _Prefill:
         return c
 
     def add_into(self, x, y):
-        if self.numeric:
-            x.data += y.data
-        self.mesh.compute(flops.ADD * self.real_rows * self.real_hidden)
+        self.mesh.local(flops.ADD * self.real_rows * self.real_hidden, lambda: np.add(x.data, y.data, out=x.data))
         y.free()
 
     def kv_share(self, qkv, name):
@@ -490,7 +481,8 @@ class _Prefill:
         """Rotate the Q cells and the K pairs of the share in place (pairs are adjacent; a slot's
         cells share its angles; K pair i of a block sits at ``i // sb`` in share ``i mod sb``)."""
         lay, mesh = self.lay, self.mesh
-        if self.numeric:
+
+        def rotate():
             shape = q.data.shape[:2]
             c = cos.data.reshape(shape + (lay.tb, lay.kpc, lay.p))
             s = sin.data.reshape(c.shape)
@@ -510,7 +502,7 @@ class _Prefill:
             _rotate(keys, pick(c, 1), pick(s, 0))     # V values past a share's K pairs stay
             share.data.reshape(shape + (lay.tb, lay.kpc, lay.share))[..., : 2 * m.size] = keys.reshape(keys.shape[:-2] + (-1,))
         pairs = lay.q_dims()[self.cols] // 2 + lay.k_pairs()[self.cols]
-        mesh.compute(flops.ROPE_PAIR * self.real_rows * pairs[None, :])
+        mesh.local(flops.ROPE_PAIR * self.real_rows * pairs[None, :], rotate)
 
     def gather_kv(self, share, name):
         """K and V of every column's block: each column's share of the block's K|V values goes
@@ -562,29 +554,27 @@ class _Prefill:
         mesh, lay = self.mesh, self.lay
         row_shape = s.tile_shape[:-1]
         scores = row_shape[0] * self.real_rows * self.real_keys      # each core's real ones
-        if self.numeric:
+
+        def scale_mask():
             query = self.rows[:, None, None, None] * lay.tb + np.arange(lay.tb)[None, None, :, None]
             key = self.cols[None, :, None, None] * lay.tb + np.arange(lay.tb)[None, None, None, :]
             visible = ((key <= query) & (key < lay.tokens))[:, :, None]   # same for every head
             scale = np.float32(1.0 / math.sqrt(self.config.head_dim))
-            s.data[...] = np.where(visible, s.data * scale, -np.inf)
-        mesh.compute(flops.SCORE_SCALE_MASK * scores)
+            return np.where(visible, s.data * scale, -np.inf)
+        mesh.local(flops.SCORE_SCALE_MASK * scores, scale_mask, s)
         m = mesh.alloc(f"{name}.max", row_shape, np.float32)
-        if self.numeric:
-            m.data[...] = s.data.max(axis=-1)
-        mesh.compute(flops.SOFTMAX_MAX * scores)
+        mesh.local(flops.SOFTMAX_MAX * scores, lambda: s.data.max(axis=-1), m)
         with mesh.fabric.scope():
             allreduce(mesh, m, "x", "max", name=f"{name}.max", forwarding=self.forwarding)
         l = mesh.alloc(f"{name}.sum", row_shape, np.float32)
-        if self.numeric:
-            s.data[...] = np.exp(s.data - m.data[..., None])
-            l.data[...] = s.data.sum(axis=-1)
-        mesh.compute(flops.SOFTMAX_EXP_SUM * scores)
+
+        def exp_sum():
+            np.exp(s.data - m.data[..., None], out=s.data)
+            return s.data.sum(axis=-1)
+        mesh.local(flops.SOFTMAX_EXP_SUM * scores, exp_sum, l)
         with mesh.fabric.scope():
             allreduce(mesh, l, "x", "sum", name=f"{name}.sum", forwarding=self.forwarding)
-        if self.numeric:
-            s.data /= l.data[..., None]
-        mesh.compute(flops.SOFTMAX_DIVIDE * scores)
+        mesh.local(flops.SOFTMAX_DIVIDE * scores, lambda: np.divide(s.data, l.data[..., None], out=s.data))
         m.free()
         l.free()
 
@@ -637,10 +627,12 @@ class _Prefill:
             xn = self.rms_norm(x, w["norm2"], f"{p}.post_norm")
             gu = self.gemm("gate_up", xn, w["w_gate_up"], f"{p}.gate_up", resident_b=True)
             act = mesh.alloc(f"{p}.act", (tb, lay.fb), np.float32)
-            if self.numeric:
+
+
+            def silu_mul():
                 gate, up = gu.data[..., : lay.fb], gu.data[..., lay.fb:]
-                act.data[...] = gate / (1.0 + np.exp(-gate)) * up
-            mesh.compute(flops.SILU_MUL * self.real_rows * self.real_inter)
+                return gate / (1.0 + np.exp(-gate)) * up
+            mesh.local(flops.SILU_MUL * self.real_rows * self.real_inter, silu_mul, act)
             gu.free()
             self.add_into(x, self.gemm("down", act, w["w_down"], f"{p}.down", resident_b=True))
         return kept
