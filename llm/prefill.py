@@ -59,6 +59,7 @@ from kernels.allreduce import allreduce
 from kernels.gemm import CellMap, MeshGemm, RealWork, rotate_lines
 from kernels.ring import interleaved_ring
 from meshmpi import costs, host
+from meshmpi.layout import blocked
 from meshmpi.mesh import block_offsets
 
 from . import flops
@@ -371,10 +372,10 @@ class _Prefill:
         # The run's MeshGEMMs, each charged its real work (uneven tiles)
         self.kernels = {op: MeshGemm(mesh, m, k, cols, work=work[op], **extra)
                         for op, (m, k, cols, extra) in {
-                            "qkv": (lay.t_pad, hidden, n * lay.qkv_cols, {}),
-                            "o": (lay.t_pad, n * lay.cells * 2 * lay.p, hidden, {}),
-                            "gate_up": (lay.t_pad, hidden, n * 2 * lay.fb, {}),
-                            "down": (lay.t_pad, n * lay.fb, hidden, {}),
+                            "qkv": (tokens, hidden, n * lay.qkv_cols, {}),
+                            "o": (tokens, n * lay.cells * 2 * lay.p, hidden, {}),
+                            "gate_up": (tokens, hidden, n * 2 * lay.fb, {}),
+                            "down": (tokens, n * lay.fb, hidden, {}),
                             "qk": (lay.t_pad, lay.t_pad, n * 2 * lay.p, dict(transposed=True, cells=heads)),
                             "pv": (lay.t_pad, lay.t_pad, n * 2 * lay.p, dict(cells=heads))}.items()}
         # each core's real token rows, keys (the columns of S), hidden and intermediate columns
@@ -444,6 +445,7 @@ class _Prefill:
             with mesh.fabric.scope():
                 allreduce(mesh, ss, "x", "sum", name=f"{name}.allreduce", forwarding=self.forwarding)
             out = mesh.alloc(f"{name}.out", x.tile_shape, np.float32)
+            out.layout = x.layout                        # a norm keeps its input's layout
 
             def scale():
                 inv = 1.0 / np.sqrt(ss.data / np.float32(self.config.hidden_size)
@@ -600,6 +602,7 @@ class _Prefill:
             # The layer's K|V stays on the cores (the cache the re-layout moves; charged with the
             # region's kv_cache block): kept before the skew moves the working copy.
             kept = mesh.alloc(f"{p}.kv.kept", kv.tile_shape, np.float32, fill=None, charge=False)
+            kept.layout = blocked(self.n, self.n, (lay.t_pad, self.n * kv.tile_shape[-1]), ("y", "x"))
             if self.numeric:
                 kept.data[...] = kv.data
             # K and V into the pre-skewed layout of a B operand, on the wafer.
@@ -640,7 +643,7 @@ class _Prefill:
     def read_cache(self, kept) -> tuple[np.ndarray, np.ndarray]:
         """Host plane, after the prefill: a layer's kept K|V as [kv_heads, T, head_dim] each."""
         lay = self.lay
-        cols = host.untile_matrix(host.gather_tiles(self.mesh, kept)).reshape(lay.t_pad, self.n, 2, lay.kpc, 2 * lay.p)
+        cols = host.gather(kept).reshape(lay.t_pad, self.n, 2, lay.kpc, 2 * lay.p)
         return lay.unpermute_kv(cols[:, :, 0]), lay.unpermute_kv(cols[:, :, 1])
 
 
@@ -675,12 +678,9 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
     run = _Prefill(mesh, config, weights, length, forwarding)
     lay = run.lay
 
-    def embedded():
-        x = np.zeros((lay.t_pad, n * lay.hb), np.float32)
-        x[:length, : config.hidden_size] = weights.embed[ids]
-        return host.tile_matrix(x, n, n)
-
-    x = run.scatter("prefill.x", embedded, (lay.tb, lay.hb))
+    activations = blocked(n, n, (length, config.hidden_size), ("y", "x"))    # token block i, feature block j
+    x = host.scatter(mesh, "prefill.x", weights.embed[ids].astype(np.float32) if run.numeric else None,
+                     activations, np.float32)
     cos_sin = lay.rope_tiles() if run.numeric else (None, None)
     cos = run.scatter("prefill.rope.cos", lambda: cos_sin[0], (lay.tb, lay.kpc * lay.p))
     sin = run.scatter("prefill.rope.sin", lambda: cos_sin[1], (lay.tb, lay.kpc * lay.p))
@@ -720,8 +720,7 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
     charged = run.flops_so_far() - flops_before
     last = k_cache = v_cache = None
     if run.numeric:          # host plane: the last hidden vector and the caches
-        full = host.untile_matrix(host.gather_tiles(mesh, final))
-        last = full[length - 1, : config.hidden_size].copy()
+        last = host.gather(final)[length - 1].copy()
         k_cache, v_cache = (list(c) for c in zip(*(run.read_cache(layer) for layer in kept)))
     for arr in (final, x, cos, sin, final_w, *kept, *(w for layer in resident for w in layer.values())):
         arr.free()

@@ -22,18 +22,6 @@ def pad_to(matrix: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return out
 
 
-def tile_matrix(matrix: np.ndarray, grid_rows: int, grid_cols: int) -> np.ndarray:
-    """``(grid_rows*th, grid_cols*tw)`` -> ``(grid_rows, grid_cols, th, tw)`` (tile (i, j) is block (i, j))."""
-    th, tw = matrix.shape[0] // grid_rows, matrix.shape[1] // grid_cols
-    return matrix.reshape(grid_rows, th, grid_cols, tw).swapaxes(1, 2)
-
-
-def untile_matrix(tiles: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`tile_matrix`."""
-    gr, gc, th, tw = tiles.shape
-    return tiles.swapaxes(1, 2).reshape(gr * th, gc * tw)
-
-
 def scatter(mesh, name: str, array: np.ndarray | None, layout: Layout, dtype=None,
             root: int | None = None, charge: bool = True) -> MeshArray:
     """The global ``array`` placed on the mesh as ``layout`` says; the mesh array carries the
