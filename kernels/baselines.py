@@ -110,10 +110,12 @@ class Plan:
         return tiles
 
     def read_columns(self, y_tiles: np.ndarray, order: np.ndarray) -> np.ndarray:
-        """y back from (rows, cols, w) tiles partitioned in ``order``."""
-        flat = np.empty((self.used, self.width), y_tiles.dtype)
-        flat[order.ravel()] = y_tiles[: self.used_rows].reshape(self.used, self.width)
-        return flat.reshape(-1)[: self.n]
+        """y back from (rows, cols, w) tiles partitioned in ``order``; a GEMM's C (T x n) from
+        (rows, cols, T, w) tiles."""
+        per_core = y_tiles.shape[2:]
+        flat = np.empty((self.used,) + per_core, y_tiles.dtype)
+        flat[order.ravel()] = y_tiles[: self.used_rows].reshape((self.used,) + per_core)
+        return np.moveaxis(flat, 0, -2).reshape(per_core[:-1] + (-1,))[..., : self.n]
 
 
 def _used_mask(mesh, plan: Plan) -> np.ndarray:

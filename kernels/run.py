@@ -112,13 +112,6 @@ def run_gemv(mesh, algo: str, m: int, n: int, groups: int | None = None, dtype=n
     return report
 
 
-def read_columns(plan, tiles: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """A baseline's output from its (rows, cols, w) or GEMM (rows, cols, T, w) tiles."""
-    if tiles.ndim == 3:
-        return plan.read_columns(tiles, order)
-    return np.stack([plan.read_columns(tiles[:, :, t], order) for t in range(tiles.shape[2])])
-
-
 def run_baseline(mesh, algo: str, m: int, n: int, dtype=np.float32, seed: int = 0,
                  routing: str = "relay", ring: int | None = None, tokens: int | None = None) -> dict:
     """y = x @ W mapped as Megatron-LM, Ladder or T10 would (kernels/baselines.py); checked
@@ -162,7 +155,7 @@ def run_baseline(mesh, algo: str, m: int, n: int, dtype=np.float32, seed: int = 
             order = plan.row_major()
     error = failure = None
     if not mesh.dry_run:
-        result = read_columns(plan, host.gather_tiles(mesh, y), order)
+        result = plan.read_columns(host.gather_tiles(mesh, y), order)
         error, failure = _checked(f"{algo} {'C' if tokens else 'y'}", result, x_vec, w_mat, dtype)
     sizes = {"m": m, "k": None, "n": n} if tokens is None else {"m": tokens, "k": m, "n": n}
     report = _report(mesh, algo, sizes, wall, error, failure)
