@@ -26,7 +26,8 @@ from meshmpi.benchtools import CsvTable, figure, progress, save_figure
 
 from ..plan import kv_rows
 from ..presets import preset
-from . import STRATEGIES, decoder_class
+from ..prefill import prefill
+from . import STRATEGIES, decoder_class, prefill_runner
 
 CSV_NAME = "llm_strategies"
 FREE_NETWORK = dict(alpha_cycles_per_hop=0.0, beta_cycles_per_relay=0.0, transfer_start_cycles=0.0,
@@ -62,6 +63,26 @@ def decode_step(model: str, side: int, strategy: str, hardware, context: int) ->
                 "max_hops": int(mesh.max_over_ranks(mesh.max_hops)),
                 "routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
                 "peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0))))}
+    finally:
+        mesh.free()
+
+
+def prefill_run(model: str, side: int, strategy: str, hardware, prompt: int) -> dict:
+    """One dry-run prefill of ``prompt`` tokens on a side² region (one layer simulated, the
+    others extrapolated as ``llm bench`` does): the whole model's prefill tokens/s and the
+    simulated layer's counts."""
+    config = preset(model)
+    mesh = Mesh(side, side, hardware, dry_run=True, memory="warn", routes="strict")
+    try:
+        result = prefill(mesh, config, None, prompt, layers=1, runner=prefill_runner(strategy))
+        counts = {k: mesh.sum_over_ranks(int(v.sum())) for k, v in mesh.counters.items()}
+        cycles = result.cycles(config.num_hidden_layers)
+        return {"prefill_tokens_per_s": prompt * hardware.clock_hz / cycles, "prefill_cycles": cycles,
+                "prefill_cycles_per_layer": result.cycles_per_layer, "prefill_messages": counts["messages_sent"],
+                "prefill_relays": counts["relays"], "prefill_bytes_moved": counts["bytes_sent"],
+                "prefill_max_hops": int(mesh.max_over_ranks(mesh.max_hops)),
+                "prefill_routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
+                "prefill_peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0))))}
     finally:
         mesh.free()
 
