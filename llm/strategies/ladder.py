@@ -1,5 +1,6 @@
-"""Ladder-style unified memory for a decode step (PAPER.md §8), on the all-to-all fetch GEMV of
-:mod:`kernels.baselines` (``ladder``).
+"""Ladder-style unified memory for a decode step and a prefill (PAPER.md §8), on the all-to-all
+fetch GEMV (GEMM) of :mod:`kernels.baselines` (``ladder``); the prefill's x is the prompt's
+T x m activations, every fetch carrying a holder's T·h of them (:mod:`llm.strategies.prefill`).
 
 Mapping: every GEMV is Ladder's: x and W laid out contiguously over the used cores in
 row-major order (x's share and W's matching rows together), the output columns partitioned 1-D,

@@ -1,5 +1,6 @@
-"""Megatron-LM tensor parallelism for a decode step (PAPER.md §8), on the 1-D snake mapping of
-:mod:`kernels.baselines` (``megatron``).
+"""Megatron-LM tensor parallelism for a decode step and a prefill (PAPER.md §8), on the 1-D snake
+mapping of :mod:`kernels.baselines` (``megatron``). The prefill's GEMMs pair up as the GEMVs do
+below, x being the prompt's T x m activations (:mod:`llm.strategies.prefill`).
 
 Mapping: the GEMVs of a layer pair up as Megatron-LM pairs them. Fused q/k/v and gate/up are
 *column-parallel*: x arrives whole on the snake's first core and is broadcast down the snake

@@ -1,5 +1,7 @@
-"""T10-style compute-shift for a decode step (PAPER.md §8), on the crossbar-id GEMV of
-:mod:`kernels.baselines` (``t10``).
+"""T10-style compute-shift for a decode step and a prefill (PAPER.md §8), on the crossbar-id GEMV
+(GEMM) of :mod:`kernels.baselines` (``t10``). In the prefill x is the prompt's T x m
+activations: the hand-over multicasts all of them, and the ring fits two T-row chunks
+(:mod:`llm.strategies.prefill`).
 
 Mapping: every GEMV is T10's: W's columns resident 1-D over row-major core ids (at most n
 cores), x split in p chunks rotating around rings of p consecutive ids, p the fewest shifts
