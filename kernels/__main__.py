@@ -19,6 +19,7 @@ EXAMPLES = """\
   python -m kernels gemm --algo summa --broadcast direct --mesh 64x64 --m 2048 --k 2048 --n 2048 --dry-run --routes warn
   mpiexec -n 2 python -m kernels gemv --algo meshgemv --mesh 32x32 --m 4096 --n 4096 --groups 4
   python -m kernels gemv --algo ladder --mesh 64x64 --m 4096 --n 4096 --dry-run --memory warn
+  mpiexec -n 2 python -m kernels gemm --algo t10 --mesh 6x6 --m 20 --k 50 --n 70
   python -m kernels bench gemm --out results
 """
 
@@ -56,11 +57,11 @@ def build_parser():
             s.add_argument("--forwarding", choices=FORWARDING, default="stream",
                            help="how a chain core forwards: add and send as the data streams past "
                                 "(stream, as the wafer's fabric add does) or receive it all first (store)")
-            s.add_argument("--routing", choices=ROUTING,
-                           help="ladder only: forward its long-range fetches hop by hop in software "
-                                "(relay, the default) or on a pass-through route each (direct)")
-            s.add_argument("--ring", type=_positive("ring"),
-                           help="t10 only: cores per compute-shift ring (default: T10's own choice)")
+        s.add_argument("--routing", choices=ROUTING,
+                       help="ladder only: forward its long-range fetches hop by hop in software "
+                            "(relay, the default) or on a pass-through route each (direct)")
+        s.add_argument("--ring", type=_positive("ring"),
+                       help="t10 only: cores per compute-shift ring (default: T10's own choice)")
         s.add_argument("--n", type=_positive("n"), required=True)
         s.add_argument("--dtype", choices=("float32", "float64"), default="float32")
         s.add_argument("--seed", type=int, default=0)
@@ -75,10 +76,12 @@ def build_parser():
 
 def run_kernel(args, argv=None) -> int:
     rows, cols = parse_grid(args.mesh)
+    for option, algo in (("routing", "ladder"), ("ring", "t10")):
+        if getattr(args, option) is not None and args.algo != algo:
+            raise UsageError(f"--{option} is for --algo {algo}; {args.algo} has none")
+    if args.command == "gemm" and args.broadcast != "relay" and args.algo != "summa":
+        raise UsageError(f"--broadcast is for --algo summa; {args.algo} has none")
     if args.command == "gemv":
-        for option, algo in (("routing", "ladder"), ("ring", "t10")):
-            if getattr(args, option) is not None and args.algo != algo:
-                raise UsageError(f"--{option} is for --algo {algo}; {args.algo} has none")
         if args.algo in BASELINE_ALGOS and args.forwarding != "stream":
             raise UsageError(f"--forwarding is for the MeshGEMV allreduces; {args.algo} has none")
     if args.command == "gemv" and args.groups is not None:
@@ -92,7 +95,8 @@ def run_kernel(args, argv=None) -> int:
     mesh = cli.mesh_from_args(args, rows, cols)
     dtype = np.dtype(args.dtype)
     if args.command == "gemm":
-        report = run_gemm(mesh, args.algo, args.m, args.k, args.n, dtype, args.seed, args.broadcast)
+        options = {} if args.algo not in BASELINE_ALGOS else {"routing": args.routing or "relay", "ring": args.ring}
+        report = run_gemm(mesh, args.algo, args.m, args.k, args.n, dtype, args.seed, args.broadcast, **options)
     elif args.algo in BASELINE_ALGOS:
         report = run_baseline(mesh, args.algo, args.m, args.n, dtype, args.seed,
                               args.routing or "relay", args.ring)

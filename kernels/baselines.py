@@ -54,6 +54,16 @@ a row-end jump of C−1 hops back plus one down (and k−1 up for the wrap), tak
 pass-through routes with a software relay where the path turns. Pays: L — every step waits
 for its longest (wrap) edge; P — n cores at most; M — satisfied by choosing p (the 32K case
 does not fit even at w = 1); R — a few pass-through routes per core.
+
+GEMM (prefill, PAPER.md §2/§8): C = A @ B with A (T x m) activations and B (m x n) weights,
+each system mapped as for the GEMV, the T rows of A riding with x: Megatron-LM broadcasts the
+whole of A down the snake (column-parallel; a row-parallel GEMM sums T x n partials up it, see
+:mod:`llm.strategies.megatron`), Ladder's holders keep A's columns q·h..(q+1)·h of every row
+(T·h values) beside W's rows and every fetch carries them, T10's chunks are A's column chunks of
+every row, and its ring is chosen with two T-row chunks and a T-row output in the memory fit.
+The partition stays 1-D over the output columns: B's columns set how many cores work, however
+many tokens there are (P). A core's local product charges the GEMV's vector operations, each
+T times as long, as MeshGEMM charges one per K row of a whole tile (favouring none).
 """
 from __future__ import annotations
 
@@ -100,10 +110,12 @@ class Plan:
         return tiles
 
     def read_columns(self, y_tiles: np.ndarray, order: np.ndarray) -> np.ndarray:
-        """y back from (rows, cols, w) tiles partitioned in ``order``."""
-        flat = np.empty((self.used, self.width), y_tiles.dtype)
-        flat[order.ravel()] = y_tiles[: self.used_rows].reshape(self.used, self.width)
-        return flat.reshape(-1)[: self.n]
+        """y back from (rows, cols, w) tiles partitioned in ``order``; a GEMM's C (T x n) from
+        (rows, cols, T, w) tiles."""
+        per_core = y_tiles.shape[2:]
+        flat = np.empty((self.used,) + per_core, y_tiles.dtype)
+        flat[order.ravel()] = y_tiles[: self.used_rows].reshape((self.used,) + per_core)
+        return np.moveaxis(flat, 0, -2).reshape(per_core[:-1] + (-1,))[..., : self.n]
 
 
 def _used_mask(mesh, plan: Plan) -> np.ndarray:
@@ -116,12 +128,28 @@ def vector_ops(rows: int, width: int) -> int:
     return min(rows, width)
 
 
+def tokens_of(x) -> int:
+    """Rows of the operand: 1 for a GEMV's vector tile ``(m,)``, T for a GEMM's ``(T, m)``."""
+    return x.tile_shape[0] if len(x.tile_shape) == 2 else 1
+
+
+def output_shape(x, width: int) -> tuple:
+    """The output tile: ``(width,)`` for a GEMV, ``(T, width)`` for a GEMM."""
+    return x.tile_shape[:-1] + (width,)
+
+
+def _times(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Per core, x @ w for a vector (``x`` one dimension short of ``w``) or a matrix x."""
+    return np.matmul(x[..., None, :], w)[..., 0, :] if x.ndim == w.ndim - 1 else np.matmul(x, w)
+
+
 def _local_gemv(mesh, plan, y, x_full, w_cols, where) -> None:
-    """y = x · W_cols on the used cores."""
-    rows = x_full.tile_shape[0]
+    """y = x · W_cols on the used cores (a GEMV, or a GEMM of T rows: its vector operations
+    are the GEMV's, each T times as long, as MeshGEMM's hold a whole tile of rows)."""
+    rows = x_full.tile_shape[-1]
     if not mesh.dry_run:
-        y.data[...] = np.matmul(x_full.data[:, :, None, :], w_cols.data)[:, :, 0, :]
-    mesh.compute(2 * rows * plan.width, where=where, ops=vector_ops(rows, plan.width))
+        y.data[...] = _times(x_full.data, w_cols.data)
+    mesh.compute(2 * tokens_of(x_full) * rows * plan.width, where=where, ops=vector_ops(rows, plan.width))
 
 
 # ---------------------------------------------------------------------------- Megatron
@@ -159,7 +187,7 @@ def megatron(mesh, plan: Plan, x, w, name: str = "megatron"):
     """Column-parallel GEMV: broadcast x down the snake, then local GEMVs (module docstring)."""
     with mesh.phase(f"{name}.broadcast"):
         megatron_broadcast(mesh, plan, x)
-    y = mesh.alloc(f"{name}.y", (plan.width,), x.dtype)
+    y = mesh.alloc(f"{name}.y", output_shape(x, plan.width), x.dtype)
     with mesh.phase(f"{name}.local"):
         _local_gemv(mesh, plan, y, x, w, _used_mask(mesh, plan))
     return y
@@ -189,24 +217,27 @@ def _rotations(mesh, name, axis, length, senders, lines, send_of, tile, dtype, r
     return received
 
 
-def ladder(mesh, plan: Plan, stored, name: str = "ladder", routing: str = "relay"):
+def ladder(mesh, plan: Plan, stored, name: str = "ladder", routing: str = "relay", tokens: int = 0):
     """Unified-memory GEMV: every consumer fetches (x_q, W[q rows, its columns]) from every
     holder q over an X-then-Y all-to-all, then computes its columns (module docstring).
-    ``stored`` tiles: (h + h·n_pad,) = this core's x chunk and W rows, row-major."""
+    ``stored`` tiles: (h + h·n_pad,) = this core's x chunk and W rows, row-major; for a GEMM of
+    ``tokens`` rows, (T·h + h·n_pad,): this core's h columns of every row of x first."""
     if routing not in ROUTING:
         raise ValueError(f"ladder routing must be one of {ROUTING}, not {routing!r}")
     rows_used, cols, width = plan.used_rows, plan.cols, plan.width
     h, holder_rows = plan.ladder_holders()
-    block = h + h * width                     # one (holder, consumer) fetch: x_q and W_qb
+    t = max(tokens, 1)
+    xh = t * h
+    block = xh + h * width                    # one (holder, consumer) fetch: x_q and W_qb
     dtype = stored.dtype
     col_of = mesh.global_cols()[None, :]
     row_of = mesh.global_rows()[:, None]
     blocks = None
     if not mesh.dry_run:     # this core's fetches grouped by consumer: [consumer col, consumer row, block]
-        x_part = stored.data[..., :h]
-        w_part = stored.data[..., h:].reshape(mesh.block_shape + (h, rows_used, cols, width))
+        x_part = stored.data[..., :xh]
+        w_part = stored.data[..., xh:].reshape(mesh.block_shape + (h, rows_used, cols, width))
         w_part = np.moveaxis(w_part, 2, -2)                  # (.., rows_used, cols, h, width) per consumer
-        per_consumer = np.concatenate([np.broadcast_to(x_part[..., None, None, :], mesh.block_shape + (rows_used, cols, h)),
+        per_consumer = np.concatenate([np.broadcast_to(x_part[..., None, None, :], mesh.block_shape + (rows_used, cols, xh)),
                                        w_part.reshape(mesh.block_shape + (rows_used, cols, h * width))], -1)
         blocks = np.moveaxis(per_consumer, 2, 3)             # (.., consumer col, consumer row, block)
     with mesh.phase(f"{name}.fetch.x"):
@@ -236,7 +267,7 @@ def ladder(mesh, plan: Plan, stored, name: str = "ladder", routing: str = "relay
             target = np.broadcast_to((row_of + offset) % rows_used, mesh.block_shape)
             return np.take_along_axis(gathered, target[..., None, None, None], axis=3)[:, :, :, 0]
         y_legs = _rotations(mesh, name, "y", rows_used, holder_rows, None, y_send, (cols, block), dtype, routing)
-    y = mesh.alloc(f"{name}.y", (width,), dtype)
+    y = mesh.alloc(f"{name}.y", (tokens, width) if tokens else (width,), dtype)
     with mesh.phase(f"{name}.local"):
         if not mesh.dry_run:       # fetched[holder row, holder col, block] per consumer
             fetched = np.zeros(mesh.block_shape + (holder_rows, cols, block), dtype)
@@ -246,11 +277,11 @@ def ladder(mesh, plan: Plan, stored, name: str = "ladder", routing: str = "relay
                     ((row_of - offset) % rows_used + 0 * col_of, buf.data) for offset, buf in y_legs.items()]:
                 got = source_row < holder_rows
                 fetched[got, source_row[got]] = tiles[got]
-            x_q = fetched[..., :h]
-            w_qb = fetched[..., h:].reshape(fetched.shape[:-1] + (h, width))
-            y.data[...] = np.einsum("abqck,abqckw->abw", x_q, w_qb)
+            x_q = fetched[..., :xh].reshape(fetched.shape[:-1] + (t, h))
+            w_qb = fetched[..., xh:].reshape(fetched.shape[:-1] + (h, width))
+            y.data[...] = np.einsum("abqctk,abqckw->abtw", x_q, w_qb).reshape(y.data.shape)
         rows_fetched = h * holder_rows * cols
-        mesh.compute(2 * rows_fetched * width, where=_used_mask(mesh, plan), ops=vector_ops(rows_fetched, width))
+        mesh.compute(2 * t * rows_fetched * width, where=_used_mask(mesh, plan), ops=vector_ops(rows_fetched, width))
     for buf in list(x_legs.values()) + list(y_legs.values()):
         buf.free()
     return y
@@ -258,13 +289,15 @@ def ladder(mesh, plan: Plan, stored, name: str = "ladder", routing: str = "relay
 
 def ladder_stored(plan: Plan, x_vec: np.ndarray, w_mat: np.ndarray) -> np.ndarray:
     """(rows, cols, h + h·n_pad): core q (row-major) holds x[q·h:(q+1)·h] then W's rows
-    q·h..(q+1)·h, row-major — tensors laid out contiguously over the cores."""
+    q·h..(q+1)·h, row-major — tensors laid out contiguously over the cores. A GEMM's x
+    (T x m) is split by its columns alike: core q holds x[:, q·h:(q+1)·h] (T·h values)."""
     h, holder_rows = plan.ladder_holders()
     holders = holder_rows * plan.cols
-    x_pad = np.zeros(h * holders, x_vec.dtype)
-    x_pad[: plan.m] = x_vec
+    x_rows = np.atleast_2d(x_vec)
+    x_pad = host.pad_to(x_rows, x_rows.shape[0], h * holders)
+    x_flat = x_pad.reshape(-1, holders, h).transpose(1, 0, 2).reshape(holders, -1)
     w_pad = host.pad_to(w_mat, h * holders, plan.n_pad)
-    flat = np.concatenate([x_pad.reshape(holders, h), w_pad.reshape(holders, h * plan.n_pad)], 1)
+    flat = np.concatenate([x_flat, w_pad.reshape(holders, h * plan.n_pad)], 1)
     tiles = np.zeros((plan.rows, plan.cols, flat.shape[1]), x_vec.dtype)
     tiles[:holder_rows] = flat.reshape(holder_rows, plan.cols, -1)
     return tiles
@@ -277,15 +310,15 @@ def ring_sizes(plan: Plan) -> list[int]:
             + [k * plan.cols for k in range(2, plan.used_rows + 1) if plan.used_rows % k == 0])
 
 
-def t10_ring(plan: Plan, hw) -> int:
-    """T10's choice: the fewest shifts whose buffers fit (resident W, two x chunks, y). When a
-    core's columns of W alone overflow its memory no ring fits; the chunks are then sized as if
-    the two of them had the core to themselves."""
+def t10_ring(plan: Plan, hw, tokens: int = 1) -> int:
+    """T10's choice: the fewest shifts whose buffers fit (resident W, two x chunks of
+    ``tokens`` rows, y). When a core's columns of W alone overflow its memory no ring fits;
+    the chunks are then sized as if the two of them had the core to themselves."""
     sizes = ring_sizes(plan)
     for resident in (plan.width, 0):
         for p in sizes:
             chunk = -(-plan.m // p)
-            if hw.element_bytes * (p * chunk * resident + 2 * chunk + resident) <= hw.sram_bytes_per_core:
+            if hw.element_bytes * (p * chunk * resident + tokens * (2 * chunk + resident)) <= hw.sram_bytes_per_core:
                 return p
     return sizes[-1]
 
@@ -293,15 +326,16 @@ def t10_ring(plan: Plan, hw) -> int:
 def t10(mesh, plan: Plan, x, w, ring: int, name: str = "t10"):
     """Compute-shift GEMV on rings of ``ring`` consecutive core ids (module docstring).
     ``x`` tiles: (chunk,) — ring position i starts with chunk i; ``w`` tiles:
-    (ring, chunk, width) — W's rows of chunk i for this core's columns."""
+    (ring, chunk, width) — W's rows of chunk i for this core's columns. A GEMM's ``x`` tiles
+    are (T, chunk): the chunk of columns of every row of x."""
     cols, fabric = plan.cols, mesh.fabric
-    chunk, width = x.tile_shape[0], plan.width
+    chunk, width, tokens = x.tile_shape[-1], plan.width, tokens_of(x)
     used = _used_mask(mesh, plan)
     ids = mesh.global_rows()[:, None] * cols + mesh.global_cols()[None, :]
     position = np.broadcast_to(ids % ring, mesh.block_shape)
     lines = list(range(plan.used_rows))
-    buffers = (x, mesh.alloc(f"{name}.x.next", (chunk,), x.dtype))
-    y = mesh.alloc(f"{name}.y", (width,), x.dtype)
+    buffers = (x, mesh.alloc(f"{name}.x.next", x.tile_shape, x.dtype))
+    y = mesh.alloc(f"{name}.y", output_shape(x, width), x.dtype)
     steps = []
     if ring > 1 and ring <= cols:     # rings inside a row: successor, and a wrap of ring-1 hops
         positions = np.arange(cols)
@@ -309,13 +343,13 @@ def t10(mesh, plan: Plan, x, w, ring: int, name: str = "t10"):
         steps.append(("x", fabric.permutation(f"{name}.ring", "x", dest, group=f"{name}.ring"), lines))
     elif ring > cols:                 # rings of k whole rows: row-end jump back, one down (k-1 up)
         k = ring // cols
-        transit = mesh.alloc(f"{name}.x.transit", (chunk,), x.dtype)
+        transit = mesh.alloc(f"{name}.x.transit", x.tile_shape, x.dtype)
         steps.append(("x", fabric.shift(f"{name}.along", "x", 1, group=f"{name}.along"), lines))
         steps.append(("transit", fabric.plan(f"{name}.back", "x", [cols - 1], [0], group=f"{name}.back"), lines))
         rows = np.arange(mesh.rows)
         down = np.where(rows < plan.used_rows, np.where((rows + 1) % k == 0, rows + 1 - k, rows + 1), -1)
         steps.append(("corner", fabric.permutation(f"{name}.down", "y", down, group=f"{name}.down"), [0]))
-        arrive = mesh.alloc(f"{name}.x.arrive", (chunk,), x.dtype)
+        arrive = mesh.alloc(f"{name}.x.arrive", x.tile_shape, x.dtype)
     corner = (mesh.global_cols()[None, :] == 0) & used
     with mesh.phase(f"{name}.compute_shift"):
         for step in range(ring):
@@ -333,8 +367,8 @@ def t10(mesh, plan: Plan, x, w, ring: int, name: str = "t10"):
             if not mesh.dry_run:
                 held = (position - step) % ring
                 w_rows = np.take_along_axis(w.data, held[..., None, None, None], axis=2)[:, :, 0]
-                y.data += np.matmul(current.data[:, :, None, :], w_rows)[:, :, 0, :]
-            mesh.compute(2 * chunk * width, where=used, ops=vector_ops(chunk, width))
+                y.data += _times(current.data, w_rows)
+            mesh.compute(2 * tokens * chunk * width, where=used, ops=vector_ops(chunk, width))
             for transfer in pending:
                 transfer.wait()
             if ring > cols and step + 1 < ring and not mesh.dry_run:   # column 0's chunk came down
@@ -348,13 +382,16 @@ def t10(mesh, plan: Plan, x, w, ring: int, name: str = "t10"):
 
 
 def t10_tiles(plan: Plan, ring: int, x_vec: np.ndarray, w_mat: np.ndarray):
-    """x: ring position i holds chunk i; W: each core's columns split in the ring's chunks."""
+    """x: ring position i holds chunk i (of every row, for a GEMM's T x m x); W: each core's
+    columns split in the ring's chunks."""
     chunk = -(-plan.m // ring)
     m_pad = chunk * ring
-    x_pad = np.zeros(m_pad, x_vec.dtype)
-    x_pad[: plan.m] = x_vec
+    x_pad = host.pad_to(np.atleast_2d(x_vec), np.atleast_2d(x_vec).shape[0], m_pad)
     ids = plan.row_major()
-    x_tiles = np.zeros((plan.rows, plan.cols, chunk), x_vec.dtype)
-    x_tiles[: plan.used_rows] = x_pad.reshape(ring, chunk)[ids % ring]
+    per_core = np.moveaxis(x_pad.reshape(-1, ring, chunk)[:, ids % ring], 0, -2)   # [used_rows, cols, T, chunk]
+    if x_vec.ndim == 1:
+        per_core = per_core[..., 0, :]
+    x_tiles = np.zeros((plan.rows, plan.cols) + per_core.shape[2:], x_vec.dtype)
+    x_tiles[: plan.used_rows] = per_core
     w_tiles = plan.column_tiles(w_mat, ids, m_pad).reshape(plan.rows, plan.cols, ring, chunk, plan.width)
     return x_tiles, w_tiles

@@ -11,7 +11,7 @@ from meshmpi.errors import CheckError, UsageError
 
 from . import baselines, gemm, gemv, summa
 
-GEMM_ALGOS = ("meshgemm", "cannon", "summa")
+GEMM_ALGOS = ("meshgemm", "cannon", "summa") + baselines.STRATEGIES
 GEMV_ALGOS = {"meshgemv": "ktree", "pipeline": "pipeline", "ring": "ring"}
 BASELINE_ALGOS = baselines.STRATEGIES     # the systems WaferLLM is compared with (PAPER.md §8)
 
@@ -66,9 +66,13 @@ def _timed(mesh, fn):
 
 
 def run_gemm(mesh, algo: str, m: int, k: int, n: int, dtype=np.float32, seed: int = 0,
-             broadcast: str = "relay") -> dict:
+             broadcast: str = "relay", **options) -> dict:
     """C = A @ B with A (m x k) and B (k x n) drawn from ``seed``; checked against numpy.
-    ``broadcast`` (SUMMA only): ``relay`` (software chain) or ``direct`` (a route per root)."""
+    ``broadcast`` (SUMMA only): ``relay`` (software chain) or ``direct`` (a route per root).
+    The compared systems' algos (:data:`BASELINE_ALGOS`) run :func:`run_baseline` with
+    ``options`` (routing, ring)."""
+    if algo in BASELINE_ALGOS:
+        return run_baseline(mesh, algo, k, n, dtype, seed, tokens=m, **options)
     kernel = gemm.MeshGemm(mesh, m, k, n, algo="cannon" if algo == "cannon" else "meshgemm", name=algo)
     plan = kernel.plan
     b_layout = plan.b_natural_layout() if algo == "summa" else kernel.b_layout
@@ -109,49 +113,52 @@ def run_gemv(mesh, algo: str, m: int, n: int, groups: int | None = None, dtype=n
 
 
 def run_baseline(mesh, algo: str, m: int, n: int, dtype=np.float32, seed: int = 0,
-                 routing: str = "relay", ring: int | None = None) -> dict:
+                 routing: str = "relay", ring: int | None = None, tokens: int | None = None) -> dict:
     """y = x @ W mapped as Megatron-LM, Ladder or T10 would (kernels/baselines.py); checked
     against numpy. ``routing`` (ladder): relayed or direct long-range fetches; ``ring`` (t10):
-    the compute-shift ring size (default T10's own choice)."""
+    the compute-shift ring size (default T10's own choice). With ``tokens``, the GEMM
+    C = A @ B of A (tokens x m) and B (m x n) instead (the report names them m, k, n)."""
     plan = baselines.Plan(mesh.rows, mesh.cols, m, n)
+    rows_of_x = () if tokens is None else (tokens,)
     if algo == "t10":
         sizes = baselines.ring_sizes(plan)
-        ring = baselines.t10_ring(plan, mesh.hardware) if ring is None else ring
+        ring = baselines.t10_ring(plan, mesh.hardware, tokens or 1) if ring is None else ring
         if ring not in sizes:
             raise UsageError(f"--ring {ring}: a T10 ring must tile the {plan.used_rows}x{plan.cols} "
                              f"cores it uses (one of {', '.join(map(str, sizes))})")
     x_vec = w_mat = None
     if not mesh.dry_run:
-        x_vec, w_mat = _inputs(seed, dtype, (m,), (m, n))
+        x_vec, w_mat = _inputs(seed, dtype, rows_of_x + (m,), (m, n))
     with mesh.fabric.scope():
         if algo == "megatron":
             x_tiles = w_tiles = None
             if x_vec is not None:
-                x_tiles = np.zeros((mesh.rows, mesh.cols, m), dtype)
+                x_tiles = np.zeros((mesh.rows, mesh.cols) + x_vec.shape, dtype)
                 x_tiles[0, 0] = x_vec
                 w_tiles = plan.column_tiles(w_mat, plan.snake(), m)
-            x = host.scatter_tiles(mesh, "megatron.x", x_tiles, (m,), dtype)
+            x = host.scatter_tiles(mesh, "megatron.x", x_tiles, rows_of_x + (m,), dtype)
             w = host.scatter_tiles(mesh, "megatron.w", w_tiles, (m, plan.width), dtype)
             y, wall = _timed(mesh, lambda: baselines.megatron(mesh, plan, x, w))
             order = plan.snake()
         elif algo == "ladder":
             h = -(-m // plan.used)
             tiles = None if x_vec is None else baselines.ladder_stored(plan, x_vec, w_mat)
-            stored = host.scatter_tiles(mesh, "ladder.stored", tiles, (h + h * plan.n_pad,), dtype)
-            y, wall = _timed(mesh, lambda: baselines.ladder(mesh, plan, stored, routing=routing))
+            stored = host.scatter_tiles(mesh, "ladder.stored", tiles, ((tokens or 1) * h + h * plan.n_pad,), dtype)
+            y, wall = _timed(mesh, lambda: baselines.ladder(mesh, plan, stored, routing=routing, tokens=tokens or 0))
             order = plan.row_major()
         else:
             chunk = -(-m // ring)
             x_tiles, w_tiles = (None, None) if x_vec is None else baselines.t10_tiles(plan, ring, x_vec, w_mat)
-            x = host.scatter_tiles(mesh, "t10.x", x_tiles, (chunk,), dtype)
+            x = host.scatter_tiles(mesh, "t10.x", x_tiles, rows_of_x + (chunk,), dtype)
             w = host.scatter_tiles(mesh, "t10.w", w_tiles, (ring, chunk, plan.width), dtype)
             y, wall = _timed(mesh, lambda: baselines.t10(mesh, plan, x, w, ring))
             order = plan.row_major()
     error = failure = None
     if not mesh.dry_run:
         result = plan.read_columns(host.gather_tiles(mesh, y), order)
-        error, failure = _checked(f"{algo} y", result, x_vec, w_mat, dtype)
-    report = _report(mesh, algo, {"m": m, "k": None, "n": n}, wall, error, failure)
+        error, failure = _checked(f"{algo} {'C' if tokens else 'y'}", result, x_vec, w_mat, dtype)
+    sizes = {"m": m, "k": None, "n": n} if tokens is None else {"m": tokens, "k": m, "n": n}
+    report = _report(mesh, algo, sizes, wall, error, failure)
     report.update(cores_used=plan.used, columns_per_core=plan.width,
                   routing=routing if algo == "ladder" else None, ring=ring if algo == "t10" else None)
     return report

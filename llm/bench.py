@@ -176,7 +176,7 @@ def run_strategies(args, out: Path) -> int:
     if args.json:
         cli.print_json({"out": str(out), "rows": rows})
     else:
-        cli.say(strategies_bench.markdown(rows))
+        cli.say(strategies_bench.markdown(rows) + "\n\n" + strategies_bench.prefill_markdown(rows))
     cli.say(f"bench strategies: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
 

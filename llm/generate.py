@@ -62,8 +62,8 @@ def build_parser():
     g.add_argument("--kv", choices=POLICIES, default="shift", help="KV cache policy (default shift)")
     g.add_argument("--allreduce", choices=("ktree", "pipeline", "ring"), default="ktree")
     g.add_argument("--strategy", choices=STRATEGIES, default="waferllm",
-                   help="the decode's mapping: WaferLLM's or a system it is compared with, their GEMVs on "
-                        "the same region (llm/strategies; default waferllm)")
+                   help="the prefill's and decode's mapping: WaferLLM's or a system it is compared with, "
+                        "their GEMMs and GEMVs on the same regions (llm/strategies; default waferllm)")
     g.add_argument("--groups", type=int, help="K-tree groups per line (default about sqrt(N))")
     g.add_argument("--forwarding", choices=FORWARDING, default="stream",
                    help="allreduce chains: add and forward as the data streams past (stream, default) "
@@ -372,7 +372,7 @@ def _format(r: dict, streamed: bool = False) -> str:
     rate = r["modeled_decode_tokens_per_s"]
     lines += [f"{r['model']} on {r['mesh']} (prefill {r['prefill_mesh']}, {r['hardware']}, {plural(r['ranks'], 'rank')}"
               f"{', dry run' if r['dry_run'] else ''}), KV {r['kv_policy']}"
-              + ("" if r["strategy"] == "waferllm" else f", {r['strategy']} decode"),
+              + ("" if r["strategy"] == "waferllm" else f", {r['strategy']} prefill and decode"),
               f"  prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new",
               f"  modeled prefill   {r['modeled_prefill_seconds'] * 1e3:.4f} ms",
               f"  prefill FLOPs     {r['prefill_flops_charged']:,} charged, {r['prefill_flops_real']:,} real "

@@ -648,14 +648,15 @@ class _Prefill:
 
 
 def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = None,
-            forwarding: str = "stream", on_layer=None) -> PrefillResult:
+            forwarding: str = "stream", on_layer=None, runner=None) -> PrefillResult:
     """Run the prompt through ``layers`` decoder layers (default all) and the final norm.
 
     ``tokens``: token ids (numeric run) or just the prompt length (dry run). ``weights`` may
     be None only when ``mesh.dry_run``. ``forwarding``: how the allreduce chains forward
     (:mod:`kernels.allreduce`); ``on_layer()`` is called after each layer (progress). Returns a
     :class:`PrefillResult`; ``last_hidden`` and the caches
-    are None in a dry run. The mesh must be square.
+    are None in a dry run. The mesh must be square. ``runner``: the class that runs the layers
+    (default WaferLLM's; :mod:`llm.strategies` swaps its GEMMs).
     """
     n = _check_mesh(mesh)
     if isinstance(tokens, (int, np.integer)):
@@ -675,7 +676,7 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
     count = config.num_hidden_layers if layers is None else int(layers)
     if not 1 <= count <= config.num_hidden_layers:
         raise ModelError(f"layers must be in 1..{config.num_hidden_layers}, got {layers}")
-    run = _Prefill(mesh, config, weights, length, forwarding)
+    run = (runner or _Prefill)(mesh, config, weights, length, forwarding)
     lay = run.lay
 
     activations = blocked(n, n, (length, config.hidden_size), ("y", "x"))    # token block i, feature block j

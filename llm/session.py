@@ -31,14 +31,14 @@ from . import e2e
 from .decode import POLICIES
 from .plan import Planner, hint_on_failure, kv_rows
 from .prefill import prefill
-from .strategies import decoder_class
+from .strategies import decoder_class, prefill_runner
 
 
 @dataclass
 class Options:
     """How the request runs: the KV policy, the allreduces, the layers simulated (None: all;
     fewer are extrapolated), the decode contexts a dry run simulates, progress on stderr, and
-    the decode's mapping (:mod:`llm.strategies`: WaferLLM's or a system it is compared with)."""
+    the prefill's and decode's mapping (:mod:`llm.strategies`: WaferLLM's or a system it is compared with)."""
     kv: str = "shift"
     allreduce: str = "ktree"
     groups: int | None = None
@@ -80,7 +80,7 @@ class Session:
             with hint_on_failure(self.planner), progress.Progress(
                     self.sim_layers, f"prefill of {self.prompt} tokens", "layers", o.progress) as bar:
                 self.pre = prefill(pmesh, config, self.weights, ids, layers=self.sim_layers,
-                                   forwarding=o.forwarding, on_layer=bar.update)
+                                   forwarding=o.forwarding, on_layer=bar.update, runner=prefill_runner(o.strategy))
             self.mesh = mesh = self.make_mesh(self.rows, self.cols)
             capacity = kv_rows(o.kv, self.prompt + self.new_tokens, self.rows)
             progress.stage(f"placing {self.sim_layers} decode layers on {self.rows}x{self.cols}", o.progress)

@@ -1,5 +1,5 @@
-"""``python -m llm bench --strategies``: the decode of WaferLLM and of the systems it is compared
-with (PAPER.md §8) on one region, hardware and cost model, as dry runs.
+"""``python -m llm bench --strategies``: the prefill and decode of WaferLLM and of the systems it
+is compared with (PAPER.md §8) on one region, hardware and cost model, as dry runs.
 
 For each preset, region side and strategy, one decode step at a ``--prompt-len`` context (one
 layer simulated, the others extrapolated, as ``llm bench``), on a region planned as WaferLLM
@@ -11,6 +11,11 @@ links, waits behind other messages). The counts (messages, relays, bytes) are th
 simulated step (one layer and the LM head). Memory runs under the warn policy so every
 strategy gets a figure; ``fits_sram`` says whether the step's buffers fit a core beside the
 region's resident weights and KV cache.
+
+The prefill of a ``--prompt-len`` prompt runs on the same side² region (one layer simulated,
+the others extrapolated with the region plan's hand-offs, as ``llm bench``), once, with the full
+cost model (``prefill_*`` columns: tokens/s of the whole model's prefill, the simulated layer's
+messages, relays, bytes, longest hop, routes and peak memory); its cycles are not split by part.
 
 Writes <out>/llm_strategies.csv and <out>/llm_strategies.png (tokens/s per strategy, and the
 cycles of a token by part).
@@ -26,7 +31,8 @@ from meshmpi.benchtools import CsvTable, figure, progress, save_figure
 
 from ..plan import kv_rows
 from ..presets import preset
-from . import STRATEGIES, decoder_class
+from ..prefill import prefill
+from . import STRATEGIES, decoder_class, prefill_runner
 
 CSV_NAME = "llm_strategies"
 FREE_NETWORK = dict(alpha_cycles_per_hop=0.0, beta_cycles_per_relay=0.0, transfer_start_cycles=0.0,
@@ -66,6 +72,26 @@ def decode_step(model: str, side: int, strategy: str, hardware, context: int) ->
         mesh.free()
 
 
+def prefill_run(model: str, side: int, strategy: str, hardware, prompt: int) -> dict:
+    """One dry-run prefill of ``prompt`` tokens on a side² region (one layer simulated, the
+    others extrapolated as ``llm bench`` does): the whole model's prefill tokens/s and the
+    simulated layer's counts."""
+    config = preset(model)
+    mesh = Mesh(side, side, hardware, dry_run=True, memory="warn", routes="strict")
+    try:
+        result = prefill(mesh, config, None, prompt, layers=1, runner=prefill_runner(strategy))
+        counts = {k: mesh.sum_over_ranks(int(v.sum())) for k, v in mesh.counters.items()}
+        cycles = result.cycles(config.num_hidden_layers)
+        return {"prefill_tokens_per_s": prompt * hardware.clock_hz / cycles, "prefill_cycles": cycles,
+                "prefill_cycles_per_layer": result.cycles_per_layer, "prefill_messages": counts["messages_sent"],
+                "prefill_relays": counts["relays"], "prefill_bytes_moved": counts["bytes_sent"],
+                "prefill_max_hops": int(mesh.max_over_ranks(mesh.max_hops)),
+                "prefill_routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
+                "prefill_peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0))))}
+    finally:
+        mesh.free()
+
+
 def row(model: str, side: int, strategy: str, hardware, context: int) -> dict:
     """The table's row: the step under each cost-model variant (module docstring)."""
     t0 = time.perf_counter()
@@ -79,6 +105,7 @@ def row(model: str, side: int, strategy: str, hardware, context: int) -> dict:
     parts["other_cycles"] = total - sum(parts.values())
     return {"model": model, "mesh": side, "strategy": strategy, "context": context,
             "decode_tokens_per_s": hardware.clock_hz / total, **base, **parts,
+            **prefill_run(model, side, strategy, hardware, context),
             "relays_per_message": base["relays"] / base["messages"] if base["messages"] else 0.0,
             "fits_sram": base["peak_bytes_per_core"] <= hardware.sram_bytes_per_core,
             "wall_seconds": time.perf_counter() - t0, "error": ""}
@@ -97,6 +124,24 @@ def run(args, models: list[str], sides: list[int], strategies: list[str], out: P
     if cli.world_rank() == 0:
         plot(rows, out / f"{CSV_NAME}.png", hardware.name)
     return rows
+
+
+def prefill_markdown(rows: list[dict]) -> str:
+    """The prefill table of results/README.md: tokens/s, WaferLLM's lead, the simulated layer's
+    counts."""
+    head = ("| model | region | strategy | prefill tokens/s | WaferLLM × | messages | relays | relays / message "
+            "| bytes moved | max hops | routes | peak B/core |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    ours = {(r["model"], r["mesh"]): float(r["prefill_tokens_per_s"]) for r in rows if r["strategy"] == "waferllm"}
+    for r in rows:
+        rate, messages = float(r["prefill_tokens_per_s"]), int(r["prefill_messages"])
+        gap = ours.get((r["model"], r["mesh"]))
+        lines.append(
+            f"| {r['model']} | {r['mesh']}² | {r['strategy']} | {rate:,.1f} | {f'{gap / rate:,.1f}' if gap else '–'} "
+            f"| {messages:,} | {int(r['prefill_relays']):,} | {int(r['prefill_relays']) / messages if messages else 0:.2f} "
+            f"| {int(r['prefill_bytes_moved']):,} | {r['prefill_max_hops']} | {r['prefill_routes_per_core_max']} "
+            f"| {int(r['prefill_peak_bytes_per_core']):,} |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -120,8 +165,8 @@ def markdown(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path, hardware: str) -> None:
     """Decode tokens/s per strategy and preset; a token's cycles by part per strategy."""
-    plt, fig, axes = figure(2, width=5.5)
-    rate, parts = axes[0]
+    plt, fig, axes = figure(3, width=5.5)
+    rate, prefill_rate, parts = axes[0]
     models = list(dict.fromkeys(f"{r['model']} {r['mesh']}²" for r in rows))
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     width = 0.8 / len(strategies)
@@ -132,6 +177,13 @@ def plot(rows: list[dict], path: Path, hardware: str) -> None:
     rate.set_yscale("log")
     rate.set_ylabel("decode tokens/s")
     rate.legend(fontsize=7)
+    for i, strategy in enumerate(strategies):
+        mine = {f"{r['model']} {r['mesh']}²": float(r["prefill_tokens_per_s"]) for r in rows if r["strategy"] == strategy}
+        prefill_rate.bar([j + i * width for j in range(len(models))], [mine.get(m, 0) for m in models], width,
+                         label=strategy)
+    prefill_rate.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models, rotation=20, fontsize=7)
+    prefill_rate.set_yscale("log")
+    prefill_rate.set_ylabel(f"prefill tokens/s ({rows[0]['context']}-token prompt)")
     first = [r for r in rows if f"{r['model']} {r['mesh']}²" == models[0]]
     bottom = [0.0] * len(first)
     for key in ("compute_cycles", "hop_cycles", "relay_cycles", "other_cycles"):
@@ -141,7 +193,7 @@ def plot(rows: list[dict], path: Path, hardware: str) -> None:
     parts.set_ylabel("share of a token's cycles")
     parts.set_title(models[0], fontsize=9)
     parts.legend(fontsize=7)
-    for ax in (rate, parts):
+    for ax in (rate, prefill_rate, parts):
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(f"decode per strategy, dry runs, {hardware}", fontsize=10)
+    fig.suptitle(f"prefill and decode per strategy, dry runs, {hardware}", fontsize=10)
     save_figure(plt, fig, path)

@@ -1,5 +1,6 @@
-"""Ladder-style unified memory for a decode step (PAPER.md §8), on the all-to-all fetch GEMV of
-:mod:`kernels.baselines` (``ladder``).
+"""Ladder-style unified memory for a decode step and a prefill (PAPER.md §8), on the all-to-all
+fetch GEMV (GEMM) of :mod:`kernels.baselines` (``ladder``); the prefill's x is the prompt's
+T x m activations, every fetch carrying a holder's T·h of them (:mod:`llm.strategies.prefill`).
 
 Mapping: every GEMV is Ladder's: x and W laid out contiguously over the used cores in
 row-major order (x's share and W's matching rows together), the output columns partitioned 1-D,
@@ -32,12 +33,14 @@ class Ladder:
     def __init__(self, routing: str = "relay"):
         self.routing = routing
 
-    def gemv(self, mesh, kind: str, m: int, n: int, x_vec, w_mat, name: str):
+    def gemv(self, mesh, kind: str, m: int, n: int, x_vec, w_mat, name: str, tokens: int | None = None):
+        """y = x @ W, or with ``tokens`` the GEMM of a ``tokens x m`` x (the prefill's)."""
         plan = baselines.Plan(mesh.rows, mesh.cols, m, n)
         h = -(-m // plan.used)
         tiles = None if x_vec is None else baselines.ladder_stored(plan, x_vec, w_mat)
-        stored = host.scatter_tiles(mesh, f"{name}.stored", tiles, (h + h * plan.n_pad,), np.float32, charge=False)
-        y = baselines.ladder(mesh, plan, stored, name, routing=self.routing)
+        stored = host.scatter_tiles(mesh, f"{name}.stored", tiles, ((tokens or 1) * h + h * plan.n_pad,), np.float32,
+                                    charge=False)
+        y = baselines.ladder(mesh, plan, stored, name, routing=self.routing, tokens=tokens or 0)
         result = None if mesh.dry_run else plan.read_columns(host.gather_tiles(mesh, y), plan.row_major())
         stored.free()
         y.free()

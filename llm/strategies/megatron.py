@@ -1,5 +1,6 @@
-"""Megatron-LM tensor parallelism for a decode step (PAPER.md §8), on the 1-D snake mapping of
-:mod:`kernels.baselines` (``megatron``).
+"""Megatron-LM tensor parallelism for a decode step and a prefill (PAPER.md §8), on the 1-D snake
+mapping of :mod:`kernels.baselines` (``megatron``). The prefill's GEMMs pair up as the GEMVs do
+below, x being the prompt's T x m activations (:mod:`llm.strategies.prefill`).
 
 Mapping: the GEMVs of a layer pair up as Megatron-LM pairs them. Fused q/k/v and gate/up are
 *column-parallel*: x arrives whole on the snake's first core and is broadcast down the snake
@@ -34,15 +35,20 @@ def _used(mesh, plan) -> np.ndarray:
     return np.broadcast_to((mesh.global_rows() < plan.used_rows)[:, None], mesh.block_shape)
 
 
-def column_parallel(mesh, m: int, n: int, x_vec, w_mat, name: str):
-    """y = x @ W with W's columns over the snake, x broadcast from its first core."""
+def _rows(tokens) -> tuple:
+    return () if tokens is None else (tokens,)
+
+
+def column_parallel(mesh, m: int, n: int, x_vec, w_mat, name: str, tokens: int | None = None):
+    """y = x @ W with W's columns over the snake, x broadcast from its first core (a GEMM's
+    x: ``tokens`` rows, broadcast whole)."""
     plan = baselines.Plan(mesh.rows, mesh.cols, m, n)
     x_tiles = w_tiles = None
     if x_vec is not None:
-        x_tiles = np.zeros((mesh.rows, mesh.cols, m), np.float32)
+        x_tiles = np.zeros((mesh.rows, mesh.cols) + x_vec.shape, np.float32)
         x_tiles[0, 0] = x_vec
         w_tiles = plan.column_tiles(w_mat, plan.snake(), m)
-    x = host.scatter_tiles(mesh, f"{name}.x", x_tiles, (m,), np.float32)
+    x = host.scatter_tiles(mesh, f"{name}.x", x_tiles, _rows(tokens) + (m,), np.float32)
     w = host.scatter_tiles(mesh, f"{name}.w", w_tiles, (m, plan.width), np.float32, charge=False)
     y = baselines.megatron(mesh, plan, x, w, name)
     result = None if mesh.dry_run else plan.read_columns(host.gather_tiles(mesh, y), plan.snake())
@@ -51,24 +57,27 @@ def column_parallel(mesh, m: int, n: int, x_vec, w_mat, name: str):
     return result
 
 
-def row_parallel(mesh, m: int, n: int, x_vec, w_mat, name: str):
+def row_parallel(mesh, m: int, n: int, x_vec, w_mat, name: str, tokens: int | None = None):
     """y = x @ W with W's rows (and x's matching shares) over the snake, partial sums reduced
-    up the snake to its first core."""
+    up the snake to its first core (a GEMM's x: ``tokens`` rows, split by columns alike)."""
     plan = baselines.Plan(mesh.rows, mesh.cols, n, m)      # W's transpose, column-parallel
     order = plan.snake()
+    rows = _rows(tokens)
     x_tiles = w_tiles = None
     if x_vec is not None:
-        x_tiles = plan.column_tiles(x_vec[None, :], order, 1)[:, :, 0]
+        x_tiles = plan.column_tiles(np.atleast_2d(x_vec), order, tokens or 1)
+        x_tiles = x_tiles if tokens is not None else x_tiles[:, :, 0]
         w_tiles = plan.column_tiles(np.ascontiguousarray(w_mat.T), order, n)
-    x = host.scatter_tiles(mesh, f"{name}.x", x_tiles, (plan.width,), np.float32)
+    x = host.scatter_tiles(mesh, f"{name}.x", x_tiles, rows + (plan.width,), np.float32)
     w = host.scatter_tiles(mesh, f"{name}.w", w_tiles, (n, plan.width), np.float32, charge=False)
-    partial = mesh.alloc(f"{name}.partial", (n,), np.float32)
+    partial = mesh.alloc(f"{name}.partial", rows + (n,), np.float32)
     with mesh.phase(f"{name}.local"):
         if not mesh.dry_run:
-            partial.data[...] = np.einsum("abnw,abw->abn", w.data, x.data)
-        mesh.compute(2 * plan.width * n, where=_used(mesh, plan), ops=baselines.vector_ops(plan.width, n))
+            partial.data[...] = np.einsum("abnw,ab...w->ab...n", w.data, x.data)
+        mesh.compute(2 * (tokens or 1) * plan.width * n, where=_used(mesh, plan),
+                     ops=baselines.vector_ops(plan.width, n))
     with mesh.phase(f"{name}.reduce"):     # timed as the broadcast's mirror, on a buffer of its size
-        stream = mesh.alloc(f"{name}.stream", (n,), np.float32, charge=False)
+        stream = mesh.alloc(f"{name}.stream", rows + (n,), np.float32, charge=False)
         baselines.megatron_broadcast(mesh, plan, stream)
         stream.free()
     result = None if mesh.dry_run else host.gather_tiles(mesh, partial).sum(axis=(0, 1))
@@ -81,5 +90,6 @@ class Megatron:
     """Column-parallel q/k/v, gate/up and LM head; row-parallel W_O and W_down."""
     name = "megatron"
 
-    def gemv(self, mesh, kind: str, m: int, n: int, x_vec, w_mat, name: str):
-        return (row_parallel if kind in ROW_PARALLEL else column_parallel)(mesh, m, n, x_vec, w_mat, name)
+    def gemv(self, mesh, kind: str, m: int, n: int, x_vec, w_mat, name: str, tokens: int | None = None):
+        """y = x @ W, or with ``tokens`` the GEMM of a ``tokens x m`` x (the prefill's)."""
+        return (row_parallel if kind in ROW_PARALLEL else column_parallel)(mesh, m, n, x_vec, w_mat, name, tokens)

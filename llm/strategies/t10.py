@@ -1,5 +1,7 @@
-"""T10-style compute-shift for a decode step (PAPER.md §8), on the crossbar-id GEMV of
-:mod:`kernels.baselines` (``t10``).
+"""T10-style compute-shift for a decode step and a prefill (PAPER.md §8), on the crossbar-id GEMV
+(GEMM) of :mod:`kernels.baselines` (``t10``). In the prefill x is the prompt's T x m
+activations: the hand-over multicasts all of them, and the ring fits two T-row chunks
+(:mod:`llm.strategies.prefill`).
 
 Mapping: every GEMV is T10's: W's columns resident 1-D over row-major core ids (at most n
 cores), x split in p chunks rotating around rings of p consecutive ids, p the fewest shifts
@@ -40,16 +42,18 @@ class T10:
     """Every GEMV T10's compute-shift, its input first broadcast to every ring."""
     name = "t10"
 
-    def gemv(self, mesh, kind: str, m: int, n: int, x_vec, w_mat, name: str):
+    def gemv(self, mesh, kind: str, m: int, n: int, x_vec, w_mat, name: str, tokens: int | None = None):
+        """y = x @ W, or with ``tokens`` the GEMM of a ``tokens x m`` x (the prefill's)."""
         plan = baselines.Plan(mesh.rows, mesh.cols, m, n)
-        ring = baselines.t10_ring(plan, mesh.hardware)
+        rows = () if tokens is None else (tokens,)
+        ring = baselines.t10_ring(plan, mesh.hardware, tokens or 1)
         chunk = -(-m // ring)
         x_tiles, w_tiles = (None, None) if x_vec is None else baselines.t10_tiles(plan, ring, x_vec, w_mat)
         with mesh.phase(f"{name}.hand_over"):
-            whole = mesh.alloc(f"{name}.x.whole", (m,), np.float32, charge=False)
+            whole = mesh.alloc(f"{name}.x.whole", rows + (m,), np.float32, charge=False)
             hand_over(mesh, plan, whole, name)
             whole.free()
-        x = host.scatter_tiles(mesh, f"{name}.x", x_tiles, (chunk,), np.float32)
+        x = host.scatter_tiles(mesh, f"{name}.x", x_tiles, rows + (chunk,), np.float32)
         w = host.scatter_tiles(mesh, f"{name}.w", w_tiles, (ring, chunk, plan.width), np.float32, charge=False)
         y = baselines.t10(mesh, plan, x, w, ring, name)
         result = None if mesh.dry_run else plan.read_columns(host.gather_tiles(mesh, y), plan.row_major())
