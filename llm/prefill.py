@@ -620,6 +620,7 @@ class _Prefill:
             v = self.slots_of(kv, 1, f"{p}.v")
             o = self.gemm("pv", s, v, f"{p}.pv")
             out = mesh.alloc(f"{p}.attn", (tb, cells * p2), np.float32)
+            out.layout = self.kernels["o"].a_layout          # every head's output, in Q's slot order
             if self.numeric:
                 out.data[...] = o.data.transpose(0, 1, 3, 2, 4).reshape(out.data.shape)
             o.free()
@@ -630,6 +631,7 @@ class _Prefill:
             xn = self.rms_norm(x, w["norm2"], f"{p}.post_norm")
             gu = self.gemm("gate_up", xn, w["w_gate_up"], f"{p}.gate_up", resident_b=True)
             act = mesh.alloc(f"{p}.act", (tb, lay.fb), np.float32)
+            act.layout = self.kernels["down"].a_layout
 
 
             def silu_mul():

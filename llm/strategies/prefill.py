@@ -26,6 +26,7 @@ import numpy as np
 
 from meshmpi import host
 
+from ..layout import take_cols
 from ..prefill import _Prefill
 from .base import _whole, gemv_shapes
 
@@ -72,7 +73,7 @@ class StrategyPrefill(_Prefill):
     def _natural_input(self, op: str, a) -> np.ndarray:
         """A's T real rows and real features in natural order, from WaferLLM's tiles."""
         lay, config = self.lay, self.config
-        full = host.untile_matrix(host.gather_tiles(self.mesh, a))[: lay.tokens]
+        full = host.gather(a)                        # T x features, by the A operand's layout
         if op in ("qkv", "gate_up"):
             return np.ascontiguousarray(full[:, : config.hidden_size])
         if op == "down":
@@ -86,7 +87,6 @@ class StrategyPrefill(_Prefill):
         """C in the layout WaferLLM's MeshGEMM leaves it (natural, columns arranged as the
         layer's weights arrange them)."""
         lay, config, kernel = self.lay, self.config, self.kernels[op]
-        full = None
         if c is not None:
             if op in ("qkv", "gate_up"):
                 q, kv, f = (config.num_attention_heads * config.head_dim,
@@ -94,10 +94,8 @@ class StrategyPrefill(_Prefill):
                 parts = (dict(q_proj=c[:, :q], k_proj=c[:, q:q + kv], v_proj=c[:, q + kv:]) if op == "qkv"
                          else dict(gate_proj=c[:, :f], up_proj=c[:, f:]))
                 arranged = getattr(lay, f"{op}_weight")(SimpleNamespace(**parts))
-                c = lay.take_cols(np.concatenate(arranged.parts, axis=1), arranged.cols)
-            full = np.zeros((lay.t_pad, c.shape[1]), np.float32)
-            full[: lay.tokens] = c
-        return host.scatter(self.mesh, f"{name}.c", full, kernel.c_layout, np.float32)
+                c = take_cols(np.concatenate(arranged.parts, axis=1), arranged.cols)
+        return host.scatter(self.mesh, f"{name}.c", c, kernel.c_layout, np.float32)
 
 
 def bind(mapping):
