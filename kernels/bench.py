@@ -77,7 +77,8 @@ def register(sub) -> None:
                    help="override one profile value (repeatable)")
     p.add_argument("--size", type=int, metavar="N", help="speed: the numeric MeshGEMM's M = K = N (default 2048)")
     p.add_argument("--llm", action="store_true",
-                   help="speed: also whole models (SmolLM2-135M-shaped numeric and dry, llama3-8b dry; long)")
+                   help="speed: whole models instead, into speed_llm.csv (SmolLM2-135M-shaped numeric and dry, "
+                        "llama3-8b dry; long)")
     p.set_defaults(func=run_bench)
 
 

@@ -6,7 +6,8 @@
 - dry runs of MeshGEMM 2K and MeshGEMV 16K at paper-scale meshes (default 360² and 720²) on
   1 and 2 ranks: the kernel's wall time and the speed-up of 2 ranks over 1.
 
-- with ``--llm``, the emulator on whole models (issue 13's table): a SmolLM2-135M-shaped model
+- with ``--llm`` instead (``speed_llm.csv``), the emulator on whole models (issue 13's
+  table): a SmolLM2-135M-shaped model
   (30 layers, hidden 576, 9 and 3 kv heads, random BF16 weights) numeric on its smallest square
   region, 39x39, for a 32-token prompt: seconds to the first token (load, set-up, prefill) and
   per decoded token; the same model as a dry run on 360x360 with every layer simulated, and
@@ -175,10 +176,10 @@ def write_smol(directory: Path, config: dict = SMOL) -> str:
     return str(directory)
 
 
-def llm_rows(runs, smol: str, prompt: int, bar, hardware: tuple = ()) -> list[dict]:
+def llm_rows(runs, smol: str, prompt: int, bar, hardware: tuple = ()):
     """Each of ``runs`` (see :data:`LLM`) on 1 and 2 ranks: a numeric run gives the seconds to
-    the first token and per decoded token, a dry run its whole wall time."""
-    rows = []
+    the first token and per decoded token, a dry run its whole wall time (rows yielded as each
+    run ends)."""
     for what, model, mesh, dry_run, new_tokens in runs:
         side = int(mesh.split("x")[0])
         one = {}
@@ -192,31 +193,32 @@ def llm_rows(runs, smol: str, prompt: int, bar, hardware: tuple = ()) -> list[di
                  (", per decoded token", report["wall_decode_seconds_per_token"])]
             for part, seconds in parts:
                 one.setdefault(part, seconds)
-                rows.append(_row(what + part, side, prompt, ranks, seconds, report, cmd,
-                                 speedup=one[part] / seconds if ranks > 1 else None))
-    return rows
+                yield _row(what + part, side, prompt, ranks, seconds, report, cmd,
+                           speedup=one[part] / seconds if ranks > 1 else None)
 
 
 def bench_speed(args, sides, out: Path, table_class, progress) -> list[dict]:
     """Write <out>/speed.csv (rank 0 runs every child): dry runs on ``sides``, the numeric
-    MeshGEMM of ``--size``; ``--hardware`` and ``--set`` are passed to every child."""
+    MeshGEMM of ``--size``; with ``--llm`` <out>/speed_llm.csv, the whole models instead.
+    ``--hardware`` and ``--set`` are passed to every child."""
     if cli.world_rank() != 0:
         return []
     size = args.size or NUMERIC["size"]
     if size < 1:
         raise UsageError("--size must be positive")
     hardware = ("--hardware", args.hardware) + tuple(a for kv in args.set for a in ("--set", kv))
-    table = table_class(out / "speed.csv")
-    runs = len(RANKS) * (NUMERIC["repeats"] + 2 * len(sides) * DRY["repeats"] + (len(LLM) if args.llm else 0))
+    table = table_class(out / ("speed_llm.csv" if args.llm else "speed.csv"))
+    runs = len(RANKS) * (len(LLM) if args.llm else NUMERIC["repeats"] + 2 * len(sides) * DRY["repeats"])
     with progress(runs, "speed") as bar:
-        for row in numeric_rows(NUMERIC["mesh"], size, NUMERIC["repeats"], bar, hardware):
-            table.add(row)
-        for row in dry_rows(sides, DRY["gemm_size"], DRY["gemv_size"], DRY["repeats"], bar, hardware):
-            table.add(row)
         if args.llm:
             with tempfile.TemporaryDirectory() as smol:
                 for row in llm_rows(LLM, write_smol(Path(smol)), PROMPT, bar, hardware):
                     table.add(row)
+        else:
+            for row in numeric_rows(NUMERIC["mesh"], size, NUMERIC["repeats"], bar, hardware):
+                table.add(row)
+            for row in dry_rows(sides, DRY["gemm_size"], DRY["gemv_size"], DRY["repeats"], bar, hardware):
+                table.add(row)
     rows = table.close()
     for r in rows:
         extra = (f", {r['ratio_to_floor']:.2f}x the tile-product floor" if r["ratio_to_floor"] else "") + \
