@@ -208,6 +208,7 @@ class LinePattern:
         self.own_worms = np.flatnonzero((w.src >= start) & (w.src < stop))
         self.own_senders, self.own_sender_of = np.unique(w.src[self.own_worms] - start, return_inverse=True)
         self.own_sender_of = self.own_sender_of.reshape(-1)
+        self.own_senders_in_order = bool(np.array_equal(self.own_sender_of, np.arange(self.own_worms.size)))
         self.own_senders_run = _run_of(self.own_senders)
         rows = w.src[self.own_worms] - start          # a slice (no copy) when they are a sorted run
         run = _run_of(rows) if np.unique(rows).size == rows.size else None
@@ -378,6 +379,8 @@ class LinePattern:
         done = costs.send_completion(departing, occupancy[own][:, None],
                                      need[touch[own]], 0.0)
         senders, which = self.own_senders, self.own_sender_of
+        if self.own_senders_in_order:                      # one worm per sender, in the senders' order
+            return arrivals, (senders, done, self.own_senders_run)
         if senders.size == own.size:                       # one worm per sender
             latest = np.empty((senders.size, lines))
             latest[which] = done
