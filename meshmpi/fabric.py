@@ -407,6 +407,12 @@ class LinePattern:
         mesh.max_hops = max(mesh.max_hops, self.max_hops)
         mesh.timeline.note_transfer(self.max_hops)
 
+    def revive(self, name: str, group: str | None) -> None:
+        """A freed pattern planned again under ``name``: its routes are declared anew."""
+        self.name, self.group = name, group or name
+        self.mesh.routes.declare(self.axis, self.group, id(self), self.routes)
+        self.live = True
+
     def free(self) -> None:
         """Release this pattern's routes."""
         if self.live:
@@ -556,6 +562,7 @@ class Fabric:
         self.mesh = mesh
         self.hazard_checks = hazard_checks
         self._plans: dict[tuple, LinePattern] = {}
+        self._retired: dict[tuple, LinePattern] = {}   # freed patterns by their deliveries
         # When each directed link out of each core is free again, stored positions first
         # ([position along the axis, line]) so that a pattern reads whole lines at a time.
         rows, cols = mesh.block_shape
@@ -588,14 +595,23 @@ class Fabric:
         key = (name, axis, src.tobytes(), dst.tobytes(), multicast, relay, group)
         pattern = self._plans.get(key)
         if pattern is None:
-            pattern = LinePattern(self, name, axis, src, dst, multicast=multicast,
-                                  relay=relay, group=group)
+            pattern = self._retired.pop(key[1:6], None)
+            if pattern is None:
+                pattern = LinePattern(self, name, axis, src, dst, multicast=multicast,
+                                      relay=relay, group=group)
+            else:
+                pattern.revive(name, group)
             pattern.key = key
             self._plans[key] = pattern
         return pattern
 
     def forget(self, pattern: LinePattern) -> None:
-        self._plans.pop(getattr(pattern, "key", None), None)
+        """Drop a freed pattern from the live plans; its plan is kept for the next pattern of
+        the same deliveries (the next layer's, under another name)."""
+        key = getattr(pattern, "key", None)
+        self._plans.pop(key, None)
+        if key is not None:
+            self._retired[key[1:6]] = pattern
 
     # ---------------------------------------------------------------- named patterns
     def shift(self, name: str, axis: str, offset: int, *, lo: int = 0, hi: int | None = None,
