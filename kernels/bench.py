@@ -82,6 +82,9 @@ def register(sub) -> None:
     p.add_argument("--rates", default=DEFECT_RATES, metavar="R,R,...",
                    help=f"defects: the dead-core rates (default {DEFECT_RATES})")
     p.add_argument("--seeds", type=int, default=3, metavar="K", help="defects: draws of the dead cores per rate (default 3)")
+    p.add_argument("--llm", action="store_true",
+                   help="speed: whole models instead, into speed_llm.csv (SmolLM2-135M-shaped numeric and dry, "
+                        "llama3-8b dry; long)")
     p.set_defaults(func=run_bench)
 
 

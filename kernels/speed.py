@@ -6,6 +6,13 @@
 - dry runs of MeshGEMM 2K and MeshGEMV 16K at paper-scale meshes (default 360² and 720²) on
   1 and 2 ranks: the kernel's wall time and the speed-up of 2 ranks over 1.
 
+- with ``--llm`` instead (``speed_llm.csv``), the emulator on whole models (issue 13's
+  table): a SmolLM2-135M-shaped model
+  (30 layers, hidden 576, 9 and 3 kv heads, random BF16 weights) numeric on its smallest square
+  region, 39x39, for a 32-token prompt: seconds to the first token (load, set-up, prefill) and
+  per decoded token; the same model as a dry run on 360x360 with every layer simulated, and
+  llama3-8b likewise on 420x420, each for one decode token; each on 1 and 2 ranks.
+
 Each figure is the best of a few runs, alternated with its comparison so that both see the
 same machine load; the 1-minute load average is recorded beside it. Every child run's
 modeled cycles are written too (they must not depend on the rank count).
@@ -16,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from meshmpi import cli
@@ -24,6 +32,14 @@ from meshmpi.errors import UsageError
 NUMERIC = dict(mesh=16, size=2048, repeats=3)
 DRY = dict(gemm_size=2048, gemv_size=16384, sides=(360, 720), repeats=1)
 RANKS = (1, 2)
+# SmolLM2-135M-Instruct's shapes (its config.json); random weights time the same as trained ones.
+SMOL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)
+PROMPT = 32
+# (what, model (None: the SmolLM2-shaped checkpoint), mesh, dry run, new tokens)
+LLM = (("numeric smollm2-135m", None, "39x39", False, 4),
+       ("dry smollm2-135m all layers", None, "360x360", True, 2),
+       ("dry llama3-8b all layers", "llama3-8b", "420x420", True, 2))
 
 _NUMPY_TIMER = """
 import json, sys, time
@@ -141,22 +157,69 @@ def dry_rows(sides, gemm_size: int, gemv_size: int, repeats: int, bar, hardware:
     return rows
 
 
+def generate_command(ranks: int, model: str, mesh: str, dry_run: bool, new_tokens: int, prompt: int,
+                     hardware: tuple = ()) -> list[str]:
+    """``[mpiexec -n ranks] python -m llm generate ... --layers all --json --quiet``."""
+    launcher = [] if ranks == 1 else [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks)]
+    shape = ["--prompt-len", str(prompt), "--dry-run"] if dry_run else \
+        ["--prompt-ids", ",".join(str(1 + i) for i in range(prompt)), "--ignore-eos"]
+    return launcher + [sys.executable, "-m", "llm", "generate", "--model", model, "--mesh", mesh, *shape,
+                       "--max-new-tokens", str(new_tokens), "--layers", "all", *hardware, "--json", "--quiet"]
+
+
+def write_smol(directory: Path, config: dict = SMOL) -> str:
+    """A checkpoint of ``config``'s shapes with random BF16 weights in ``directory``."""
+    from llm.checkpoint import random_weights, save_checkpoint
+    from llm.config import LlamaConfig
+    shapes = LlamaConfig(**config)
+    save_checkpoint(directory, shapes, random_weights(shapes, seed=0), dtype="bfloat16")
+    return str(directory)
+
+
+def llm_rows(runs, smol: str, prompt: int, bar, hardware: tuple = ()):
+    """Each of ``runs`` (see :data:`LLM`) on 1 and 2 ranks: a numeric run gives the seconds to
+    the first token and per decoded token, a dry run its whole wall time (rows yielded as each
+    run ends)."""
+    for what, model, mesh, dry_run, new_tokens in runs:
+        side = int(mesh.split("x")[0])
+        one = {}
+        for ranks in RANKS:
+            cmd = generate_command(ranks, model or smol, mesh, dry_run, new_tokens, prompt, hardware)
+            report = _child_json(cmd)
+            bar.update()
+            report["modeled_cycles"] = report["modeled_prefill_cycles"] + report["modeled_decode_cycles"]
+            parts = [("", report["wall_seconds"])] if dry_run else \
+                [(", first token", report["wall_first_token_seconds"]),
+                 (", per decoded token", report["wall_decode_seconds_per_token"])]
+            for part, seconds in parts:
+                one.setdefault(part, seconds)
+                shown = [c if c != smol else "<smollm2-135m-shaped>" for c in cmd]    # a temporary folder
+                yield _row(what + part, side, prompt, ranks, seconds, report, shown,
+                           speedup=one[part] / seconds if ranks > 1 else None)
+
+
 def bench_speed(args, sides, out: Path, table_class, progress) -> list[dict]:
     """Write <out>/speed.csv (rank 0 runs every child): dry runs on ``sides``, the numeric
-    MeshGEMM of ``--size``; ``--hardware`` and ``--set`` are passed to every child."""
+    MeshGEMM of ``--size``; with ``--llm`` <out>/speed_llm.csv, the whole models instead.
+    ``--hardware`` and ``--set`` are passed to every child."""
     if cli.world_rank() != 0:
         return []
     size = args.size or NUMERIC["size"]
     if size < 1:
         raise UsageError("--size must be positive")
     hardware = ("--hardware", args.hardware) + tuple(a for kv in args.set for a in ("--set", kv))
-    table = table_class(out / "speed.csv")
-    runs = len(RANKS) * (NUMERIC["repeats"] + 2 * len(sides) * DRY["repeats"])
+    table = table_class(out / ("speed_llm.csv" if args.llm else "speed.csv"))
+    runs = len(RANKS) * (len(LLM) if args.llm else NUMERIC["repeats"] + 2 * len(sides) * DRY["repeats"])
     with progress(runs, "speed") as bar:
-        for row in numeric_rows(NUMERIC["mesh"], size, NUMERIC["repeats"], bar, hardware):
-            table.add(row)
-        for row in dry_rows(sides, DRY["gemm_size"], DRY["gemv_size"], DRY["repeats"], bar, hardware):
-            table.add(row)
+        if args.llm:
+            with tempfile.TemporaryDirectory() as smol:
+                for row in llm_rows(LLM, write_smol(Path(smol)), PROMPT, bar, hardware):
+                    table.add(row)
+        else:
+            for row in numeric_rows(NUMERIC["mesh"], size, NUMERIC["repeats"], bar, hardware):
+                table.add(row)
+            for row in dry_rows(sides, DRY["gemm_size"], DRY["gemv_size"], DRY["repeats"], bar, hardware):
+                table.add(row)
     rows = table.close()
     for r in rows:
         extra = (f", {r['ratio_to_floor']:.2f}x the tile-product floor" if r["ratio_to_floor"] else "") + \

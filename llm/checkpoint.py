@@ -202,6 +202,20 @@ class StoredTensor(TensorHandle):
         return self.files.non_finite(self.name, part, parts)
 
 
+def _run(index: np.ndarray):
+    """A slice equal to ``index`` when it is a run of consecutive increasing positions, else it."""
+    if index.ndim == 1 and index.size and index[-1] - index[0] == index.size - 1 and \
+            (index.size < 3 or np.all(np.diff(index) == 1)):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
+def take(a, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``a[np.ix_(rows, cols)]``, by slices where the indices are runs (no fancy-index pass)."""
+    r, c = _run(np.asarray(rows)), _run(np.asarray(cols))
+    return a[r, c] if isinstance(r, slice) or isinstance(c, slice) else a[np.ix_(r, c)]
+
+
 def select(w, rows, cols=None) -> np.ndarray:
     """float32 ``w[rows]`` or ``w[rows][:, cols]`` of an array or a stored tensor handle
     (:class:`StoredTensor`, :class:`llm.gguf.GGUFTensor`)."""
@@ -256,7 +270,7 @@ class _TensorFiles:
         # A map of the tensor alone, released with the array (never closed under a live view).
         stored = np.memmap(self.directory / file, _RAW[entry["dtype"]], "r", data_start + entry["data_offsets"][0],
                            tuple(entry["shape"]))
-        raw = np.asarray(stored[np.ix_(*index)])
+        raw = np.asarray(stored[index[0]] if len(index) == 1 else take(stored, *index))
         self.bytes_read[name] += raw.nbytes
         return _widen(raw, entry["dtype"])
 

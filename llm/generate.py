@@ -264,7 +264,10 @@ def run_generate(args) -> dict:
     stream = _stream(args, tokenizer, weights, ids)
     bar = _progress(args, mesh, streaming=stream is not None)
 
+    token_walls = []        # when each new token was chosen (the emulator's own time)
+
     def on_token(token):
+        token_walls.append(time.perf_counter())
         if stream is not None:
             cli.say(stream.push(token), end="")
         if bar is not None:
@@ -287,7 +290,10 @@ def run_generate(args) -> dict:
     report = {"model": args.model, **session.report()}
     report.update(text=tokenizer.decode(tokens) if tokenizer is not None and weights is not None else None,
                   checked=bool(args.check), check_failure=str(failure) if failure else None,
-                  wall_seconds=time.perf_counter() - t_start)
+                  wall_seconds=time.perf_counter() - t_start,
+                  wall_first_token_seconds=token_walls[0] - t_start,
+                  wall_decode_seconds_per_token=(token_walls[-1] - token_walls[0]) / (len(token_walls) - 1)
+                  if len(token_walls) > 1 else None)
     if args.save_logits:
         error = None
         if mesh.rank == 0:

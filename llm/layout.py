@@ -32,7 +32,7 @@ import numpy as np
 
 from meshmpi.mesh import block_offsets
 
-from .checkpoint import select
+from .checkpoint import select, take
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -72,10 +72,19 @@ class Gathered:
             inside = np.flatnonzero((src_cols >= start) & (src_cols < start + width))
             used_cols, col_at = np.unique(src_cols[inside] - start, return_inverse=True)
             if used_rows.size and used_cols.size:
-                out[np.ix_(np.flatnonzero(src_rows >= 0), inside)] = select(part, used_rows, used_cols)[
-                    np.ix_(row_at, col_at)]
+                block = take(select(part, used_rows, used_cols), row_at, col_at)
+                rows_here = np.flatnonzero(src_rows >= 0)
+                if isinstance(take_rows := _whole(rows_here, rows.size), slice):
+                    out[take_rows, _whole(inside, cols.size)] = block
+                else:
+                    out[np.ix_(rows_here, inside)] = block
             start += width
         return out
+
+
+def _whole(index: np.ndarray, size: int):
+    """``slice(None)`` when ``index`` is every position of ``size`` in order, else ``index``."""
+    return slice(None) if index.size == size and (size == 0 or index[-1] == size - 1) else index
 
 
 def _lookup(index: np.ndarray, at: np.ndarray) -> np.ndarray:

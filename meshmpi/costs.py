@@ -85,7 +85,9 @@ def landing(head_arrival, posted, tail):
     """When a message is in the receiver's buffer: the receiver accepts it once the head has
     arrived and it has posted the receive (its program reached the receive, the buffer is
     free), then the payload drains in at link rate, ``max(head, posted) + tail``."""
-    return np.maximum(head_arrival, posted) + tail
+    out = np.maximum(head_arrival, posted)
+    out += tail
+    return out
 
 
 def send_completion(depart, occupancy, landed, capacity):

@@ -214,6 +214,7 @@ class LinePattern:
         self.own_worms = np.flatnonzero((w.src >= start) & (w.src < stop))
         self.own_senders, self.own_sender_of = np.unique(w.src[self.own_worms] - start, return_inverse=True)
         self.own_sender_of = self.own_sender_of.reshape(-1)
+        self.own_senders_in_order = bool(np.array_equal(self.own_sender_of, np.arange(self.own_worms.size)))
         self.own_senders_run = _run_of(self.own_senders)
         rows = w.src[self.own_worms] - start          # a slice (no copy) when they are a sorted run
         run = _run_of(rows) if np.unique(rows).size == rows.size else None
@@ -237,8 +238,14 @@ class LinePattern:
                 stage[i] = (direction, send, row_of[send], self._batch(recv))
                 latest[direction] = recv
         local_src = (self.src >= start) & (self.src < stop)
-        self.from_block = np.flatnonzero(mine & local_src)
-        self.from_pool = np.flatnonzero(mine & ~local_src)
+        from_block, from_pool = np.flatnonzero(mine & local_src), np.flatnonzero(mine & ~local_src)
+        # Numeric landings: (destinations, None: this block's own tiles, their rows) and the same
+        # for the tiles received from other ranks, in the order of the rounds (pool rows).
+        pool_src = np.concatenate([recv for stage in self.rounds for _, _, recv in stage] or [np.empty(0, np.int64)])
+        lookup = np.full(self.n, -1, np.int64)
+        lookup[pool_src] = np.arange(pool_src.size)
+        self.block_landing = (self.dst[from_block] - start, None, self.src[from_block] - start)
+        self.pool_landing = (self.dst[from_pool] - start, lookup[self.src[from_pool]])
 
     def _batch(self, which: np.ndarray) -> "_Batch":
         """The plan of advancing worms ``which`` on this block and landing their deliveries here."""
@@ -272,17 +279,9 @@ class LinePattern:
                                   f"{buffer.incoming!r} was still delivering into it")
         mesh, axis = self.mesh, self.axis
         line_mask = self.fabric.line_mask(axis, lines)
-        payload_data = None if mesh.dry_run else _pos_first(src.data, axis)
-        pool_data, pool_src = self._exchange(payload_data)
+        carry = _Payload(self, None if mesh.dry_run else _pos_first(src.data, axis))
         nbytes = src.tile_bytes
         self._account(line_mask, nbytes)
-        first = self.block_start
-        lookup = np.full(self.n, -1, np.int64)
-        lookup[pool_src] = np.arange(pool_src.size)
-        d_block = self.dst[self.from_block] - first
-        s_block = self.src[self.from_block] - first
-        d_pool = self.dst[self.from_pool] - first
-        s_pool = lookup[self.src[self.from_pool]]
         # Only the active lines are touched (None: all of them, the common case).
         lines_idx = None if line_mask.all() else np.flatnonzero(line_mask)
         if lines_idx is not None and lines_idx.size == 0:
@@ -295,11 +294,13 @@ class LinePattern:
             send_clock = np.add(send_clock, costs.transfer_start(mesh.hardware), out=np.empty(send_clock.shape))
         else:
             send_clock = np.ascontiguousarray(send_clock)
-        arrivals, sends = self._move_heads(send_clock, nbytes, payload, lines_idx, in_place=src is dst)
-        landings = [] if mesh.dry_run else [(d_block, None, s_block), (d_pool, pool_data, s_pool)]
+        arrivals, sends = self._move_heads(send_clock, nbytes, payload, lines_idx, carry, in_place=src is dst)
+        landings = [] if mesh.dry_run else [self.block_landing, self.pool_landing[:1] + (carry.pool(),)
+                                            + self.pool_landing[1:]]
         return Transfer(self, src, dst, arrivals + ([sends] if sends is not None else []), landings, lines_idx)
 
-    def _move_heads(self, send_clock: np.ndarray, nbytes: int, payload: bool, lines_idx, in_place: bool):
+    def _move_heads(self, send_clock: np.ndarray, nbytes: int, payload: bool, lines_idx, carry: "_Payload",
+                    in_place: bool):
         """Move every worm's head over this block's links (:mod:`meshmpi.worms`), forwarding
         heads rank by rank, and mark the links busy. Only the active lines ``lines_idx`` (None:
         all) are computed; ``send_clock`` holds their columns. Returns the landings of the
@@ -308,19 +309,20 @@ class LinePattern:
         pair: the receivers' "landed - path capacity" travels back along the worms' rounds."""
         free, hops = self.fabric.link_free(self.axis), self.fabric.link_hops(self.axis)
         if lines_idx is None:
-            return self._move_heads_on(free, hops, send_clock, nbytes, payload, in_place, slice(None))
+            return self._move_heads_on(free, hops, send_clock, nbytes, payload, carry, in_place, slice(None))
         active = {sign: f[:, lines_idx] for sign, f in free.items()}
         if hops is not None:
             hops = {sign: h[:, lines_idx] for sign, h in hops.items()}
-        result = self._move_heads_on(active, hops, send_clock, nbytes, payload, in_place, lines_idx)
+        result = self._move_heads_on(active, hops, send_clock, nbytes, payload, carry, in_place, lines_idx)
         for sign, f in free.items():
             f[:, lines_idx] = active[sign]
         return result
 
     def _move_heads_on(self, free: dict, hops: dict | None, send_clock: np.ndarray, nbytes: int, payload: bool,
-                       in_place: bool, lines_idx):
+                       carry: "_Payload", in_place: bool, lines_idx):
         """:meth:`_move_heads` on the link free times ``free`` (and, on a remapped wafer, the
-        links' physical hops ``hops``) of the lines ``lines_idx`` being computed."""
+        links' physical hops ``hops``) of the lines ``lines_idx`` being computed; each round's
+        exchange also forwards the source tiles of ``carry``."""
         mesh, w, first = self.mesh, self.worms, self.block_start
         hw = mesh.hardware
         snapshot = {sign: f.copy() for sign, f in free.items()} if self.links_shared else None
@@ -365,12 +367,14 @@ class LinePattern:
         last = advance(self.own_batch, departing)
         latest = {+1: last, -1: last}        # the heads each direction's next round forwards
         links, axis = mesh.links, self.axis
-        for stage in self.worm_rounds:
+        for k, stage in enumerate(self.worm_rounds):
             messages = [(np.ascontiguousarray(latest[direction][send_rows]),   # heads at the next block's first core
                          links.neighbour(axis, direction), np.empty((batch.worms.which.size, lines)),
                          links.neighbour(axis, -direction))
                         for direction, _, send_rows, batch in stage]
-            links.exchange(messages, _HEAD_TAG)
+            tiles = carry.messages(k)
+            links.exchange(messages + tiles, _HEAD_TAG)
+            carry.arrived(k, tiles)
             for (direction, _, _, batch), (_, _, got, _) in zip(stage, messages):
                 latest[direction] = advance(batch, got)
         if need is None:
@@ -387,6 +391,8 @@ class LinePattern:
         done = costs.send_completion(departing, occupancy[own][:, None],
                                      need[touch[own]], 0.0)
         senders, which = self.own_senders, self.own_sender_of
+        if self.own_senders_in_order:                      # one worm per sender, in the senders' order
+            return arrivals, (senders, done, self.own_senders_run)
         if senders.size == own.size:                       # one worm per sender
             latest = np.empty((senders.size, lines))
             latest[which] = done
@@ -398,26 +404,6 @@ class LinePattern:
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:
         """``start`` and ``wait`` at once."""
         self.start(src, dst, lines).wait()
-
-    def _exchange(self, payload):
-        """Forward source tiles rank by rank; returns what arrived here and from which sources."""
-        links, axis, first = self.mesh.links, self.axis, self.block_start
-        held = {}  # source position -> tile rows received in an earlier round
-        got_data, got_src = [], []
-        for stage in self.rounds:
-            if payload is not None:
-                messages = [(_pick(send, payload, held, first), links.neighbour(axis, direction),
-                             np.empty((recv.size,) + payload.shape[1:], payload.dtype),
-                             links.neighbour(axis, -direction)) for direction, send, recv in stage]
-                links.exchange(messages, _DATA_TAG)
-                for (_, _, recv), (_, _, data_in, _) in zip(stage, messages):
-                    got_data.append(data_in)
-                    for i, s in enumerate(recv.tolist()):
-                        held[s] = data_in[i]
-            got_src += [recv for _, _, recv in stage]
-        if not got_src:
-            return None, np.empty(0, np.int64)
-        return (np.concatenate(got_data) if got_data else None), np.concatenate(got_src)
 
     def _account(self, line_mask: np.ndarray, nbytes: int) -> None:
         mesh = self.mesh
@@ -437,12 +423,48 @@ class LinePattern:
         mesh.max_hops = max(mesh.max_hops, self.max_hops)
         mesh.timeline.note_transfer(self.max_hops)
 
+    def revive(self, name: str, group: str | None) -> None:
+        """A freed pattern planned again under ``name``: its routes are declared anew."""
+        self.name, self.group = name, group or name
+        self.mesh.routes.declare(self.axis, self.group, id(self), self.routes)
+        self.live = True
+
     def free(self) -> None:
         """Release this pattern's routes."""
         if self.live:
             self.mesh.routes.release(self.axis, self.group, id(self))
             self.fabric.forget(self)
             self.live = False
+
+
+class _Payload:
+    """The source tiles of one start, forwarded rank by rank in the same exchanges as the worms'
+    heads, round by round (``tiles`` None in a dry run: nothing to forward)."""
+
+    def __init__(self, pattern: LinePattern, tiles: np.ndarray | None):
+        self.pattern, self.tiles = pattern, tiles
+        self.held = {}   # source position -> tile rows received in an earlier round
+        self.got = []
+
+    def messages(self, k: int) -> list:
+        """Round ``k``'s messages, as :meth:`meshmpi.links.NeighbourLinks.exchange` takes them."""
+        if self.tiles is None:
+            return []
+        p, tiles = self.pattern, self.tiles
+        links = p.mesh.links
+        return [(_pick(send, tiles, self.held, p.block_start), links.neighbour(p.axis, direction),
+                 np.empty((recv.size,) + tiles.shape[1:], tiles.dtype), links.neighbour(p.axis, -direction),
+                 _DATA_TAG) for direction, send, recv in p.rounds[k]]
+
+    def arrived(self, k: int, messages: list) -> None:
+        for (_, _, recv), (_, _, data_in, _, _) in zip(self.pattern.rounds[k], messages):
+            self.got.append(data_in)
+            for i, s in enumerate(recv.tolist()):
+                self.held[s] = data_in[i]
+
+    def pool(self) -> np.ndarray | None:
+        """Every tile received from other ranks, in the order of the rounds."""
+        return np.concatenate(self.got) if self.got else None
 
 
 def _run_of(dests: np.ndarray):
@@ -556,6 +578,7 @@ class Fabric:
         self.mesh = mesh
         self.hazard_checks = hazard_checks
         self._plans: dict[tuple, LinePattern] = {}
+        self._retired: dict[tuple, LinePattern] = {}   # freed patterns by their deliveries
         # When each directed link out of each core is free again, stored positions first
         # ([position along the axis, line]) so that a pattern reads whole lines at a time.
         rows, cols = mesh.block_shape
@@ -604,14 +627,23 @@ class Fabric:
         key = (name, axis, src.tobytes(), dst.tobytes(), multicast, relay, group)
         pattern = self._plans.get(key)
         if pattern is None:
-            pattern = LinePattern(self, name, axis, src, dst, multicast=multicast,
-                                  relay=relay, group=group)
+            pattern = self._retired.pop(key[1:6], None)
+            if pattern is None:
+                pattern = LinePattern(self, name, axis, src, dst, multicast=multicast,
+                                      relay=relay, group=group)
+            else:
+                pattern.revive(name, group)
             pattern.key = key
             self._plans[key] = pattern
         return pattern
 
     def forget(self, pattern: LinePattern) -> None:
-        self._plans.pop(getattr(pattern, "key", None), None)
+        """Drop a freed pattern from the live plans; its plan is kept for the next pattern of
+        the same deliveries (the next layer's, under another name)."""
+        key = getattr(pattern, "key", None)
+        self._plans.pop(key, None)
+        if key is not None:
+            self._retired[key[1:6]] = pattern
 
     # ---------------------------------------------------------------- named patterns
     def shift(self, name: str, axis: str, offset: int, *, lo: int = 0, hi: int | None = None,

@@ -45,13 +45,14 @@ class NeighbourLinks:
         self.cart.Sendrecv(send, dest, tag, recv, source, tag)
 
     def exchange(self, messages, tag: int = 0) -> None:
-        """Several ``(send, dest, recv, source)`` exchanges with neighbours at once (all posted,
-        then all awaited), so that independent directions cost one synchronisation, not one each."""
+        """Several ``(send, dest, recv, source[, tag])`` exchanges with neighbours at once (all
+        posted, then all awaited), so that independent directions and kinds of message cost one
+        synchronisation, not one each."""
         requests = []
-        for send, dest, recv, source in messages:
+        for send, dest, recv, source, *own in messages:
             self.check(dest)
             self.check(source)
-            requests.append(self.cart.Irecv(recv, source, tag))
-        for send, dest, recv, source in messages:
-            requests.append(self.cart.Isend(send, dest, tag))
+            requests.append(self.cart.Irecv(recv, source, own[0] if own else tag))
+        for send, dest, recv, source, *own in messages:
+            requests.append(self.cart.Isend(send, dest, own[0] if own else tag))
         MPI.Request.Waitall(requests)

@@ -11,7 +11,9 @@ class MemoryLedger:
 
     Every charge is agreed across ranks, so an over-full core anywhere raises the same
     :class:`CoreMemoryError` on every rank (``policy="strict"``) or is recorded once
-    (``policy="warn"``).
+    (``policy="warn"``). Every rank keeps the same upper bound of the fullest core of the whole
+    mesh: a uniform (scalar) charge or release moves every core, hence the bound, by the same
+    amount, so a charge that leaves it within SRAM needs no agreement between ranks.
     """
 
     def __init__(self, mesh, sram_bytes: int, policy: str = "strict"):
@@ -26,16 +28,26 @@ class MemoryLedger:
         self.peak = np.zeros(shape, np.int64)
         self.high_water = 0    # most bytes resident on any core of this block since the last mark
         self.warnings: list[str] = []
+        self.bound = 0         # >= the bytes resident on the fullest core of the mesh, on every rank
 
     def charge(self, name: str, bytes_per_core) -> None:
         """Make ``name`` hold ``bytes_per_core`` (a scalar or a block-shaped array) on every core."""
-        new = np.broadcast_to(np.asarray(bytes_per_core, np.int64), self.resident.shape)
+        uniform = np.ndim(bytes_per_core) == 0
+        new = np.int64(bytes_per_core) if uniform else \
+            np.array(np.broadcast_to(np.asarray(bytes_per_core, np.int64), self.resident.shape))
         old = self.buffers.get(name)
         self.resident += new if old is None else new - old
-        self.buffers[name] = np.array(new)
+        self.buffers[name] = new
+        bound = self.bound
+        if uniform and (old is None or np.ndim(old) == 0):
+            self.bound += int(new) - (0 if old is None else int(old))
+        else:
+            self.bound = int(self.mesh.max_over_ranks(self.most_resident()))
         try:
-            self._check(name)
+            if self.bound > self.sram_bytes:
+                self._check(name)
         except CoreMemoryError:
+            self.bound = bound
             if old is not None:  # a refused re-charge leaves the buffer's old charge in place
                 self.buffers[name] = old
                 self.resident += old
@@ -55,16 +67,19 @@ class MemoryLedger:
         old = self.buffers.pop(name, None)
         if old is not None:
             self.resident -= old
+            if np.ndim(old) == 0:
+                self.bound -= int(old)
 
     def _check(self, name: str) -> None:
         over = self.resident > self.sram_bytes
         core = self.mesh.first_core_where(over)
-        if core is None:
+        if core is None:       # the bound was loose (a non-uniform buffer was released): tighten it
+            self.bound = int(self.mesh.max_over_ranks(self.most_resident()))
             return
         here = self.mesh.owns(core)
         local = self.mesh.to_local(core) if here else None
         resident, need = self.mesh.value_at(core, lambda: (
-            int(self.resident[local]), int(self.buffers[name][local])))
+            int(self.resident[local]), int(np.broadcast_to(self.buffers[name], self.resident.shape)[local])))
         message = (f"core ({core[0]}, {core[1]}) is out of memory: buffer {name!r} needs "
                    f"{need} B, resident {resident} B > SRAM {self.sram_bytes} B")
         if self.policy == "strict":

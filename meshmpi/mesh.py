@@ -307,7 +307,9 @@ class Mesh:
     def positions_mask(self, axis: str, positions) -> np.ndarray:
         """Block-shaped mask of the cores whose position along ``axis`` is in ``positions``."""
         local = self.global_cols() if axis == "x" else self.global_rows()
-        hit = np.isin(local, np.asarray(positions, np.int64))
+        on_line = np.zeros(self.axis_length(axis), bool)
+        on_line[np.asarray(positions, np.int64)] = True
+        hit = on_line[local]
         mask = np.zeros(self.block_shape, bool)
         if axis == "x":
             mask[:, hit] = True

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+_SEQUENTIAL = 4   # up to this many local links a head's entry times are computed link by link
+
 
 @dataclass
 class Worms:
@@ -80,11 +82,23 @@ def local_hops(worms: Worms, start: int, stop: int) -> tuple[np.ndarray, np.ndar
 @dataclass
 class Batch:
     """Worms ``which`` advanced together on one block, planned once: grouped by direction and
-    number of local links, each group with its rows in the batch and its links' owners."""
+    number of local links, each group with its rows in the batch and its links' owners (as
+    strided slices too where they are evenly spaced, so the links are read and written in place)."""
     which: np.ndarray
-    groups: list            # (sign, rows [G], worms [G], link owners [G, L], relayed entry [G, 1] or None)
+    groups: list            # (sign, rows [G] or a slice, worms [G], link owners [G, L], relayed entry
+                            #  [G, 1] or None, per link column its owners as a slice, or None)
     ends_here: np.ndarray   # [W] worms with no local link (their head stays at the entry)
     width: int              # most local links of any worm
+
+
+def _stride(index: np.ndarray):
+    """``index`` as an equivalent slice when it is an increasing arithmetic progression, else None."""
+    if index.size == 1:
+        return slice(int(index[0]), int(index[0]) + 1)
+    step = int(index[1] - index[0])
+    if step <= 0 or np.any(np.diff(index) != step):
+        return None
+    return slice(int(index[0]), int(index[-1]) + 1, step)
 
 
 def batch(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, first: int) -> Batch:
@@ -102,7 +116,10 @@ def batch(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, fi
             hop = j0[rows, None] + np.arange(n_links)[None, :]                   # [G, L]
             pos = worms.src[w][:, None] + sign * hop - first                      # local link owners
             relayed = hop[:, :1] > 0 if worms.relay else None   # a core that forwards in software
-            groups.append((sign, rows, w, pos, relayed))
+            columns = [_stride(pos[:, i]) for i in range(n_links)]
+            rows_slice = _stride(rows)
+            groups.append((sign, rows if rows_slice is None else rows_slice, w, pos, relayed,
+                           columns if n_links <= _SEQUENTIAL and None not in columns else None))
     return Batch(which, groups, count <= 0, int(count.max(initial=0)))
 
 
@@ -130,12 +147,16 @@ def advance(worms: Worms, plan: Batch, head_in: np.ndarray, free: dict, alpha: f
         heads[:, 0] = head_in
     forwards = beta if worms.relay else 0.0
     step = alpha + forwards
-    for sign, rows, w, pos, relayed in plan.groups:
+    for sign, rows, w, pos, relayed, columns in plan.groups:
         n_links = pos.shape[1]
-        link_free = (free if snapshot is None else snapshot)[sign][pos]         # [G, L, lines]
         entry = head_in[rows]
         if relayed is not None:
             entry = entry + np.where(relayed, forwards, 0.0)
+        if snapshot is None and columns is not None and link_hops is None:   # evenly spaced one-hop links: in place
+            _advance_in_place([free[sign][c] for c in columns], entry, occupancy[w][:, None], step, alpha,
+                              last, rows, heads)
+            continue
+        link_free = (free if snapshot is None else snapshot)[sign][pos]         # [G, L, lines]
         # e_0 = max(entry, free_0), e_i = max(e_{i-1} + step, free_i)
         enter = np.empty_like(link_free)
         np.maximum(entry, link_free[:, 0], out=enter[:, 0])
@@ -146,10 +167,10 @@ def advance(worms: Worms, plan: Batch, head_in: np.ndarray, free: dict, alpha: f
             if heads is not None:
                 heads[rows, 1:n_links + 1] = enter + reach
         else:
-            if 1 < n_links <= 4:
+            if 1 < n_links <= _SEQUENTIAL:
                 for i in range(1, n_links):
                     np.maximum(enter[:, i - 1] + step, link_free[:, i], out=enter[:, i])
-            elif n_links > 4:                   # a running max of free - step*i, then add back
+            elif n_links > _SEQUENTIAL:         # a running max of free - step*i, then add back
                 offsets = step * np.arange(n_links)[None, :, None]
                 running = np.maximum.accumulate(link_free - offsets, axis=1)
                 np.maximum(enter[:, :1], running, out=running)
@@ -178,6 +199,23 @@ def _enter_stretched(enter: np.ndarray, link_free: np.ndarray, steps: np.ndarray
     running = np.maximum.accumulate(link_free - offsets, axis=1)
     np.maximum(enter[:, :1], running, out=running)
     return running + offsets
+
+
+def _advance_in_place(links: list, entry: np.ndarray, occupancy: np.ndarray, step: float, alpha: float,
+                      last: np.ndarray, rows, heads) -> None:
+    """:func:`advance` of one group whose link columns are the views ``links`` ([G, lines] each,
+    every link used by this group alone): the same arithmetic, without gathering the links."""
+    enter = np.maximum(entry, links[0])
+    for i in range(1, len(links) + 1):
+        if heads is not None:
+            heads[rows, i] = enter + alpha
+        if i < len(links):
+            following = np.add(enter, step)
+            np.maximum(following, links[i], out=following)
+        np.add(enter, occupancy, out=links[i - 1])
+        if i < len(links):
+            enter = following
+    last[rows] = enter + alpha
 
 
 def latest_into(target: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:

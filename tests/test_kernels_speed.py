@@ -19,3 +19,26 @@ def test_speed_bench_writes_its_table(tmp_path, python_exe, run_env):
         assert first["modeled_cycles"] == second["modeled_cycles"]
     assert all(float(r["ratio_to_floor"]) > 0 for r in rows[:2])
     assert all(float(r["speedup_over_1_rank"]) > 0 for r in rows[3::2])
+
+
+class _Bar:
+    def update(self, n=1):
+        pass
+
+
+def test_llm_rows_time_whole_models_on_one_and_two_ranks(tmp_path):
+    from kernels import speed
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=256, tie_word_embeddings=True)
+    model = speed.write_smol(tmp_path / "small", small)
+    runs = (("numeric small", None, "4x4", False, 3), ("dry tiny all layers", "tiny", "8x8", True, 2))
+    rows = list(speed.llm_rows(runs, model, 5, _Bar(), ("--set", "sram_bytes_per_core=1000000")))
+    assert [(r["what"], r["ranks"]) for r in rows] == [
+        ("numeric small, first token", 1), ("numeric small, per decoded token", 1),
+        ("numeric small, first token", 2), ("numeric small, per decoded token", 2),
+        ("dry tiny all layers", 1), ("dry tiny all layers", 2)]
+    assert all(r["wall_seconds"] > 0 and r["size"] == 5 for r in rows)
+    for one, two in ((rows[0], rows[2]), (rows[1], rows[3]), (rows[4], rows[5])):
+        assert one["modeled_cycles"] == two["modeled_cycles"] > 0   # the rank count changes no modeled number
+        assert two["speedup_over_1_rank"] == one["wall_seconds"] / two["wall_seconds"]
+    assert "--layers all" in rows[4]["command"] and "--dry-run" in rows[4]["command"]
