@@ -57,19 +57,29 @@ def decode_step(model: str, side: int, strategy: str, hardware, context: int) ->
         decoder = decoder_class(strategy)(mesh, config, None, layers=1,
                                           capacity_tokens=kv_rows("shift", context + 1, side))
         decoder.seek(context, context)
-        before = {k: mesh.sum_over_ranks(int(v.sum())) for k, v in mesh.counters.items()}
+        before = _totals(mesh)
         _, cycles = decoder.step(None, context)
-        after = {k: mesh.sum_over_ranks(int(v.sum())) for k, v in mesh.counters.items()}
         return {"cycles_per_token": cycles.total(config.num_hidden_layers),
                 "cycles_per_layer": cycles.layers[0], "lm_head_cycles": cycles.head,
-                "messages": after["messages_sent"] - before["messages_sent"],
-                "relays": after["relays"] - before["relays"],
-                "bytes_moved": after["bytes_sent"] - before["bytes_sent"],
-                "max_hops": int(mesh.max_over_ranks(mesh.max_hops)),
-                "routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
-                "peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0))))}
+                **_fabric_counts(mesh, before)}
     finally:
         mesh.free()
+
+
+def _totals(mesh) -> dict:
+    """The whole mesh's counters so far (every rank gets the same sums)."""
+    return {k: mesh.sum_over_ranks(int(v.sum())) for k, v in mesh.counters.items()}
+
+
+def _fabric_counts(mesh, before: dict | None = None) -> dict:
+    """Messages, relays and bytes since ``before`` (default: the start), the longest hop, and
+    the most routes and bytes any core held."""
+    now, before = _totals(mesh), before or {}
+    since = lambda name: now[name] - before.get(name, 0)  # noqa: E731
+    return {"messages": since("messages_sent"), "relays": since("relays"), "bytes_moved": since("bytes_sent"),
+            "max_hops": int(mesh.max_over_ranks(mesh.max_hops)),
+            "routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
+            "peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0))))}
 
 
 def prefill_run(model: str, side: int, strategy: str, hardware, prompt: int) -> dict:
@@ -80,14 +90,10 @@ def prefill_run(model: str, side: int, strategy: str, hardware, prompt: int) -> 
     mesh = Mesh(side, side, hardware, dry_run=True, memory="warn", routes="strict")
     try:
         result = prefill(mesh, config, None, prompt, layers=1, runner=prefill_runner(strategy))
-        counts = {k: mesh.sum_over_ranks(int(v.sum())) for k, v in mesh.counters.items()}
         cycles = result.cycles(config.num_hidden_layers)
         return {"prefill_tokens_per_s": prompt * hardware.clock_hz / cycles, "prefill_cycles": cycles,
-                "prefill_cycles_per_layer": result.cycles_per_layer, "prefill_messages": counts["messages_sent"],
-                "prefill_relays": counts["relays"], "prefill_bytes_moved": counts["bytes_sent"],
-                "prefill_max_hops": int(mesh.max_over_ranks(mesh.max_hops)),
-                "prefill_routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
-                "prefill_peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0))))}
+                "prefill_cycles_per_layer": result.cycles_per_layer,
+                **{f"prefill_{key}": value for key, value in _fabric_counts(mesh).items()}}
     finally:
         mesh.free()
 
