@@ -106,8 +106,8 @@ class GemmPlan:
         return Layout(self.rows, self.cols, (Dim(self.m, "y", self.rows), Dim(self.n, "x", self.cols)))
 
     def t_a_layout(self) -> Layout:
-        """GEMM-T's A (M x K, here K = ``n``) natural."""
-        return Layout(self.rows, self.cols, (Dim(self.m, "y", self.rows), Dim(self.n, "x", self.cols)))
+        """GEMM-T's A (M x K, here K = ``n``) natural: the same blocks as C's."""
+        return self.c_layout()
 
     def t_c_layout(self) -> Layout:
         """GEMM-T's C (M x N, here N = ``k``, the labelled dimension) natural."""
