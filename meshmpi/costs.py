@@ -9,6 +9,7 @@ operation, a scalar operation and a transfer, all stated with their sources in t
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 
@@ -81,20 +82,19 @@ def path_capacity(hw, hops):
     return np.asarray(hops) * per_hop
 
 
+@numba.vectorize(["float64(float64, float64, float64)"], cache=True)
 def landing(head_arrival, posted, tail):
     """When a message is in the receiver's buffer: the receiver accepts it once the head has
     arrived and it has posted the receive (its program reached the receive, the buffer is
-    free), then the payload drains in at link rate, ``max(head, posted) + tail``."""
-    out = np.maximum(head_arrival, posted)
-    out += tail
-    return out
+    free), then the payload drains in at link rate, ``max(head, posted) + tail``. (A numpy
+    ufunc, also callable on one message from compiled code, as the fabric's inner loops do.)"""
+    return max(head_arrival, posted) + tail
 
 
+@numba.vectorize(["float64(float64, float64, float64, float64)"], cache=True)
 def send_completion(depart, occupancy, landed, capacity):
     """When the sender's buffer is free again (its send operation completes): the tail has left
     the source, ``depart + occupancy``, and at most ``capacity`` cycles of payload are still in
     the fabric, ``landed - capacity``. A late receiver therefore stalls the sender once the
-    path is full (back-pressure); a ready one never does."""
-    out = np.add(depart, occupancy)
-    return np.maximum(out, landed if np.ndim(capacity) == 0 and capacity == 0 else np.subtract(landed, capacity),
-                      out=out)
+    path is full (back-pressure); a ready one never does. (A ufunc, as :func:`landing`.)"""
+    return max(depart + occupancy, landed - capacity)

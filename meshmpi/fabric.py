@@ -26,6 +26,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from . import costs, defects, worms
@@ -256,8 +257,10 @@ class LinePattern:
         here = here[np.argsort(self.dst[self.local_deliveries[here]], kind="stable")]   # by destination
         index = self.local_deliveries[here]
         dests = self.dst[index] - first
+        # a multicast worm lands at the cores along its path, a unicast one at its end
+        columns = self.delivery_column[here] if self.multicast else np.zeros(here.size, np.int64)
         return _Batch(worms.batch(self.worms, which, self.worm_j0[which], self.worm_links[which], first),
-                      index, row_of[self.delivery_worm[here]], self.delivery_column[here], dests,
+                      index, row_of[self.delivery_worm[here]], columns, dests,
                       self.touch_row[self.delivery_worm[here]], _run_of(dests))
 
     # ---------------------------------------------------------------- execution
@@ -340,6 +343,7 @@ class LinePattern:
         else:
             capacity = costs.path_capacity(hw, self.physical.delivery_hops[:, lines_idx])
         touch = self.touch_row
+        lines = send_clock.shape[1]
         # Back-pressure reaches the source only on a pass-through route: a software relay takes
         # the message off the fabric at the next core (its time is in ``beta``).
         need = np.full((self.touching.size, send_clock.shape[1]), -np.inf) if payload else None
@@ -349,19 +353,15 @@ class LinePattern:
             last, heads = worms.advance(w, batch.worms, head_in, free, alpha, beta, occupancy,
                                         keep_path=self.multicast, snapshot=snapshot, link_hops=hops)
             if batch.index.size:
-                times = heads[batch.rows, batch.columns] if heads is not None else last[batch.rows]
-                posted_here = posted[batch.run[1]:batch.run[2]] if batch.run else posted[batch.dests]
-                landed = costs.landing(times, posted_here, tails[batch.index][:, None])
+                landed = np.empty((batch.index.size, lines))
+                # the latest each worm's source may finish its send goes to ``need``; a multicast
+                # worm delivers at several cores, a unicast one once, on one rank
+                _land(last[:, None, :] if heads is None else heads, batch.rows, batch.columns, posted,
+                      batch.dests, tails[batch.index], capacity[batch.index], need if track else _NO_NEED,
+                      batch.need_rows, self.multicast, landed)
                 arrivals.append((batch.dests, landed, batch.run))
-                if track:              # the latest each worm's source may finish its send
-                    late = landed - capacity[batch.index]
-                    if self.multicast:     # a worm delivers at several cores
-                        worms.latest_into(need, batch.need_rows, late)
-                    else:                  # a unicast worm delivers once, on one rank
-                        need[batch.need_rows] = late
             return last
 
-        lines = send_clock.shape[1]
         own = self.own_worms
         departing = send_clock[self.own_source_rows]           # the own worms' sources' clocks
         last = advance(self.own_batch, departing)
@@ -467,6 +467,29 @@ class _Payload:
         return np.concatenate(self.got) if self.got else None
 
 
+_NO_NEED = np.empty((0, 0))
+
+
+@numba.njit(cache=True, nogil=True)
+def _land(heads, rows, columns, posted, dests, tails, capacity, need, need_rows, repeat, landed):
+    """Land each delivery d of a batch: its worm's head at its core, ``heads[rows[d],
+    columns[d]]``, and its receiver's posting, ``posted[dests[d]]``, give ``landed[d]``
+    (:func:`meshmpi.costs.landing`, ``tails[d]`` of payload). With ``need`` (non-empty), each
+    delivery's ``landed - capacity[d]`` is when its source may finish sending at the latest; it
+    goes to row ``need_rows[d]`` (the latest of a row's deliveries when ``repeat``)."""
+    count, lines = landed.shape
+    track, wide = need.shape[0] > 0, capacity.shape[1] > 1
+    for d in range(count):
+        r, c, p, tail = rows[d], columns[d], dests[d], tails[d]
+        for line in range(lines):
+            landed[d, line] = costs.landing(heads[r, c, line], posted[p, line], tail)
+        if track:
+            n = need_rows[d]
+            for line in range(lines):
+                late = landed[d, line] - capacity[d, line if wide else 0]
+                need[n, line] = max(need[n, line], late) if repeat else late
+
+
 def _run_of(dests: np.ndarray):
     """``(order, lo, hi)`` when the unique positions ``dests`` are the run ``lo..hi-1``
     (``order`` sorts them; None when they already are), else None."""
@@ -502,7 +525,8 @@ def _raise_to(target: np.ndarray, axis: str, dests: np.ndarray, arrival: np.ndar
 class _Batch:
     """A batch of worms advanced together on one block (:class:`meshmpi.worms.Batch`) and the
     deliveries it lands there: their pattern indices, rows in the batch, path columns,
-    destinations (block positions), rows of ``need`` and destinations' run (:func:`_run_of`)."""
+    destinations (block positions), rows of ``need`` and destinations' run (:func:`_run_of`).
+    A delivery's head is at column ``columns`` of its worm's path (0, its end, for a unicast)."""
     worms: worms.Batch
     index: np.ndarray
     rows: np.ndarray

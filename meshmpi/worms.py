@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 _SEQUENTIAL = 4   # up to this many local links a head's entry times are computed link by link
@@ -81,46 +82,24 @@ def local_hops(worms: Worms, start: int, stop: int) -> tuple[np.ndarray, np.ndar
 
 @dataclass
 class Batch:
-    """Worms ``which`` advanced together on one block, planned once: grouped by direction and
-    number of local links, each group with its rows in the batch and its links' owners (as
-    strided slices too where they are evenly spaced, so the links are read and written in place)."""
+    """Worms ``which`` advanced together on one block, planned once: per worm its direction,
+    the block position owning its first local link, how many local links it crosses (0 or less:
+    its head stays at the entry) and whether it enters at a core that forwards it in software."""
     which: np.ndarray
-    groups: list            # (sign, rows [G] or a slice, worms [G], link owners [G, L], relayed entry
-                            #  [G, 1] or None, per link column its owners as a slice, or None)
-    ends_here: np.ndarray   # [W] worms with no local link (their head stays at the entry)
+    sign: np.ndarray        # [W] +1 or -1
+    first: np.ndarray       # [W] block position of the first local link's owner
+    links: np.ndarray       # [W] local links
+    relayed: np.ndarray     # [W] bool: the entry core forwards in software (beta)
     width: int              # most local links of any worm
-
-
-def _stride(index: np.ndarray):
-    """``index`` as an equivalent slice when it is an increasing arithmetic progression, else None."""
-    if index.size == 1:
-        return slice(int(index[0]), int(index[0]) + 1)
-    step = int(index[1] - index[0])
-    if step <= 0 or np.any(np.diff(index) != step):
-        return None
-    return slice(int(index[0]), int(index[-1]) + 1, step)
 
 
 def batch(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, first: int) -> Batch:
     """Plan the batch of worms ``which``, entering the block ``[first, ...)`` at hop ``j0``
     with ``count`` local links (see :func:`local_hops`)."""
-    direction = worms.direction[which]
-    groups = []
-    for sign in (+1, -1):
-        along = direction == sign
-        for n_links in np.unique(count[along]):
-            if n_links <= 0:
-                continue
-            rows = np.flatnonzero((count == n_links) & along)
-            w = which[rows]
-            hop = j0[rows, None] + np.arange(n_links)[None, :]                   # [G, L]
-            pos = worms.src[w][:, None] + sign * hop - first                      # local link owners
-            relayed = hop[:, :1] > 0 if worms.relay else None   # a core that forwards in software
-            columns = [_stride(pos[:, i]) for i in range(n_links)]
-            rows_slice = _stride(rows)
-            groups.append((sign, rows if rows_slice is None else rows_slice, w, pos, relayed,
-                           columns if n_links <= _SEQUENTIAL and None not in columns else None))
-    return Batch(which, groups, count <= 0, int(count.max(initial=0)))
+    sign = worms.direction[which].astype(np.int64)
+    relayed = (j0 > 0) if worms.relay else np.zeros(which.size, bool)
+    return Batch(which, sign, worms.src[which] + sign * j0 - first, count.astype(np.int64),
+                 np.ascontiguousarray(relayed), int(count.max(initial=0)))
 
 
 def advance(worms: Worms, plan: Batch, head_in: np.ndarray, free: dict, alpha: float, beta: float,
@@ -137,85 +116,90 @@ def advance(worms: Worms, plan: Batch, head_in: np.ndarray, free: dict, alpha: f
     its worms has left it. Otherwise each link is read and written by one worm only.
 
     ``link_hops`` (laid out as ``free``): on a remapped wafer (:mod:`meshmpi.defects`), the
-    physical hops of each link, which the head crosses in ``alpha`` each; None: one hop each."""
+    physical hops of each link, which the head crosses in ``alpha`` each; None: one hop each.
+    The recurrence runs compiled (:func:`_walk`), one pass over the batch's links."""
     lines = head_in.shape[1]
-    last = np.empty_like(head_in)
-    last[plan.ends_here] = head_in[plan.ends_here]
-    heads = None
-    if keep_path:
-        heads = np.empty((plan.which.size, plan.width + 1, lines))
-        heads[:, 0] = head_in
-    forwards = beta if worms.relay else 0.0
-    step = alpha + forwards
-    for sign, rows, w, pos, relayed, columns in plan.groups:
-        n_links = pos.shape[1]
-        entry = head_in[rows]
-        if relayed is not None:
-            entry = entry + np.where(relayed, forwards, 0.0)
-        if snapshot is None and columns is not None and link_hops is None:   # evenly spaced one-hop links: in place
-            _advance_in_place([free[sign][c] for c in columns], entry, occupancy[w][:, None], step, alpha,
-                              last, rows, heads)
+    last = np.empty((plan.which.size, lines))
+    heads = np.empty((plan.which.size, plan.width + 1, lines)) if keep_path else _NO_HEADS
+    read = free if snapshot is None else snapshot
+    hops = _NO_HOPS if link_hops is None else link_hops
+    _walk(free[+1], free[-1], read[+1], read[-1], snapshot is not None, hops[+1], hops[-1], link_hops is not None,
+          plan.sign, plan.first, plan.links, plan.relayed, np.ascontiguousarray(head_in),
+          np.ascontiguousarray(occupancy[plan.which], dtype=np.float64), float(alpha),
+          float(beta) if worms.relay else 0.0, last, heads)
+    return last, (heads if keep_path else None)
+
+
+_NO_HEADS = np.empty((0, 0, 0))
+_NO_HOPS = {+1: np.ones((1, 1), np.int64), -1: np.ones((1, 1), np.int64)}
+
+
+@numba.njit(cache=True, nogil=True)
+def _walk(free_right, free_left, read_right, read_left, shared, hops_right, hops_left, stretched,
+          sign, first, links, relayed, head_in, occupancy, alpha, forwards, last, heads):
+    """The head recurrence of the module docstring for each worm, over its local links in
+    path order, with the lines innermost. A head enters link i at
+    ``e_i = max(e_{i-1} + step_{i-1}, free_i)`` (``step``: ``alpha`` times the link's physical
+    hops, plus ``forwards`` on relayed paths). Up to ``_SEQUENTIAL`` links this is evaluated
+    link by link; longer paths use the equivalent running-max form
+    ``e_i = max(e_0, max_{j<=i}(free_j - o_j)) + o_j`` with ``o`` the summed steps, which is
+    what the head reaches on a free path. Each link is then busy until ``e_i + occupancy``
+    (the latest of its worms' when ``shared``)."""
+    count, lines = head_in.shape
+    keep = heads.shape[0] > 0
+    enter = np.empty(lines)
+    entry = np.empty(lines)
+    running = np.empty(lines)
+    offset = np.zeros(lines)
+    reach = np.full(lines, alpha)
+    for g in range(count):
+        n = links[g]
+        if keep:
+            heads[g, 0, :] = head_in[g, :]
+        if n <= 0:
+            last[g, :] = head_in[g, :]
             continue
-        link_free = (free if snapshot is None else snapshot)[sign][pos]         # [G, L, lines]
-        # e_0 = max(entry, free_0), e_i = max(e_{i-1} + step, free_i)
-        enter = np.empty_like(link_free)
-        np.maximum(entry, link_free[:, 0], out=enter[:, 0])
-        if link_hops is not None:
-            reach = alpha * link_hops[sign][pos]                                # [G, L, lines]
-            enter = _enter_stretched(enter, link_free, reach + forwards)
-            last[rows] = enter[:, -1] + reach[:, -1]
-            if heads is not None:
-                heads[rows, 1:n_links + 1] = enter + reach
-        else:
-            if 1 < n_links <= _SEQUENTIAL:
-                for i in range(1, n_links):
-                    np.maximum(enter[:, i - 1] + step, link_free[:, i], out=enter[:, i])
-            elif n_links > _SEQUENTIAL:         # a running max of free - step*i, then add back
-                offsets = step * np.arange(n_links)[None, :, None]
-                running = np.maximum.accumulate(link_free - offsets, axis=1)
-                np.maximum(enter[:, :1], running, out=running)
-                enter = running + offsets
-            last[rows] = enter[:, -1] + alpha
-            if heads is not None:
-                heads[rows, 1:n_links + 1] = enter + alpha
-        busy = np.add(enter, occupancy[w][:, None, None], out=enter)   # >= the link's old free time
-        if snapshot is None:
-            free[sign][pos] = busy
-        else:
-            latest_into(free[sign], pos.ravel(), busy.reshape(-1, lines))
-    return last, heads
-
-
-def _enter_stretched(enter: np.ndarray, link_free: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """The head recurrence with a step per link (``steps[:, i]`` from entering link i to
-    entering link i+1): ``e_i = max(e_{i-1} + steps_{i-1}, free_i)``, ``enter[:, 0]`` given."""
-    n_links = enter.shape[1]
-    if n_links <= 4:
-        for i in range(1, n_links):
-            np.maximum(enter[:, i - 1] + steps[:, i - 1], link_free[:, i], out=enter[:, i])
-        return enter
-    offsets = np.zeros_like(link_free)              # running max of free - offset, then add back
-    np.cumsum(steps[:, :-1], axis=1, out=offsets[:, 1:])
-    running = np.maximum.accumulate(link_free - offsets, axis=1)
-    np.maximum(enter[:, :1], running, out=running)
-    return running + offsets
-
-
-def _advance_in_place(links: list, entry: np.ndarray, occupancy: np.ndarray, step: float, alpha: float,
-                      last: np.ndarray, rows, heads) -> None:
-    """:func:`advance` of one group whose link columns are the views ``links`` ([G, lines] each,
-    every link used by this group alone): the same arithmetic, without gathering the links."""
-    enter = np.maximum(entry, links[0])
-    for i in range(1, len(links) + 1):
-        if heads is not None:
-            heads[rows, i] = enter + alpha
-        if i < len(links):
-            following = np.add(enter, step)
-            np.maximum(following, links[i], out=following)
-        np.add(enter, occupancy, out=links[i - 1])
-        if i < len(links):
-            enter = following
-    last[rows] = enter + alpha
+        s, p, busy_for = sign[g], first[g], occupancy[g]
+        read = read_right if s > 0 else read_left
+        write = free_right if s > 0 else free_left
+        hops = hops_right if s > 0 else hops_left
+        add = forwards if relayed[g] else 0.0
+        for i in range(n):
+            q = p + s * i
+            if i == 0:
+                for line in range(lines):
+                    entry[line] = max(head_in[g, line] + add, read[q, line])
+                    running[line] = read[q, line]
+                enter[:] = entry
+            elif n <= _SEQUENTIAL:          # e_i = max(e_{i-1} + step, free_i)
+                for line in range(lines):
+                    enter[line] = max(enter[line] + (reach[line] + forwards), read[q, line])
+            else:                           # the running-max form
+                if stretched:
+                    for line in range(lines):
+                        offset[line] += reach[line] + forwards
+                else:
+                    offset[:] = (alpha + forwards) * i
+                for line in range(lines):
+                    running[line] = max(running[line], read[q, line] - offset[line])
+                    enter[line] = max(entry[line], running[line]) + offset[line]
+            if stretched:
+                for line in range(lines):
+                    reach[line] = alpha * hops[q, line]
+            if keep:
+                for line in range(lines):
+                    heads[g, i + 1, line] = enter[line] + reach[line]
+            if shared:
+                for line in range(lines):
+                    write[q, line] = max(write[q, line], enter[line] + busy_for)
+            else:
+                for line in range(lines):
+                    write[q, line] = enter[line] + busy_for
+        for line in range(lines):
+            last[g, line] = enter[line] + reach[line]
+        if stretched or n > _SEQUENTIAL:
+            offset[:] = 0.0
+            reach[:] = alpha
 
 
 def latest_into(target: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
