@@ -506,7 +506,7 @@ def _raise_to(target: np.ndarray, axis: str, dests: np.ndarray, arrival: np.ndar
     """``target`` (block-shaped) at positions ``dests`` (unique) along ``axis`` and ``lines``
     (None: all) becomes ``max(itself, arrival)`` ([positions, lines]). A run of consecutive
     positions on every line (``run``, see :func:`_run_of`) is updated in place in ``target``'s
-    own layout."""
+    own layout; anything else in one compiled pass (:func:`_raise_at`)."""
     if lines is None and run is not None:
         order, lo, hi = run
         if order is not None:
@@ -514,11 +514,26 @@ def _raise_to(target: np.ndarray, axis: str, dests: np.ndarray, arrival: np.ndar
         part = target[:, lo:hi] if axis == "x" else target[lo:hi]
         np.maximum(part, arrival.T if axis == "x" else arrival, out=part)
         return
-    clock = _pos_first(target, axis)
-    where = dests if lines is None else np.ix_(dests, lines)
-    current = clock[where]
-    np.maximum(current, arrival, out=current)
-    clock[where] = current
+    _raise_at(target, axis == "x", dests, arrival, _ALL_LINES if lines is None else lines)
+
+
+_ALL_LINES = np.empty(0, np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _raise_at(target, along_x, dests, arrival, lines):
+    """:func:`_raise_to` at any positions: delivery d's line j is ``lines[j]`` (every line in
+    order when ``lines`` is empty)."""
+    count, width = arrival.shape
+    every = lines.size == 0
+    for d in range(count):
+        p = dests[d]
+        for j in range(width):
+            line = j if every else lines[j]
+            if along_x:
+                target[line, p] = max(target[line, p], arrival[d, j])
+            else:
+                target[p, line] = max(target[p, line], arrival[d, j])
 
 
 @dataclass

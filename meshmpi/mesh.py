@@ -128,11 +128,13 @@ class Mesh:
         self.clock = np.zeros(self.block_shape, np.float64)
         self.busy = np.zeros(self.block_shape, np.float64)
         # Per-core counters, plus additions not yet applied: a count per position along each
-        # axis for every line (most transfers) and one for every core (most compute), applied
-        # when the counters are read; ``totals`` are their sums over this block, kept exact.
+        # axis for every line (most transfers), per-position counts times how often each line
+        # took them (transfers on some lines) and one count for every core (most compute),
+        # applied when the counters are read; ``totals`` are their sums over this block, exact.
         self._counters = {name: np.zeros(self.block_shape, np.int64) for name in COUNTERS}
         self._per_position = {name: {"y": np.zeros(self.block_shape[0], np.int64),
                                      "x": np.zeros(self.block_shape[1], np.int64)} for name in COUNTERS}
+        self._per_line = {name: {"y": {}, "x": {}} for name in COUNTERS}
         self._every_core = dict.fromkeys(COUNTERS, 0)
         self.totals = dict.fromkeys(COUNTERS, 0)
         self.max_hops = 0
@@ -207,6 +209,10 @@ class Mesh:
                 if pending.any():
                     target += pending[None, :] if axis == "x" else pending[:, None]
                     pending[:] = 0
+            for axis, pending in self._per_line[name].items():
+                for per_position, times in pending.values():
+                    target += np.outer(times, per_position) if axis == "x" else np.outer(per_position, times)
+                pending.clear()
         return self._counters
 
     def count_along(self, name: str, axis: str, per_position: np.ndarray, line_mask: np.ndarray) -> None:
@@ -215,10 +221,12 @@ class Mesh:
         lines = int(line_mask.sum())
         if lines == line_mask.size:
             self._per_position[name][axis] += per_position
-        elif axis == "x":
-            self._counters[name][line_mask, :] += per_position[None, :]
-        else:
-            self._counters[name][:, line_mask] += per_position[:, None]
+        elif lines:
+            pending = self._per_line[name][axis]
+            key = per_position.tobytes()
+            if key not in pending:
+                pending[key] = (per_position.copy(), np.zeros(line_mask.size, np.int64))
+            pending[key][1][line_mask] += 1
         self.totals[name] += int(per_position.sum()) * lines
 
     def count_cores(self, name: str, values: np.ndarray, axis: str) -> None:
