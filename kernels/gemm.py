@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from meshmpi import costs
@@ -201,12 +202,25 @@ class RealWork:
         label = (np.arange(plan.chunks)[:, None] + plan.ring_x.position[cols][None, :]) % plan.chunks
         table = self.k[plan.chunk_rows(label)].astype(np.int64)              # [L, block cols]
         start = plan.ring_y.position[rows]
-        k, flops, cycles = np.empty_like(per_k), np.empty_like(per_k), np.empty_like(rate)
+        flops, cycles = np.empty_like(per_k), np.empty_like(rate)
 
         def charge(step: int) -> None:
-            np.take(table, (start - step) % plan.chunks, axis=0, out=k)
-            mesh.compute(np.multiply(per_k, k, out=flops), cycles=np.multiply(rate, k, out=cycles))
+            _step_work(table, (start - step) % plan.chunks, per_k, rate, flops, cycles)
+            mesh.compute(flops, cycles=cycles)
         return charge
+
+
+@numba.njit(cache=True, nogil=True)
+def _step_work(table, label_row, per_k, rate, flops, cycles):
+    """One step's work on each core (i, j): its K rows ``k = table[label_row[i], j]`` times its
+    FLOPs and cycles per K row."""
+    rows, cols = flops.shape
+    for i in range(rows):
+        r = label_row[i]
+        for j in range(cols):
+            k = table[r, j]
+            flops[i, j] = per_k[i, j] * k
+            cycles[i, j] = rate[i, j] * k
 
 
 # ---------------------------------------------------------------------------- wafer side

@@ -388,8 +388,8 @@ class LinePattern:
             for (_, send, _, _), (_, _, got, _) in zip(stage, messages):
                 rows = touch[send]                               # each worm once
                 need[rows] = np.maximum(need[rows], got)
-        done = costs.send_completion(departing, occupancy[own][:, None],
-                                     need[touch[own]], 0.0)
+        done = np.empty_like(departing)
+        _complete(departing, occupancy[own], need, touch[own], done)
         senders, which = self.own_senders, self.own_sender_of
         if self.own_senders_in_order:                      # one worm per sender, in the senders' order
             return arrivals, (senders, done, self.own_senders_run)
@@ -488,6 +488,17 @@ def _land(heads, rows, columns, posted, dests, tails, capacity, need, need_rows,
             for line in range(lines):
                 late = landed[d, line] - capacity[d, line if wide else 0]
                 need[n, line] = max(need[n, line], late) if repeat else late
+
+
+@numba.njit(cache=True, nogil=True)
+def _complete(departing, occupancy, need, need_rows, done):
+    """Each own worm's send completes at :func:`meshmpi.costs.send_completion` of its departure
+    ``departing[i]``, its occupancy and ``need[need_rows[i]]``, the latest its receivers allow."""
+    count, lines = done.shape
+    for i in range(count):
+        n, busy_for = need_rows[i], occupancy[i]
+        for line in range(lines):
+            done[i, line] = costs.send_completion(departing[i, line], busy_for, need[n, line], 0.0)
 
 
 def _run_of(dests: np.ndarray):
@@ -651,7 +662,9 @@ class Fabric:
         local = mesh.global_rows() if axis == "x" else mesh.global_cols()
         if lines is None:
             return np.ones(local.size, bool)
-        return np.isin(local, np.asarray(lines, np.int64))
+        hit = np.zeros(mesh.axis_length("y" if axis == "x" else "x"), bool)
+        hit[np.asarray(lines, np.int64)] = True
+        return hit[local]
 
     def add_along(self, counter: str, axis: str, per_position: np.ndarray, line_mask) -> None:
         """Add a per-position vector to a per-core counter on the active lines."""
