@@ -294,7 +294,9 @@ class _TensorFiles:
 def _widen(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Stored values -> float32 (bfloat16 is the top half of a float32)."""
     if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        wide = raw.astype(np.uint32)
+        wide <<= 16
+        return wide.view(np.float32)
     return raw.astype(np.float32)
 
 

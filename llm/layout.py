@@ -28,11 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from meshmpi.mesh import block_offsets
 
-from .checkpoint import select, take
+from .checkpoint import select
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -72,19 +73,23 @@ class Gathered:
             inside = np.flatnonzero((src_cols >= start) & (src_cols < start + width))
             used_cols, col_at = np.unique(src_cols[inside] - start, return_inverse=True)
             if used_rows.size and used_cols.size:
-                block = take(select(part, used_rows, used_cols), row_at, col_at)
-                rows_here = np.flatnonzero(src_rows >= 0)
-                if isinstance(take_rows := _whole(rows_here, rows.size), slice):
-                    out[take_rows, _whole(inside, cols.size)] = block
-                else:
-                    out[np.ix_(rows_here, inside)] = block
+                _scatter(out, np.flatnonzero(src_rows >= 0), inside, select(part, used_rows, used_cols),
+                         row_at.reshape(-1), col_at.reshape(-1))
             start += width
         return out
 
 
-def _whole(index: np.ndarray, size: int):
-    """``slice(None)`` when ``index`` is every position of ``size`` in order, else ``index``."""
-    return slice(None) if index.size == size and (size == 0 or index[-1] == size - 1) else index
+@numba.njit(cache=True, nogil=True)
+def _scatter(out, out_rows, out_cols, read, row_at, col_at):
+    """``out[out_rows[i], out_cols[j]] = read[row_at[i], col_at[j]]``, in one pass by squares of
+    64 x 64 (``read`` may be a transposed view of what the file stores)."""
+    rows, cols = out_rows.size, out_cols.size
+    for i0 in range(0, rows, 64):
+        for j0 in range(0, cols, 64):
+            for i in range(i0, min(i0 + 64, rows)):
+                r, o = row_at[i], out_rows[i]
+                for j in range(j0, min(j0 + 64, cols)):
+                    out[o, out_cols[j]] = read[r, col_at[j]]
 
 
 def _lookup(index: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -102,10 +107,33 @@ def take_cols(w: np.ndarray, index: np.ndarray) -> np.ndarray:
 def block_tiles(matrix: Gathered, row_of: np.ndarray, col_of: np.ndarray) -> np.ndarray:
     """``[br, bc, th, tw]``: core (r, c) of a block holds ``matrix[row_of[r, c]][:, col_of[r, c]]``
     (logical indices); the block's rows and columns are read once."""
-    rows, row_at = np.unique(row_of, return_inverse=True)
-    cols, col_at = np.unique(col_of, return_inverse=True)
+    rows, row_at = _unique(row_of)
+    cols, col_at = _unique(col_of)
     sub = matrix.read(rows, cols)
-    return sub[row_at.reshape(row_of.shape)[..., :, None], col_at.reshape(col_of.shape)[..., None, :]]
+    out = np.empty(row_of.shape[:2] + (row_of.shape[2], col_of.shape[2]), np.float32)
+    _gather_tiles(sub, row_at, col_at, out)
+    return out
+
+
+def _unique(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted distinct values of ``index`` and where each entry is among them (shaped as
+    ``index``); the axes a broadcast repeats are looked at once."""
+    base = index[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in index.strides)]
+    values, at = np.unique(base, return_inverse=True)
+    return values, np.ascontiguousarray(np.broadcast_to(at.reshape(base.shape), index.shape))
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_tiles(sub, row_at, col_at, out):
+    """``out[r, c, a, b] = sub[row_at[r, c, a], col_at[r, c, b]]``, in one pass."""
+    br, bc, th = row_at.shape
+    tw = col_at.shape[2]
+    for r in range(br):
+        for c in range(bc):
+            for a in range(th):
+                source = sub[row_at[r, c, a]]
+                for b in range(tw):
+                    out[r, c, a, b] = source[col_at[r, c, b]]
 
 
 def vector_block(vector, parts: int, part_range: np.ndarray) -> np.ndarray:
