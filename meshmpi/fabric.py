@@ -32,6 +32,7 @@ import numpy as np
 from . import costs, defects, worms
 from .array import MeshArray
 from .errors import HazardError, UsageError
+from .mesh import COUNTERS
 
 _DATA_TAG, _HEAD_TAG, _BACK_TAG = 11, 12, 13
 _BIG_SLICE = 1 << 15  # bytes of one position's tiles above which deliveries are copied one by one
@@ -109,6 +110,7 @@ class LinePattern:
                                                  self.block_start + fabric.block_length(axis), lines)
             self.max_hops = self.physical.max_hops
         mesh.routes.declare(axis, self.group, id(self), self.routes)
+        self._counts = {}             # per tile size: what a start adds to the counters
         self.live = True
 
     # ---------------------------------------------------------------- closed forms
@@ -409,19 +411,29 @@ class LinePattern:
         mesh = self.mesh
         if not line_mask.any():
             return
-        add = self.fabric.add_along
-        add("messages_sent", self.axis, self.messages_sent, line_mask)
-        add("bytes_sent", self.axis, self.messages_sent * nbytes, line_mask)
-        add("bytes_recv", self.axis, self.received * nbytes, line_mask)
-        add("hops", self.axis, self.hops_sent, line_mask)
-        add("byte_hops", self.axis, self.hops_sent * nbytes, line_mask)   # the fabric's energy
+        counts = self._counts.get(nbytes)
+        if counts is None:
+            counts = self._counts[nbytes] = self._counts_of(nbytes)
+        mesh.count_along(counts[0], self.axis, counts[1], line_mask, counts[2])
         if self.physical is not None:       # a stretched link's extra physical hops
             mesh.count_cores("hops", self.physical.extra_hops * line_mask, self.axis)
             mesh.count_cores("byte_hops", self.physical.extra_hops * line_mask * nbytes, self.axis)
-        if self.relay:
-            add("relays", self.axis, self.relays_at, line_mask)
         mesh.max_hops = max(mesh.max_hops, self.max_hops)
         mesh.timeline.note_transfer(self.max_hops)
+
+    def _counts_of(self, nbytes: int) -> tuple:
+        """What one start of ``nbytes`` tiles adds to each counter on every line, per position
+        of this block: the counters' rows, their per-position values and those values' sums."""
+        per = {"messages_sent": self.messages_sent, "bytes_sent": self.messages_sent * nbytes,
+               "bytes_recv": self.received * nbytes, "hops": self.hops_sent,
+               "byte_hops": self.hops_sent * nbytes}                   # the fabric's energy
+        if self.relay:
+            per["relays"] = self.relays_at
+        start = self.block_start
+        stop = start + self.fabric.block_length(self.axis)
+        values = np.stack([v[start:stop] for v in per.values()]).astype(np.int64)
+        return (np.array([COUNTERS.index(name) for name in per], np.int64), values,
+                [int(v) for v in values.sum(axis=1)])
 
     def revive(self, name: str, group: str | None) -> None:
         """A freed pattern planned again under ``name``: its routes are declared anew."""
@@ -662,16 +674,10 @@ class Fabric:
         local = mesh.global_rows() if axis == "x" else mesh.global_cols()
         if lines is None:
             return np.ones(local.size, bool)
+        lines = np.asarray(lines, np.int64)
         hit = np.zeros(mesh.axis_length("y" if axis == "x" else "x"), bool)
-        hit[np.asarray(lines, np.int64)] = True
+        hit[lines[(lines >= 0) & (lines < hit.size)]] = True     # lines off the mesh: none
         return hit[local]
-
-    def add_along(self, counter: str, axis: str, per_position: np.ndarray, line_mask) -> None:
-        """Add a per-position vector to a per-core counter on the active lines."""
-        mesh = self.mesh
-        start = mesh.axis_start(axis)
-        stop = start + self.block_length(axis)
-        mesh.count_along(counter, axis, per_position[start:stop], line_mask)
 
     def plan(self, name: str, axis: str, src, dst, *, multicast: bool = False,
              relay: bool = False, group: str | None = None) -> LinePattern:

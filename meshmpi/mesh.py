@@ -132,9 +132,10 @@ class Mesh:
         # took them (transfers on some lines) and one count for every core (most compute),
         # applied when the counters are read; ``totals`` are their sums over this block, exact.
         self._counters = {name: np.zeros(self.block_shape, np.int64) for name in COUNTERS}
-        self._per_position = {name: {"y": np.zeros(self.block_shape[0], np.int64),
-                                     "x": np.zeros(self.block_shape[1], np.int64)} for name in COUNTERS}
-        self._per_line = {name: {"y": {}, "x": {}} for name in COUNTERS}
+        self._per_position = {"y": np.zeros((len(COUNTERS), self.block_shape[0]), np.int64),
+                              "x": np.zeros((len(COUNTERS), self.block_shape[1]), np.int64)}
+        self._per_line = {"y": {}, "x": {}}
+        self._masks = {}     # positions_mask's masks by axis and positions
         self._every_core = dict.fromkeys(COUNTERS, 0)
         self.totals = dict.fromkeys(COUNTERS, 0)
         self.max_hops = 0
@@ -205,29 +206,36 @@ class Mesh:
             if self._every_core[name]:
                 target += self._every_core[name]
                 self._every_core[name] = 0
-            for axis, pending in self._per_position[name].items():
-                if pending.any():
-                    target += pending[None, :] if axis == "x" else pending[:, None]
-                    pending[:] = 0
-            for axis, pending in self._per_line[name].items():
-                for per_position, times in pending.values():
-                    target += np.outer(times, per_position) if axis == "x" else np.outer(per_position, times)
-                pending.clear()
+        for axis, pending in self._per_position.items():
+            for row in np.flatnonzero(pending.any(axis=1)):
+                target = self._counters[COUNTERS[row]]
+                target += pending[row][None, :] if axis == "x" else pending[row][:, None]
+            pending[:] = 0
+        for axis, pending in self._per_line.items():
+            for rows, per_position, times in pending.values():
+                for row, values in zip(rows.tolist(), per_position):
+                    outer = np.outer(times, values) if axis == "x" else np.outer(values, times)
+                    self._counters[COUNTERS[row]] += outer
+            pending.clear()
         return self._counters
 
-    def count_along(self, name: str, axis: str, per_position: np.ndarray, line_mask: np.ndarray) -> None:
-        """Add ``per_position`` (this block's positions along ``axis``) to counter ``name`` on
-        every active line (``line_mask`` over this block's lines)."""
+    def count_along(self, rows: np.ndarray, axis: str, per_position: np.ndarray, line_mask: np.ndarray,
+                    sums) -> None:
+        """Add ``per_position[i]`` (this block's positions along ``axis``) to the counter
+        ``COUNTERS[rows[i]]`` on every active line (``line_mask`` over this block's lines);
+        ``sums[i]`` is ``per_position[i].sum()``."""
         lines = int(line_mask.sum())
         if lines == line_mask.size:
-            self._per_position[name][axis] += per_position
+            self._per_position[axis][rows] += per_position
         elif lines:
-            pending = self._per_line[name][axis]
-            key = per_position.tobytes()
+            pending = self._per_line[axis]
+            key = (rows.tobytes(), per_position.tobytes())
             if key not in pending:
-                pending[key] = (per_position.copy(), np.zeros(line_mask.size, np.int64))
-            pending[key][1][line_mask] += 1
-        self.totals[name] += int(per_position.sum()) * lines
+                pending[key] = (rows, per_position.copy(), np.zeros(line_mask.size, np.int64))
+            pending[key][2][line_mask] += 1
+        totals = self.totals
+        for row, total in zip(rows.tolist(), sums):
+            totals[COUNTERS[row]] += total * lines
 
     def count_cores(self, name: str, values: np.ndarray, axis: str) -> None:
         """Add ``values`` ([this block's positions along ``axis``, lines]) to counter ``name``."""
@@ -313,16 +321,23 @@ class Mesh:
         self.totals["relays"] += int(np.count_nonzero(mask))
 
     def positions_mask(self, axis: str, positions) -> np.ndarray:
-        """Block-shaped mask of the cores whose position along ``axis`` is in ``positions``."""
-        local = self.global_cols() if axis == "x" else self.global_rows()
-        on_line = np.zeros(self.axis_length(axis), bool)
-        on_line[np.asarray(positions, np.int64)] = True
-        hit = on_line[local]
-        mask = np.zeros(self.block_shape, bool)
-        if axis == "x":
-            mask[:, hit] = True
-        else:
-            mask[hit, :] = True
+        """Block-shaped mask of the cores whose position along ``axis`` is in ``positions``
+        (read-only: one array per position set, made once)."""
+        positions = np.asarray(positions, np.int64)
+        key = (axis, positions.tobytes())
+        mask = self._masks.get(key)
+        if mask is None:
+            local = self.global_cols() if axis == "x" else self.global_rows()
+            on_line = np.zeros(self.axis_length(axis), bool)
+            on_line[positions] = True
+            hit = on_line[local]
+            mask = np.zeros(self.block_shape, bool)
+            if axis == "x":
+                mask[:, hit] = True
+            else:
+                mask[hit, :] = True
+            mask.flags.writeable = False
+            self._masks[key] = mask
         return mask
 
     def matmul_acc(self, out: MeshArray, a: MeshArray, b: MeshArray, transpose_b: bool = False) -> None:
