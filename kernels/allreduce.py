@@ -78,10 +78,23 @@ def _spans(n: int, segments) -> list:
     return [(lo, hi) for lo, hi in spans if hi - lo > 1]
 
 
-def _combine(mesh, acc, incoming, op: str, where: np.ndarray) -> None:
-    """acc = op(acc, incoming) on the masked cores (numeric runs)."""
-    if where.any() and not mesh.dry_run:
-        acc.data[where] = _OPS[op](acc.data[where], incoming.data[where])
+def _combine(mesh, acc, incoming, op: str, axis: str, positions) -> None:
+    """acc = op(acc, incoming) on the cores at ``positions`` along ``axis`` (numeric runs), in
+    place through a view where the positions this block holds are evenly spaced."""
+    if mesh.dry_run:
+        return
+    local = np.asarray(positions, np.int64) - mesh.axis_start(axis)
+    local = local[(local >= 0) & (local < (acc.data.shape[1] if axis == "x" else acc.data.shape[0]))]
+    if not local.size:
+        return
+    step = int(local[1] - local[0]) if local.size > 1 else 1
+    if step > 0 and np.array_equal(local, local[0] + step * np.arange(local.size)):
+        index = slice(int(local[0]), int(local[-1]) + 1, step)
+        at = (slice(None), index) if axis == "x" else (index,)
+        _OPS[op](acc.data[at], incoming.data[at], out=acc.data[at])
+    else:
+        at = (slice(None), local) if axis == "x" else (local,)
+        acc.data[at] = _OPS[op](acc.data[at], incoming.data[at])
 
 
 def _chains(mesh, acc, axis, op, name, tag, links_left, links_right, buffers, forwarding) -> None:
@@ -99,12 +112,12 @@ def _chains(mesh, acc, axis, op, name, tag, links_left, links_right, buffers, fo
                 pattern = fabric.plan(f"allreduce.{tag}.{side}", axis, src, dst,
                                       group=f"allreduce.{tag}.{side}.{axis}")
                 transfer = pattern.start(acc, buf, depart=head, payload=not streaming)
-                started.append((transfer, buf, mesh.positions_mask(axis, src), mesh.positions_mask(axis, dst)))
+                started.append((transfer, buf, dst, mesh.positions_mask(axis, src), mesh.positions_mask(axis, dst)))
         heads_in = np.full(mesh.block_shape, -np.inf) if streaming else None
-        for transfer, _, _, _ in started:    # every delivery of the stage lands, then the adds
+        for transfer, *_ in started:    # every delivery of the stage lands, then the adds
             transfer.wait(into=heads_in)
-        for _, buf, senders, receivers in started:
-            _combine(mesh, acc, buf, op, receivers)
+        for _, buf, dst, senders, receivers in started:
+            _combine(mesh, acc, buf, op, axis, dst)
             flops = np.where(receivers, acc.tile_elements, 0)
             if streaming:
                 head[receivers] = costs.streaming_stage_head(hw, heads_in[receivers], head[receivers])
