@@ -11,7 +11,9 @@
   (30 layers, hidden 576, 9 and 3 kv heads, random BF16 weights) numeric on its smallest square
   region, 39x39, for a 32-token prompt: seconds to the first token (load, set-up, prefill) and
   per decoded token; the same model as a dry run on 360x360 with every layer simulated, and
-  llama3-8b likewise on 420x420, each for one decode token; each on 1 and 2 ranks.
+  llama3-8b likewise on 420x420, each for the same prompt and one decode token: seconds to the
+  first token (the prefill of every layer), for the decode token (every layer) and for the
+  whole run; each on 1 and 2 ranks.
 
 Each figure is the best of a few runs, alternated with its comparison so that both see the
 same machine load; the 1-minute load average is recorded beside it. Every child run's
@@ -188,9 +190,10 @@ def llm_rows(runs, smol: str, prompt: int, bar, hardware: tuple = ()):
             report = _child_json(cmd)
             bar.update()
             report["modeled_cycles"] = report["modeled_prefill_cycles"] + report["modeled_decode_cycles"]
-            parts = [("", report["wall_seconds"])] if dry_run else \
-                [(", first token", report["wall_first_token_seconds"]),
-                 (", per decoded token", report["wall_decode_seconds_per_token"])]
+            parts = [(", first token", report["wall_first_token_seconds"]),
+                     (", per decoded token", report["wall_decode_seconds_per_token"])]
+            if dry_run:
+                parts.append((", whole run", report["wall_seconds"]))
             for part, seconds in parts:
                 one.setdefault(part, seconds)
                 shown = [c if c != smol else "<smollm2-135m-shaped>" for c in cmd]    # a temporary folder

@@ -36,9 +36,14 @@ def test_llm_rows_time_whole_models_on_one_and_two_ranks(tmp_path):
     assert [(r["what"], r["ranks"]) for r in rows] == [
         ("numeric small, first token", 1), ("numeric small, per decoded token", 1),
         ("numeric small, first token", 2), ("numeric small, per decoded token", 2),
-        ("dry tiny all layers", 1), ("dry tiny all layers", 2)]
+        ("dry tiny all layers, first token", 1), ("dry tiny all layers, per decoded token", 1),
+        ("dry tiny all layers, whole run", 1),
+        ("dry tiny all layers, first token", 2), ("dry tiny all layers, per decoded token", 2),
+        ("dry tiny all layers, whole run", 2)]
     assert all(r["wall_seconds"] > 0 and r["size"] == 5 for r in rows)
-    for one, two in ((rows[0], rows[2]), (rows[1], rows[3]), (rows[4], rows[5])):
+    for one, two in ((rows[0], rows[2]), (rows[1], rows[3]), (rows[4], rows[7]), (rows[5], rows[8]), (rows[6], rows[9])):
         assert one["modeled_cycles"] == two["modeled_cycles"] > 0   # the rank count changes no modeled number
         assert two["speedup_over_1_rank"] == one["wall_seconds"] / two["wall_seconds"]
+    # the parts of a run are no longer than the whole
+    assert rows[4]["wall_seconds"] + rows[5]["wall_seconds"] <= rows[6]["wall_seconds"]
     assert "--layers all" in rows[4]["command"] and "--dry-run" in rows[4]["command"]
