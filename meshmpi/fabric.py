@@ -109,6 +109,7 @@ class LinePattern:
             self.physical = defects.PatternPaths(fabric.remap, self, self.block_start,
                                                  self.block_start + fabric.block_length(axis), lines)
             self.max_hops = self.physical.max_hops
+            self.in_block = False
         mesh.routes.declare(axis, self.group, id(self), self.routes)
         self._counts = {}             # per tile size: what a start adds to the counters
         self.live = True
@@ -220,6 +221,7 @@ class LinePattern:
         self.own_senders_in_order = bool(np.array_equal(self.own_sender_of, np.arange(self.own_worms.size)))
         self.own_senders_run = _run_of(self.own_senders)
         rows = w.src[self.own_worms] - start          # a slice (no copy) when they are a sorted run
+        self.own_source_positions = rows
         run = _run_of(rows) if np.unique(rows).size == rows.size else None
         self.own_source_rows = slice(run[1], run[2]) if run is not None and run[0] is None else rows
         self.touching = np.flatnonzero(self.worm_links >= 0)      # worms that reach this block
@@ -233,6 +235,10 @@ class LinePattern:
         self.block_start = int(start)
         # Every batch of worms this block advances, planned once: its own, then each round's.
         self.own_batch = self._batch(self.own_worms)
+        # Every worm starts, runs and lands inside this block, one per sender: a start is one
+        # compiled pass (:func:`_start_in_block`); set again once a remapped wafer is known.
+        self.in_block = (not self.worm_rounds and not self.multicast and self.own_senders_in_order
+                         and self.own_batch.index.size == self.own_worms.size == self.src.size)
         latest = {+1: self.own_worms, -1: self.own_worms}
         for stage in self.worm_rounds:
             for i, (direction, send, recv) in enumerate(stage):
@@ -291,6 +297,10 @@ class LinePattern:
         lines_idx = None if line_mask.all() else np.flatnonzero(line_mask)
         if lines_idx is not None and lines_idx.size == 0:
             return Transfer(self, src, dst, [], [], lines_idx)
+        if self.in_block and payload and lines_idx is None:
+            arrivals, sends = self._start_in_block(mesh.clock if depart is None else depart, nbytes, src is dst)
+            landings = [] if mesh.dry_run else [self.block_landing]
+            return Transfer(self, src, dst, [arrivals, sends], landings, None)
         send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
         if lines_idx is not None:
             send_clock = send_clock[:, lines_idx]
@@ -403,6 +413,29 @@ class LinePattern:
             worms.latest_into(latest, which, done)
         return arrivals, (senders, latest, self.own_senders_run)
 
+    def _start_in_block(self, clock: np.ndarray, nbytes: int, in_place: bool):
+        """:meth:`_move_heads` for a pattern that stays inside this block (:attr:`in_block`),
+        from the senders' clocks ``clock`` (block-shaped), in one compiled pass: the same
+        times, as (destinations, landings, run) and (senders, completions, run)."""
+        hw, w, batch, first = self.mesh.hardware, self.worms, self.own_batch, self.block_start
+        free = self.fabric.link_free(self.axis)
+        read = {sign: f.copy() for sign, f in free.items()} if self.links_shared else free
+        occupancy = costs.serialisation(hw, nbytes, w.load)[self.own_worms]
+        tails = costs.serialisation(hw, nbytes, self.load)[batch.index]
+        extra = costs.serialisation(hw, nbytes, self.send_load[first + batch.dests]) if in_place \
+            else np.zeros(batch.dests.size)
+        capacity = costs.path_capacity(hw, self.hops[batch.index]).astype(np.float64)
+        lines = clock.shape[0] if self.axis == "x" else clock.shape[1]
+        landed, done = np.empty((batch.index.size, lines)), np.empty((self.own_worms.size, lines))
+        walk = batch.worms
+        _start_in_block(np.ascontiguousarray(_pos_first(clock, self.axis)), float(costs.transfer_start(hw)),
+                        free[+1], free[-1], read[+1],
+                        read[-1], self.links_shared, walk.sign, walk.first, walk.links, walk.relayed,
+                        self.own_source_positions, occupancy, batch.dests, batch.rows, tails, capacity, extra,
+                        not self.relay, float(costs.route_latency(hw, 1)),
+                        float(costs.software_stage(hw)) if self.relay else 0.0, landed, done)
+        return (batch.dests, landed, batch.run), (self.own_senders, done, self.own_senders_run)
+
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:
         """``start`` and ``wait`` at once."""
         self.start(src, dst, lines).wait()
@@ -477,6 +510,37 @@ class _Payload:
     def pool(self) -> np.ndarray | None:
         """Every tile received from other ranks, in the order of the rounds."""
         return np.concatenate(self.got) if self.got else None
+
+
+@numba.njit(cache=True, nogil=True)
+def _start_in_block(clock, start_cost, free_right, free_left, read_right, read_left, shared, sign, first,
+                    links, relayed, sources, occupancy, dests, worm_of, tails, capacity, extra, track, alpha,
+                    forwards, landed, done):
+    """A start of a pattern inside one block, worm by worm (delivery k by worm ``worm_of[k]``;
+    ``clock`` [position, line]): each sender departs at its clock plus ``start_cost``, its head walks its links
+    (:func:`meshmpi.worms.walk_worm`), the tile lands at its receiver at
+    :func:`meshmpi.costs.landing` (posted at the receiver's clock plus ``start_cost`` and
+    ``extra``) and the send completes at :func:`meshmpi.costs.send_completion` (back-pressure
+    ``landed - capacity`` unless relayed, ``track`` off)."""
+    lines = landed.shape[1]
+    scratch = np.empty((5, lines))
+    head, last = np.empty(lines), np.empty(lines)
+    path, hops = np.empty((0, 0)), np.ones((1, 1), np.int64)
+    for k in range(dests.size):
+        g, d = worm_of[k], dests[k]
+        source = sources[g]
+        for line in range(lines):
+            head[line] = clock[source, line] + start_cost
+        right = sign[g] > 0
+        worms.walk_worm(head, last, path, sign[g], first[g], links[g], occupancy[g], forwards if relayed[g] else 0.0,
+                        read_right if right else read_left, free_right if right else free_left, hops, shared,
+                        False, alpha, forwards, scratch)
+        tail, cap, busy_for = tails[k], capacity[k], occupancy[g]
+        for line in range(lines):
+            posted = clock[d, line] + start_cost + extra[k]
+            x = costs.landing(last[line], posted, tail)
+            landed[k, line] = x
+            done[g, line] = costs.send_completion(head[line], busy_for, x - cap if track else -np.inf, 0.0)
 
 
 _NO_NEED = np.empty((0, 0))

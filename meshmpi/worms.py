@@ -137,69 +137,74 @@ _NO_HOPS = {+1: np.ones((1, 1), np.int64), -1: np.ones((1, 1), np.int64)}
 @numba.njit(cache=True, nogil=True)
 def _walk(free_right, free_left, read_right, read_left, shared, hops_right, hops_left, stretched,
           sign, first, links, relayed, head_in, occupancy, alpha, forwards, last, heads):
-    """The head recurrence of the module docstring for each worm, over its local links in
-    path order, with the lines innermost. A head enters link i at
-    ``e_i = max(e_{i-1} + step_{i-1}, free_i)`` (``step``: ``alpha`` times the link's physical
-    hops, plus ``forwards`` on relayed paths). Up to ``_SEQUENTIAL`` links this is evaluated
-    link by link; longer paths use the equivalent running-max form
-    ``e_i = max(e_0, max_{j<=i}(free_j - o_j)) + o_j`` with ``o`` the summed steps, which is
-    what the head reaches on a free path. Each link is then busy until ``e_i + occupancy``
-    (the latest of its worms' when ``shared``)."""
+    """:func:`walk_worm` for each worm of a batch (``heads`` empty: no path kept)."""
     count, lines = head_in.shape
     keep = heads.shape[0] > 0
-    enter = np.empty(lines)
-    entry = np.empty(lines)
-    running = np.empty(lines)
-    offset = np.zeros(lines)
-    reach = np.full(lines, alpha)
+    scratch = np.empty((5, lines))
+    path = np.empty((0, 0))
     for g in range(count):
-        n = links[g]
-        if keep:
-            heads[g, 0, :] = head_in[g, :]
-        if n <= 0:
-            last[g, :] = head_in[g, :]
-            continue
-        s, p, busy_for = sign[g], first[g], occupancy[g]
-        read = read_right if s > 0 else read_left
-        write = free_right if s > 0 else free_left
-        hops = hops_right if s > 0 else hops_left
-        add = forwards if relayed[g] else 0.0
-        for i in range(n):
-            q = p + s * i
-            if i == 0:
-                for line in range(lines):
-                    entry[line] = max(head_in[g, line] + add, read[q, line])
-                    running[line] = read[q, line]
-                enter[:] = entry
-            elif n <= _SEQUENTIAL:          # e_i = max(e_{i-1} + step, free_i)
-                for line in range(lines):
-                    enter[line] = max(enter[line] + (reach[line] + forwards), read[q, line])
-            else:                           # the running-max form
-                if stretched:
-                    for line in range(lines):
-                        offset[line] += reach[line] + forwards
-                else:
-                    offset[:] = (alpha + forwards) * i
-                for line in range(lines):
-                    running[line] = max(running[line], read[q, line] - offset[line])
-                    enter[line] = max(entry[line], running[line]) + offset[line]
+        walk_worm(head_in[g], last[g], heads[g] if keep else path, sign[g], first[g], links[g], occupancy[g],
+                  forwards if relayed[g] else 0.0, read_right if sign[g] > 0 else read_left,
+                  free_right if sign[g] > 0 else free_left, hops_right if sign[g] > 0 else hops_left,
+                  shared, stretched, alpha, forwards, scratch)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def walk_worm(head, last, path, s, p, n, busy_for, add, read, write, hops, shared, stretched, alpha, forwards,
+              scratch):
+    """The head recurrence of the module docstring for one worm entering at ``head`` (per
+    line) and crossing ``n`` local links from block position ``p`` in direction ``s``, with the
+    lines innermost; ``last`` gets the head after its last link, ``path`` (unless empty) the
+    head at each core. A head enters link i at ``e_i = max(e_{i-1} + step_{i-1}, free_i)``
+    (``step``: ``alpha`` times the link's physical hops, plus ``forwards`` on relayed paths;
+    ``add`` on entering at a relaying core). Up to ``_SEQUENTIAL`` links this is evaluated link
+    by link; longer paths use the equivalent running-max form
+    ``e_i = max(e_0, max_{j<=i}(free_j - o_j)) + o_j`` with ``o`` the summed steps, which is
+    what the head reaches on a free path. Each link is then busy until ``e_i + busy_for`` (the
+    latest of its worms' when ``shared``). ``scratch``: [5, lines] of working space."""
+    lines = head.size
+    keep = path.shape[0] > 0
+    if keep:
+        path[0, :] = head
+    if n <= 0:
+        last[:] = head
+        return
+    enter, entry, running, offset, reach = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+    offset[:] = 0.0
+    reach[:] = alpha
+    for i in range(n):
+        q = p + s * i
+        if i == 0:
+            for line in range(lines):
+                entry[line] = max(head[line] + add, read[q, line])
+                running[line] = read[q, line]
+            enter[:] = entry
+        elif n <= _SEQUENTIAL:          # e_i = max(e_{i-1} + step, free_i)
+            for line in range(lines):
+                enter[line] = max(enter[line] + (reach[line] + forwards), read[q, line])
+        else:                           # the running-max form
             if stretched:
                 for line in range(lines):
-                    reach[line] = alpha * hops[q, line]
-            if keep:
-                for line in range(lines):
-                    heads[g, i + 1, line] = enter[line] + reach[line]
-            if shared:
-                for line in range(lines):
-                    write[q, line] = max(write[q, line], enter[line] + busy_for)
+                    offset[line] += reach[line] + forwards
             else:
-                for line in range(lines):
-                    write[q, line] = enter[line] + busy_for
-        for line in range(lines):
-            last[g, line] = enter[line] + reach[line]
-        if stretched or n > _SEQUENTIAL:
-            offset[:] = 0.0
-            reach[:] = alpha
+                offset[:] = (alpha + forwards) * i
+            for line in range(lines):
+                running[line] = max(running[line], read[q, line] - offset[line])
+                enter[line] = max(entry[line], running[line]) + offset[line]
+        if stretched:
+            for line in range(lines):
+                reach[line] = alpha * hops[q, line]
+        if keep:
+            for line in range(lines):
+                path[i + 1, line] = enter[line] + reach[line]
+        if shared:
+            for line in range(lines):
+                write[q, line] = max(write[q, line], enter[line] + busy_for)
+        else:
+            for line in range(lines):
+                write[q, line] = enter[line] + busy_for
+    for line in range(lines):
+        last[line] = enter[line] + reach[line]
 
 
 def latest_into(target: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
