@@ -297,10 +297,11 @@ class LinePattern:
         lines_idx = None if line_mask.all() else np.flatnonzero(line_mask)
         if lines_idx is not None and lines_idx.size == 0:
             return Transfer(self, src, dst, [], [], lines_idx)
-        if self.in_block and payload and lines_idx is None:
-            arrivals, sends = self._start_in_block(mesh.clock if depart is None else depart, nbytes, src is dst)
+        if self.in_block and payload:
+            arrivals, sends = self._start_in_block(mesh.clock if depart is None else depart, nbytes, src is dst,
+                                                   lines_idx)
             landings = [] if mesh.dry_run else [self.block_landing]
-            return Transfer(self, src, dst, [arrivals, sends], landings, None)
+            return Transfer(self, src, dst, [arrivals, sends], landings, lines_idx)
         send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
         if lines_idx is not None:
             send_clock = send_clock[:, lines_idx]
@@ -413,27 +414,35 @@ class LinePattern:
             worms.latest_into(latest, which, done)
         return arrivals, (senders, latest, self.own_senders_run)
 
-    def _start_in_block(self, clock: np.ndarray, nbytes: int, in_place: bool):
+    def _start_in_block(self, clock: np.ndarray, nbytes: int, in_place: bool, lines_idx):
         """:meth:`_move_heads` for a pattern that stays inside this block (:attr:`in_block`),
-        from the senders' clocks ``clock`` (block-shaped), in one compiled pass: the same
-        times, as (destinations, landings, run) and (senders, completions, run)."""
+        from the senders' clocks ``clock`` (block-shaped), on the lines ``lines_idx`` (None:
+        all), in one compiled pass: the same times, as (destinations, landings, run) and
+        (senders, completions, run)."""
         hw, w, batch, first = self.mesh.hardware, self.worms, self.own_batch, self.block_start
-        free = self.fabric.link_free(self.axis)
+        every = self.fabric.link_free(self.axis)
+        clock = _pos_first(clock, self.axis)
+        if lines_idx is None:
+            free, clock = every, np.ascontiguousarray(clock)
+        else:                                   # the active lines' links, written back below
+            free, clock = {sign: f[:, lines_idx] for sign, f in every.items()}, clock[:, lines_idx]
         read = {sign: f.copy() for sign, f in free.items()} if self.links_shared else free
         occupancy = costs.serialisation(hw, nbytes, w.load)[self.own_worms]
         tails = costs.serialisation(hw, nbytes, self.load)[batch.index]
         extra = costs.serialisation(hw, nbytes, self.send_load[first + batch.dests]) if in_place \
             else np.zeros(batch.dests.size)
         capacity = costs.path_capacity(hw, self.hops[batch.index]).astype(np.float64)
-        lines = clock.shape[0] if self.axis == "x" else clock.shape[1]
+        lines = clock.shape[1]
         landed, done = np.empty((batch.index.size, lines)), np.empty((self.own_worms.size, lines))
         walk = batch.worms
-        _start_in_block(np.ascontiguousarray(_pos_first(clock, self.axis)), float(costs.transfer_start(hw)),
-                        free[+1], free[-1], read[+1],
+        _start_in_block(clock, float(costs.transfer_start(hw)), free[+1], free[-1], read[+1],
                         read[-1], self.links_shared, walk.sign, walk.first, walk.links, walk.relayed,
                         self.own_source_positions, occupancy, batch.dests, batch.rows, tails, capacity, extra,
                         not self.relay, float(costs.route_latency(hw, 1)),
                         float(costs.software_stage(hw)) if self.relay else 0.0, landed, done)
+        if lines_idx is not None:
+            for sign, f in every.items():
+                f[:, lines_idx] = free[sign]
         return (batch.dests, landed, batch.run), (self.own_senders, done, self.own_senders_run)
 
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:
@@ -704,6 +713,9 @@ class Fabric:
         self.mesh = mesh
         self.hazard_checks = hazard_checks
         self._plans: dict[tuple, LinePattern] = {}
+        self._every_line = {axis: np.ones(mesh.block_shape[0 if axis == "x" else 1], bool) for axis in ("x", "y")}
+        for mask in self._every_line.values():
+            mask.flags.writeable = False
         self._retired: dict[tuple, LinePattern] = {}   # freed patterns by their deliveries
         # When each directed link out of each core is free again, stored positions first
         # ([position along the axis, line]) so that a pattern reads whole lines at a time.
@@ -737,7 +749,7 @@ class Fabric:
         mesh = self.mesh
         local = mesh.global_rows() if axis == "x" else mesh.global_cols()
         if lines is None:
-            return np.ones(local.size, bool)
+            return self._every_line[axis]
         lines = np.asarray(lines, np.int64)
         hit = np.zeros(mesh.axis_length("y" if axis == "x" else "x"), bool)
         hit[lines[(lines >= 0) & (lines < hit.size)]] = True     # lines off the mesh: none
