@@ -112,6 +112,7 @@ class LinePattern:
             self.in_block = False
         mesh.routes.declare(axis, self.group, id(self), self.routes)
         self._counts = {}             # per tile size: what a start adds to the counters
+        self._times = {}              # per tile size (and in place or not): its fixed times
         self.live = True
 
     # ---------------------------------------------------------------- closed forms
@@ -427,11 +428,15 @@ class LinePattern:
         else:                                   # the active lines' links, written back below
             free, clock = {sign: f[:, lines_idx] for sign, f in every.items()}, clock[:, lines_idx]
         read = {sign: f.copy() for sign, f in free.items()} if self.links_shared else free
-        occupancy = costs.serialisation(hw, nbytes, w.load)[self.own_worms]
-        tails = costs.serialisation(hw, nbytes, self.load)[batch.index]
-        extra = costs.serialisation(hw, nbytes, self.send_load[first + batch.dests]) if in_place \
-            else np.zeros(batch.dests.size)
-        capacity = costs.path_capacity(hw, self.hops[batch.index]).astype(np.float64)
+        times = self._times.get((nbytes, in_place))
+        if times is None:     # per worm its links' occupancy, per delivery its tail, posting and capacity
+            times = self._times[nbytes, in_place] = (
+                costs.serialisation(hw, nbytes, w.load)[self.own_worms].astype(np.float64),
+                costs.serialisation(hw, nbytes, self.load)[batch.index].astype(np.float64),
+                costs.serialisation(hw, nbytes, self.send_load[first + batch.dests]).astype(np.float64) if in_place
+                else np.zeros(batch.dests.size),
+                costs.path_capacity(hw, self.hops[batch.index]).astype(np.float64))
+        occupancy, tails, extra, capacity = times
         lines = clock.shape[1]
         landed, done = np.empty((batch.index.size, lines)), np.empty((self.own_worms.size, lines))
         walk = batch.worms

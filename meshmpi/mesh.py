@@ -15,6 +15,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+import numba
 import numpy as np
 from mpi4py import MPI
 
@@ -42,6 +43,22 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     mallopt(m_trim_threshold, 1 << 30)
     mallopt(m_mmap_threshold, 1 << 25)     # glibc's largest (32 MiB on 64-bit)
+
+
+@numba.njit(cache=True, nogil=True)
+def _charge(clock, advance_clock, busy, flop_counter, flops, cycles) -> int:
+    """Each core's ``cycles`` added to its busy time (and clock), its ``flops`` to its count;
+    returns the block's FLOPs."""
+    total = 0
+    rows, cols = cycles.shape
+    for i in range(rows):
+        for j in range(cols):
+            if advance_clock:
+                clock[i, j] += cycles[i, j]
+            busy[i, j] += cycles[i, j]
+            flop_counter[i, j] += flops[i, j]
+            total += flops[i, j]
+    return total
 
 
 def block_offsets(length: int, parts: int) -> np.ndarray:
@@ -281,11 +298,7 @@ class Mesh:
         (:func:`meshmpi.costs.compute`), on the cores that do any of it. A caller charging
         block-shaped work at every step may pass its ``cycles``, worked out by those rules."""
         if cycles is not None:
-            if advance_clock:
-                self.clock += cycles
-            self.busy += cycles
-            self._counters["flops"] += flops
-            self.totals["flops"] += int(flops.sum())
+            self.totals["flops"] += _charge(self.clock, advance_clock, self.busy, self._counters["flops"], flops, cycles)
             return
         if where is None and np.ndim(flops) == np.ndim(ops) == np.ndim(scalars) == 0:  # no block temporaries
             if not flops and not scalars:
