@@ -298,11 +298,11 @@ class LinePattern:
         lines_idx = None if line_mask.all() else np.flatnonzero(line_mask)
         if lines_idx is not None and lines_idx.size == 0:
             return Transfer(self, src, dst, [], [], lines_idx)
-        if self.in_block and payload:
-            arrivals, sends = self._start_in_block(mesh.clock if depart is None else depart, nbytes, src is dst,
-                                                   lines_idx)
+        if self.in_block:
+            arrivals = self._start_in_block(mesh.clock if depart is None else depart, nbytes, src is dst,
+                                            lines_idx, payload)
             landings = [] if mesh.dry_run else [self.block_landing]
-            return Transfer(self, src, dst, [arrivals, sends], landings, lines_idx)
+            return Transfer(self, src, dst, arrivals, landings, lines_idx)
         send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
         if lines_idx is not None:
             send_clock = send_clock[:, lines_idx]
@@ -415,11 +415,11 @@ class LinePattern:
             worms.latest_into(latest, which, done)
         return arrivals, (senders, latest, self.own_senders_run)
 
-    def _start_in_block(self, clock: np.ndarray, nbytes: int, in_place: bool, lines_idx):
+    def _start_in_block(self, clock: np.ndarray, nbytes: int, in_place: bool, lines_idx, payload: bool) -> list:
         """:meth:`_move_heads` for a pattern that stays inside this block (:attr:`in_block`),
         from the senders' clocks ``clock`` (block-shaped), on the lines ``lines_idx`` (None:
-        all), in one compiled pass: the same times, as (destinations, landings, run) and
-        (senders, completions, run)."""
+        all), in one compiled pass: the same times, as (destinations, landings, run) and, with
+        ``payload``, (senders, completions, run)."""
         hw, w, batch, first = self.mesh.hardware, self.worms, self.own_batch, self.block_start
         every = self.fabric.link_free(self.axis)
         clock = _pos_first(clock, self.axis)
@@ -428,19 +428,20 @@ class LinePattern:
         else:                                   # the active lines' links, written back below
             free, clock = {sign: f[:, lines_idx] for sign, f in every.items()}, clock[:, lines_idx]
         read = {sign: f.copy() for sign, f in free.items()} if self.links_shared else free
-        times = self._times.get((nbytes, in_place))
+        times = self._times.get((nbytes, in_place, payload))
         if times is None:     # per worm its links' occupancy, per delivery its tail, posting and capacity
-            times = self._times[nbytes, in_place] = (
+            times = self._times[nbytes, in_place, payload] = (
                 costs.serialisation(hw, nbytes, w.load)[self.own_worms].astype(np.float64),
-                costs.serialisation(hw, nbytes, self.load)[batch.index].astype(np.float64),
+                costs.serialisation(hw, nbytes if payload else 0, self.load)[batch.index].astype(np.float64),
                 costs.serialisation(hw, nbytes, self.send_load[first + batch.dests]).astype(np.float64) if in_place
                 else np.zeros(batch.dests.size),
                 costs.path_capacity(hw, self.hops[batch.index]).astype(np.float64))
         occupancy, tails, extra, capacity = times
         lines = clock.shape[1]
-        landed, done = np.empty((batch.index.size, lines)), np.empty((self.own_worms.size, lines))
+        landed = np.empty((batch.index.size, lines))
+        done = np.empty((self.own_worms.size if payload else 0, lines))
         walk = batch.worms
-        _start_in_block(clock, float(costs.transfer_start(hw)), free[+1], free[-1], read[+1],
+        _start_in_block(clock, float(costs.transfer_start(hw)) if payload else 0.0, free[+1], free[-1], read[+1],
                         read[-1], self.links_shared, walk.sign, walk.first, walk.links, walk.relayed,
                         self.own_source_positions, occupancy, batch.dests, batch.rows, tails, capacity, extra,
                         not self.relay, float(costs.route_latency(hw, 1)),
@@ -448,7 +449,7 @@ class LinePattern:
         if lines_idx is not None:
             for sign, f in every.items():
                 f[:, lines_idx] = free[sign]
-        return (batch.dests, landed, batch.run), (self.own_senders, done, self.own_senders_run)
+        return [(batch.dests, landed, batch.run)] + ([(self.own_senders, done, self.own_senders_run)] if payload else [])
 
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:
         """``start`` and ``wait`` at once."""
@@ -534,9 +535,11 @@ def _start_in_block(clock, start_cost, free_right, free_left, read_right, read_l
     ``clock`` [position, line]): each sender departs at its clock plus ``start_cost``, its head walks its links
     (:func:`meshmpi.worms.walk_worm`), the tile lands at its receiver at
     :func:`meshmpi.costs.landing` (posted at the receiver's clock plus ``start_cost`` and
-    ``extra``) and the send completes at :func:`meshmpi.costs.send_completion` (back-pressure
-    ``landed - capacity`` unless relayed, ``track`` off)."""
+    ``extra``) and, unless ``done`` is empty (a head timed alone), the send completes at
+    :func:`meshmpi.costs.send_completion` (back-pressure ``landed - capacity`` unless relayed,
+    ``track`` off)."""
     lines = landed.shape[1]
+    completes = done.shape[0] > 0
     scratch = np.empty((5, lines))
     head, last = np.empty(lines), np.empty(lines)
     path, hops = np.empty((0, 0)), np.ones((1, 1), np.int64)
@@ -554,7 +557,8 @@ def _start_in_block(clock, start_cost, free_right, free_left, read_right, read_l
             posted = clock[d, line] + start_cost + extra[k]
             x = costs.landing(last[line], posted, tail)
             landed[k, line] = x
-            done[g, line] = costs.send_completion(head[line], busy_for, x - cap if track else -np.inf, 0.0)
+            if completes:
+                done[g, line] = costs.send_completion(head[line], busy_for, x - cap if track else -np.inf, 0.0)
 
 
 _NO_NEED = np.empty((0, 0))
