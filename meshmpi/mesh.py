@@ -153,6 +153,7 @@ class Mesh:
                               "x": np.zeros((len(COUNTERS), self.block_shape[1]), np.int64)}
         self._per_line = {"y": {}, "x": {}}
         self._masks = {}     # positions_mask's masks by axis and positions
+        self._masked_work = {}   # masked_work's arrays by mask and work
         self._every_core = dict.fromkeys(COUNTERS, 0)
         self.totals = dict.fromkeys(COUNTERS, 0)
         self.max_hops = 0
@@ -352,6 +353,20 @@ class Mesh:
             mask.flags.writeable = False
             self._masks[key] = mask
         return mask
+
+    def masked_work(self, mask: np.ndarray, flops: int, ops: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """``flops`` of local work (in ``ops`` vector operations) on each core of ``mask``, as
+        the block arrays :meth:`compute` takes (FLOPs, and their cycles by its rules), made once
+        per mask and work (read-only)."""
+        key = (id(mask), int(flops), int(ops))
+        work = self._masked_work.get(key)
+        if work is None:
+            counts = np.where(mask, np.int64(flops), np.int64(0))
+            cycles = np.where(counts > 0, costs.compute(self.hardware, counts, ops, 0), 0.0)
+            for array in (counts, cycles):
+                array.flags.writeable = False
+            work = self._masked_work[key] = (counts, cycles, mask)    # the mask kept: its id stays its own
+        return work[0], work[1]
 
     def matmul_acc(self, out: MeshArray, a: MeshArray, b: MeshArray, transpose_b: bool = False) -> None:
         """out += a @ b (or a @ b.T) on every core, charged 2*m*k*n FLOPs per core."""
