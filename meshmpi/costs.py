@@ -82,7 +82,7 @@ def path_capacity(hw, hops):
     return np.asarray(hops) * per_hop
 
 
-@numba.vectorize(["float64(float64, float64, float64)"], cache=True)
+@numba.vectorize(cache=True)
 def landing(head_arrival, posted, tail):
     """When a message is in the receiver's buffer: the receiver accepts it once the head has
     arrived and it has posted the receive (its program reached the receive, the buffer is
@@ -91,7 +91,7 @@ def landing(head_arrival, posted, tail):
     return max(head_arrival, posted) + tail
 
 
-@numba.vectorize(["float64(float64, float64, float64, float64)"], cache=True)
+@numba.vectorize(cache=True)
 def send_completion(depart, occupancy, landed, capacity):
     """When the sender's buffer is free again (its send operation completes): the tail has left
     the source, ``depart + occupancy``, and at most ``capacity`` cycles of payload are still in
