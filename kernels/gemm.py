@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from meshmpi import costs
+from meshmpi import costs, fabric
 from meshmpi.layout import Dim, Layout, expect
 
 from .ring import Ring, interleaved_ring, plain_ring
@@ -208,6 +208,14 @@ class RealWork:
             _step_work(table, (start - step) % plan.chunks, per_k, rate, flops, cycles)
             mesh.compute(flops, cycles=cycles)
         return charge
+
+
+def warm_up() -> None:
+    """Load the compiled loops a MeshGEMM run uses (:func:`meshmpi.fabric.warm_up`, and its
+    per-step charge) before it is timed."""
+    fabric.warm_up()
+    one, whole = np.zeros((1, 1)), np.zeros((1, 1), np.int64)
+    _step_work(whole, np.zeros(1, np.int64), whole, one, whole, one)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -59,6 +59,8 @@ def _report(mesh, algo: str, sizes: dict, wall: float, error: float | None,
 
 
 def _timed(mesh, fn):
+    """``fn()`` and its wall time, the slowest rank's; the compiled loops are loaded first."""
+    gemm.warm_up()
     mesh.barrier()
     t0 = time.perf_counter()
     out = fn()

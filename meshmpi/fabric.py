@@ -20,6 +20,11 @@ the tile at ``costs.landing``: the later of the head and the posting, plus the p
 completion of its send (``costs.send_completion``): when its tail has left, or, behind a
 receiver that posted late, when no more than the path's capacity is still in flight — the
 receivers' landings travel back to the sources along the worms' rounds (back-pressure).
+
+The arithmetic runs in compiled loops (numba) that call the formulas of :mod:`meshmpi.costs`
+message by message: a pattern whose worms all stay inside this rank's block starts in one
+pass over its worms and lines (departures, heads, landings, completions); any other advances
+batch by batch, with the heads crossing rank boundaries in between.
 """
 from __future__ import annotations
 
@@ -713,6 +718,23 @@ class Transfer:
                 out[dests] = data[srcs]
             else:
                 out[dests[:, None], self.lines[None, :]] = data[srcs[:, None], self.lines[None, :]]
+
+
+def warm_up() -> None:
+    """Load (or compile, the first time) the fabric's and the charges' compiled loops now, on
+    empty inputs of the types a run passes them, so that a timed kernel does not pay for it."""
+    from .mesh import _charge
+    f8, i8 = np.zeros((1, 1)), np.zeros((1, 1), np.int64)
+    none_f, none_i, none_b = np.empty(0), np.empty(0, np.int64), np.empty(0, bool)
+    _start_in_block(f8, 0.0, f8, f8, f8, f8, False, none_i, none_i, none_i, none_b, none_i, none_f, none_i, none_i,
+                    none_f, none_f, none_f, True, 1.0, 0.0, np.empty((0, 1)), np.empty((0, 1)))
+    worms._walk(f8, f8, f8, f8, False, i8, i8, False, none_i, none_i, none_i, none_b, np.empty((0, 1)), none_f,
+                1.0, 0.0, np.empty((0, 1)), np.empty((0, 0, 0)))
+    _land(np.empty((0, 1, 1)), none_i, none_i, f8, none_i, none_f, np.empty((0, 1)), _NO_NEED, none_i, False,
+          np.empty((0, 1)))
+    _complete(np.empty((0, 1)), none_f, np.empty((0, 1)), none_i, np.empty((0, 1)))
+    _raise_at(f8, True, none_i, np.empty((0, 1)), _ALL_LINES)
+    _charge(f8, True, f8, i8, i8, f8)
 
 
 class Fabric:
