@@ -118,14 +118,13 @@ def _chains(mesh, acc, axis, op, name, tag, links_left, links_right, buffers, fo
             transfer.wait(into=heads_in)
         for _, buf, dst, senders, receivers in started:
             _combine(mesh, acc, buf, op, axis, dst)
-            flops, cycles = mesh.masked_work(receivers, acc.tile_elements)
             if streaming:
                 head[receivers] = costs.streaming_stage_head(hw, heads_in[receivers], head[receivers])
-                mesh.compute(flops, advance_clock=False, cycles=cycles)
+                mesh.compute(acc.tile_elements, where=receivers, advance_clock=False)
                 mesh.software_stage(receivers, advance_clock=False)
                 involved |= senders | receivers
             else:
-                mesh.compute(flops, cycles=cycles)
+                mesh.compute(acc.tile_elements, where=receivers)
                 mesh.software_stage(receivers)
         mesh.step(f"{tag} stage {stage}")
     if streaming:  # every core of the chains is busy until the tail of the stream has passed it

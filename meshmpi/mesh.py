@@ -61,6 +61,22 @@ def _charge(clock, advance_clock, busy, flop_counter, flops, cycles) -> int:
     return total
 
 
+@numba.njit(cache=True, nogil=True)
+def _charge_where(clock, advance_clock, busy, flop_counter, where, flops, cycles) -> int:
+    """``flops`` FLOPs taking ``cycles`` on each core of ``where``; returns the block's FLOPs."""
+    total = 0
+    rows, cols = where.shape
+    for i in range(rows):
+        for j in range(cols):
+            if where[i, j]:
+                if advance_clock:
+                    clock[i, j] += cycles
+                busy[i, j] += cycles
+                flop_counter[i, j] += flops
+                total += flops
+    return total
+
+
 def block_offsets(length: int, parts: int) -> np.ndarray:
     """Start of each of ``parts`` blocks over ``length`` cores, plus the end (uneven split)."""
     sizes = np.full(parts, length // parts, np.int64)
@@ -153,7 +169,7 @@ class Mesh:
                               "x": np.zeros((len(COUNTERS), self.block_shape[1]), np.int64)}
         self._per_line = {"y": {}, "x": {}}
         self._masks = {}     # positions_mask's masks by axis and positions
-        self._masked_work = {}   # masked_work's arrays by mask and work
+        self._cycles_of = {}   # cycles of a core's work, by its FLOPs and vector operations
         self._every_core = dict.fromkeys(COUNTERS, 0)
         self.totals = dict.fromkeys(COUNTERS, 0)
         self.max_hops = 0
@@ -301,6 +317,17 @@ class Mesh:
         if cycles is not None:
             self.totals["flops"] += _charge(self.clock, advance_clock, self.busy, self._counters["flops"], flops, cycles)
             return
+        if where is not None and np.ndim(flops) == np.ndim(ops) == np.ndim(scalars) == 0 and not scalars:
+            if flops > 0:    # the same work on every masked core, in one compiled pass
+                cycles = self._cycles_of.get((flops, ops))
+                if cycles is None:
+                    cycles = self._cycles_of[flops, ops] = float(costs.compute(self.hardware, np.int64(flops), ops))
+                where = np.asarray(where)
+                if where.shape != self.block_shape or where.dtype != bool:
+                    where = np.broadcast_to(where.astype(bool), self.block_shape)
+                self.totals["flops"] += _charge_where(self.clock, advance_clock, self.busy, self._counters["flops"],
+                                                      where, int(flops), cycles)
+            return
         if where is None and np.ndim(flops) == np.ndim(ops) == np.ndim(scalars) == 0:  # no block temporaries
             if not flops and not scalars:
                 return
@@ -353,20 +380,6 @@ class Mesh:
             mask.flags.writeable = False
             self._masks[key] = mask
         return mask
-
-    def masked_work(self, mask: np.ndarray, flops: int, ops: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """``flops`` of local work (in ``ops`` vector operations) on each core of ``mask``, as
-        the block arrays :meth:`compute` takes (FLOPs, and their cycles by its rules), made once
-        per mask and work (read-only)."""
-        key = (id(mask), int(flops), int(ops))
-        work = self._masked_work.get(key)
-        if work is None:
-            counts = np.where(mask, np.int64(flops), np.int64(0))
-            cycles = np.where(counts > 0, costs.compute(self.hardware, counts, ops, 0), 0.0)
-            for array in (counts, cycles):
-                array.flags.writeable = False
-            work = self._masked_work[key] = (counts, cycles, mask)    # the mask kept: its id stays its own
-        return work[0], work[1]
 
     def matmul_acc(self, out: MeshArray, a: MeshArray, b: MeshArray, transpose_b: bool = False) -> None:
         """out += a @ b (or a @ b.T) on every core, charged 2*m*k*n FLOPs per core."""
