@@ -40,7 +40,6 @@ from .errors import HazardError, UsageError
 from .mesh import COUNTERS
 
 _DATA_TAG, _HEAD_TAG, _BACK_TAG = 11, 12, 13
-_BIG_SLICE = 1 << 15  # bytes of one position's tiles above which deliveries are copied one by one
 
 
 def _pos_first(arr: np.ndarray, axis: str) -> np.ndarray:
@@ -711,9 +710,11 @@ class Transfer:
             if not dests.size:
                 continue
             data = own if data is None else data
-            if self.lines is None and data[0].nbytes >= _BIG_SLICE and not (in_place and data is own):
-                for d, s in zip(dests.tolist(), srcs.tolist()):  # big tiles: no temporary copy
-                    out[d] = data[s]
+            if self.lines is None and not (in_place and data is own):     # no temporary copy
+                rows_out, rows_in = _tile_rows(out), _tile_rows(data)
+                if rows_out is None or rows_in is None:
+                    rows_out, rows_in = out, data
+                _copy_tiles(rows_out, rows_in, dests, srcs)
             elif self.lines is None:
                 out[dests] = data[srcs]
             else:
@@ -736,6 +737,20 @@ def warm_up() -> None:
     _raise_at(f8, True, none_i, np.empty((0, 1)), _ALL_LINES)
     _charge(f8, True, f8, i8, i8, f8)
     _charge_where(f8, True, f8, i8, np.zeros((1, 1), bool), 1, 1.0)
+
+
+def _tile_rows(tiles: np.ndarray) -> np.ndarray | None:
+    """A [position, line, ...] tile array as a [position, line, tile element] view of it
+    (None when its tiles' elements cannot be laid in one row without a copy)."""
+    rows = tiles.reshape(tiles.shape[:2] + (-1,))
+    return rows if np.may_share_memory(rows, tiles) else None
+
+
+@numba.njit(cache=True, nogil=True)
+def _copy_tiles(out, data, dests, sources):
+    """``out[dests[i]] = data[sources[i]]`` (position-first tile arrays)."""
+    for i in range(dests.size):
+        out[dests[i]][...] = data[sources[i]]
 
 
 class Fabric:
