@@ -713,8 +713,9 @@ class Transfer:
             if self.lines is None and not (in_place and data is own):     # no temporary copy
                 rows_out, rows_in = _tile_rows(out), _tile_rows(data)
                 if rows_out is None or rows_in is None:
-                    rows_out, rows_in = out, data
-                _copy_tiles(rows_out, rows_in, dests, srcs)
+                    out[dests] = data[srcs]
+                else:
+                    _copy_tiles(rows_out, rows_in, dests, srcs)
             elif self.lines is None:
                 out[dests] = data[srcs]
             else:
@@ -748,9 +749,12 @@ def _tile_rows(tiles: np.ndarray) -> np.ndarray | None:
 
 @numba.njit(cache=True, nogil=True)
 def _copy_tiles(out, data, dests, sources):
-    """``out[dests[i]] = data[sources[i]]`` (position-first tile arrays)."""
+    """``out[dests[i]] = data[sources[i]]`` ([position, line, tile element] arrays)."""
     for i in range(dests.size):
-        out[dests[i]][...] = data[sources[i]]
+        d, s = dests[i], sources[i]
+        for line in range(out.shape[1]):
+            for element in range(out.shape[2]):
+                out[d, line, element] = data[s, line, element]
 
 
 class Fabric:
