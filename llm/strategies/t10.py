@@ -60,3 +60,10 @@ class T10:
         for arr in (x, w, y):
             arr.free()
         return result
+
+    def weight_elements(self, mesh, kind: str, m: int, n: int, tokens: int | None = None) -> np.ndarray:
+        """W's elements resident on each core of this rank's block: its w columns of the ring's
+        padded m (ring x chunk rows) on the used cores."""
+        plan = baselines.Plan(mesh.rows, mesh.cols, m, n)
+        ring = baselines.t10_ring(plan, mesh.hardware, tokens or 1)
+        return np.where(baselines.used_mask(mesh, plan), ring * -(-m // ring) * plan.width, 0)
