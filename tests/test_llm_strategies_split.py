@@ -75,6 +75,7 @@ def test_prefill_parts_add_up_to_the_whole_on_every_world_size(strategy):
     assert sum(parts) == pytest.approx(total, rel=1e-12)
     assert min(parts) > -1e-6 * total and cols["prefill_compute_cycles"] > 0
     assert cols["prefill_hop_cycles"] > 0
+    assert cols["prefill_hops"] >= cols["prefill_messages"] > 0      # every message crosses a link
     assert cols["prefill_fits_sram"] == (cols["prefill_peak_bytes_per_core"] <= HW.sram_bytes_per_core)
     same = [cols[k] for k in sorted(cols) if k != "prefill_wall_seconds"]
     assert all(np.array_equal(s, same) for s in MPI.COMM_WORLD.allgather(same))

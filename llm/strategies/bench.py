@@ -80,11 +80,12 @@ def _totals(mesh) -> dict:
 
 
 def _fabric_counts(mesh, before: dict | None = None) -> dict:
-    """Messages, relays and bytes since ``before`` (default: the start), the longest hop, and
-    the most routes and bytes any core held."""
+    """Messages, the links they crossed (hops), relays and bytes since ``before`` (default: the
+    start), the longest message in hops, and the most routes and bytes any core held."""
     now, before = _totals(mesh), before or {}
     since = lambda name: now[name] - before.get(name, 0)  # noqa: E731
-    return {"messages": since("messages_sent"), "relays": since("relays"), "bytes_moved": since("bytes_sent"),
+    return {"messages": since("messages_sent"), "hops": since("hops"), "relays": since("relays"),
+            "bytes_moved": since("bytes_sent"),
             "max_hops": int(mesh.max_over_ranks(mesh.max_hops)),
             "routes_per_core_max": int(mesh.max_over_ranks(int(mesh.routes.peak.max(initial=0)))),
             "peak_bytes_per_core": int(mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0))))}
@@ -161,6 +162,12 @@ def _number(row: dict, key: str):
     return None if value == "" else float(value)
 
 
+def _per_message(row: dict, key: str, prefix: str = "") -> str:
+    """``key``'s count per message, a table cell."""
+    messages = int(row[f"{prefix}messages"])
+    return f"{int(row[f'{prefix}{key}']) / messages if messages else 0:.2f}"
+
+
 def _shares(row: dict, total_key: str, prefix: str = "") -> str:
     """The parts of ``total_key``'s cycles as percentages, table cells."""
     total = float(row[total_key])
@@ -171,7 +178,7 @@ def prefill_markdown(rows: list[dict]) -> str:
     """The prefill table of results/README.md: tokens/s, WaferLLM's lead, where the prefill's
     cycles go, the simulated layer's counts (rows whose prefill has run)."""
     head = ("| model | region | strategy | prefill tokens/s | WaferLLM × | compute | hops | relays | other "
-            "| messages | relays / message | bytes moved | max hops | routes | peak B/core |")
+            "| messages | hops / message | relays / message | bytes moved | max hops | routes | peak B/core |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     rows = [r for r in rows if _number(r, "prefill_tokens_per_s") is not None]
     ours = {(r["model"], r["mesh"]): float(r["prefill_tokens_per_s"]) for r in rows if r["strategy"] == "waferllm"}
@@ -180,8 +187,8 @@ def prefill_markdown(rows: list[dict]) -> str:
         gap = ours.get((r["model"], r["mesh"]))
         lines.append(
             f"| {r['model']} | {r['mesh']}² | {r['strategy']} | {rate:,.1f} | {f'{gap / rate:,.1f}' if gap else '–'} "
-            f"| {_shares(r, 'prefill_cycles', 'prefill_')} | {messages:,} "
-            f"| {int(r['prefill_relays']) / messages if messages else 0:.2f} "
+            f"| {_shares(r, 'prefill_cycles', 'prefill_')} | {messages:,} | {_per_message(r, 'hops', 'prefill_')} "
+            f"| {_per_message(r, 'relays', 'prefill_')} "
             f"| {int(r['prefill_bytes_moved']):,} | {r['prefill_max_hops']} | {r['prefill_routes_per_core_max']} "
             f"| {int(r['prefill_peak_bytes_per_core']):,} |")
     return "\n".join(lines)
@@ -190,7 +197,7 @@ def prefill_markdown(rows: list[dict]) -> str:
 def markdown(rows: list[dict]) -> str:
     """The table of results/README.md: tokens/s, the gap to WaferLLM, where a token's cycles go."""
     head = ("| model | region | strategy | decode tokens/s | WaferLLM × | compute | hops | relays | other "
-            "| relays / message | max hops | routes | peak B/core |")
+            "| hops / message | relays / message | max hops | routes | peak B/core |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     ours = {(r["model"], r["mesh"]): float(r["decode_tokens_per_s"]) for r in rows if r["strategy"] == "waferllm"}
     for r in rows:
@@ -198,7 +205,8 @@ def markdown(rows: list[dict]) -> str:
         times = f"{gap / float(r['decode_tokens_per_s']):,.1f}" if gap else "–"
         lines.append(
             f"| {r['model']} | {r['mesh']}² | {r['strategy']} | {float(r['decode_tokens_per_s']):,.1f} | {times} "
-            f"| {_shares(r, 'cycles_per_token')} | {float(r['relays_per_message']):.2f} | {r['max_hops']} "
+            f"| {_shares(r, 'cycles_per_token')} | {_per_message(r, 'hops')} | {float(r['relays_per_message']):.2f} "
+            f"| {r['max_hops']} "
             f"| {r['routes_per_core_max']} | {int(r['peak_bytes_per_core']):,} |")
     return "\n".join(lines)
 
