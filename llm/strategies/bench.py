@@ -17,8 +17,9 @@ free (α = β = transfer starts = 0, links 10⁹ B/cycle), ``other_cycles`` the 
 starts, serialisation on links, waits behind other messages), so the four parts add up to the
 whole by construction; α and β are not exactly additive, so a share can be off by a percent.
 The prefill's repeats are of its one simulated layer (with the extrapolation's hand-offs and the
-final norm) and its parts are prefixed ``prefill_``. The counts (messages, relays, bytes) are
-those of the simulated step (one layer and the LM head) and of the prefill's simulated layer.
+final norm) and its parts are prefixed ``prefill_``. The counts (messages, the links they
+crossed, relays, bytes) are those of the simulated step (one layer and the LM head) and of the
+prefill's simulated layer.
 
 The prefill, four runs of a layer per strategy, is most of the bench's time: every decode row is
 measured first, then each preset's prefills, and the CSV is rewritten after every run, so an
