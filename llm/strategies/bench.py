@@ -238,8 +238,8 @@ def _parts(ax, rows, prefix: str, total_key: str, label: str) -> None:
 def plot(rows: list[dict], path: Path, hardware: str) -> None:
     """Decode and prefill tokens/s per strategy and preset; the cycles of a token and of a
     prefill by part per strategy, on the first preset."""
-    plt, fig, axes = figure(4, width=5.0)
-    rate, prefill_rate, parts, prefill_parts = axes[0]
+    plt, fig, axes = figure(2, 2, width=5.5)
+    (rate, prefill_rate), (parts, prefill_parts) = axes
     models = list(dict.fromkeys(f"{r['model']} {r['mesh']}²" for r in rows))
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     _rates(rate, rows, models, strategies, "decode_tokens_per_s", "decode tokens/s")
