@@ -118,7 +118,8 @@ class Plan:
         return np.moveaxis(flat, 0, -2).reshape(per_core[:-1] + (-1,))[..., : self.n]
 
 
-def _used_mask(mesh, plan: Plan) -> np.ndarray:
+def used_mask(mesh, plan: Plan) -> np.ndarray:
+    """This rank's block: True on the cores of the used region."""
     return np.broadcast_to((mesh.global_rows() < plan.used_rows)[:, None], mesh.block_shape)
 
 
@@ -160,7 +161,7 @@ def megatron_broadcast(mesh, plan: Plan, x) -> None:
     streaming chains), so stage k's head is at k·(α + β)."""
     fabric, hw, cols = mesh.fabric, mesh.hardware, plan.cols
     head = mesh.clock.copy()
-    involved = _used_mask(mesh, plan).copy()
+    involved = used_mask(mesh, plan).copy()
     row_of = mesh.global_rows()[:, None]
     col_of = mesh.global_cols()[None, :]
     for row in range(plan.used_rows):
@@ -189,7 +190,7 @@ def megatron(mesh, plan: Plan, x, w, name: str = "megatron"):
         megatron_broadcast(mesh, plan, x)
     y = mesh.alloc(f"{name}.y", output_shape(x, plan.width), x.dtype)
     with mesh.phase(f"{name}.local"):
-        _local_gemv(mesh, plan, y, x, w, _used_mask(mesh, plan))
+        _local_gemv(mesh, plan, y, x, w, used_mask(mesh, plan))
     return y
 
 
@@ -281,7 +282,7 @@ def ladder(mesh, plan: Plan, stored, name: str = "ladder", routing: str = "relay
             w_qb = fetched[..., xh:].reshape(fetched.shape[:-1] + (h, width))
             y.data[...] = np.einsum("abqctk,abqckw->abtw", x_q, w_qb).reshape(y.data.shape)
         rows_fetched = h * holder_rows * cols
-        mesh.compute(2 * t * rows_fetched * width, where=_used_mask(mesh, plan), ops=vector_ops(rows_fetched, width))
+        mesh.compute(2 * t * rows_fetched * width, where=used_mask(mesh, plan), ops=vector_ops(rows_fetched, width))
     for buf in list(x_legs.values()) + list(y_legs.values()):
         buf.free()
     return y
@@ -330,7 +331,7 @@ def t10(mesh, plan: Plan, x, w, ring: int, name: str = "t10"):
     are (T, chunk): the chunk of columns of every row of x."""
     cols, fabric = plan.cols, mesh.fabric
     chunk, width, tokens = x.tile_shape[-1], plan.width, tokens_of(x)
-    used = _used_mask(mesh, plan)
+    used = used_mask(mesh, plan)
     ids = mesh.global_rows()[:, None] * cols + mesh.global_cols()[None, :]
     position = np.broadcast_to(ids % ring, mesh.block_shape)
     lines = list(range(plan.used_rows))

@@ -188,7 +188,11 @@ class Decoder:
         self.lm_head = host.place_block(mesh, "w.lm_head", head.get("lm_head"),
                                         (lay.hidden_chunk, lay.vocab_chunk), np.float32, charge=False)
         self.lm_head.layout = self.gemvs["lm_head"].w_layout
-        mesh.memory.charge("weights", self.plan.weight_bytes_per_core)
+        mesh.memory.charge("weights", self.resident_weight_bytes())
+
+    def resident_weight_bytes(self):
+        """Bytes per core of the simulated region's resident weights (its plan's)."""
+        return self.plan.weight_bytes_per_core
 
     def _layer_tiles(self, w) -> dict:
         """This rank's block of one layer's weight tiles."""

@@ -710,8 +710,11 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
                 kept.append(run.layer(index, x, cos, sin, resident[index]))
             if index == 0:
                 per_layer = mesh.modeled_cycles() - start
-                working = mesh.max_over_ranks(int(mesh.memory.peak.max(initial=0))) - weight_bytes
-                fit = (mesh.memory.sram_bytes - working) // (weight_bytes + kv_bytes)
+                # weights per core may differ between cores (a compared strategy's 1-D shares):
+                # the working buffers beside them and the most a core holds of them
+                working = mesh.max_over_ranks(int((mesh.memory.peak - weight_bytes).max(initial=0)))
+                most = mesh.max_over_ranks(int(np.max(weight_bytes)))
+                fit = (mesh.memory.sram_bytes - working) // (most + kv_bytes)
                 per_region = max(1, min(config.num_hidden_layers, int(fit)))
                 mesh.memory.charge("prefill.weights", per_region * weight_bytes)
             in_region += 1

@@ -37,6 +37,11 @@ class CsvTable:
         self.rows.append(row)
         write_csv(self.path, self.rows, quiet=True)
 
+    def update(self, index: int, fields: dict) -> None:
+        """Add ``fields`` to row ``index`` and rewrite the file."""
+        self.rows[index].update(fields)
+        write_csv(self.path, self.rows, quiet=True)
+
     def close(self) -> list[dict]:
         if _is_root() and self.rows:
             cli.say(f"wrote {self.path}", file=sys.stderr)

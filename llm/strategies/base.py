@@ -13,9 +13,12 @@ and ``[gate | up]``); between it and the shared part the vector changes layout t
 host, untimed, and what follows starts when the last core of the GEMV is done (the vector
 is whole only then). Each mapping times the collectives its own system needs around its GEMVs (its
 module docstring says which); the untimed changes of layout favour the strategies, so their
-gap to WaferLLM measured here is a lower bound. The strategies' weights are placed where they
-live uncharged (each op's report of memory is its own); the region plan, capacity and memory
-figures stay WaferLLM's, so every strategy decodes the same tokens on the same region.
+gap to WaferLLM measured here is a lower bound. The region plan and capacity stay WaferLLM's,
+so every strategy decodes the same tokens on the same region; the region's resident weights are
+charged the way the strategy places them (:meth:`StrategyDecoder.resident_weight_bytes`: each
+mapping's ``weight_elements``, its 1-D shares of every matrix of the region's layers, and of the
+LM head where the region holds it), beside WaferLLM's norm weights and KV cache, so a step's
+peak memory per core is the strategy's own.
 """
 from __future__ import annotations
 
@@ -62,6 +65,18 @@ class StrategyDecoder(Decoder):
                                       (index, "gate_up"): _whole(lw.gate_proj, lw.up_proj),
                                       (index, "down"): _whole(lw.down_proj)})
             self.matrices[(None, "lm_head")] = _whole(weights.lm_head)
+
+    def resident_weight_bytes(self) -> np.ndarray:
+        """Bytes per core of the region's resident weights as the strategy places them: its
+        shares of each layer's four matrices, times the region's layers, plus its share of the
+        LM head where the region holds it (one region), with WaferLLM's norm weights."""
+        mesh, lay, plan = self.mesh, self.layout, self.plan
+        shapes = gemv_shapes(self.config)
+        share = lambda kind: self.mapping.weight_elements(mesh, kind, *shapes[kind])  # noqa: E731
+        elements = plan.layers_per_region * (sum(share(kind) for kind in KINDS[:4]) + 2 * lay.hidden_chunk)
+        if plan.regions == 1:
+            elements = elements + share("lm_head") + lay.hidden_chunk
+        return elements * mesh.hardware.element_bytes
 
     # ------------------------------------------------------------------ the hook
     def _meshgemv(self, x, w, name: str):

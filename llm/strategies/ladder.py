@@ -45,3 +45,11 @@ class Ladder:
         stored.free()
         y.free()
         return result
+
+    def weight_elements(self, mesh, kind: str, m: int, n: int, tokens: int | None = None) -> np.ndarray:
+        """W's elements resident on each core of this rank's block: h rows of n_pad on each of
+        the first ceil(m / h) cores in row-major order (the unified layout), none elsewhere."""
+        plan = baselines.Plan(mesh.rows, mesh.cols, m, n)
+        h, _ = plan.ladder_holders()
+        ids = mesh.global_rows()[:, None] * mesh.cols + mesh.global_cols()[None, :]
+        return np.where(ids < -(-m // h), h * plan.n_pad, 0)

@@ -31,10 +31,6 @@ from meshmpi import host
 ROW_PARALLEL = ("o", "down")
 
 
-def _used(mesh, plan) -> np.ndarray:
-    return np.broadcast_to((mesh.global_rows() < plan.used_rows)[:, None], mesh.block_shape)
-
-
 def _rows(tokens) -> tuple:
     return () if tokens is None else (tokens,)
 
@@ -74,7 +70,7 @@ def row_parallel(mesh, m: int, n: int, x_vec, w_mat, name: str, tokens: int | No
     with mesh.phase(f"{name}.local"):
         if not mesh.dry_run:
             partial.data[...] = np.einsum("abnw,ab...w->ab...n", w.data, x.data)
-        mesh.compute(2 * (tokens or 1) * plan.width * n, where=_used(mesh, plan),
+        mesh.compute(2 * (tokens or 1) * plan.width * n, where=baselines.used_mask(mesh, plan),
                      ops=baselines.vector_ops(plan.width, n))
     with mesh.phase(f"{name}.reduce"):     # timed as the broadcast's mirror, on a buffer of its size
         stream = mesh.alloc(f"{name}.stream", rows + (n,), np.float32, charge=False)
@@ -93,3 +89,9 @@ class Megatron:
     def gemv(self, mesh, kind: str, m: int, n: int, x_vec, w_mat, name: str, tokens: int | None = None):
         """y = x @ W, or with ``tokens`` the GEMM of a ``tokens x m`` x (the prefill's)."""
         return (row_parallel if kind in ROW_PARALLEL else column_parallel)(mesh, m, n, x_vec, w_mat, name, tokens)
+
+    def weight_elements(self, mesh, kind: str, m: int, n: int, tokens: int | None = None) -> np.ndarray:
+        """W's elements resident on each core of this rank's block: m·w (its columns) on the
+        used cores of a column-parallel GEMV, n·w (its rows) on those of a row-parallel one."""
+        plan = baselines.Plan(mesh.rows, mesh.cols, *((n, m) if kind in ROW_PARALLEL else (m, n)))
+        return np.where(baselines.used_mask(mesh, plan), plan.m * plan.width, 0)

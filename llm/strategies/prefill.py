@@ -12,8 +12,11 @@ Each strategy's GEMM takes A (the prompt's T real rows, real features, in natura
 returns C likewise; it works on the real sizes (no head-cell or block padding), so it is charged
 only the real product's FLOPs plus its own partition's padding. Between it and the shared part
 the matrices change layout through the host, untimed (favouring the strategies), and what
-follows starts when the GEMM's last core is done. The strategies' weights are placed where they
-live uncharged; the region's resident-weight figure stays WaferLLM's. Megatron-LM's
+follows starts when the GEMM's last core is done. The region's resident weights are charged
+the way the strategy places them (:meth:`StrategyPrefill.layer_weight_bytes`: each mapping's
+``weight_elements``, its 1-D shares of the four matrices, T10's ring sized for the prompt's
+rows), beside WaferLLM's norm weights; a region holds as many layers as fit its fullest core
+(one, at paper scale, for every compared strategy). Megatron-LM's
 column-parallel GEMMs broadcast the whole of A to every used core (T x hidden values), which at
 paper scale is far over a core's 48 KB: its dry runs need ``--memory warn``.
 """
@@ -41,6 +44,13 @@ class StrategyPrefill(_Prefill):
         super().__init__(mesh, config, weights, tokens, *args, **kwargs)
         self.shapes = gemv_shapes(config)
         self.matrices: dict = {}
+
+    def layer_weight_bytes(self) -> np.ndarray:
+        """Bytes per core of one layer's resident weights as the strategy places them: its
+        shares of the four matrices and WaferLLM's two norm weights."""
+        mesh, tokens = self.mesh, self.lay.tokens
+        shares = sum(self.mapping.weight_elements(mesh, op, *self.shapes[op], tokens=tokens) for op in OPS)
+        return (shares + len(self.NORMS) * self.lay.hb) * mesh.hardware.element_bytes
 
     def gemm(self, op, a, b, name, resident_b=False):
         """The strategy's GEMM for a weight ``op``; the attention's stay MeshGEMM's."""

@@ -5,8 +5,10 @@ activations: the hand-over multicasts all of them, and the ring fits two T-row c
 
 Mapping: every GEMV is T10's: W's columns resident 1-D over row-major core ids (at most n
 cores), x split in p chunks rotating around rings of p consecutive ids, p the fewest shifts
-whose buffers fit a core (:func:`kernels.baselines.t10_ring`; at decode scale x whole fits, so
-p = 1 and nothing rotates). Before each GEMV its input must reach every ring (each ring holds
+whose buffers fit a core (:func:`kernels.baselines.t10_ring`; at decode scale x whole mostly
+fits, so p = 1 and nothing rotates, but W_down's longer input can need a few: p = 3 for
+LLaMA3-8B on 360²). The ring fits one operator's W in a core, not the region's other resident
+layers beside it. Before each GEMV its input must reach every ring (each ring holds
 all of x): T10 plans this exchange between operators as one step of its crossbar, addressing
 cores by id. On the mesh it becomes a one-to-all multicast from the first core on hardware
 routes (T10 handles R: no software relays), down column 0 over the used rows and then along
@@ -60,3 +62,10 @@ class T10:
         for arr in (x, w, y):
             arr.free()
         return result
+
+    def weight_elements(self, mesh, kind: str, m: int, n: int, tokens: int | None = None) -> np.ndarray:
+        """W's elements resident on each core of this rank's block: its w columns of the ring's
+        padded m (ring x chunk rows) on the used cores."""
+        plan = baselines.Plan(mesh.rows, mesh.cols, m, n)
+        ring = baselines.t10_ring(plan, mesh.hardware, tokens or 1)
+        return np.where(baselines.used_mask(mesh, plan), ring * -(-m // ring) * plan.width, 0)
