@@ -725,7 +725,7 @@ class Transfer:
 def warm_up() -> None:
     """Load (or compile, the first time) the fabric's and the charges' compiled loops now, on
     empty inputs of the types a run passes them, so that a timed kernel does not pay for it."""
-    from .mesh import _charge, _charge_where
+    from .mesh import _charge
     f8, i8 = np.zeros((1, 1)), np.zeros((1, 1), np.int64)
     none_f, none_i, none_b = np.empty(0), np.empty(0, np.int64), np.empty(0, bool)
     _start_in_block(f8, 0.0, f8, f8, f8, f8, False, none_i, none_i, none_i, none_b, none_i, none_f, none_i, none_i,
@@ -736,8 +736,9 @@ def warm_up() -> None:
           np.empty((0, 1)))
     _complete(np.empty((0, 1)), none_f, np.empty((0, 1)), none_i, np.empty((0, 1)))
     _raise_at(f8, True, none_i, np.empty((0, 1)), _ALL_LINES)
-    _charge(f8, True, f8, i8, i8, f8)
-    _charge_where(f8, True, f8, i8, np.zeros((1, 1), bool), 1, 1.0)
+    anywhere = np.broadcast_to(True, (1, 1))
+    _charge(f8, True, f8, i8, anywhere, i8, f8)
+    _charge(f8, True, f8, i8, np.zeros((1, 1), bool), np.broadcast_to(np.int64(1), (1, 1)), np.broadcast_to(1.0, (1, 1)))
 
 
 def _tile_rows(tiles: np.ndarray) -> np.ndarray | None:

@@ -46,34 +46,20 @@ def keep_freed_memory() -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def _charge(clock, advance_clock, busy, flop_counter, flops, cycles) -> int:
-    """Each core's ``cycles`` added to its busy time (and clock), its ``flops`` to its count;
-    returns the block's FLOPs."""
-    total = 0
-    rows, cols = cycles.shape
-    for i in range(rows):
-        for j in range(cols):
-            if advance_clock:
-                clock[i, j] += cycles[i, j]
-            busy[i, j] += cycles[i, j]
-            flop_counter[i, j] += flops[i, j]
-            total += flops[i, j]
-    return total
-
-
-@numba.njit(cache=True, nogil=True)
-def _charge_where(clock, advance_clock, busy, flop_counter, where, flops, cycles) -> int:
-    """``flops`` FLOPs taking ``cycles`` on each core of ``where``; returns the block's FLOPs."""
+def _charge(clock, advance_clock, busy, flop_counter, where, flops, cycles) -> int:
+    """On each core of ``where``: its ``cycles`` added to its busy time (and clock), its
+    ``flops`` to its count (block arrays, a scalar's as a broadcast view); returns the block's
+    FLOPs."""
     total = 0
     rows, cols = where.shape
     for i in range(rows):
         for j in range(cols):
             if where[i, j]:
                 if advance_clock:
-                    clock[i, j] += cycles
-                busy[i, j] += cycles
-                flop_counter[i, j] += flops
-                total += flops
+                    clock[i, j] += cycles[i, j]
+                busy[i, j] += cycles[i, j]
+                flop_counter[i, j] += flops[i, j]
+                total += flops[i, j]
     return total
 
 
@@ -170,6 +156,7 @@ class Mesh:
         self._per_line = {"y": {}, "x": {}}
         self._masks = {}     # positions_mask's masks by axis and positions
         self._cycles_of = {}   # cycles of a core's work, by its FLOPs and vector operations
+        self._every_core_mask = np.broadcast_to(True, self.block_shape)
         self._every_core = dict.fromkeys(COUNTERS, 0)
         self.totals = dict.fromkeys(COUNTERS, 0)
         self.max_hops = 0
@@ -315,7 +302,8 @@ class Mesh:
         (:func:`meshmpi.costs.compute`), on the cores that do any of it. A caller charging
         block-shaped work at every step may pass its ``cycles``, worked out by those rules."""
         if cycles is not None:
-            self.totals["flops"] += _charge(self.clock, advance_clock, self.busy, self._counters["flops"], flops, cycles)
+            self.totals["flops"] += _charge(self.clock, advance_clock, self.busy, self._counters["flops"],
+                                            self._every_core_mask, flops, cycles)
             return
         if where is not None and np.ndim(flops) == np.ndim(ops) == np.ndim(scalars) == 0 and not scalars:
             if flops > 0:    # the same work on every masked core, in one compiled pass
@@ -325,8 +313,9 @@ class Mesh:
                 where = np.asarray(where)
                 if where.shape != self.block_shape or where.dtype != bool:
                     where = np.broadcast_to(where.astype(bool), self.block_shape)
-                self.totals["flops"] += _charge_where(self.clock, advance_clock, self.busy, self._counters["flops"],
-                                                      where, int(flops), cycles)
+                shape = self.block_shape
+                self.totals["flops"] += _charge(self.clock, advance_clock, self.busy, self._counters["flops"], where,
+                                                np.broadcast_to(np.int64(flops), shape), np.broadcast_to(cycles, shape))
             return
         if where is None and np.ndim(flops) == np.ndim(ops) == np.ndim(scalars) == 0:  # no block temporaries
             if not flops and not scalars:
