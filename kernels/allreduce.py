@@ -28,6 +28,7 @@ router, so each costs what a line of its length costs; together they use the rou
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -83,31 +84,28 @@ def _combine(mesh, acc, incoming, op: str, axis: str, positions) -> None:
     place through a view where the positions this block holds are evenly spaced."""
     if mesh.dry_run:
         return
-    local = np.asarray(positions, np.int64) - mesh.axis_start(axis)
-    local = local[(local >= 0) & (local < (acc.data.shape[1] if axis == "x" else acc.data.shape[0]))]
-    if not local.size:
+    index = mesh.positions_index(axis, positions)
+    if index is None:
         return
-    step = int(local[1] - local[0]) if local.size > 1 else 1
-    if step > 0 and np.array_equal(local, local[0] + step * np.arange(local.size)):
-        index = slice(int(local[0]), int(local[-1]) + 1, step)
-        at = (slice(None), index) if axis == "x" else (index,)
+    at = (slice(None), index) if axis == "x" else (index,)
+    if isinstance(index, slice):
         _OPS[op](acc.data[at], incoming.data[at], out=acc.data[at])
     else:
-        at = (slice(None), local) if axis == "x" else (local,)
         acc.data[at] = _OPS[op](acc.data[at], incoming.data[at])
 
 
-def _chains(mesh, acc, axis, op, name, tag, links_left, links_right, buffers, forwarding) -> None:
-    """Run two chains stage by stage; ``links_*[s]`` are the (src, dst) pairs of stage s."""
+def _chains(mesh, acc, axis, op, name, tag, stages, buffers, forwarding) -> None:
+    """Run two chains stage by stage; ``stages[s]`` holds the left and the right chain's
+    (sources, destinations) of stage s, or None where that chain has finished."""
     fabric, hw = mesh.fabric, mesh.hardware
     streaming = forwarding == "stream"
     head = mesh.clock.copy() if streaming else None     # when each core's stream can leave
     involved = np.zeros(mesh.block_shape, bool)
-    for stage in range(max(len(links_left), len(links_right))):
+    for stage, sides in enumerate(stages):
         started = []
-        for side, links, buf in (("left", links_left, buffers[0]), ("right", links_right, buffers[1])):
-            if stage < len(links) and links[stage]:
-                src, dst = zip(*links[stage])
+        for side, links, buf in zip(("left", "right"), sides, buffers):
+            if links is not None:
+                src, dst = links
                 # One schedule's colours serve every allreduce along this axis.
                 pattern = fabric.plan(f"allreduce.{tag}.{side}", axis, src, dst,
                                       group=f"allreduce.{tag}.{side}.{axis}")
@@ -132,8 +130,10 @@ def _chains(mesh, acc, axis, op, name, tag, links_left, links_right, buffers, fo
         np.maximum(mesh.clock, np.where(involved, done, -np.inf), out=mesh.clock)
 
 
-def _tree(mesh, acc, axis, op, groups, name, spans, root_last=False, forwarding="stream") -> None:
-    """K-tree (or, ``root_last`` with one group, pipeline) allreduce on every span at once."""
+@functools.lru_cache(maxsize=1024)
+def _tree_schedule(spans: tuple, groups: int | None, root_last: bool) -> tuple:
+    """The K-tree's stages on ``spans`` (made once per shape): the group chains' and the root
+    chains' stages (as :func:`_chains` takes them), and each span's global root."""
     n_max = max(hi - lo for lo, hi in spans)
     groups_of, roots, centres = [], [], []   # per span: group spans, group roots, the global root
     for lo, hi in spans:
@@ -145,32 +145,44 @@ def _tree(mesh, acc, axis, op, groups, name, spans, root_last=False, forwarding=
         roots.append([b - 1 if root_last else a + (b - a) // 2 for a, b in mine])
         centres.append(len(mine) - 1 if root_last else len(mine) // 2)
     group_roots = [r for span_roots in roots for r in span_roots]
-    buffers = (mesh.alloc(f"{name}.recv.left", acc.tile_shape, acc.dtype),
-               mesh.alloc(f"{name}.recv.right", acc.tile_shape, acc.dtype))
     # Phase 1: inside each group, chains from both ends hop by hop into the group root.
     left = [[(lo + s - 1, lo + s) for (lo, _), r in zip(groups_of, group_roots) if lo + s <= r]
             for s in range(1, n_max + 1)]
     right = [[(hi - s, hi - s - 1) for (_, hi), r in zip(groups_of, group_roots) if hi - s - 1 >= r]
              for s in range(1, n_max + 1)]
-    _chains(mesh, acc, axis, op, name, "group", _trim(left), _trim(right), buffers, forwarding)
+    in_groups = _stages(left, right)
     # Phase 2: in each span, group roots forward along pass-through routes into the global root.
     stages = max(len(r) for r in roots)
     left = [[(r[k - 1], r[k]) for r, c in zip(roots, centres) if k <= c] for k in range(1, stages)]
     right = [[(r[len(r) - k], r[len(r) - k - 1]) for r, c in zip(roots, centres) if len(r) - k - 1 >= c]
              for k in range(1, stages)]
-    _chains(mesh, acc, axis, op, name, "roots", _trim(left), _trim(right), buffers, forwarding)
+    return in_groups, _stages(left, right), tuple(r[c] for r, c in zip(roots, centres))
+
+
+def _stages(left: list, right: list) -> tuple:
+    """Two chains' per-stage (src, dst) pairs as per-stage (left, right) (sources, destinations)
+    arrays, None where a chain has nothing to send; trailing empty stages dropped."""
+    def arrays(pairs):
+        return tuple(np.array(side, np.int64) for side in zip(*pairs)) if pairs else None
+    stages = [(arrays(a), arrays(b)) for a, b in zip(left, right)]
+    while stages and stages[-1] == (None, None):
+        stages.pop()
+    return tuple(stages)
+
+
+def _tree(mesh, acc, axis, op, groups, name, spans, root_last=False, forwarding="stream") -> None:
+    """K-tree (or, ``root_last`` with one group, pipeline) allreduce on every span at once."""
+    in_groups, between_roots, centres = _tree_schedule(tuple(spans), groups, root_last)
+    buffers = (mesh.alloc(f"{name}.recv.left", acc.tile_shape, acc.dtype),
+               mesh.alloc(f"{name}.recv.right", acc.tile_shape, acc.dtype))
+    _chains(mesh, acc, axis, op, name, "group", in_groups, buffers, forwarding)
+    _chains(mesh, acc, axis, op, name, "roots", between_roots, buffers, forwarding)
     for buf in buffers:
         buf.free()
     # Phase 3: each span's root multicasts the result back along its span.
-    mesh.fabric.multicasts("allreduce.bcast", axis, [r[c] for r, c in zip(roots, centres)], spans,
+    mesh.fabric.multicasts("allreduce.bcast", axis, list(centres), spans,
                            group=f"allreduce.bcast.{axis}").run(acc)
     mesh.step("broadcast")
-
-
-def _trim(stages):
-    while stages and not stages[-1]:
-        stages.pop()
-    return stages
 
 
 def _ring(mesh, acc, axis, op, name, spans) -> None:

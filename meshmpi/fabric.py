@@ -295,13 +295,13 @@ class LinePattern:
                                   f"{buffer.incoming!r} was still delivering into it")
         mesh, axis = self.mesh, self.axis
         line_mask = self.fabric.line_mask(axis, lines)
-        carry = _Payload(self, None if mesh.dry_run else _pos_first(src.data, axis))
+        active = line_mask.size if lines is None else int(np.count_nonzero(line_mask))
         nbytes = src.tile_bytes
-        self._account(line_mask, nbytes)
+        if not active:
+            return Transfer(self, src, dst, [], [], np.flatnonzero(line_mask))
+        self._account(line_mask, active, nbytes)
         # Only the active lines are touched (None: all of them, the common case).
-        lines_idx = None if line_mask.all() else np.flatnonzero(line_mask)
-        if lines_idx is not None and lines_idx.size == 0:
-            return Transfer(self, src, dst, [], [], lines_idx)
+        lines_idx = None if active == line_mask.size else np.flatnonzero(line_mask)
         if self.in_block:
             arrivals = self._start_in_block(mesh.clock if depart is None else depart, nbytes, src is dst,
                                             lines_idx, payload)
@@ -315,6 +315,7 @@ class LinePattern:
             send_clock = np.add(send_clock, costs.transfer_start(mesh.hardware), out=np.empty(send_clock.shape))
         else:
             send_clock = np.ascontiguousarray(send_clock)
+        carry = _Payload(self, None if mesh.dry_run else _pos_first(src.data, axis))
         arrivals, sends = self._move_heads(send_clock, nbytes, payload, lines_idx, carry, in_place=src is dst)
         landings = [] if mesh.dry_run else [self.block_landing, self.pool_landing[:1] + (carry.pool(),)
                                             + self.pool_landing[1:]]
@@ -459,14 +460,13 @@ class LinePattern:
         """``start`` and ``wait`` at once."""
         self.start(src, dst, lines).wait()
 
-    def _account(self, line_mask: np.ndarray, nbytes: int) -> None:
+    def _account(self, line_mask: np.ndarray, active: int, nbytes: int) -> None:
+        """A start's counts on the ``active`` lines of ``line_mask``."""
         mesh = self.mesh
-        if not line_mask.any():
-            return
         counts = self._counts.get(nbytes)
         if counts is None:
             counts = self._counts[nbytes] = self._counts_of(nbytes)
-        mesh.count_along(counts[0], self.axis, counts[1], line_mask, counts[2])
+        mesh.count_along(counts[0], self.axis, counts[1], line_mask, active, counts[2])
         if self.physical is not None:       # a stretched link's extra physical hops
             mesh.count_cores("hops", self.physical.extra_hops * line_mask, self.axis)
             mesh.count_cores("byte_hops", self.physical.extra_hops * line_mask * nbytes, self.axis)
@@ -485,7 +485,7 @@ class LinePattern:
         stop = start + self.fabric.block_length(self.axis)
         values = np.stack([v[start:stop] for v in per.values()]).astype(np.int64)
         return (np.array([COUNTERS.index(name) for name in per], np.int64), values,
-                [int(v) for v in values.sum(axis=1)])
+                list(zip(per, (int(v) for v in values.sum(axis=1)))))
 
     def revive(self, name: str, group: str | None) -> None:
         """A freed pattern planned again under ``name``: its routes are declared anew."""
@@ -798,10 +798,10 @@ class Fabric:
 
     def line_mask(self, axis: str, lines) -> np.ndarray:
         """Boolean mask over this block's lines (rows for ``x``, columns for ``y``)."""
-        mesh = self.mesh
-        local = mesh.global_rows() if axis == "x" else mesh.global_cols()
         if lines is None:
             return self._every_line[axis]
+        mesh = self.mesh
+        local = mesh.global_rows() if axis == "x" else mesh.global_cols()
         lines = np.asarray(lines, np.int64)
         hit = np.zeros(mesh.axis_length("y" if axis == "x" else "x"), bool)
         hit[lines[(lines >= 0) & (lines < hit.size)]] = True     # lines off the mesh: none

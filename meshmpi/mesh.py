@@ -154,8 +154,8 @@ class Mesh:
         self._per_position = {"y": np.zeros((len(COUNTERS), self.block_shape[0]), np.int64),
                               "x": np.zeros((len(COUNTERS), self.block_shape[1]), np.int64)}
         self._per_line = {"y": {}, "x": {}}
-        self._masks = {}     # positions_mask's masks by axis and positions
-        self._cycles_of = {}   # cycles of a core's work, by its FLOPs and vector operations
+        self._masks = {}     # positions_mask's masks and positions_index's indices, by axis and positions
+        self._cycles_of = {}   # a core's FLOPs and cycles (block views), by its FLOPs and vector operations
         self._every_core_mask = np.broadcast_to(True, self.block_shape)
         self._every_core = dict.fromkeys(COUNTERS, 0)
         self.totals = dict.fromkeys(COUNTERS, 0)
@@ -241,11 +241,10 @@ class Mesh:
         return self._counters
 
     def count_along(self, rows: np.ndarray, axis: str, per_position: np.ndarray, line_mask: np.ndarray,
-                    sums) -> None:
+                    lines: int, sums) -> None:
         """Add ``per_position[i]`` (this block's positions along ``axis``) to the counter
-        ``COUNTERS[rows[i]]`` on every active line (``line_mask`` over this block's lines);
-        ``sums[i]`` is ``per_position[i].sum()``."""
-        lines = int(line_mask.sum())
+        ``COUNTERS[rows[i]]`` on the ``lines`` active lines of ``line_mask`` (over this block's
+        lines); ``sums`` pairs each counter's name with ``per_position[i].sum()``."""
         if lines == line_mask.size:
             self._per_position[axis][rows] += per_position
         elif lines:
@@ -255,8 +254,8 @@ class Mesh:
                 pending[key] = (rows, per_position.copy(), np.zeros(line_mask.size, np.int64))
             pending[key][2][line_mask] += 1
         totals = self.totals
-        for row, total in zip(rows.tolist(), sums):
-            totals[COUNTERS[row]] += total * lines
+        for name, total in sums:
+            totals[name] += total * lines
 
     def count_cores(self, name: str, values: np.ndarray, axis: str) -> None:
         """Add ``values`` ([this block's positions along ``axis``, lines]) to counter ``name``."""
@@ -307,15 +306,15 @@ class Mesh:
             return
         if where is not None and np.ndim(flops) == np.ndim(ops) == np.ndim(scalars) == 0 and not scalars:
             if flops > 0:    # the same work on every masked core, in one compiled pass
-                cycles = self._cycles_of.get((flops, ops))
-                if cycles is None:
-                    cycles = self._cycles_of[flops, ops] = float(costs.compute(self.hardware, np.int64(flops), ops))
-                where = np.asarray(where)
-                if where.shape != self.block_shape or where.dtype != bool:
-                    where = np.broadcast_to(where.astype(bool), self.block_shape)
-                shape = self.block_shape
+                per_core = self._cycles_of.get((flops, ops))
+                if per_core is None:     # each core's FLOPs and cycles, as block-shaped views
+                    cycles = float(costs.compute(self.hardware, np.int64(flops), ops))
+                    per_core = self._cycles_of[flops, ops] = (np.broadcast_to(np.int64(flops), self.block_shape),
+                                                              np.broadcast_to(cycles, self.block_shape))
+                if not (isinstance(where, np.ndarray) and where.shape == self.block_shape and where.dtype == bool):
+                    where = np.broadcast_to(np.asarray(where).astype(bool), self.block_shape)
                 self.totals["flops"] += _charge(self.clock, advance_clock, self.busy, self._counters["flops"], where,
-                                                np.broadcast_to(np.int64(flops), shape), np.broadcast_to(cycles, shape))
+                                                *per_core)
             return
         if where is None and np.ndim(flops) == np.ndim(ops) == np.ndim(scalars) == 0:  # no block temporaries
             if not flops and not scalars:
@@ -344,10 +343,16 @@ class Mesh:
         """One software step of a multi-stage collective (receive, combine, forward) on the
         masked cores: ``beta`` cycles each (unless the caller times it), counted as a relay
         (PAPER.md §1, L)."""
-        mask = np.ones(self.block_shape, bool) if where is None else np.asarray(where, bool)
+        if where is None:
+            if advance_clock:
+                self.clock += costs.software_stage(self.hardware)
+            self._every_core["relays"] += 1
+            self.totals["relays"] += self.clock.size
+            return
+        mask = np.asarray(where, bool)
         if advance_clock:
             self.clock[mask] += costs.software_stage(self.hardware)
-        self._counters["relays"][mask] += 1
+        self._counters["relays"] += mask
         self.totals["relays"] += int(np.count_nonzero(mask))
 
     def positions_mask(self, axis: str, positions) -> np.ndarray:
@@ -369,6 +374,25 @@ class Mesh:
             mask.flags.writeable = False
             self._masks[key] = mask
         return mask
+
+    def positions_index(self, axis: str, positions):
+        """This block's local indices along ``axis`` of the global ``positions`` it holds: a
+        slice where they are evenly spaced (a view, no copy), else an index array; None if it
+        holds none (made once per position set)."""
+        positions = np.asarray(positions, np.int64)
+        key = ("index", axis, positions.tobytes())
+        if key not in self._masks:
+            local = positions - self.axis_start(axis)
+            local = local[(local >= 0) & (local < self.block_shape[1 if axis == "x" else 0])]
+            step = int(local[1] - local[0]) if local.size > 1 else 1
+            if not local.size:
+                index = None
+            elif step > 0 and np.array_equal(local, local[0] + step * np.arange(local.size)):
+                index = slice(int(local[0]), int(local[-1]) + 1, step)
+            else:
+                index = local
+            self._masks[key] = index
+        return self._masks[key]
 
     def matmul_acc(self, out: MeshArray, a: MeshArray, b: MeshArray, transpose_b: bool = False) -> None:
         """out += a @ b (or a @ b.T) on every core, charged 2*m*k*n FLOPs per core."""
