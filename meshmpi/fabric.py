@@ -244,13 +244,23 @@ class LinePattern:
         # compiled pass (:func:`_start_in_block`); set again once a remapped wafer is known.
         self.in_block = (not self.worm_rounds and not self.multicast and self.own_senders_in_order
                          and self.own_batch.index.size == self.own_worms.size == self.src.size)
+        # Each round: per direction, the rows of the heads sent (in the batch they were last
+        # advanced in), the batch received and the two neighbours; back-pressure runs the rounds
+        # backwards: the ``need`` rows of the batch received go back, those of the worms sent
+        # come in.
         latest = {+1: self.own_worms, -1: self.own_worms}
+        self.back_rounds = []
         for stage in self.worm_rounds:
+            back = []
             for i, (direction, send, recv) in enumerate(stage):
                 row_of = np.full(w.src.size, -1, np.int64)
                 row_of[latest[direction]] = np.arange(latest[direction].size)
-                stage[i] = (direction, send, row_of[send], self._batch(recv))
+                batch = self._batch(recv)
+                ahead, behind = mesh.links.neighbour(axis, direction), mesh.links.neighbour(axis, -direction)
+                stage[i] = (direction, row_of[send], batch, ahead, behind)
+                back.append((self.touch_row[batch.worms.which], self.touch_row[send], behind, ahead))
                 latest[direction] = recv
+            self.back_rounds.append(back)
         local_src = (self.src >= start) & (self.src < stop)
         from_block, from_pool = np.flatnonzero(mine & local_src), np.flatnonzero(mine & ~local_src)
         # Numeric landings: (destinations, None: this block's own tiles, their rows) and the same
@@ -312,7 +322,7 @@ class LinePattern:
             send_clock = send_clock[:, lines_idx]
         # positions first in memory too: the heads gather whole positions at a time
         if payload:   # senders and receivers each start a fabric operation first
-            send_clock = np.add(send_clock, costs.transfer_start(mesh.hardware), out=np.empty(send_clock.shape))
+            send_clock = np.add(send_clock, self.fabric.transfer_start, out=np.empty(send_clock.shape))
         else:
             send_clock = np.ascontiguousarray(send_clock)
         carry = _Payload(self, None if mesh.dry_run else _pos_first(src.data, axis))
@@ -345,39 +355,33 @@ class LinePattern:
         """:meth:`_move_heads` on the link free times ``free`` (and, on a remapped wafer, the
         links' physical hops ``hops``) of the lines ``lines_idx`` being computed; each round's
         exchange also forwards the source tiles of ``carry``."""
-        mesh, w, first = self.mesh, self.worms, self.block_start
-        hw = mesh.hardware
+        fabric, w = self.fabric, self.worms
         snapshot = {sign: f.copy() for sign, f in free.items()} if self.links_shared else None
-        occupancy = costs.serialisation(hw, nbytes, w.load)
-        tails = costs.serialisation(hw, nbytes if payload else 0, self.load)
-        alpha, beta = float(costs.route_latency(hw, 1)), costs.software_stage(hw)   # one hop; one relay
+        occupancy, own_occupancy, tails, extra, capacity = self._crossing_times(nbytes, payload, in_place)
+        if self.physical is not None:
+            physical = costs.path_capacity(self.mesh.hardware, self.physical.delivery_hops[:, lines_idx])
+            capacity = {batch: physical[batch.index] for batch in capacity}
+        alpha, beta = fabric.alpha, fabric.beta        # one hop; one relay
         arrivals = []
         # A receive is posted when the receiver's program reaches it (its clock, or ``depart``);
         # a core receiving into the buffer it sends from posts once its own tile has left.
-        posted = send_clock
-        if in_place:
-            posted = posted + costs.serialisation(hw, nbytes, self.send_load[first:first + posted.shape[0]])[:, None]
-        if self.physical is None:
-            capacity = costs.path_capacity(hw, self.hops)[:, None]
-        else:
-            capacity = costs.path_capacity(hw, self.physical.delivery_hops[:, lines_idx])
+        posted = send_clock if extra is None else send_clock + extra
         touch = self.touch_row
         lines = send_clock.shape[1]
         # Back-pressure reaches the source only on a pass-through route: a software relay takes
         # the message off the fabric at the next core (its time is in ``beta``).
-        need = np.full((self.touching.size, send_clock.shape[1]), -np.inf) if payload else None
+        need = np.full((self.touching.size, lines), -np.inf) if payload else None
         track = need is not None and not self.relay
 
         def advance(batch: _Batch, head_in):
-            last, heads = worms.advance(w, batch.worms, head_in, free, alpha, beta, occupancy,
+            last, heads = worms.advance(w, batch.worms, head_in, free, alpha, beta, occupancy[batch],
                                         keep_path=self.multicast, snapshot=snapshot, link_hops=hops)
             if batch.index.size:
                 landed = np.empty((batch.index.size, lines))
                 # the latest each worm's source may finish its send goes to ``need``; a multicast
                 # worm delivers at several cores, a unicast one once, on one rank
                 _land(last[:, None, :] if heads is None else heads, batch.rows, batch.columns, posted,
-                      batch.dests, tails[batch.index], capacity[batch.index], need if track else _NO_NEED,
-                      batch.need_rows, self.multicast, landed)
+                      batch.dests, tails[batch], capacity[batch], need if track else _NO_NEED, batch.need_rows, self.multicast, landed)
                 arrivals.append((batch.dests, landed, batch.run))
             return last
 
@@ -385,30 +389,27 @@ class LinePattern:
         departing = send_clock[self.own_source_rows]           # the own worms' sources' clocks
         last = advance(self.own_batch, departing)
         latest = {+1: last, -1: last}        # the heads each direction's next round forwards
-        links, axis = mesh.links, self.axis
+        exchange = self.mesh.links.exchange
         for k, stage in enumerate(self.worm_rounds):
-            messages = [(np.ascontiguousarray(latest[direction][send_rows]),   # heads at the next block's first core
-                         links.neighbour(axis, direction), np.empty((batch.worms.which.size, lines)),
-                         links.neighbour(axis, -direction))
-                        for direction, _, send_rows, batch in stage]
+            messages = [(np.ascontiguousarray(latest[direction][send_rows]), to, np.empty((batch.worms.which.size, lines)),
+                         source) for direction, send_rows, batch, to, source in stage]
             tiles = carry.messages(k)
-            links.exchange(messages + tiles, _HEAD_TAG)
+            exchange(messages + tiles, _HEAD_TAG)
             carry.arrived(k, tiles)
-            for (direction, _, _, batch), (_, _, got, _) in zip(stage, messages):
+            for (direction, _, batch, _, _), (_, _, got, _) in zip(stage, messages):
                 latest[direction] = advance(batch, got)
         if need is None:
             return arrivals, None
         # Back-pressure: each worm's latest "landed - capacity" travels back to its source.
-        for stage in reversed(self.worm_rounds if track else ()):
-            messages = [(np.ascontiguousarray(need[touch[batch.worms.which]]), links.neighbour(axis, -direction),
-                         np.empty((send.size, lines)), links.neighbour(axis, direction))
-                        for direction, send, _, batch in stage]
-            links.exchange(messages, _BACK_TAG)
-            for (_, send, _, _), (_, _, got, _) in zip(stage, messages):
-                rows = touch[send]                               # each worm once
-                need[rows] = np.maximum(need[rows], got)
+        for stage in reversed(self.back_rounds if track else ()):
+            messages = [(np.ascontiguousarray(need[rows_out]), to, np.empty((rows_in.size, lines)), source)
+                        for rows_out, rows_in, to, source in stage]
+            exchange(messages, _BACK_TAG)
+            for (_, rows_in, _, _), (_, _, got, _) in zip(stage, messages):
+                np.maximum(need[rows_in], got, out=got)
+                need[rows_in] = got
         done = np.empty_like(departing)
-        _complete(departing, occupancy[own], need, touch[own], done)
+        _complete(departing, own_occupancy, need, touch[own], done)
         senders, which = self.own_senders, self.own_sender_of
         if self.own_senders_in_order:                      # one worm per sender, in the senders' order
             return arrivals, (senders, done, self.own_senders_run)
@@ -419,6 +420,28 @@ class LinePattern:
             latest = np.full((senders.size, lines), -np.inf)
             worms.latest_into(latest, which, done)
         return arrivals, (senders, latest, self.own_senders_run)
+
+    def _crossing_times(self, nbytes: int, payload: bool, in_place: bool) -> tuple:
+        """A crossing pattern's fixed times for one tile size (made once): by batch, its worms'
+        link occupancy; the own worms' occupancy; by batch, its deliveries' tails; the posting
+        delay of a receive in place (per block position, or None); by batch, its deliveries'
+        path capacities."""
+        times = self._times.get((nbytes, payload, in_place, "crossing"))
+        if times is None:
+            hw, first = self.mesh.hardware, self.block_start
+            occupancy = costs.serialisation(hw, nbytes, self.worms.load).astype(np.float64)
+            tails = costs.serialisation(hw, nbytes if payload else 0, self.load)
+            capacity = costs.path_capacity(hw, self.hops)
+            batches = [self.own_batch] + [batch for stage in self.worm_rounds for _, _, batch, _, _ in stage]
+            by_batch = {batch: np.ascontiguousarray(occupancy[batch.worms.which]) for batch in batches}
+            extra = None
+            if in_place:
+                extra = costs.serialisation(hw, nbytes, self.send_load[first:first + self.fabric.block_length(self.axis)])
+                extra = np.asarray(extra, np.float64)[:, None]
+            times = self._times[nbytes, payload, in_place, "crossing"] = (
+                by_batch, np.ascontiguousarray(occupancy[self.own_worms]), {batch: tails[batch.index] for batch in batches},
+                extra, {batch: capacity[batch.index][:, None] for batch in batches})
+        return times
 
     def _start_in_block(self, clock: np.ndarray, nbytes: int, in_place: bool, lines_idx, payload: bool) -> list:
         """:meth:`_move_heads` for a pattern that stays inside this block (:attr:`in_block`),
@@ -446,11 +469,11 @@ class LinePattern:
         landed = np.empty((batch.index.size, lines))
         done = np.empty((self.own_worms.size if payload else 0, lines))
         walk = batch.worms
-        _start_in_block(clock, float(costs.transfer_start(hw)) if payload else 0.0, free[+1], free[-1], read[+1],
+        fabric = self.fabric
+        _start_in_block(clock, fabric.transfer_start if payload else 0.0, free[+1], free[-1], read[+1],
                         read[-1], self.links_shared, walk.sign, walk.first, walk.links, walk.relayed,
                         self.own_source_positions, occupancy, batch.dests, batch.rows, tails, capacity, extra,
-                        not self.relay, float(costs.route_latency(hw, 1)),
-                        float(costs.software_stage(hw)) if self.relay else 0.0, landed, done)
+                        not self.relay, fabric.alpha, fabric.beta if self.relay else 0.0, landed, done)
         if lines_idx is not None:
             for sign, f in every.items():
                 f[:, lines_idx] = free[sign]
@@ -645,7 +668,7 @@ def _raise_at(target, along_x, dests, arrival, lines):
                 target[p, line] = max(target[p, line], arrival[d, j])
 
 
-@dataclass
+@dataclass(eq=False)     # hashed by identity: a pattern's per-batch times are keyed by it
 class _Batch:
     """A batch of worms advanced together on one block (:class:`meshmpi.worms.Batch`) and the
     deliveries it lands there: their pattern indices, rows in the batch, path columns,
@@ -763,6 +786,9 @@ class Fabric:
 
     def __init__(self, mesh, hazard_checks: bool = False):
         self.mesh = mesh
+        hw = mesh.hardware     # a head's cycles per hop, per software relay; a transfer's start
+        self.alpha, self.beta = float(costs.route_latency(hw, 1)), float(costs.software_stage(hw))
+        self.transfer_start = float(costs.transfer_start(hw))
         self.hazard_checks = hazard_checks
         self._plans: dict[tuple, LinePattern] = {}
         self._every_line = {axis: np.ones(mesh.block_shape[0 if axis == "x" else 1], bool) for axis in ("x", "y")}

@@ -105,8 +105,8 @@ def batch(worms: Worms, which: np.ndarray, j0: np.ndarray, count: np.ndarray, fi
 def advance(worms: Worms, plan: Batch, head_in: np.ndarray, free: dict, alpha: float, beta: float,
             occupancy: np.ndarray, keep_path: bool, snapshot: dict | None = None, link_hops: dict | None = None):
     """Move the heads of the batch's worms (entering the block at ``head_in``, shape
-    [W, lines]) over their local links, and mark those links busy (``occupancy`` [W] cycles
-    from the head's entry). Returns ``last`` [W, lines], the head at the core after the last
+    [W, lines]) over their local links, and mark those links busy (``occupancy``: per worm of
+    the batch, contiguous float64 cycles from the head's entry). Returns ``last`` [W, lines], the head at the core after the last
     local link (``head_in`` when there is none), and, with ``keep_path``, ``heads``
     [W, max count + 1, lines], the head at each local core along the path (hop ``j0 + i`` at
     column i), else None.
@@ -125,7 +125,7 @@ def advance(worms: Worms, plan: Batch, head_in: np.ndarray, free: dict, alpha: f
     hops = _NO_HOPS if link_hops is None else link_hops
     _walk(free[+1], free[-1], read[+1], read[-1], snapshot is not None, hops[+1], hops[-1], link_hops is not None,
           plan.sign, plan.first, plan.links, plan.relayed, np.ascontiguousarray(head_in),
-          np.ascontiguousarray(occupancy[plan.which], dtype=np.float64), float(alpha),
+          occupancy, float(alpha),
           float(beta) if worms.relay else 0.0, last, heads)
     return last, (heads if keep_path else None)
 
