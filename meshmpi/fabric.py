@@ -544,9 +544,10 @@ class _Payload:
                  _DATA_TAG) for direction, send, recv in p.rounds[k]]
 
     def arrived(self, k: int, messages: list) -> None:
+        forwarded = k + 1 < len(self.pattern.rounds)      # a later round may forward these tiles
         for (_, _, recv), (_, _, data_in, _, _) in zip(self.pattern.rounds[k], messages):
             self.got.append(data_in)
-            for i, s in enumerate(recv.tolist()):
+            for i, s in enumerate(recv.tolist() if forwarded else ()):
                 self.held[s] = data_in[i]
 
     def pool(self) -> np.ndarray | None:

@@ -147,13 +147,15 @@ class Mesh:
         self.clock = np.zeros(self.block_shape, np.float64)
         self.busy = np.zeros(self.block_shape, np.float64)
         # Per-core counters, plus additions not yet applied: a count per position along each
-        # axis for every line (most transfers), per-position counts times how often each line
+        # axis for every line (most transfers; kept per pattern and tile size as a number of
+        # starts, then summed per position), per-position counts times how often each line
         # took them (transfers on some lines) and one count for every core (most compute),
         # applied when the counters are read; ``totals`` are their sums over this block, exact.
         self._counters = {name: np.zeros(self.block_shape, np.int64) for name in COUNTERS}
         self._per_position = {"y": np.zeros((len(COUNTERS), self.block_shape[0]), np.int64),
                               "x": np.zeros((len(COUNTERS), self.block_shape[1]), np.int64)}
         self._per_line = {"y": {}, "x": {}}
+        self._per_start = {"y": {}, "x": {}}
         self._masks = {}     # positions_mask's masks and positions_index's indices, by axis and positions
         self._cycles_of = {}   # a core's FLOPs and cycles (block views), by its FLOPs and vector operations
         self._every_core_mask = np.broadcast_to(True, self.block_shape)
@@ -228,6 +230,9 @@ class Mesh:
                 target += self._every_core[name]
                 self._every_core[name] = 0
         for axis, pending in self._per_position.items():
+            for rows, per_position, times in self._per_start[axis].values():
+                pending[rows] += times[0] * per_position
+            self._per_start[axis].clear()
             for row in np.flatnonzero(pending.any(axis=1)):
                 target = self._counters[COUNTERS[row]]
                 target += pending[row][None, :] if axis == "x" else pending[row][:, None]
@@ -245,8 +250,12 @@ class Mesh:
         """Add ``per_position[i]`` (this block's positions along ``axis``) to the counter
         ``COUNTERS[rows[i]]`` on the ``lines`` active lines of ``line_mask`` (over this block's
         lines); ``sums`` pairs each counter's name with ``per_position[i].sum()``."""
-        if lines == line_mask.size:
-            self._per_position[axis][rows] += per_position
+        if lines == line_mask.size:       # counted per start, added up when the counters are read
+            pending = self._per_start[axis]
+            key = id(per_position)          # the entry holds the array: its id is not reused meanwhile
+            if key not in pending:
+                pending[key] = (rows, per_position, [0])
+            pending[key][2][0] += 1
         elif lines:
             pending = self._per_line[axis]
             key = (rows.tobytes(), per_position.tobytes())
