@@ -18,6 +18,8 @@ def test_speed_bench_writes_its_table(tmp_path, python_exe, run_env):
     for first, second in zip(rows[::2], rows[1::2]):    # the rank count changes no modeled number
         assert first["modeled_cycles"] == second["modeled_cycles"]
     assert all(float(r["ratio_to_floor"]) > 0 for r in rows[:2])
+    # the floor with the tiles' moves is timed beside it
+    assert all(float(r["moves_floor_seconds"]) > 0 for r in rows[:2])
     assert all(float(r["speedup_over_1_rank"]) > 0 for r in rows[3::2])
 
 
