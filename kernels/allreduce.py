@@ -110,14 +110,17 @@ def _chains(mesh, acc, axis, op, name, tag, stages, buffers, forwarding) -> None
                 pattern = fabric.plan(f"allreduce.{tag}.{side}", axis, src, dst,
                                       group=f"allreduce.{tag}.{side}.{axis}")
                 transfer = pattern.start(acc, buf, depart=head, payload=not streaming)
-                started.append((transfer, buf, dst, mesh.positions_mask(axis, src), mesh.positions_mask(axis, dst)))
+                started.append((transfer, buf, dst, mesh.positions_mask(axis, src), mesh.positions_mask(axis, dst),
+                                mesh.positions_index(axis, dst)))
         heads_in = np.full(mesh.block_shape, -np.inf) if streaming else None
         for transfer, *_ in started:    # every delivery of the stage lands, then the adds
             transfer.wait(into=heads_in)
-        for _, buf, dst, senders, receivers in started:
+        for _, buf, dst, senders, receivers, index in started:
             _combine(mesh, acc, buf, op, axis, dst)
             if streaming:
-                head[receivers] = costs.streaming_stage_head(hw, heads_in[receivers], head[receivers])
+                if index is not None:     # the receivers' lines of this block, as a view where it can
+                    at = (slice(None), index) if axis == "x" else (index,)
+                    head[at] = costs.streaming_stage_head(hw, heads_in[at], head[at])
                 mesh.compute(acc.tile_elements, where=receivers, advance_clock=False)
                 mesh.software_stage(receivers, advance_clock=False)
                 involved |= senders | receivers

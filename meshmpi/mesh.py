@@ -63,6 +63,11 @@ def _charge(clock, advance_clock, busy, flop_counter, where, flops, cycles) -> i
     return total
 
 
+def _scalar(value) -> bool:
+    """A plain number (or a 0-d array), without numpy's conversion of ``np.ndim``."""
+    return isinstance(value, (int, float, np.generic)) or np.ndim(value) == 0
+
+
 def block_offsets(length: int, parts: int) -> np.ndarray:
     """Start of each of ``parts`` blocks over ``length`` cores, plus the end (uneven split)."""
     sizes = np.full(parts, length // parts, np.int64)
@@ -313,7 +318,8 @@ class Mesh:
             self.totals["flops"] += _charge(self.clock, advance_clock, self.busy, self._counters["flops"],
                                             self._every_core_mask, flops, cycles)
             return
-        if where is not None and np.ndim(flops) == np.ndim(ops) == np.ndim(scalars) == 0 and not scalars:
+        scalar = _scalar(flops) and _scalar(ops) and _scalar(scalars)
+        if where is not None and scalar and not scalars:
             if flops > 0:    # the same work on every masked core, in one compiled pass
                 per_core = self._cycles_of.get((flops, ops))
                 if per_core is None:     # each core's FLOPs and cycles, as block-shaped views
@@ -325,7 +331,7 @@ class Mesh:
                 self.totals["flops"] += _charge(self.clock, advance_clock, self.busy, self._counters["flops"], where,
                                                 *per_core)
             return
-        if where is None and np.ndim(flops) == np.ndim(ops) == np.ndim(scalars) == 0:  # no block temporaries
+        if where is None and scalar:  # no block temporaries
             if not flops and not scalars:
                 return
             cycles = float(costs.compute(self.hardware, float(flops), ops, scalars))
@@ -338,7 +344,7 @@ class Mesh:
         flops = np.broadcast_to(np.asarray(flops, np.int64), self.block_shape)
         if where is not None:
             flops = np.where(where, flops, 0)
-        working = flops > 0 if np.ndim(scalars) == 0 and not scalars else (flops > 0) | (np.asarray(scalars) > 0)
+        working = flops > 0 if _scalar(scalars) and not scalars else (flops > 0) | (np.asarray(scalars) > 0)
         if where is not None:
             working &= where
         cycles = np.where(working, costs.compute(self.hardware, flops, ops, scalars), 0.0)
