@@ -18,7 +18,9 @@
   whole run; each on 1 and 2 ranks.
 
 Each figure is the best of a few runs, alternated with its comparison so that both see the
-same machine load; the 1-minute load average is recorded beside it. Every child run's
+same machine load; the 1-minute load average is recorded beside it, and so is this machine's
+pace at the time (``reference_seconds``: 50,000 small numpy calls on one thread), since the
+same code's wall times here vary by up to 2x from hour to hour. Every child run's
 modeled cycles are written too (they must not depend on the rank count).
 """
 from __future__ import annotations
@@ -56,6 +58,21 @@ times = []
 for _ in range(repeats):
     t0 = time.perf_counter()
     np.matmul(a, b)
+    times.append(time.perf_counter() - t0)
+print(json.dumps(min(times)))
+"""
+
+# This machine's pace at the emulator's kind of work, timed beside each row so that rows taken in
+# different hours compare: small numpy calls and Python steps, one thread.
+_REFERENCE_TIMER = """
+import json, time
+import numpy as np
+x, y = np.ones((39, 20)), np.empty((39, 20))
+times = []
+for _ in range(3):
+    t0 = time.perf_counter()
+    for i in range(50000):
+        np.add(x, i, out=y)
     times.append(time.perf_counter() - t0)
 print(json.dumps(min(times)))
 """
@@ -124,6 +141,11 @@ def _shown(cmd) -> str:
     return " ".join(Path(c).name if i in (0, 3) and "/" in c else c for i, c in enumerate(cmd))
 
 
+def reference_seconds() -> float:
+    """This machine's pace now: 50,000 small numpy calls on one thread (:data:`_REFERENCE_TIMER`)."""
+    return _child_json([sys.executable, "-c", _REFERENCE_TIMER])
+
+
 def _row(what, side, size, ranks, seconds, report, cmd, **extra) -> dict:
     return {"what": what, "mesh": f"{side}x{side}", "size": size, "ranks": ranks, "wall_seconds": seconds,
             "floor_seconds": extra.get("floor"), "ratio_to_floor": extra.get("ratio"),
@@ -131,7 +153,7 @@ def _row(what, side, size, ranks, seconds, report, cmd, **extra) -> dict:
             "ratio_to_moves_floor": seconds / extra["moves"] if extra.get("moves") else None,
             "numpy_seconds": extra.get("numpy"), "speedup_over_1_rank": extra.get("speedup"),
             "modeled_cycles": report["modeled_cycles"], "load_average_1min": round(os.getloadavg()[0], 2),
-            "cpus": os.cpu_count(), "command": _shown(cmd)}
+            "cpus": os.cpu_count(), "reference_seconds": extra.get("reference"), "command": _shown(cmd)}
 
 
 def numeric_rows(mesh: int, size: int, repeats: int, bar, hardware: tuple = ()) -> list[dict]:
@@ -150,7 +172,7 @@ def numeric_rows(mesh: int, size: int, repeats: int, bar, hardware: tuple = ()) 
             floor, moves = min(floor, products), min(moves, with_moves)
             bar.update()
         rows.append(_row("numeric meshgemm", mesh, size, ranks, wall, report, cmd, floor=floor,
-                         ratio=wall / floor, moves=moves, numpy=numpy_seconds))
+                         ratio=wall / floor, moves=moves, numpy=numpy_seconds, reference=reference_seconds()))
     return rows
 
 
@@ -169,7 +191,7 @@ def dry_rows(sides, gemm_size: int, gemv_size: int, repeats: int, bar, hardware:
                 wall = min(r["wall_seconds"] for r in reports)
                 one = wall if ranks == 1 else one
                 rows.append(_row(f"dry {algo}", side, size, ranks, wall, reports[0], cmd,
-                                 speedup=one / wall if ranks > 1 else None))
+                                 speedup=one / wall if ranks > 1 else None, reference=reference_seconds()))
     return rows
 
 
@@ -202,6 +224,7 @@ def llm_rows(runs, smol: str, prompt: int, bar, hardware: tuple = ()):
         for ranks in RANKS:
             cmd = generate_command(ranks, model or smol, mesh, dry_run, new_tokens, prompt, hardware)
             report = _child_json(cmd)
+            reference = reference_seconds()
             bar.update()
             report["modeled_cycles"] = report["modeled_prefill_cycles"] + report["modeled_decode_cycles"]
             parts = [(", first token", report["wall_first_token_seconds"]),
@@ -212,7 +235,7 @@ def llm_rows(runs, smol: str, prompt: int, bar, hardware: tuple = ()):
                 one.setdefault(part, seconds)
                 shown = [c if c != smol else "<smollm2-135m-shaped>" for c in cmd]    # a temporary folder
                 yield _row(what + part, side, prompt, ranks, seconds, report, shown,
-                           speedup=one[part] / seconds if ranks > 1 else None)
+                           speedup=one[part] / seconds if ranks > 1 else None, reference=reference)
 
 
 def bench_speed(args, sides, out: Path, table_class, progress) -> list[dict]:

@@ -15,6 +15,7 @@ def test_speed_bench_writes_its_table(tmp_path, python_exe, run_env):
         ("dry meshgemv", "8x8", "1"), ("dry meshgemv", "8x8", "2")]
     for row in rows:
         assert float(row["wall_seconds"]) > 0 and float(row["modeled_cycles"]) > 0
+        assert float(row["reference_seconds"]) > 0      # the machine's pace, timed beside the row
     for first, second in zip(rows[::2], rows[1::2]):    # the rank count changes no modeled number
         assert first["modeled_cycles"] == second["modeled_cycles"]
     assert all(float(r["ratio_to_floor"]) > 0 for r in rows[:2])
