@@ -552,7 +552,9 @@ class _Payload:
 
     def pool(self) -> np.ndarray | None:
         """Every tile received from other ranks, in the order of the rounds."""
-        return np.concatenate(self.got) if self.got else None
+        if not self.got:
+            return None
+        return self.got[0] if len(self.got) == 1 else np.concatenate(self.got)
 
 
 @numba.njit(cache=True, nogil=True)
