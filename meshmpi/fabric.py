@@ -240,10 +240,12 @@ class LinePattern:
         self.block_start = int(start)
         # Every batch of worms this block advances, planned once: its own, then each round's.
         self.own_batch = self._batch(self.own_worms)
-        # Every worm starts, runs and lands inside this block, one per sender: a start is one
-        # compiled pass (:func:`_start_in_block`); set again once a remapped wafer is known.
+        # No worm of the pattern crosses a block boundary (on any rank: the rounds are global),
+        # one per sender: a start is one compiled pass over this block's worms
+        # (:func:`_start_in_block`), whatever the other blocks hold; set again once a remapped
+        # wafer is known.
         self.in_block = (not self.worm_rounds and not self.multicast and self.own_senders_in_order
-                         and self.own_batch.index.size == self.own_worms.size == self.src.size)
+                         and self.own_batch.index.size == self.own_worms.size)
         # Each round: per direction, the rows of the heads sent (in the batch they were last
         # advanced in), the batch received and the two neighbours; back-pressure runs the rounds
         # backwards: the ``need`` rows of the batch received go back, those of the worms sent
