@@ -175,7 +175,7 @@ class Decoder:
         for index in range(self.sim_layers):
             tiles = self._layer_tiles(weights.layers[index]) if weights is not None else {}
             placed = {name: host.place_block(mesh, f"w{index}.{name}", tiles.get(name), shape, np.float32,
-                                             charge=False) for name, shape in shapes.items()}
+                                             charge=False, adopt=True) for name, shape in shapes.items()}
             for kind in ("qkv", "o", "gate_up", "down"):       # the arranged matrices' natural blocks
                 placed[kind].layout = self.gemvs[kind].w_layout
             self.layers.append(placed)
@@ -186,7 +186,7 @@ class Decoder:
         self.norm = host.place_block(mesh, "w.norm", head.get("norm"), (lay.hidden_chunk,), np.float32,
                                      charge=False)
         self.lm_head = host.place_block(mesh, "w.lm_head", head.get("lm_head"),
-                                        (lay.hidden_chunk, lay.vocab_chunk), np.float32, charge=False)
+                                        (lay.hidden_chunk, lay.vocab_chunk), np.float32, charge=False, adopt=True)
         self.lm_head.layout = self.gemvs["lm_head"].w_layout
         mesh.memory.charge("weights", self.resident_weight_bytes())
 

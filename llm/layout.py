@@ -64,32 +64,62 @@ class Gathered:
 
     def read(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """float32 ``[len(rows), len(cols)]``: only these rows and columns of the parts are read."""
-        out = np.zeros((rows.size, cols.size), np.float32)
+        out = np.zeros((1, 1, rows.size, cols.size), np.float32)
+        self.tiles_into(rows, cols, np.arange(rows.size)[None, None], np.arange(cols.size)[None, None], out)
+        return out[0, 0]
+
+    def tiles_into(self, rows: np.ndarray, cols: np.ndarray, row_at: np.ndarray, col_at: np.ndarray,
+                   out: np.ndarray) -> None:
+        """``out[r, c, a, b]`` = element (``rows[row_at[r, c, a]]``, ``cols[col_at[r, c, b]]``)
+        of the matrix, read part by part straight into the tiles: only these rows and columns
+        are read; padding elements are left as they are (zero in a new ``out``)."""
         src_rows, src_cols = _lookup(self.rows, rows), _lookup(self.cols, cols)
-        used_rows, row_at = np.unique(src_rows[src_rows >= 0], return_inverse=True)
+        valid = np.flatnonzero(src_rows >= 0)
+        used_rows, row_pos = np.unique(src_rows[valid], return_inverse=True)
+        read_row = np.full(rows.size, -1, np.int64)          # per distinct row: its row in a part's read
+        read_row[valid] = row_pos.reshape(-1)
         start = 0
         for part in self.parts:
             width = part.shape[1]
             inside = np.flatnonzero((src_cols >= start) & (src_cols < start + width))
-            used_cols, col_at = np.unique(src_cols[inside] - start, return_inverse=True)
+            used_cols, col_pos = np.unique(src_cols[inside] - start, return_inverse=True)
             if used_rows.size and used_cols.size:
-                _scatter(out, np.flatnonzero(src_rows >= 0), inside, select(part, used_rows, used_cols),
-                         row_at.reshape(-1), col_at.reshape(-1))
+                read_col = np.full(cols.size, -1, np.int64)  # per distinct column: its column there
+                read_col[inside] = col_pos.reshape(-1)
+                read = select(part, used_rows, used_cols)
+                _gather_tiles(read, read_row, read_col, row_at, col_at, read.strides[0] < read.strides[1], out)
             start += width
-        return out
 
 
 @numba.njit(cache=True, nogil=True)
-def _scatter(out, out_rows, out_cols, read, row_at, col_at):
-    """``out[out_rows[i], out_cols[j]] = read[row_at[i], col_at[j]]``, in one pass by squares of
-    64 x 64 (``read`` may be a transposed view of what the file stores)."""
-    rows, cols = out_rows.size, out_cols.size
-    for i0 in range(0, rows, 64):
-        for j0 in range(0, cols, 64):
-            for i in range(i0, min(i0 + 64, rows)):
-                r, o = row_at[i], out_rows[i]
-                for j in range(j0, min(j0 + 64, cols)):
-                    out[o, out_cols[j]] = read[r, col_at[j]]
+def _gather_tiles(read, read_row, read_col, row_at, col_at, by_columns, out):
+    """``out[r, c, a, b] = read[read_row[row_at[r, c, a]], read_col[col_at[r, c, b]]]`` where
+    both are >= 0, in one pass; a tile's columns outermost when ``read`` is laid out by columns
+    (a transposed view of what the file stores), so that reads stay in order."""
+    br, bc, th = row_at.shape
+    tw = col_at.shape[2]
+    at_row, at_col = np.empty(th, np.int64), np.empty(tw, np.int64)
+    for r in range(br):
+        for c in range(bc):
+            for a in range(th):
+                at_row[a] = read_row[row_at[r, c, a]]
+            for b in range(tw):
+                at_col[b] = read_col[col_at[r, c, b]]
+            tile = out[r, c]
+            if by_columns:
+                for b in range(tw):
+                    j = at_col[b]
+                    if j >= 0:
+                        for a in range(th):
+                            if at_row[a] >= 0:
+                                tile[a, b] = read[at_row[a], j]
+            else:
+                for a in range(th):
+                    i = at_row[a]
+                    if i >= 0:
+                        for b in range(tw):
+                            if at_col[b] >= 0:
+                                tile[a, b] = read[i, at_col[b]]
 
 
 def _lookup(index: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -106,12 +136,11 @@ def take_cols(w: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 def block_tiles(matrix: Gathered, row_of: np.ndarray, col_of: np.ndarray) -> np.ndarray:
     """``[br, bc, th, tw]``: core (r, c) of a block holds ``matrix[row_of[r, c]][:, col_of[r, c]]``
-    (logical indices); the block's rows and columns are read once."""
+    (logical indices); the block's rows and columns are read once, straight into the tiles."""
     rows, row_at = _unique(row_of)
     cols, col_at = _unique(col_of)
-    sub = matrix.read(rows, cols)
-    out = np.empty(row_of.shape[:2] + (row_of.shape[2], col_of.shape[2]), np.float32)
-    _gather_tiles(sub, row_at, col_at, out)
+    out = np.zeros(row_of.shape[:2] + (row_of.shape[2], col_of.shape[2]), np.float32)
+    matrix.tiles_into(rows, cols, row_at, col_at, out)
     return out
 
 
@@ -121,19 +150,6 @@ def _unique(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     base = index[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in index.strides)]
     values, at = np.unique(base, return_inverse=True)
     return values, np.ascontiguousarray(np.broadcast_to(at.reshape(base.shape), index.shape))
-
-
-@numba.njit(cache=True, nogil=True)
-def _gather_tiles(sub, row_at, col_at, out):
-    """``out[r, c, a, b] = sub[row_at[r, c, a], col_at[r, c, b]]``, in one pass."""
-    br, bc, th = row_at.shape
-    tw = col_at.shape[2]
-    for r in range(br):
-        for c in range(bc):
-            for a in range(th):
-                source = sub[row_at[r, c, a]]
-                for b in range(tw):
-                    out[r, c, a, b] = source[col_at[r, c, b]]
 
 
 def vector_block(vector, parts: int, part_range: np.ndarray) -> np.ndarray:

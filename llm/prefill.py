@@ -425,7 +425,7 @@ class _Prefill:
             past_end = [np.where(at < 0, dim.length, at)        # padding: past the matrix's end
                         for dim in layout.dims for at in [dim.index(self.rows, self.cols)]]
             block = block_tiles(matrix_fn(), *past_end)
-        arr = host.place_block(self.mesh, name, block, layout.tile_shape, np.float32, charge=charge)
+        arr = host.place_block(self.mesh, name, block, layout.tile_shape, np.float32, charge=charge, adopt=True)
         arr.layout = layout
         return arr
 

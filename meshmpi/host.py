@@ -66,15 +66,19 @@ def scatter_tiles(mesh, name: str, tiles: np.ndarray | None, tile_shape=None, dt
 
 
 def place_block(mesh, name: str, block: np.ndarray | None, tile_shape=None, dtype=None,
-                charge: bool = True) -> MeshArray:
+                charge: bool = True, adopt: bool = False) -> MeshArray:
     """A mesh array holding ``block``: this rank's ``(block_rows, block_cols, *tile)`` tiles,
     which each rank makes for itself. In a dry run ``block`` may be None: give ``tile_shape``
-    and ``dtype``."""
+    and ``dtype``. ``adopt``: the caller hands ``block`` over (it keeps no reference), so an
+    array that owns its contiguous data becomes the payload without a copy."""
     if block is not None:
         tile_shape, dtype = block.shape[2:], block.dtype
     arr = mesh.alloc(name, tile_shape, dtype, fill=None, charge=charge)
     if not mesh.dry_run:
-        arr.data[...] = block
+        if adopt and block.flags.owndata and block.flags.c_contiguous and block.shape == arr.data.shape:
+            arr.data = block
+        else:
+            arr.data[...] = block
     return arr
 
 
