@@ -184,15 +184,17 @@ class StoredTensor(TensorHandle):
     def T(self) -> "StoredTensor":
         return StoredTensor(self.files, self.name, not self.transposed)
 
-    def select(self, rows, cols=None) -> np.ndarray:
-        """float32 ``self[rows]`` (a vector) or ``self[rows][:, cols]``; indices must be valid."""
+    def select(self, rows, cols=None, widen: bool = True) -> np.ndarray:
+        """float32 ``self[rows]`` (a vector) or ``self[rows][:, cols]``; indices must be valid.
+        ``widen=False``: the stored values as read (bfloat16 as its uint16 bits), for a caller
+        that widens them on the way (:func:`bf16_bits`)."""
         rows = np.asarray(rows, np.int64)
         if self.ndim == 1:
-            return self.files.read(self.name, (rows,))
+            return self.files.read(self.name, (rows,), widen)
         cols = np.arange(self.shape[1]) if cols is None else np.asarray(cols, np.int64)
         if self.transposed:
-            return self.files.read(self.name, (cols, rows)).T
-        return self.files.read(self.name, (rows, cols))
+            return self.files.read(self.name, (cols, rows), widen).T
+        return self.files.read(self.name, (rows, cols), widen)
 
     @property
     def origin(self) -> str:
@@ -214,6 +216,12 @@ def take(a, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``a[np.ix_(rows, cols)]``, by slices where the indices are runs (no fancy-index pass)."""
     r, c = _run(np.asarray(rows)), _run(np.asarray(cols))
     return a[r, c] if isinstance(r, slice) or isinstance(c, slice) else a[np.ix_(r, c)]
+
+
+def bf16_bits(w) -> bool:
+    """A stored bfloat16 tensor: ``select(..., widen=False)`` gives its uint16 bits, the top
+    half of each value's float32 bits."""
+    return isinstance(w, StoredTensor) and w.dtype == "BF16"
 
 
 def select(w, rows, cols=None) -> np.ndarray:
@@ -263,8 +271,9 @@ class _TensorFiles:
                              f"(expected F32, F16 or BF16)")
         return entry
 
-    def read(self, name: str, index: tuple[np.ndarray, ...]) -> np.ndarray:
-        """float32 ``stored[np.ix_(*index)]``: only those elements are copied out of the map."""
+    def read(self, name: str, index: tuple[np.ndarray, ...], widen: bool = True) -> np.ndarray:
+        """float32 ``stored[np.ix_(*index)]``: only those elements are copied out of the map
+        (``widen=False``: as stored)."""
         file = self.where[name]
         entry, data_start = self.headers[file][0][name], self.headers[file][1]
         # A map of the tensor alone, released with the array (never closed under a live view).
@@ -272,7 +281,7 @@ class _TensorFiles:
                            tuple(entry["shape"]))
         raw = np.asarray(stored[index[0]] if len(index) == 1 else take(stored, *index))
         self.bytes_read[name] += raw.nbytes
-        return _widen(raw, entry["dtype"])
+        return _widen(raw, entry["dtype"]) if widen else raw
 
     def non_finite(self, name: str, part: int, parts: int) -> int:
         """NaN or infinite values in share ``part`` of ``parts`` of the tensor's elements (read

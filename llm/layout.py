@@ -33,7 +33,7 @@ import numpy as np
 
 from meshmpi.mesh import block_offsets
 
-from .checkpoint import select
+from .checkpoint import bf16_bits, select
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -86,16 +86,20 @@ class Gathered:
             if used_rows.size and used_cols.size:
                 read_col = np.full(cols.size, -1, np.int64)  # per distinct column: its column there
                 read_col[inside] = col_pos.reshape(-1)
-                read = select(part, used_rows, used_cols)
-                _gather_tiles(read, read_row, read_col, row_at, col_at, read.strides[0] < read.strides[1], out)
+                bits = bf16_bits(part)      # widened on the way into the tiles, not in a pass of its own
+                read = part.select(used_rows, used_cols, widen=False) if bits else select(part, used_rows, used_cols)
+                _gather_tiles(read, read_row, read_col, row_at, col_at, read.strides[0] < read.strides[1], bits,
+                              out, out.view(np.uint32))
             start += width
 
 
 @numba.njit(cache=True, nogil=True)
-def _gather_tiles(read, read_row, read_col, row_at, col_at, by_columns, out):
+def _gather_tiles(read, read_row, read_col, row_at, col_at, by_columns, bf16, out, out_bits):
     """``out[r, c, a, b] = read[read_row[row_at[r, c, a]], read_col[col_at[r, c, b]]]`` where
-    both are >= 0, in one pass; a tile's columns outermost when ``read`` is laid out by columns
-    (a transposed view of what the file stores), so that reads stay in order."""
+    both are >= 0, in one pass; with ``bf16``, ``read`` holds bfloat16 bits, widened into the
+    float32 bits of ``out`` (``out_bits``, the same memory). A tile's columns are outermost when
+    ``read`` is laid out by columns (a transposed view of what the file stores), so that reads
+    stay in order."""
     br, bc, th = row_at.shape
     tw = col_at.shape[2]
     at_row, at_col = np.empty(th, np.int64), np.empty(tw, np.int64)
@@ -105,21 +109,28 @@ def _gather_tiles(read, read_row, read_col, row_at, col_at, by_columns, out):
                 at_row[a] = read_row[row_at[r, c, a]]
             for b in range(tw):
                 at_col[b] = read_col[col_at[r, c, b]]
-            tile = out[r, c]
             if by_columns:
                 for b in range(tw):
                     j = at_col[b]
                     if j >= 0:
                         for a in range(th):
-                            if at_row[a] >= 0:
-                                tile[a, b] = read[at_row[a], j]
+                            i = at_row[a]
+                            if i >= 0:
+                                if bf16:
+                                    out_bits[r, c, a, b] = np.uint32(read[i, j]) << np.uint32(16)
+                                else:
+                                    out[r, c, a, b] = read[i, j]
             else:
                 for a in range(th):
                     i = at_row[a]
                     if i >= 0:
                         for b in range(tw):
-                            if at_col[b] >= 0:
-                                tile[a, b] = read[i, at_col[b]]
+                            j = at_col[b]
+                            if j >= 0:
+                                if bf16:
+                                    out_bits[r, c, a, b] = np.uint32(read[i, j]) << np.uint32(16)
+                                else:
+                                    out[r, c, a, b] = read[i, j]
 
 
 def _lookup(index: np.ndarray, at: np.ndarray) -> np.ndarray:
