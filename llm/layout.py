@@ -93,6 +93,15 @@ class Gathered:
             start += width
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _put(read, i, j, bf16, out, out_bits, r, c, a, b):
+    """One element of :func:`_gather_tiles`: ``read[i, j]`` into tile element (a, b) of core (r, c)."""
+    if bf16:
+        out_bits[r, c, a, b] = np.uint32(read[i, j]) << np.uint32(16)
+    else:
+        out[r, c, a, b] = read[i, j]
+
+
 @numba.njit(cache=True, nogil=True)
 def _gather_tiles(read, read_row, read_col, row_at, col_at, by_columns, bf16, out, out_bits):
     """``out[r, c, a, b] = read[read_row[row_at[r, c, a]], read_col[col_at[r, c, b]]]`` where
@@ -116,10 +125,7 @@ def _gather_tiles(read, read_row, read_col, row_at, col_at, by_columns, bf16, ou
                         for a in range(th):
                             i = at_row[a]
                             if i >= 0:
-                                if bf16:
-                                    out_bits[r, c, a, b] = np.uint32(read[i, j]) << np.uint32(16)
-                                else:
-                                    out[r, c, a, b] = read[i, j]
+                                _put(read, i, j, bf16, out, out_bits, r, c, a, b)
             else:
                 for a in range(th):
                     i = at_row[a]
@@ -127,10 +133,7 @@ def _gather_tiles(read, read_row, read_col, row_at, col_at, by_columns, bf16, ou
                         for b in range(tw):
                             j = at_col[b]
                             if j >= 0:
-                                if bf16:
-                                    out_bits[r, c, a, b] = np.uint32(read[i, j]) << np.uint32(16)
-                                else:
-                                    out[r, c, a, b] = read[i, j]
+                                _put(read, i, j, bf16, out, out_bits, r, c, a, b)
 
 
 def _lookup(index: np.ndarray, at: np.ndarray) -> np.ndarray:
