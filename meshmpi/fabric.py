@@ -383,7 +383,8 @@ class LinePattern:
                 # the latest each worm's source may finish its send goes to ``need``; a multicast
                 # worm delivers at several cores, a unicast one once, on one rank
                 _land(last[:, None, :] if heads is None else heads, batch.rows, batch.columns, posted,
-                      batch.dests, tails[batch], capacity[batch], need if track else _NO_NEED, batch.need_rows, self.multicast, landed)
+                      batch.dests, tails[batch], capacity[batch], need if track else _NO_NEED, batch.need_rows,
+                      self.multicast, landed)
                 arrivals.append((batch.dests, landed, batch.run))
             return last
 
@@ -393,8 +394,9 @@ class LinePattern:
         latest = {+1: last, -1: last}        # the heads each direction's next round forwards
         exchange = self.mesh.links.exchange
         for k, stage in enumerate(self.worm_rounds):
-            messages = [(np.ascontiguousarray(latest[direction][send_rows]), to, np.empty((batch.worms.which.size, lines)),
-                         source) for direction, send_rows, batch, to, source in stage]
+            messages = [(np.ascontiguousarray(latest[direction][send_rows]), to,    # heads at the next block
+                         np.empty((batch.worms.which.size, lines)), source)
+                        for direction, send_rows, batch, to, source in stage]
             tiles = carry.messages(k)
             exchange(messages + tiles, _HEAD_TAG)
             carry.arrived(k, tiles)
@@ -438,11 +440,12 @@ class LinePattern:
             by_batch = {batch: np.ascontiguousarray(occupancy[batch.worms.which]) for batch in batches}
             extra = None
             if in_place:
-                extra = costs.serialisation(hw, nbytes, self.send_load[first:first + self.fabric.block_length(self.axis)])
-                extra = np.asarray(extra, np.float64)[:, None]
+                senders = self.send_load[first:first + self.fabric.block_length(self.axis)]
+                extra = np.asarray(costs.serialisation(hw, nbytes, senders), np.float64)[:, None]
             times = self._times[nbytes, payload, in_place, "crossing"] = (
-                by_batch, np.ascontiguousarray(occupancy[self.own_worms]), {batch: tails[batch.index] for batch in batches},
-                extra, {batch: capacity[batch.index][:, None] for batch in batches})
+                by_batch, np.ascontiguousarray(occupancy[self.own_worms]),
+                {batch: tails[batch.index] for batch in batches}, extra,
+                {batch: capacity[batch.index][:, None] for batch in batches})
         return times
 
     def _start_in_block(self, clock: np.ndarray, nbytes: int, in_place: bool, lines_idx, payload: bool) -> list:
