@@ -88,52 +88,44 @@ class Gathered:
                 read_col[inside] = col_pos.reshape(-1)
                 bits = bf16_bits(part)      # widened on the way into the tiles, not in a pass of its own
                 read = part.select(used_rows, used_cols, widen=False) if bits else select(part, used_rows, used_cols)
-                _gather_tiles(read, read_row, read_col, row_at, col_at, read.strides[0] < read.strides[1], bits,
-                              out, out.view(np.uint32))
+                tiles = (read, read_row, read_col, row_at, col_at, out, out.view(np.uint32))
+                if read.strides[0] < read.strides[1]:     # laid out by columns (stored transposed):
+                    tiles = _transposed(*tiles)            # walk it in its own order
+                _gather_tiles(*tiles, bits)
             start += width
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _put(read, i, j, bf16, out, out_bits, r, c, a, b):
-    """One element of :func:`_gather_tiles`: ``read[i, j]`` into tile element (a, b) of core (r, c)."""
-    if bf16:
-        out_bits[r, c, a, b] = np.uint32(read[i, j]) << np.uint32(16)
-    else:
-        out[r, c, a, b] = read[i, j]
+def _transposed(read, read_row, read_col, row_at, col_at, out, out_bits):
+    """:func:`_gather_tiles`' arguments for the transposed matrix and tiles: the same elements
+    land in the same places, with ``read``'s rows now the ones laid out contiguously."""
+    flip = lambda tiles: tiles.swapaxes(2, 3)    # noqa: E731
+    return read.T, read_col, read_row, col_at, row_at, flip(out), flip(out_bits)
 
 
 @numba.njit(cache=True, nogil=True)
-def _gather_tiles(read, read_row, read_col, row_at, col_at, by_columns, bf16, out, out_bits):
+def _gather_tiles(read, read_row, read_col, row_at, col_at, out, out_bits, bf16):
     """``out[r, c, a, b] = read[read_row[row_at[r, c, a]], read_col[col_at[r, c, b]]]`` where
-    both are >= 0, in one pass; with ``bf16``, ``read`` holds bfloat16 bits, widened into the
-    float32 bits of ``out`` (``out_bits``, the same memory). A tile's columns are outermost when
-    ``read`` is laid out by columns (a transposed view of what the file stores), so that reads
-    stay in order."""
+    both are >= 0, in one pass, a tile row at a time; with ``bf16``, ``read`` holds bfloat16
+    bits, widened into the float32 bits of ``out`` (``out_bits``, the same memory)."""
     br, bc, th = row_at.shape
     tw = col_at.shape[2]
-    at_row, at_col = np.empty(th, np.int64), np.empty(tw, np.int64)
+    at_col = np.empty(tw, np.int64)
     for r in range(br):
         for c in range(bc):
-            for a in range(th):
-                at_row[a] = read_row[row_at[r, c, a]]
             for b in range(tw):
                 at_col[b] = read_col[col_at[r, c, b]]
-            if by_columns:
+            for a in range(th):
+                i = read_row[row_at[r, c, a]]
+                if i < 0:
+                    continue
                 for b in range(tw):
                     j = at_col[b]
-                    if j >= 0:
-                        for a in range(th):
-                            i = at_row[a]
-                            if i >= 0:
-                                _put(read, i, j, bf16, out, out_bits, r, c, a, b)
-            else:
-                for a in range(th):
-                    i = at_row[a]
-                    if i >= 0:
-                        for b in range(tw):
-                            j = at_col[b]
-                            if j >= 0:
-                                _put(read, i, j, bf16, out, out_bits, r, c, a, b)
+                    if j < 0:
+                        continue
+                    if bf16:
+                        out_bits[r, c, a, b] = np.uint32(read[i, j]) << np.uint32(16)
+                    else:
+                        out[r, c, a, b] = read[i, j]
 
 
 def _lookup(index: np.ndarray, at: np.ndarray) -> np.ndarray:
