@@ -723,7 +723,7 @@ class Transfer:
         if pattern.multicast and pattern.relay and self.arrivals and into is None:
             # a chain: every core that forwarded the message spent a software stage on it
             first = pattern.block_start
-            work = pattern.relays_at[first:first + clock.shape[0]] * costs.software_stage(pattern.mesh.hardware)
+            work = pattern.relays_at[first:first + clock.shape[0]] * pattern.fabric.beta
             if self.lines is None:
                 clock += work[:, None]
             else:
