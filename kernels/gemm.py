@@ -25,6 +25,7 @@ without it a core is charged its whole padded tile product.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -302,6 +303,38 @@ def _record_moves(plan, a, b, a_shift=None) -> None:
         a.layout = plan.rotated(a.layout, -1, "x", a_shift)
 
 
+def _b_read_in_place(mesh, plan, cells) -> bool:
+    """Whether the products can read B's tiles where they started: a numeric run, B's column
+    rings inside this rank's block, one K chunk a tile. B's transfers are then timed and
+    counted as usual but not copied at each step; B is moved once, at the end."""
+    return (not mesh.dry_run and cells is None and plan.ring_y.n > 1 and plan.chunks == plan.rows
+            and mesh.block_shape[0] == plan.rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _held_runs(recv: tuple) -> tuple:
+    """For each step t of a ring whose row i receives from row ``recv[i]``: the row each row's
+    tile started on, after t steps, as an array and as (rows, starting rows) pairs of slices of
+    equal stride (a few a step: the interleaved ring has four runs)."""
+    n = len(recv)
+    held, steps, helds = np.arange(n), [], []
+    for _ in range(n):
+        held.flags.writeable = False
+        helds.append(held)
+        runs, first = [], 0
+        while first < n:
+            last = first + 1
+            stride = int(held[last] - held[first]) if last < n else 1
+            while last < n and held[last] - held[last - 1] == stride:
+                last += 1
+            stop = int(held[last - 1]) + stride
+            runs.append((slice(first, last), slice(int(held[first]), stop if stop >= 0 else None, stride)))
+            first = last
+        steps.append(tuple(runs))
+        held = held[list(recv)]
+    return tuple(steps), tuple(helds)
+
+
 def _ring_buffers(mesh, arr, ring: Ring, name: str):
     """The spare buffer a tile moving along ``ring`` is received into, owned by the kernel;
     None on a 1-long line, where the tile never moves."""
@@ -333,34 +366,43 @@ def ring_gemm(mesh, plan: GemmPlan, a, b, name: str = "gemm", cells: CellMap | N
         lambda step: mesh.compute(2 * tm * s * tn * products, ops=s * products))
     with mesh.phase(f"{name}.align"):
         rotate_lines(mesh, a, "x", plan.ring_x, plan.ring_y.position, f"{name}.a")
+    # B read in place: its rows at each step as slices of the rows where its tiles started
+    b_still = _b_read_in_place(mesh, plan, cells)
+    runs, held = _held_runs(tuple(plan.ring_y.recv().tolist())) if b_still else (None, None)
     moving = [(a, _ring_buffers(mesh, a, plan.ring_x, f"{name}.a.next"),
-               mesh.fabric.permutation(f"{name}.shift.x", "x", plan.ring_x.send())),
+               mesh.fabric.permutation(f"{name}.shift.x", "x", plan.ring_x.send()), True),
               (b, _ring_buffers(mesh, b, plan.ring_y, f"{name}.b.next"),
-               mesh.fabric.permutation(f"{name}.shift.y", "y", plan.ring_y.send()))]
-    moving = [(tile, spare, pattern) for tile, spare, pattern in moving if spare is not None]
+               mesh.fabric.permutation(f"{name}.shift.y", "y", plan.ring_y.send()), not b_still)]
+    moving = [entry for entry in moving if entry[1] is not None]
     c = mesh.alloc(f"{name}.c", batch + (tm, tn), a.dtype)
     with mesh.phase(f"{name}.compute_shift"):
         for step in range(L):
             last = step == L - 1
-            sends = [] if last else [pattern.start(tile, spare) for tile, spare, pattern in moving]
+            sends = [] if last else [pattern.start(tile, spare, land=land) for tile, spare, pattern, land in moving]
             if not mesh.dry_run:
                 label = plan.label_at(rows, cols, step)
                 a_part = _pick_chunk(a.data, label // C, -1, L // C)
-                b_part = _pick_chunk(b.data, label // R, -2, L // R)
-                if cells is None:
-                    c.data += np.matmul(a_part, b_part)
+                if b_still:
+                    for rows_now, rows_then in runs[step]:
+                        c.data[rows_now] += np.matmul(a_part[rows_now], b.data[rows_then])
+                elif cells is None:
+                    c.data += np.matmul(a_part, _pick_chunk(b.data, label // R, -2, L // R))
                 else:
+                    b_part = _pick_chunk(b.data, label // R, -2, L // R)
                     a_cells = np.where(valid, a_part[:, pick[0], pick[1]], 0)
                     c.data += np.matmul(a_cells, b_part[:, :, cells.slot_of_cell()])
             charge(step)
             for transfer in sends:
                 transfer.wait()
             if not last:
-                for tile, spare, _ in moving:
-                    tile.swap_payload(spare)
+                for tile, spare, _, land in moving:
+                    if land:
+                        tile.swap_payload(spare)
             mesh.step(f"step {step}")
-    for _, spare, _ in moving:
+    for _, spare, _, _ in moving:
         spare.free()
+    if b_still:     # where the L - 1 steps would have left B's tiles
+        b.data = b.data[held[L - 1]]
     _record_moves(plan, a, b, a_shift=plan.ring_y.position - (L - 1))
     if cells is None:
         c.layout = plan.c_layout().batched(*batch)

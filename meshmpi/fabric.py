@@ -290,12 +290,14 @@ class LinePattern:
 
     # ---------------------------------------------------------------- execution
     def start(self, src: MeshArray, dst: MeshArray | None = None, lines=None, *,
-              depart: np.ndarray | None = None, payload: bool = True) -> "Transfer":
+              depart: np.ndarray | None = None, payload: bool = True, land: bool = True) -> "Transfer":
         """Begin delivering ``src`` tiles into ``dst`` (default: into ``src``) on the given
         lines (global indices; default all). Returns a :class:`Transfer`; the tiles land at its
         ``wait``. ``depart`` (block-shaped) replaces the senders' clocks as departure times, and
         ``payload=False`` times the head alone (a streaming stage's schedule, see
-        :func:`meshmpi.costs.streaming_stage_head`)."""
+        :func:`meshmpi.costs.streaming_stage_head`). ``land=False`` times and counts the
+        transfer as usual but leaves every buffer's tiles where they are: the caller keeps
+        track of where they would be (a kernel that reads them in place)."""
         if not self.live:
             raise RuntimeError(f"pattern {self.name!r} was freed")
         dst = src if dst is None else dst
@@ -317,7 +319,7 @@ class LinePattern:
         if self.in_block:
             arrivals = self._start_in_block(mesh.clock if depart is None else depart, nbytes, src is dst,
                                             lines_idx, payload)
-            landings = [] if mesh.dry_run else [self.block_landing]
+            landings = [self.block_landing] if land and not mesh.dry_run else []
             return Transfer(self, src, dst, arrivals, landings, lines_idx)
         send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
         if lines_idx is not None:
@@ -327,10 +329,10 @@ class LinePattern:
             send_clock = np.add(send_clock, self.fabric.transfer_start, out=np.empty(send_clock.shape))
         else:
             send_clock = np.ascontiguousarray(send_clock)
-        carry = _Payload(self, None if mesh.dry_run else _pos_first(src.data, axis))
+        carry = _Payload(self, _pos_first(src.data, axis) if land and not mesh.dry_run else None)
         arrivals, sends = self._move_heads(send_clock, nbytes, payload, lines_idx, carry, in_place=src is dst)
-        landings = [] if mesh.dry_run else [self.block_landing, self.pool_landing[:1] + (carry.pool(),)
-                                            + self.pool_landing[1:]]
+        landings = [self.block_landing, self.pool_landing[:1] + (carry.pool(),) + self.pool_landing[1:]] \
+            if land and not mesh.dry_run else []
         return Transfer(self, src, dst, arrivals + ([sends] if sends is not None else []), landings, lines_idx)
 
     def _move_heads(self, send_clock: np.ndarray, nbytes: int, payload: bool, lines_idx, carry: "_Payload",

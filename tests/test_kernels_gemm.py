@@ -44,6 +44,26 @@ def test_gemm_matches_numpy(algo, rows, cols):
     assert report["max_abs_err"] < 1e-12 * max(k, 1) * 10
 
 
+@pytest.mark.parametrize("rows,cols", [(1, 1), (4, 4), (5, 5), (7, 7), (3, 4), (1, 3)])
+@pytest.mark.parametrize("algo", ["meshgemm", "cannon"])
+def test_operands_end_where_their_layouts_say(algo, rows, cols):
+    """After the L steps A and B are gathered back, through the layouts that record their
+    moves, to the matrices given: on a square mesh B's tiles are read in place and moved once
+    at the end, which must leave them where L - 1 ring steps would."""
+    batch, m, kk, n = 2, 2 * rows + 1, 3 * cols + 2, 2 * cols + 3
+    rng = np.random.default_rng(rows * 7 + cols)
+    a_mats, b_mats = rng.standard_normal((batch, m, kk)), rng.standard_normal((batch, kk, n))
+    plan = gemm.GemmPlan.build(algo, rows, cols, m, kk, n)
+    mesh = make_mesh(rows, cols)
+    a = host.scatter(mesh, "end.a", a_mats, plan.a_layout().batched(batch))
+    b = host.scatter(mesh, "end.b", b_mats, plan.b_layout().batched(batch))
+    c = gemm.ring_gemm(mesh, plan, a, b)
+    got_a, got_b, got_c = host.gather(a), host.gather(b), host.gather(c)
+    mesh.free()
+    assert np.array_equal(got_a, a_mats) and np.array_equal(got_b, b_mats)
+    np.testing.assert_allclose(got_c, a_mats @ b_mats, atol=tolerance(got_c, np.float64))
+
+
 @pytest.mark.parametrize("rows,cols", [(2, 3), (4, 4), (5, 3)])
 def test_summa_direct_matches_numpy_and_float32(rows, cols):
     mesh = make_mesh(rows, cols)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from meshmpi import HazardError
-from meshmpi.host import gather_tiles, scatter_tiles
+from meshmpi.host import gather_block_arrays, gather_tiles, scatter_tiles
 from meshes import ring_dest, ring_order
 
 pytestmark = pytest.mark.mpi
@@ -233,3 +233,25 @@ def test_tiles_land_at_wait_and_buffers_in_flight_are_hazards(new_mesh, world):
         src.data[...] = 0.0                                  # overwriting the send buffer in flight
         with pytest.raises(HazardError, match=r"'east'.*source buffer 'send' was written"):
             transfer.wait()
+
+
+@pytest.mark.parametrize("grid", ["3x9 on 1xP", "9x3 on Px1"])
+def test_a_transfer_that_does_not_land_is_timed_and_counted_alike(new_mesh, world, grid):
+    """``land=False`` (a kernel reading tiles in place) leaves both buffers as they were, with
+    the clocks and counters of the same transfer landing, on lines in and across blocks."""
+    rows, cols, rank_grid = GRIDS[grid]
+    seen = {}
+    for land in (True, False):
+        mesh = new_mesh(rows, cols, rank_grid=rank_grid(world.size))
+        a_full, b_full, a, b = fresh_buffers(mesh, np.float32, seed=5)
+        with mesh.fabric.scope():
+            for axis, n in (("x", cols), ("y", rows)):
+                mesh.fabric.permutation(f"ring.{axis}", axis, ring_dest(n, 1)).start(a, b, land=land).wait()
+        per_core = gather_block_arrays(mesh, {"clock": mesh.clock.copy(), **mesh.counters})
+        seen[land] = gather_tiles(mesh, a), gather_tiles(mesh, b), mesh.cart.bcast(per_core)
+    (_, b_moved, landed), (a_kept, b_kept, kept) = seen[True], seen[False]
+    assert np.array_equal(a_kept, a_full) and np.array_equal(b_kept, b_full)
+    assert not np.array_equal(b_moved, b_full)          # the landing transfer did move tiles
+    assert landed.keys() == kept.keys()
+    for name in landed:
+        assert np.array_equal(landed[name], kept[name]), name
