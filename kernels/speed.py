@@ -2,8 +2,9 @@
 
 - numeric MeshGEMM (default 2048³ on 16x16) on 1 and 2 ranks, one BLAS thread each, against
   the least the ranks must compute: one rank's share of the batched tile products, timed in
-  the same run on one thread (the floor), that share with each step's copy of every A and B
-  tile (the least that emulating the ring's moves adds: the moves floor), and against
+  the same run on one thread (the floor), that share with each step's copy of every A tile
+  (the least that emulating the ring's moves adds, B's tiles being read where they started:
+  the moves floor), and against
   ``numpy.matmul`` on as many threads;
 - dry runs of MeshGEMM 2K and MeshGEMV 16K at paper-scale meshes (default 360² and 720²) on
   1 and 2 ranks: the kernel's wall time and the speed-up of 2 ranks over 1.
@@ -78,8 +79,9 @@ print(json.dumps(min(times)))
 """
 
 # The least one rank must compute: its share of the block's batched tile products, one per step;
-# and, second, the same with the least an emulator of the shifts must also do: every A and B
-# tile of its share copied once per step (the ring's move), at this machine's memory speed.
+# and, second, the same with the least an emulator of the shifts must also do: every A tile of
+# its share copied once per step (the ring's move along x), at this machine's memory speed; the
+# products read B's tiles where they started (``kernels.gemm._b_read_in_place``).
 _FLOOR_TIMER = """
 import json, sys, time
 import numpy as np
@@ -89,7 +91,7 @@ rng = np.random.default_rng(0)
 a = rng.standard_normal((-(-side // ranks), side, tile, tile)).astype(np.float32)
 b = rng.standard_normal((-(-side // ranks), side, tile, tile)).astype(np.float32)
 c = np.zeros_like(a)
-a_next, b_next = np.empty_like(a), np.empty_like(b)
+a_next = np.empty_like(a)
 products, moves = [], []
 for _ in range(repeats):
     t0 = time.perf_counter()
@@ -100,7 +102,6 @@ for _ in range(repeats):
     for step in range(side):
         c += np.matmul(a, b)
         np.copyto(a_next, a)
-        np.copyto(b_next, b)
     moves.append(time.perf_counter() - t0)
 print(json.dumps([min(products), min(moves)]))
 """
