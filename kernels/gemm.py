@@ -314,22 +314,27 @@ def _b_read_in_place(mesh, plan, cells) -> bool:
 @functools.lru_cache(maxsize=64)
 def _held_runs(recv: tuple) -> tuple:
     """For each step t of a ring whose row i receives from row ``recv[i]``: the row each row's
-    tile started on, after t steps, as an array and as (rows, starting rows) pairs of slices of
-    equal stride (a few a step: the interleaved ring has four runs)."""
+    tile started on, after t steps, as an array and as (rows, starting rows) pairs of slices.
+    Rows are taken by parity, since a ring's neighbours are 2 rows apart on the interleaved
+    ring, whose even and odd rows then make about two runs each."""
     n = len(recv)
     held, steps, helds = np.arange(n), [], []
     for _ in range(n):
         held.flags.writeable = False
         helds.append(held)
-        runs, first = [], 0
-        while first < n:
-            last = first + 1
-            stride = int(held[last] - held[first]) if last < n else 1
-            while last < n and held[last] - held[last - 1] == stride:
-                last += 1
-            stop = int(held[last - 1]) + stride
-            runs.append((slice(first, last), slice(int(held[first]), stop if stop >= 0 else None, stride)))
-            first = last
+        runs = []
+        for parity in (0, 1):
+            rows = np.arange(parity, n, 2)
+            starts, first = held[rows], 0
+            while first < rows.size:
+                last = first + 1
+                stride = int(starts[last] - starts[first]) if last < rows.size else 1
+                while last < rows.size and starts[last] - starts[last - 1] == stride:
+                    last += 1
+                stop = int(starts[last - 1]) + stride
+                runs.append((slice(int(rows[first]), int(rows[last - 1]) + 1, 2),
+                             slice(int(starts[first]), stop if stop >= 0 else None, stride)))
+                first = last
         steps.append(tuple(runs))
         held = held[list(recv)]
     return tuple(steps), tuple(helds)
