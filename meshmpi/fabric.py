@@ -113,10 +113,11 @@ class LinePattern:
             self.physical = defects.PatternPaths(fabric.remap, self, self.block_start,
                                                  self.block_start + fabric.block_length(axis), lines)
             self.max_hops = self.physical.max_hops
-            self.in_block = False
+            self.in_block = self.one_crossing = False
         mesh.routes.declare(axis, self.group, id(self), self.routes)
         self._counts = {}             # per tile size: what a start adds to the counters
         self._times = {}              # per tile size (and in place or not): its fixed times
+        self._aranges = {}
         self.live = True
 
     # ---------------------------------------------------------------- closed forms
@@ -246,6 +247,15 @@ class LinePattern:
         # wafer is known.
         self.in_block = (not self.worm_rounds and not self.multicast and self.own_senders_in_order
                          and self.own_batch.index.size == self.own_worms.size)
+        # Unicast worms, one per sender, each crossing at most one block boundary, on links of
+        # their own: a start is a compiled pass over the own worms, one exchange of the heads
+        # leaving, a pass over those arriving and one exchange of back-pressure
+        # (:meth:`_start_one_crossing`).
+        self.one_crossing = (len(self.worm_rounds) == 1 and not self.multicast and self.own_senders_in_order
+                             and not self.links_shared)
+        delivery = np.full(self.own_worms.size, -1, np.int64)
+        delivery[self.own_batch.rows] = np.arange(self.own_batch.rows.size)
+        self.own_delivery = delivery        # per own worm: its delivery in the own batch, or -1
         # Each round: per direction, the rows of the heads sent (in the batch they were last
         # advanced in), the batch received and the two neighbours; back-pressure runs the rounds
         # backwards: the ``need`` rows of the batch received go back, those of the worms sent
@@ -320,6 +330,13 @@ class LinePattern:
             arrivals = self._start_in_block(mesh.clock if depart is None else depart, nbytes, src is dst,
                                             lines_idx, payload)
             landings = [self.block_landing] if land and not mesh.dry_run else []
+            return Transfer(self, src, dst, arrivals, landings, lines_idx)
+        if self.one_crossing:
+            carry = _Payload(self, _pos_first(src.data, axis) if land and not mesh.dry_run else None)
+            arrivals = self._start_one_crossing(mesh.clock if depart is None else depart, nbytes, src is dst,
+                                                lines_idx, payload, carry)
+            landings = [self.block_landing, self.pool_landing[:1] + (carry.pool(),) + self.pool_landing[1:]] \
+                if land and not mesh.dry_run else []
             return Transfer(self, src, dst, arrivals, landings, lines_idx)
         send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
         if lines_idx is not None:
@@ -449,6 +466,79 @@ class LinePattern:
                 {batch: tails[batch.index] for batch in batches}, extra,
                 {batch: capacity[batch.index][:, None] for batch in batches})
         return times
+
+    def _start_one_crossing(self, clock: np.ndarray, nbytes: int, in_place: bool, lines_idx, payload: bool,
+                            carry: "_Payload") -> list:
+        """:meth:`_move_heads` for a pattern of :attr:`one_crossing`, from the senders' clocks
+        ``clock`` (block-shaped), on the lines ``lines_idx`` (None: all): the own worms in one
+        compiled pass (those landing here land and complete there), the heads leaving and their
+        tiles in one exchange, the heads arriving walked and landed, and the receivers'
+        back-pressure (``landed - capacity``) in a second exchange, from which the leaving
+        worms' sends complete. The same times as the general path, as (destinations, landings,
+        run) and, with ``payload``, (senders, completions, run)."""
+        fabric, own = self.fabric, self.own_batch
+        every = fabric.link_free(self.axis)
+        clock = _pos_first(clock, self.axis)
+        if lines_idx is None:
+            free, clock = every, np.ascontiguousarray(clock)
+        else:                                   # the active lines' links, written back below
+            free, clock = {sign: f[:, lines_idx] for sign, f in every.items()}, clock[:, lines_idx]
+        occupancy, own_occupancy, tails, extra, capacity = self._crossing_times(nbytes, payload, in_place)
+        start = fabric.transfer_start if payload else 0.0
+        alpha, forwards = fabric.alpha, fabric.beta
+        lines = clock.shape[1]
+        landed = np.empty((own.index.size, lines))
+        done = np.empty((self.own_worms.size if payload else 0, lines))
+        last = np.empty((self.own_worms.size, lines))
+        walk = own.worms
+        _start_own(clock, start, free[+1], free[-1], walk.sign, walk.first, walk.links, walk.relayed,
+                   self.own_source_positions, own_occupancy, self.own_delivery, own.dests, tails[own],
+                   capacity[own], _NO_EXTRA if extra is None else extra, not self.relay, alpha,
+                   forwards if self.relay else 0.0, landed, done, last)
+        arrivals = [(own.dests, landed, own.run)]
+        stage = self.worm_rounds[0]
+        messages = [(np.ascontiguousarray(last[send_rows]), ahead, np.empty((batch.worms.which.size, lines)), behind)
+                    for _, send_rows, batch, ahead, behind in stage]
+        tiles = carry.messages(0)
+        self.mesh.links.exchange(messages + tiles, _HEAD_TAG)
+        carry.arrived(0, tiles)
+        track = payload and not self.relay
+        back = []
+        for (_, send_rows, batch, ahead, behind), (_, _, heads_in, _) in zip(stage, messages):
+            head, _ = worms.advance(self.worms, batch.worms, heads_in, free, alpha, fabric.beta, occupancy[batch],
+                                    keep_path=False)
+            posted = clock[batch.dests] + start
+            if extra is not None:
+                posted += extra[batch.dests]
+            need = np.empty((batch.worms.which.size if track else 0, lines))
+            got = np.empty((send_rows.size if track else 0, lines))
+            arrived = np.empty((batch.index.size, lines))
+            _land(head[:, None, :], batch.rows, batch.columns, posted, self._positions(batch.dests.size),
+                  tails[batch], capacity[batch], need if track else _NO_NEED, batch.rows, False, arrived)
+            arrivals.append((batch.dests, arrived, batch.run))
+            back.append((need, behind, got, ahead, send_rows))
+        if payload:
+            if track:       # back-pressure: the receivers' latest finish goes back to the senders
+                self.mesh.links.exchange([(need, to, got, source) for need, to, got, source, _ in back], _BACK_TAG)
+            for _, _, got, _, send_rows in back:
+                if send_rows.size:
+                    sent = np.empty((send_rows.size, lines))
+                    _complete(clock[self.own_source_positions[send_rows]] + start, own_occupancy[send_rows],
+                              got if track else np.full((send_rows.size, lines), -np.inf),
+                              self._positions(send_rows.size), sent)
+                    done[send_rows] = sent
+            arrivals.append((self.own_senders, done, self.own_senders_run))
+        if lines_idx is not None:
+            for sign, f in every.items():
+                f[:, lines_idx] = free[sign]
+        return arrivals
+
+    def _positions(self, count: int) -> np.ndarray:
+        """``0 .. count - 1``, kept: rows that index a batch's own arrays."""
+        got = self._aranges.get(count)
+        if got is None:
+            got = self._aranges[count] = np.arange(count)
+        return got
 
     def _start_in_block(self, clock: np.ndarray, nbytes: int, in_place: bool, lines_idx, payload: bool) -> list:
         """:meth:`_move_heads` for a pattern that stays inside this block (:attr:`in_block`),
@@ -598,7 +688,43 @@ def _start_in_block(clock, start_cost, free_right, free_left, read_right, read_l
                 done[g, line] = costs.send_completion(head[line], busy_for, x - cap if track else -np.inf, 0.0)
 
 
+@numba.njit(cache=True, nogil=True)
+def _start_own(clock, start_cost, free_right, free_left, sign, first, links, relayed, sources, occupancy,
+               delivery, dests, tails, capacity, extra, track, alpha, forwards, landed, done, last):
+    """The own worms of a start of a pattern of one crossing (``clock`` [position, line]): each
+    departs at its sender's clock plus ``start_cost`` and its head walks its local links
+    (:func:`meshmpi.worms.walk_worm`) to ``last``; one whose delivery ``delivery[g]`` is in this
+    block lands there (posted at the receiver's clock plus ``start_cost`` and ``extra``, per
+    block position when not empty) and, unless ``done`` is empty, its send completes as in
+    :func:`_start_in_block`; the others' completions wait for the receivers' back-pressure."""
+    lines = clock.shape[1]
+    completes = done.shape[0] > 0
+    delays = extra.shape[0] > 0
+    scratch = np.empty((5, lines))
+    head = np.empty(lines)
+    path, hops = np.empty((0, 0)), np.ones((1, 1), np.int64)
+    for g in range(sign.size):
+        source = sources[g]
+        for line in range(lines):
+            head[line] = clock[source, line] + start_cost
+        right = sign[g] > 0
+        worms.walk_worm(head, last[g], path, sign[g], first[g], links[g], occupancy[g],
+                        forwards if relayed[g] else 0.0, free_right if right else free_left,
+                        free_right if right else free_left, hops, False, False, alpha, forwards, scratch)
+        k = delivery[g]
+        if k < 0:
+            continue
+        d, tail, cap = dests[k], tails[k], capacity[k, 0]
+        wait = extra[d, 0] if delays else 0.0
+        for line in range(lines):
+            x = costs.landing(last[g, line], clock[d, line] + start_cost + wait, tail)
+            landed[k, line] = x
+            if completes:
+                done[g, line] = costs.send_completion(head[line], occupancy[g], x - cap if track else -np.inf, 0.0)
+
+
 _NO_NEED = np.empty((0, 0))
+_NO_EXTRA = np.empty((0, 1))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -763,6 +889,8 @@ def warm_up() -> None:
     none_f, none_i, none_b = np.empty(0), np.empty(0, np.int64), np.empty(0, bool)
     _start_in_block(f8, 0.0, f8, f8, f8, f8, False, none_i, none_i, none_i, none_b, none_i, none_f, none_i, none_i,
                     none_f, none_f, none_f, True, 1.0, 0.0, np.empty((0, 1)), np.empty((0, 1)))
+    _start_own(f8, 0.0, f8, f8, none_i, none_i, none_i, none_b, none_i, none_f, none_i, none_i, none_f,
+               np.empty((0, 1)), _NO_EXTRA, True, 1.0, 0.0, np.empty((0, 1)), np.empty((0, 1)), np.empty((0, 1)))
     worms._walk(f8, f8, f8, f8, False, i8, i8, False, none_i, none_i, none_i, none_b, np.empty((0, 1)), none_f,
                 1.0, 0.0, np.empty((0, 1)), np.empty((0, 0, 0)))
     _land(np.empty((0, 1, 1)), none_i, none_i, f8, none_i, none_f, np.empty((0, 1)), _NO_NEED, none_i, False,
