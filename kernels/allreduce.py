@@ -81,17 +81,15 @@ def _spans(n: int, segments) -> list:
 
 def _combine(mesh, acc, incoming, op: str, axis: str, positions) -> None:
     """acc = op(acc, incoming) on the cores at ``positions`` along ``axis`` (numeric runs), in
-    place through a view where the positions this block holds are evenly spaced."""
+    place through views of the evenly spaced runs the positions this block holds make."""
     if mesh.dry_run:
         return
-    index = mesh.positions_index(axis, positions)
-    if index is None:
-        return
-    at = (slice(None), index) if axis == "x" else (index,)
-    if isinstance(index, slice):
-        _OPS[op](acc.data[at], incoming.data[at], out=acc.data[at])
-    else:
-        acc.data[at] = _OPS[op](acc.data[at], incoming.data[at])
+    for index in mesh.positions_runs(axis, positions):
+        at = (slice(None), index) if axis == "x" else (index,)
+        if isinstance(index, slice):
+            _OPS[op](acc.data[at], incoming.data[at], out=acc.data[at])
+        else:
+            acc.data[at] = _OPS[op](acc.data[at], incoming.data[at])
 
 
 def _chains(mesh, acc, axis, op, name, tag, stages, buffers, forwarding) -> None:
@@ -111,14 +109,14 @@ def _chains(mesh, acc, axis, op, name, tag, stages, buffers, forwarding) -> None
                                       group=f"allreduce.{tag}.{side}.{axis}")
                 transfer = pattern.start(acc, buf, depart=head, payload=not streaming)
                 started.append((transfer, buf, dst, mesh.positions_mask(axis, src), mesh.positions_mask(axis, dst),
-                                mesh.positions_index(axis, dst)))
+                                mesh.positions_runs(axis, dst)))
         heads_in = np.full(mesh.block_shape, -np.inf) if streaming else None
         for transfer, *_ in started:    # every delivery of the stage lands, then the adds
             transfer.wait(into=heads_in)
-        for _, buf, dst, senders, receivers, index in started:
+        for _, buf, dst, senders, receivers, runs in started:
             _combine(mesh, acc, buf, op, axis, dst)
             if streaming:
-                if index is not None:     # the receivers' lines of this block, as a view where it can
+                for index in runs:        # the receivers' lines of this block, as views where it can
                     at = (slice(None), index) if axis == "x" else (index,)
                     head[at] = costs.streaming_stage_head(hw, heads_in[at], head[at])
                 mesh.compute(acc.tile_elements, where=receivers, advance_clock=False)

@@ -63,6 +63,9 @@ def _charge(clock, advance_clock, busy, flop_counter, where, flops, cycles) -> i
     return total
 
 
+_MOST_RUNS = 4      # positions in more evenly spaced runs than this are indexed by one array
+
+
 def _scalar(value) -> bool:
     """A plain number (or a 0-d array), without numpy's conversion of ``np.ndim``."""
     return isinstance(value, (int, float, np.generic)) or np.ndim(value) == 0
@@ -161,7 +164,7 @@ class Mesh:
                               "x": np.zeros((len(COUNTERS), self.block_shape[1]), np.int64)}
         self._per_line = {"y": {}, "x": {}}
         self._per_start = {"y": {}, "x": {}}
-        self._masks = {}     # positions_mask's masks and positions_index's indices, by axis and positions
+        self._masks = {}     # positions_mask's masks and positions_runs' indices, by axis and positions
         self._cycles_of = {}   # a core's FLOPs and cycles (block views), by its FLOPs and vector operations
         self._every_core_mask = np.broadcast_to(True, self.block_shape)
         self._every_core = dict.fromkeys(COUNTERS, 0)
@@ -390,23 +393,25 @@ class Mesh:
             self._masks[key] = mask
         return mask
 
-    def positions_index(self, axis: str, positions):
-        """This block's local indices along ``axis`` of the global ``positions`` it holds: a
-        slice where they are evenly spaced (a view, no copy), else an index array; None if it
+    def positions_runs(self, axis: str, positions) -> tuple:
+        """This block's local indices along ``axis`` of the global ``positions`` it holds (in
+        increasing order), as the slices of their evenly spaced runs (views, no copy) when
+        there are at most :data:`_MOST_RUNS` of them, else as one index array; empty if it
         holds none (made once per position set)."""
         positions = np.asarray(positions, np.int64)
-        key = ("index", axis, positions.tobytes())
+        key = ("runs", axis, positions.tobytes())
         if key not in self._masks:
             local = positions - self.axis_start(axis)
-            local = local[(local >= 0) & (local < self.block_shape[1 if axis == "x" else 0])]
-            step = int(local[1] - local[0]) if local.size > 1 else 1
-            if not local.size:
-                index = None
-            elif step > 0 and np.array_equal(local, local[0] + step * np.arange(local.size)):
-                index = slice(int(local[0]), int(local[-1]) + 1, step)
-            else:
-                index = local
-            self._masks[key] = index
+            local = np.sort(local[(local >= 0) & (local < self.block_shape[1 if axis == "x" else 0])])
+            runs, first = [], 0
+            while first < local.size:
+                last = first + 1
+                step = int(local[last] - local[first]) if last < local.size else 1
+                while last < local.size and local[last] - local[last - 1] == step:
+                    last += 1
+                runs.append(slice(int(local[first]), int(local[last - 1]) + 1, step))
+                first = last
+            self._masks[key] = tuple(runs) if len(runs) <= _MOST_RUNS else (local,)
         return self._masks[key]
 
     def matmul_acc(self, out: MeshArray, a: MeshArray, b: MeshArray, transpose_b: bool = False) -> None:

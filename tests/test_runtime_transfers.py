@@ -255,3 +255,20 @@ def test_a_transfer_that_does_not_land_is_timed_and_counted_alike(new_mesh, worl
     assert landed.keys() == kept.keys()
     for name in landed:
         assert np.array_equal(landed[name], kept[name]), name
+
+
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_positions_runs_index_exactly_the_positions_a_block_holds(new_mesh, world, axis):
+    """Collectives combine tiles through the runs of positions a block holds: views of evenly
+    spaced runs, or one index array past a few runs; either way exactly those positions."""
+    mesh = new_mesh(9, 11, rank_grid=(1, world.size) if axis == "x" else (world.size, 1))
+    n, start = (11, mesh.col_start) if axis == "x" else (9, mesh.row_start)
+    length = mesh.block_shape[1 if axis == "x" else 0]
+    rng = np.random.default_rng(3)
+    sets = [[0, 2, 4, 6, 8], [1, 2, 3, 7, 8], [0, 1, 3, 4, 6, 7, 9, 10], [5]]
+    sets += [sorted(rng.choice(n, size=k, replace=False).tolist()) for k in (2, 4, 6, 8)]
+    for positions in sets:
+        want = [p - start for p in positions if start <= p < start + length]
+        got = np.concatenate([np.arange(length)[index] for index in mesh.positions_runs(axis, positions)]
+                             or [np.empty(0, np.int64)])
+        assert sorted(got.tolist()) == want, positions
