@@ -47,8 +47,18 @@ def gather(arr: MeshArray, root: int | None = None) -> np.ndarray | None:
     if arr.layout is None:
         raise LayoutError(f"{arr.name}: an array without a layout cannot be gathered as a whole")
     mesh = arr.mesh
-    pieces = _pieces(mesh, arr, root)
+    pieces = _pieces(mesh, arr, root, _one_copy(arr.layout))
     return None if pieces is None else arr.layout.assemble(pieces, arr.dtype)
+
+
+def _one_copy(layout: Layout) -> tuple:
+    """The part of a block that holds one copy of its tiles: a layout that splits no dimension
+    along an axis (nor skews one) holds the same tiles on every core of that axis's lines, so
+    one core of each line is enough (a decode's logits: one row of the mesh, not all of it)."""
+    plain = all(d.held is None for d in layout.dims)
+    alongs = {d.along for d in layout.dims}
+    return (slice(0, 1) if plain and "y" not in alongs else slice(None),
+            slice(0, 1) if plain and "x" not in alongs else slice(None))
 
 
 def scatter_tiles(mesh, name: str, tiles: np.ndarray | None, tile_shape=None, dtype=None,
@@ -82,10 +92,10 @@ def place_block(mesh, name: str, block: np.ndarray | None, tile_shape=None, dtyp
     return arr
 
 
-def _pieces(mesh, arr: MeshArray, root: int | None):
+def _pieces(mesh, arr: MeshArray, root: int | None, part: tuple = (slice(None), slice(None))):
     if arr.data is None:
         raise ValueError(f"{arr.name}: a dry-run array has no payload to gather")
-    piece = (mesh.row_start, mesh.col_start, arr.data)
+    piece = (mesh.row_start, mesh.col_start, arr.data[part])
     return mesh.cart.allgather(piece) if root is None else mesh.cart.gather(piece, root=root)
 
 
