@@ -22,6 +22,7 @@ from kernels.allreduce import allreduce
 from kernels.gemv import MeshGemv, vector_layout
 from meshmpi import costs, energy, host
 from meshmpi.errors import UsageError
+from meshmpi.marks import Marks
 from meshmpi.mesh import block_offsets
 
 from . import flops
@@ -479,23 +480,22 @@ class Decoder:
         x = self._hidden(embedding)
         starts = set(self.plan.region_starts(self.config.num_hidden_layers)) if self.every_layer else set()
         cycles = StepCycles()
-        begin = energy.mesh_events(mesh)
-        layer_events = energy.combine()
+        marks = Marks(mesh)         # the step's readings, reduced over the ranks at its end
+        begin = marks.mark()
+        layer_marks = []
         with mesh.phase("decode"):
-            start = mesh.modeled_cycles()
             with mesh.phase("decode.kv_shift"):
                 newest_row = self._append()     # the new token attends to itself: its row first
-            cycles.kv_shift = mesh.modeled_cycles() - start
+            kv_shifted = marks.mark()
             for index in range(self.sim_layers):
                 if index in starts:
                     cycles.hand_offs += self.hand_off(x)
-                start, before = mesh.modeled_cycles(), energy.mesh_events(mesh)
+                before = marks.mark()
                 with mesh.phase(f"decode.layer{index}"):
                     q, k_new, v_new = self._layer(index, x, position)
                     self._store_new(index, k_new, v_new, newest_row)
                     self._attend(index, q, x, position)
-                cycles.layers.append(mesh.modeled_cycles() - start)
-                layer_events = energy.combine((1, layer_events), (1, energy.mesh_events(mesh)), (-1, before))
+                layer_marks.append((before, marks.mark()))
             unsimulated = energy.combine()      # the hand-offs counted but not simulated
             if self.sim_layers in starts:               # the LM head's region holds no layer
                 cycles.hand_offs += self.hand_off(x)
@@ -504,14 +504,20 @@ class Decoder:
                 cycles.hand_offs = (self.plan.regions - 1) * self.hand_off(x)
                 unsimulated = energy.combine((self.plan.regions - 2, energy.mesh_events(mesh)),
                                              (2 - self.plan.regions, before))
-            start = mesh.modeled_cycles()
+            head_start = marks.mark()
             with mesh.phase("decode.lm_head"):
                 xn = self._rms_norm(x, self.norm, "decode.final_norm")
                 logits = self._meshgemv(xn, self.lm_head, "decode.lm_head")
                 xn.free()
-            cycles.head = mesh.modeled_cycles() - start
+            head_end = marks.mark()
+        clocks, events = marks.reduce()
+        cycles.kv_shift = clocks[kv_shifted] - clocks[begin]
+        cycles.layers = [clocks[end] - clocks[start] for start, end in layer_marks]
+        cycles.head = clocks[head_end] - clocks[head_start]
+        layer_events = energy.combine(*[term for start, end in layer_marks for term in ((1, events[end]),
+                                                                                          (-1, events[start]))])
         cycles.layer_events = layer_events
-        cycles.other_events = energy.combine((1, energy.mesh_events(mesh)), (-1, begin), (-1, layer_events),
+        cycles.other_events = energy.combine((1, events[head_end]), (-1, events[begin]), (-1, layer_events),
                                              (1, unsimulated))
         x.free()
         result = None
