@@ -248,9 +248,9 @@ class LinePattern:
         self.in_block = (not self.worm_rounds and not self.multicast and self.own_senders_in_order
                          and self.own_batch.index.size == self.own_worms.size)
         # Unicast worms, one per sender, each crossing at most one block boundary, on links of
-        # their own: a start is a compiled pass over the own worms, one exchange of the heads
-        # leaving, a pass over those arriving and one exchange of back-pressure
-        # (:meth:`_start_one_crossing`).
+        # their own: a start is a compiled pass over the own worms, one exchange (the heads
+        # leaving; what those arriving will meet, for their senders' back-pressure) and a pass
+        # over the worms arriving (:meth:`_start_one_crossing`).
         self.one_crossing = (len(self.worm_rounds) == 1 and not self.multicast and self.own_senders_in_order
                              and not self.links_shared)
         delivery = np.full(self.own_worms.size, -1, np.int64)
@@ -273,6 +273,10 @@ class LinePattern:
                 back.append((self.touch_row[batch.worms.which], self.touch_row[send], behind, ahead))
                 latest[direction] = recv
             self.back_rounds.append(back)
+        # Per direction of a pattern of one crossing: the worms leaving this block as the
+        # neighbour ahead advances them (its links, in path order, are reported to this rank).
+        self.leaving = [self._ahead_batch(direction, self.own_worms[send_rows])
+                        for direction, send_rows, *_ in self.worm_rounds[0]] if self.one_crossing else []
         local_src = (self.src >= start) & (self.src < stop)
         from_block, from_pool = np.flatnonzero(mine & local_src), np.flatnonzero(mine & ~local_src)
         # Numeric landings: (destinations, None: this block's own tiles, their rows) and the same
@@ -282,6 +286,13 @@ class LinePattern:
         lookup[pool_src] = np.arange(pool_src.size)
         self.block_landing = (self.dst[from_block] - start, None, self.src[from_block] - start)
         self.pool_landing = (self.dst[from_pool] - start, lookup[self.src[from_pool]])
+
+    def _ahead_batch(self, direction: int, which: np.ndarray) -> worms.Batch:
+        """Worms ``which`` as the block one rank ahead along ``direction`` advances them."""
+        offsets, k = self.mesh.offsets[self.axis], self.mesh.rank_coord(self.axis) + direction
+        start, stop = (int(offsets[k]), int(offsets[k + 1])) if 0 <= k < offsets.size - 1 else (0, 0)
+        j0, count = worms.local_hops(self.worms, start, stop)
+        return worms.batch(self.worms, which, j0[which], count[which], start)
 
     def _batch(self, which: np.ndarray) -> "_Batch":
         """The plan of advancing worms ``which`` on this block and landing their deliveries here."""
@@ -471,11 +482,12 @@ class LinePattern:
                             carry: "_Payload") -> list:
         """:meth:`_move_heads` for a pattern of :attr:`one_crossing`, from the senders' clocks
         ``clock`` (block-shaped), on the lines ``lines_idx`` (None: all): the own worms in one
-        compiled pass (those landing here land and complete there), the heads leaving and their
-        tiles in one exchange, the heads arriving walked and landed, and the receivers'
-        back-pressure (``landed - capacity``) in a second exchange, from which the leaving
-        worms' sends complete. The same times as the general path, as (destinations, landings,
-        run) and, with ``payload``, (senders, completions, run)."""
+        compiled pass (those landing here land and complete there); one exchange with each
+        neighbour of the heads leaving, their tiles and, for back-pressure, what the worms
+        arriving from it will meet here; the heads arriving walked and landed; the leaving
+        worms walked on what their receivers reported, to their sends' completions. The same
+        times as the general path, as (destinations, landings, run) and, with ``payload``,
+        (senders, completions, run)."""
         fabric, own = self.fabric, self.own_batch
         every = fabric.link_free(self.axis)
         clock = _pos_first(clock, self.axis)
@@ -499,39 +511,64 @@ class LinePattern:
         stage = self.worm_rounds[0]
         messages = [(np.ascontiguousarray(last[send_rows]), ahead, np.empty((batch.worms.which.size, lines)), behind)
                     for _, send_rows, batch, ahead, behind in stage]
-        tiles = carry.messages(0)
-        self.mesh.links.exchange(messages + tiles, _HEAD_TAG)
-        carry.arrived(0, tiles)
+        # Back-pressure without a second exchange: each receiver reports, with the heads, what
+        # the arriving worms will meet (its links' free times in path order and the posting at
+        # the destination); the senders walk and land their leaving worms on that themselves.
         track = payload and not self.relay
-        back = []
-        for (_, send_rows, batch, ahead, behind), (_, _, heads_in, _) in zip(stage, messages):
+        reports = []
+        if track:
+            for (_, _, batch, ahead, behind), leaving in zip(stage, self.leaving):
+                report = np.empty((batch.worms.which.size, batch.worms.width + 1, lines))
+                _report_paths(free[+1], free[-1], batch.worms.sign, batch.worms.first, batch.worms.links,
+                              batch.rows, batch.dests, clock, start, _NO_EXTRA if extra is None else extra, report)
+                reports.append((report, behind, np.empty((leaving.which.size, leaving.width + 1, lines)), ahead,
+                                _BACK_TAG))
+        tiles = carry.messages(0)
+        self.mesh.links.exchange(messages + tiles + reports, _HEAD_TAG)
+        carry.arrived(0, tiles)
+        for (_, _, batch, _, _), (_, _, heads_in, _) in zip(stage, messages):
             head, _ = worms.advance(self.worms, batch.worms, heads_in, free, alpha, fabric.beta, occupancy[batch],
                                     keep_path=False)
             posted = clock[batch.dests] + start
             if extra is not None:
                 posted += extra[batch.dests]
-            need = np.empty((batch.worms.which.size if track else 0, lines))
-            got = np.empty((send_rows.size if track else 0, lines))
             arrived = np.empty((batch.index.size, lines))
             _land(head[:, None, :], batch.rows, batch.columns, posted, self._positions(batch.dests.size),
-                  tails[batch], capacity[batch], need if track else _NO_NEED, batch.rows, False, arrived)
+                  tails[batch], capacity[batch], _NO_NEED, batch.rows, False, arrived)
             arrivals.append((batch.dests, arrived, batch.run))
-            back.append((need, behind, got, ahead, send_rows))
         if payload:
-            if track:       # back-pressure: the receivers' latest finish goes back to the senders
-                self.mesh.links.exchange([(need, to, got, source) for need, to, got, source, _ in back], _BACK_TAG)
-            for _, _, got, _, send_rows in back:
-                if send_rows.size:
-                    sent = np.empty((send_rows.size, lines))
-                    _complete(clock[self.own_source_positions[send_rows]] + start, own_occupancy[send_rows],
-                              got if track else np.full((send_rows.size, lines), -np.inf),
+            leaving_times = self._leaving_times(nbytes, payload) if track else None
+            for k, (_, send_rows, _, _, _) in enumerate(stage):
+                if not send_rows.size:
+                    continue
+                departing = clock[self.own_source_positions[send_rows]] + start
+                sent = np.empty((send_rows.size, lines))
+                if track:
+                    busy, tail, cap = leaving_times[k]
+                    _complete_leaving(last[send_rows], reports[k][2], self.leaving[k].links, busy, tail, cap,
+                                      departing, alpha, sent)
+                else:
+                    _complete(departing, own_occupancy[send_rows], np.full((send_rows.size, lines), -np.inf),
                               self._positions(send_rows.size), sent)
-                    done[send_rows] = sent
+                done[send_rows] = sent
             arrivals.append((self.own_senders, done, self.own_senders_run))
         if lines_idx is not None:
             for sign, f in every.items():
                 f[:, lines_idx] = free[sign]
         return arrivals
+
+    def _leaving_times(self, nbytes: int, payload: bool) -> list:
+        """Per direction, the leaving worms' link occupancy, their deliveries' tails and path
+        capacities (unicast: worm i is delivery i), for one tile size (made once)."""
+        times = self._times.get((nbytes, payload, "leaving"))
+        if times is None:
+            hw = self.mesh.hardware
+            occupancy = costs.serialisation(hw, nbytes, self.worms.load).astype(np.float64)
+            tails = np.asarray(costs.serialisation(hw, nbytes if payload else 0, self.load), np.float64)
+            capacity = np.asarray(costs.path_capacity(hw, self.hops), np.float64)
+            times = self._times[nbytes, payload, "leaving"] = [
+                (np.ascontiguousarray(occupancy[b.which]), tails[b.which], capacity[b.which]) for b in self.leaving]
+        return times
 
     def _positions(self, count: int) -> np.ndarray:
         """``0 .. count - 1``, kept: rows that index a batch's own arrays."""
@@ -723,6 +760,48 @@ def _start_own(clock, start_cost, free_right, free_left, sign, first, links, rel
                 done[g, line] = costs.send_completion(head[line], occupancy[g], x - cap if track else -np.inf, 0.0)
 
 
+@numba.njit(cache=True, nogil=True)
+def _report_paths(free_right, free_left, sign, first, links, rows, dests, clock, start_cost, extra, report):
+    """What the worms arriving in this block will meet, for their senders: per worm g, the free
+    times of its local links in path order (``report[g, i]``) and the posting of its delivery
+    (``report[g, -1]``: the receiver's clock plus ``start_cost`` and ``extra`` at its block
+    position when not empty; delivery d is worm ``rows[d]``'s, at position ``dests[d]``)."""
+    width, lines = report.shape[1] - 1, report.shape[2]
+    for g in range(sign.size):
+        free = free_right if sign[g] > 0 else free_left
+        for i in range(links[g]):
+            q = first[g] + sign[g] * i
+            for line in range(lines):
+                report[g, i, line] = free[q, line]
+    delays = extra.shape[0] > 0
+    for d in range(rows.size):
+        g, p = rows[d], dests[d]
+        wait = extra[p, 0] if delays else 0.0
+        for line in range(lines):
+            report[g, width, line] = clock[p, line] + start_cost + wait
+
+
+@numba.njit(cache=True, nogil=True)
+def _complete_leaving(heads, report, links, occupancy, tails, capacity, departing, alpha, done):
+    """Each leaving worm's send completion, from its head at the next block (``heads[g]``) and
+    what its receiver reported (:func:`_report_paths`): the head walks those links as the
+    receiver's walk does (:func:`meshmpi.worms.walk_worm`, no software relays: back-pressure
+    is tracked on pass-through routes only), lands at the reported posting, and the send
+    completes at :func:`meshmpi.costs.send_completion` with back-pressure ``landed - capacity``."""
+    count, lines = heads.shape
+    width = report.shape[1] - 1
+    scratch = np.empty((5, lines))
+    last = np.empty(lines)
+    path, hops = np.empty((0, 0)), np.ones((1, 1), np.int64)
+    written = np.empty((max(width, 1), lines))
+    for g in range(count):
+        worms.walk_worm(heads[g], last, path, 1, 0, links[g], occupancy[g], 0.0, report[g], written, hops,
+                        False, False, alpha, 0.0, scratch)
+        for line in range(lines):
+            x = costs.landing(last[line], report[g, width, line], tails[g])
+            done[g, line] = costs.send_completion(departing[g, line], occupancy[g], x - capacity[g], 0.0)
+
+
 _NO_NEED = np.empty((0, 0))
 _NO_EXTRA = np.empty((0, 1))
 
@@ -891,6 +970,9 @@ def warm_up() -> None:
                     none_f, none_f, none_f, True, 1.0, 0.0, np.empty((0, 1)), np.empty((0, 1)))
     _start_own(f8, 0.0, f8, f8, none_i, none_i, none_i, none_b, none_i, none_f, none_i, none_i, none_f,
                np.empty((0, 1)), _NO_EXTRA, True, 1.0, 0.0, np.empty((0, 1)), np.empty((0, 1)), np.empty((0, 1)))
+    _report_paths(f8, f8, none_i, none_i, none_i, none_i, none_i, f8, 0.0, _NO_EXTRA, np.empty((0, 1, 1)))
+    _complete_leaving(np.empty((0, 1)), np.empty((0, 1, 1)), none_i, none_f, none_f, none_f, np.empty((0, 1)), 1.0,
+                      np.empty((0, 1)))
     worms._walk(f8, f8, f8, f8, False, i8, i8, False, none_i, none_i, none_i, none_b, np.empty((0, 1)), none_f,
                 1.0, 0.0, np.empty((0, 1)), np.empty((0, 0, 0)))
     _land(np.empty((0, 1, 1)), none_i, none_i, f8, none_i, none_f, np.empty((0, 1)), _NO_NEED, none_i, False,
