@@ -79,12 +79,13 @@ def _spans(n: int, segments) -> list:
     return [(lo, hi) for lo, hi in spans if hi - lo > 1]
 
 
-def _combine(mesh, acc, incoming, op: str, axis: str, positions) -> None:
-    """acc = op(acc, incoming) on the cores at ``positions`` along ``axis`` (numeric runs), in
-    place through views of the evenly spaced runs the positions this block holds make."""
+def _combine(mesh, acc, incoming, op: str, axis: str, runs) -> None:
+    """acc = op(acc, incoming) on the cores along ``axis`` that ``runs`` index
+    (:meth:`meshmpi.mesh.Mesh.positions_runs`; numeric runs), in place through views where they
+    are slices."""
     if mesh.dry_run:
         return
-    for index in mesh.positions_runs(axis, positions):
+    for index in runs:
         at = (slice(None), index) if axis == "x" else (index,)
         if isinstance(index, slice):
             _OPS[op](acc.data[at], incoming.data[at], out=acc.data[at])
@@ -108,13 +109,13 @@ def _chains(mesh, acc, axis, op, name, tag, stages, buffers, forwarding) -> None
                 pattern = fabric.plan(f"allreduce.{tag}.{side}", axis, src, dst,
                                       group=f"allreduce.{tag}.{side}.{axis}")
                 transfer = pattern.start(acc, buf, depart=head, payload=not streaming)
-                started.append((transfer, buf, dst, mesh.positions_mask(axis, src), mesh.positions_mask(axis, dst),
+                started.append((transfer, buf, mesh.positions_mask(axis, src), mesh.positions_mask(axis, dst),
                                 mesh.positions_runs(axis, dst)))
         heads_in = np.full(mesh.block_shape, -np.inf) if streaming else None
         for transfer, *_ in started:    # every delivery of the stage lands, then the adds
             transfer.wait(into=heads_in)
-        for _, buf, dst, senders, receivers, runs in started:
-            _combine(mesh, acc, buf, op, axis, dst)
+        for _, buf, senders, receivers, runs in started:
+            _combine(mesh, acc, buf, op, axis, runs)
             if streaming:
                 for index in runs:        # the receivers' lines of this block, as views where it can
                     at = (slice(None), index) if axis == "x" else (index,)

@@ -34,6 +34,7 @@ import numpy as np
 
 from meshmpi import costs, fabric
 from meshmpi.layout import Dim, Layout, expect
+from meshmpi.mesh import evenly_spaced_runs
 
 from .ring import Ring, interleaved_ring, plain_ring
 
@@ -325,16 +326,8 @@ def _held_runs(recv: tuple) -> tuple:
         runs = []
         for parity in (0, 1):
             rows = np.arange(parity, n, 2)
-            starts, first = held[rows], 0
-            while first < rows.size:
-                last = first + 1
-                stride = int(starts[last] - starts[first]) if last < rows.size else 1
-                while last < rows.size and starts[last] - starts[last - 1] == stride:
-                    last += 1
-                stop = int(starts[last - 1]) + stride
-                runs.append((slice(int(rows[first]), int(rows[last - 1]) + 1, 2),
-                             slice(int(starts[first]), stop if stop >= 0 else None, stride)))
-                first = last
+            runs += [(slice(int(rows[first]), int(rows[last - 1]) + 1, 2), started)
+                     for first, last, started in evenly_spaced_runs(held[rows])]
         steps.append(tuple(runs))
         held = held[list(recv)]
     return tuple(steps), tuple(helds)

@@ -4,8 +4,7 @@
   the least the ranks must compute: one rank's share of the batched tile products, timed in
   the same run on one thread (the floor), that share with each step's copy of every A tile
   (the least that emulating the ring's moves adds, B's tiles being read where they started:
-  the moves floor), and against
-  ``numpy.matmul`` on as many threads;
+  the moves floor), and against ``numpy.matmul`` on as many threads;
 - dry runs of MeshGEMM 2K and MeshGEMV 16K at paper-scale meshes (default 360² and 720²) on
   1 and 2 ranks: the kernel's wall time and the speed-up of 2 ranks over 1.
 

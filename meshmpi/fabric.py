@@ -489,12 +489,7 @@ class LinePattern:
         times as the general path, as (destinations, landings, run) and, with ``payload``,
         (senders, completions, run)."""
         fabric, own = self.fabric, self.own_batch
-        every = fabric.link_free(self.axis)
-        clock = _pos_first(clock, self.axis)
-        if lines_idx is None:
-            free, clock = every, np.ascontiguousarray(clock)
-        else:                                   # the active lines' links, written back below
-            free, clock = {sign: f[:, lines_idx] for sign, f in every.items()}, clock[:, lines_idx]
+        every, free, clock = self._on_lines(clock, lines_idx)
         occupancy, own_occupancy, tails, extra, capacity = self._crossing_times(nbytes, payload, in_place)
         start = fabric.transfer_start if payload else 0.0
         alpha, forwards = fabric.alpha, fabric.beta
@@ -552,9 +547,7 @@ class LinePattern:
                               self._positions(send_rows.size), sent)
                 done[send_rows] = sent
             arrivals.append((self.own_senders, done, self.own_senders_run))
-        if lines_idx is not None:
-            for sign, f in every.items():
-                f[:, lines_idx] = free[sign]
+        self._write_back(every, free, lines_idx)
         return arrivals
 
     def _leaving_times(self, nbytes: int, payload: bool) -> list:
@@ -570,6 +563,23 @@ class LinePattern:
                 (np.ascontiguousarray(occupancy[b.which]), tails[b.which], capacity[b.which]) for b in self.leaving]
         return times
 
+    def _on_lines(self, clock: np.ndarray, lines_idx) -> tuple:
+        """A one-pass start's working arrays on the lines ``lines_idx`` (None: all): the axis's
+        link free times, those of the active lines (copies, see :meth:`_write_back`), and the
+        senders' clocks, positions first and contiguous."""
+        every = self.fabric.link_free(self.axis)
+        clock = _pos_first(clock, self.axis)
+        if lines_idx is None:
+            return every, every, np.ascontiguousarray(clock)
+        return every, {sign: f[:, lines_idx] for sign, f in every.items()}, clock[:, lines_idx]
+
+    @staticmethod
+    def _write_back(every: dict, free: dict, lines_idx) -> None:
+        """The active lines' link free times (:meth:`_on_lines`) back into the axis's."""
+        if lines_idx is not None:
+            for sign, f in every.items():
+                f[:, lines_idx] = free[sign]
+
     def _positions(self, count: int) -> np.ndarray:
         """``0 .. count - 1``, kept: rows that index a batch's own arrays."""
         got = self._aranges.get(count)
@@ -583,12 +593,7 @@ class LinePattern:
         all), in one compiled pass: the same times, as (destinations, landings, run) and, with
         ``payload``, (senders, completions, run)."""
         hw, w, batch, first = self.mesh.hardware, self.worms, self.own_batch, self.block_start
-        every = self.fabric.link_free(self.axis)
-        clock = _pos_first(clock, self.axis)
-        if lines_idx is None:
-            free, clock = every, np.ascontiguousarray(clock)
-        else:                                   # the active lines' links, written back below
-            free, clock = {sign: f[:, lines_idx] for sign, f in every.items()}, clock[:, lines_idx]
+        every, free, clock = self._on_lines(clock, lines_idx)
         read = {sign: f.copy() for sign, f in free.items()} if self.links_shared else free
         times = self._times.get((nbytes, in_place, payload))
         if times is None:     # per worm its links' occupancy, per delivery its tail, posting and capacity
@@ -608,9 +613,7 @@ class LinePattern:
                         read[-1], self.links_shared, walk.sign, walk.first, walk.links, walk.relayed,
                         self.own_source_positions, occupancy, batch.dests, batch.rows, tails, capacity, extra,
                         not self.relay, fabric.alpha, fabric.beta if self.relay else 0.0, landed, done)
-        if lines_idx is not None:
-            for sign, f in every.items():
-                f[:, lines_idx] = free[sign]
+        self._write_back(every, free, lines_idx)
         return [(batch.dests, landed, batch.run)] + ([(self.own_senders, done, self.own_senders_run)] if payload else [])
 
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:

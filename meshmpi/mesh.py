@@ -66,6 +66,22 @@ def _charge(clock, advance_clock, busy, flop_counter, where, flops, cycles) -> i
 _MOST_RUNS = 4      # positions in more evenly spaced runs than this are indexed by one array
 
 
+def evenly_spaced_runs(values: np.ndarray) -> list[tuple[int, int, slice]]:
+    """``values`` (distinct non-negative integers) cut into maximal runs of one step: per run,
+    its first and past-the-end indices in ``values`` and the slice that picks its values, in
+    order, out of ``arange`` (a view of a run of cores, rows, ...)."""
+    runs, first = [], 0
+    while first < values.size:
+        last = first + 1
+        step = int(values[last] - values[first]) if last < values.size else 1
+        while last < values.size and values[last] - values[last - 1] == step:
+            last += 1
+        stop = int(values[last - 1]) + step
+        runs.append((first, last, slice(int(values[first]), stop if stop >= 0 else None, step)))
+        first = last
+    return runs
+
+
 def _scalar(value) -> bool:
     """A plain number (or a 0-d array), without numpy's conversion of ``np.ndim``."""
     return isinstance(value, (int, float, np.generic)) or np.ndim(value) == 0
@@ -403,14 +419,7 @@ class Mesh:
         if key not in self._masks:
             local = positions - self.axis_start(axis)
             local = np.sort(local[(local >= 0) & (local < self.block_shape[1 if axis == "x" else 0])])
-            runs, first = [], 0
-            while first < local.size:
-                last = first + 1
-                step = int(local[last] - local[first]) if last < local.size else 1
-                while last < local.size and local[last] - local[last - 1] == step:
-                    last += 1
-                runs.append(slice(int(local[first]), int(local[last - 1]) + 1, step))
-                first = last
+            runs = [run for _, _, run in evenly_spaced_runs(local)]
             self._masks[key] = tuple(runs) if len(runs) <= _MOST_RUNS else (local,)
         return self._masks[key]
 
