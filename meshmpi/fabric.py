@@ -113,7 +113,7 @@ class LinePattern:
             self.physical = defects.PatternPaths(fabric.remap, self, self.block_start,
                                                  self.block_start + fabric.block_length(axis), lines)
             self.max_hops = self.physical.max_hops
-            self.in_block = self.one_crossing = False
+            self.one_pass = False
         mesh.routes.declare(axis, self.group, id(self), self.routes)
         self._counts = {}             # per tile size: what a start adds to the counters
         self._times = {}              # per tile size (and in place or not): its fixed times
@@ -241,18 +241,15 @@ class LinePattern:
         self.block_start = int(start)
         # Every batch of worms this block advances, planned once: its own, then each round's.
         self.own_batch = self._batch(self.own_worms)
-        # No worm of the pattern crosses a block boundary (on any rank: the rounds are global),
-        # one per sender: a start is one compiled pass over this block's worms
-        # (:func:`_start_in_block`), whatever the other blocks hold; set again once a remapped
-        # wafer is known.
-        self.in_block = (not self.worm_rounds and not self.multicast and self.own_senders_in_order
-                         and self.own_batch.index.size == self.own_worms.size)
-        # Unicast worms, one per sender, each crossing at most one block boundary, on links of
-        # their own: a start is a compiled pass over the own worms, one exchange (the heads
-        # leaving; what those arriving will meet, for their senders' back-pressure) and a pass
-        # over the worms arriving (:meth:`_start_one_crossing`).
-        self.one_crossing = (len(self.worm_rounds) == 1 and not self.multicast and self.own_senders_in_order
-                             and not self.links_shared)
+        # Unicast worms, one per sender, that either all stay inside their blocks (on any rank:
+        # the rounds are global) or each cross at most one block boundary on links of their own:
+        # a start is one compiled pass over this block's own worms and, when some cross, one
+        # exchange (the heads leaving; what those arriving will meet, for their senders'
+        # back-pressure) and a pass over the worms arriving (:meth:`_start_one_pass`). Set again
+        # once a remapped wafer is known.
+        in_block = not self.worm_rounds and self.own_batch.index.size == self.own_worms.size
+        one_crossing = len(self.worm_rounds) == 1 and not self.links_shared
+        self.one_pass = not self.multicast and self.own_senders_in_order and (in_block or one_crossing)
         delivery = np.full(self.own_worms.size, -1, np.int64)
         delivery[self.own_batch.rows] = np.arange(self.own_batch.rows.size)
         self.own_delivery = delivery        # per own worm: its delivery in the own batch, or -1
@@ -276,7 +273,7 @@ class LinePattern:
         # Per direction of a pattern of one crossing: the worms leaving this block as the
         # neighbour ahead advances them (its links, in path order, are reported to this rank).
         self.leaving = [self._ahead_batch(direction, self.own_worms[send_rows])
-                        for direction, send_rows, *_ in self.worm_rounds[0]] if self.one_crossing else []
+                        for direction, send_rows, *_ in self.worm_rounds[0]] if one_crossing else []
         local_src = (self.src >= start) & (self.src < stop)
         from_block, from_pool = np.flatnonzero(mine & local_src), np.flatnonzero(mine & ~local_src)
         # Numeric landings: (destinations, None: this block's own tiles, their rows) and the same
@@ -337,17 +334,12 @@ class LinePattern:
         self._account(line_mask, active, nbytes)
         # Only the active lines are touched (None: all of them, the common case).
         lines_idx = None if active == line_mask.size else np.flatnonzero(line_mask)
-        if self.in_block:
-            arrivals = self._start_in_block(mesh.clock if depart is None else depart, nbytes, src is dst,
-                                            lines_idx, payload)
-            landings = [self.block_landing] if land and not mesh.dry_run else []
-            return Transfer(self, src, dst, arrivals, landings, lines_idx)
-        if self.one_crossing:
+        if self.one_pass:
             carry = _Payload(self, _pos_first(src.data, axis) if land and not mesh.dry_run else None)
-            arrivals = self._start_one_crossing(mesh.clock if depart is None else depart, nbytes, src is dst,
-                                                lines_idx, payload, carry)
-            landings = [self.block_landing, self.pool_landing[:1] + (carry.pool(),) + self.pool_landing[1:]] \
-                if land and not mesh.dry_run else []
+            arrivals = self._start_one_pass(mesh.clock if depart is None else depart, nbytes, src is dst,
+                                            lines_idx, payload, carry)
+            landings = [] if not land or mesh.dry_run else [self.block_landing] if not self.worm_rounds else \
+                [self.block_landing, self.pool_landing[:1] + (carry.pool(),) + self.pool_landing[1:]]
             return Transfer(self, src, dst, arrivals, landings, lines_idx)
         send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
         if lines_idx is not None:
@@ -478,31 +470,45 @@ class LinePattern:
                 {batch: capacity[batch.index][:, None] for batch in batches})
         return times
 
-    def _start_one_crossing(self, clock: np.ndarray, nbytes: int, in_place: bool, lines_idx, payload: bool,
-                            carry: "_Payload") -> list:
-        """:meth:`_move_heads` for a pattern of :attr:`one_crossing`, from the senders' clocks
+    def _start_one_pass(self, clock: np.ndarray, nbytes: int, in_place: bool, lines_idx, payload: bool,
+                        carry: "_Payload") -> list:
+        """:meth:`_move_heads` for a pattern of :attr:`one_pass`, from the senders' clocks
         ``clock`` (block-shaped), on the lines ``lines_idx`` (None: all): the own worms in one
-        compiled pass (those landing here land and complete there); one exchange with each
-        neighbour of the heads leaving, their tiles and, for back-pressure, what the worms
-        arriving from it will meet here; the heads arriving walked and landed; the leaving
-        worms walked on what their receivers reported, to their sends' completions. The same
-        times as the general path, as (destinations, landings, run) and, with ``payload``,
-        (senders, completions, run)."""
+        compiled pass (those landing here land and complete there), then, for worms that cross
+        a block boundary, :meth:`_cross`. The same times as the general path, as (destinations,
+        landings, run) and, with ``payload``, (senders, completions, run)."""
         fabric, own = self.fabric, self.own_batch
         every, free, clock = self._on_lines(clock, lines_idx)
-        occupancy, own_occupancy, tails, extra, capacity = self._crossing_times(nbytes, payload, in_place)
+        read = {sign: f.copy() for sign, f in free.items()} if self.links_shared else free
+        _, own_occupancy, tails, extra, capacity = self._crossing_times(nbytes, payload, in_place)
         start = fabric.transfer_start if payload else 0.0
-        alpha, forwards = fabric.alpha, fabric.beta
         lines = clock.shape[1]
         landed = np.empty((own.index.size, lines))
         done = np.empty((self.own_worms.size if payload else 0, lines))
-        last = np.empty((self.own_worms.size, lines))
+        last = np.empty((self.own_worms.size if self.worm_rounds else 1, lines))   # heads kept to forward
         walk = own.worms
-        _start_own(clock, start, free[+1], free[-1], walk.sign, walk.first, walk.links, walk.relayed,
-                   self.own_source_positions, own_occupancy, self.own_delivery, own.dests, tails[own],
-                   capacity[own], _NO_EXTRA if extra is None else extra, not self.relay, alpha,
-                   forwards if self.relay else 0.0, landed, done, last)
+        _start_own(clock, start, free[+1], free[-1], read[+1], read[-1], self.links_shared, walk.sign, walk.first,
+                   walk.links, walk.relayed, self.own_source_positions, own_occupancy, self.own_delivery, own.dests,
+                   tails[own], capacity[own], _NO_EXTRA if extra is None else extra, not self.relay, fabric.alpha,
+                   fabric.beta if self.relay else 0.0, landed, done, last)
         arrivals = [(own.dests, landed, own.run)]
+        if self.worm_rounds:
+            arrivals += self._cross(clock, free, nbytes, in_place, payload, carry, last, done)
+        if payload:
+            arrivals.append((self.own_senders, done, self.own_senders_run))
+        self._write_back(every, free, lines_idx)
+        return arrivals
+
+    def _cross(self, clock, free, nbytes: int, in_place: bool, payload: bool, carry: "_Payload", last, done) -> list:
+        """The crossing part of :meth:`_start_one_pass`: one exchange with each neighbour of the
+        heads leaving (``last``), their tiles and, for back-pressure, what the worms arriving
+        from it will meet here; the heads arriving walked and landed (returned as arrivals);
+        the leaving worms walked on what their receivers reported, to their sends'
+        completions (into ``done``)."""
+        fabric = self.fabric
+        occupancy, own_occupancy, tails, extra, capacity = self._crossing_times(nbytes, payload, in_place)
+        start = fabric.transfer_start if payload else 0.0
+        alpha, lines = fabric.alpha, clock.shape[1]
         stage = self.worm_rounds[0]
         messages = [(np.ascontiguousarray(last[send_rows]), ahead, np.empty((batch.worms.which.size, lines)), behind)
                     for _, send_rows, batch, ahead, behind in stage]
@@ -518,7 +524,7 @@ class LinePattern:
                               batch.rows, batch.dests, clock, start, _NO_EXTRA if extra is None else extra, report)
                 reports.append((report, behind, np.empty((leaving.which.size, leaving.width + 1, lines)), ahead,
                                 _BACK_TAG))
-        tiles = carry.messages(0)
+        tiles, arrivals = carry.messages(0), []
         self.mesh.links.exchange(messages + tiles + reports, _HEAD_TAG)
         carry.arrived(0, tiles)
         for (_, _, batch, _, _), (_, _, heads_in, _) in zip(stage, messages):
@@ -546,8 +552,6 @@ class LinePattern:
                     _complete(departing, own_occupancy[send_rows], np.full((send_rows.size, lines), -np.inf),
                               self._positions(send_rows.size), sent)
                 done[send_rows] = sent
-            arrivals.append((self.own_senders, done, self.own_senders_run))
-        self._write_back(every, free, lines_idx)
         return arrivals
 
     def _leaving_times(self, nbytes: int, payload: bool) -> list:
@@ -586,35 +590,6 @@ class LinePattern:
         if got is None:
             got = self._aranges[count] = np.arange(count)
         return got
-
-    def _start_in_block(self, clock: np.ndarray, nbytes: int, in_place: bool, lines_idx, payload: bool) -> list:
-        """:meth:`_move_heads` for a pattern that stays inside this block (:attr:`in_block`),
-        from the senders' clocks ``clock`` (block-shaped), on the lines ``lines_idx`` (None:
-        all), in one compiled pass: the same times, as (destinations, landings, run) and, with
-        ``payload``, (senders, completions, run)."""
-        hw, w, batch, first = self.mesh.hardware, self.worms, self.own_batch, self.block_start
-        every, free, clock = self._on_lines(clock, lines_idx)
-        read = {sign: f.copy() for sign, f in free.items()} if self.links_shared else free
-        times = self._times.get((nbytes, in_place, payload))
-        if times is None:     # per worm its links' occupancy, per delivery its tail, posting and capacity
-            times = self._times[nbytes, in_place, payload] = (
-                costs.serialisation(hw, nbytes, w.load)[self.own_worms].astype(np.float64),
-                costs.serialisation(hw, nbytes if payload else 0, self.load)[batch.index].astype(np.float64),
-                costs.serialisation(hw, nbytes, self.send_load[first + batch.dests]).astype(np.float64) if in_place
-                else np.zeros(batch.dests.size),
-                costs.path_capacity(hw, self.hops[batch.index]).astype(np.float64))
-        occupancy, tails, extra, capacity = times
-        lines = clock.shape[1]
-        landed = np.empty((batch.index.size, lines))
-        done = np.empty((self.own_worms.size if payload else 0, lines))
-        walk = batch.worms
-        fabric = self.fabric
-        _start_in_block(clock, fabric.transfer_start if payload else 0.0, free[+1], free[-1], read[+1],
-                        read[-1], self.links_shared, walk.sign, walk.first, walk.links, walk.relayed,
-                        self.own_source_positions, occupancy, batch.dests, batch.rows, tails, capacity, extra,
-                        not self.relay, fabric.alpha, fabric.beta if self.relay else 0.0, landed, done)
-        self._write_back(every, free, lines_idx)
-        return [(batch.dests, landed, batch.run)] + ([(self.own_senders, done, self.own_senders_run)] if payload else [])
 
     def run(self, src: MeshArray, dst: MeshArray | None = None, lines=None) -> None:
         """``start`` and ``wait`` at once."""
@@ -695,48 +670,19 @@ class _Payload:
 
 
 @numba.njit(cache=True, nogil=True)
-def _start_in_block(clock, start_cost, free_right, free_left, read_right, read_left, shared, sign, first,
-                    links, relayed, sources, occupancy, dests, worm_of, tails, capacity, extra, track, alpha,
-                    forwards, landed, done):
-    """A start of a pattern inside one block, worm by worm (delivery k by worm ``worm_of[k]``;
-    ``clock`` [position, line]): each sender departs at its clock plus ``start_cost``, its head walks its links
-    (:func:`meshmpi.worms.walk_worm`), the tile lands at its receiver at
-    :func:`meshmpi.costs.landing` (posted at the receiver's clock plus ``start_cost`` and
-    ``extra``) and, unless ``done`` is empty (a head timed alone), the send completes at
+def _start_own(clock, start_cost, free_right, free_left, read_right, read_left, shared, sign, first, links,
+               relayed, sources, occupancy, delivery, dests, tails, capacity, extra, track, alpha, forwards, landed,
+               done, last):
+    """A start's own worms, in one pass (``clock`` [position, line]): each departs at its
+    sender's clock plus ``start_cost`` and its head walks its local links
+    (:func:`meshmpi.worms.walk_worm`; ``read`` the links' free times as the pattern found them,
+    the same arrays as ``free`` unless its worms ``shared`` links). One whose delivery
+    ``delivery[g]`` is in this block lands there at :func:`meshmpi.costs.landing` (posted at
+    the receiver's clock plus ``start_cost`` and ``extra``, per block position when not empty)
+    and, unless ``done`` is empty (a head timed alone), its send completes at
     :func:`meshmpi.costs.send_completion` (back-pressure ``landed - capacity`` unless relayed,
-    ``track`` off)."""
-    lines = landed.shape[1]
-    completes = done.shape[0] > 0
-    scratch = np.empty((5, lines))
-    head, last = np.empty(lines), np.empty(lines)
-    path, hops = np.empty((0, 0)), np.ones((1, 1), np.int64)
-    for k in range(dests.size):
-        g, d = worm_of[k], dests[k]
-        source = sources[g]
-        for line in range(lines):
-            head[line] = clock[source, line] + start_cost
-        right = sign[g] > 0
-        worms.walk_worm(head, last, path, sign[g], first[g], links[g], occupancy[g], forwards if relayed[g] else 0.0,
-                        read_right if right else read_left, free_right if right else free_left, hops, shared,
-                        False, alpha, forwards, scratch)
-        tail, cap, busy_for = tails[k], capacity[k], occupancy[g]
-        for line in range(lines):
-            posted = clock[d, line] + start_cost + extra[k]
-            x = costs.landing(last[line], posted, tail)
-            landed[k, line] = x
-            if completes:
-                done[g, line] = costs.send_completion(head[line], busy_for, x - cap if track else -np.inf, 0.0)
-
-
-@numba.njit(cache=True, nogil=True)
-def _start_own(clock, start_cost, free_right, free_left, sign, first, links, relayed, sources, occupancy,
-               delivery, dests, tails, capacity, extra, track, alpha, forwards, landed, done, last):
-    """The own worms of a start of a pattern of one crossing (``clock`` [position, line]): each
-    departs at its sender's clock plus ``start_cost`` and its head walks its local links
-    (:func:`meshmpi.worms.walk_worm`) to ``last``; one whose delivery ``delivery[g]`` is in this
-    block lands there (posted at the receiver's clock plus ``start_cost`` and ``extra``, per
-    block position when not empty) and, unless ``done`` is empty, its send completes as in
-    :func:`_start_in_block`; the others' completions wait for the receivers' back-pressure."""
+    ``track`` off); the others' heads at the block's edge go to ``last`` (one row per worm,
+    else one row of scratch) and their completions wait for the receivers' back-pressure."""
     lines = clock.shape[1]
     completes = done.shape[0] > 0
     delays = extra.shape[0] > 0
@@ -748,16 +694,17 @@ def _start_own(clock, start_cost, free_right, free_left, sign, first, links, rel
         for line in range(lines):
             head[line] = clock[source, line] + start_cost
         right = sign[g] > 0
-        worms.walk_worm(head, last[g], path, sign[g], first[g], links[g], occupancy[g],
-                        forwards if relayed[g] else 0.0, free_right if right else free_left,
-                        free_right if right else free_left, hops, False, False, alpha, forwards, scratch)
+        at = last[g] if last.shape[0] == sign.size else last[0]
+        worms.walk_worm(head, at, path, sign[g], first[g], links[g], occupancy[g],
+                        forwards if relayed[g] else 0.0, read_right if right else read_left,
+                        free_right if right else free_left, hops, shared, False, alpha, forwards, scratch)
         k = delivery[g]
         if k < 0:
             continue
         d, tail, cap = dests[k], tails[k], capacity[k, 0]
         wait = extra[d, 0] if delays else 0.0
         for line in range(lines):
-            x = costs.landing(last[g, line], clock[d, line] + start_cost + wait, tail)
+            x = costs.landing(at[line], clock[d, line] + start_cost + wait, tail)
             landed[k, line] = x
             if completes:
                 done[g, line] = costs.send_completion(head[line], occupancy[g], x - cap if track else -np.inf, 0.0)
@@ -969,10 +916,9 @@ def warm_up() -> None:
     from .mesh import _charge
     f8, i8 = np.zeros((1, 1)), np.zeros((1, 1), np.int64)
     none_f, none_i, none_b = np.empty(0), np.empty(0, np.int64), np.empty(0, bool)
-    _start_in_block(f8, 0.0, f8, f8, f8, f8, False, none_i, none_i, none_i, none_b, none_i, none_f, none_i, none_i,
-                    none_f, none_f, none_f, True, 1.0, 0.0, np.empty((0, 1)), np.empty((0, 1)))
-    _start_own(f8, 0.0, f8, f8, none_i, none_i, none_i, none_b, none_i, none_f, none_i, none_i, none_f,
-               np.empty((0, 1)), _NO_EXTRA, True, 1.0, 0.0, np.empty((0, 1)), np.empty((0, 1)), np.empty((0, 1)))
+    _start_own(f8, 0.0, f8, f8, f8, f8, False, none_i, none_i, none_i, none_b, none_i, none_f, none_i, none_i,
+               none_f, np.empty((0, 1)), _NO_EXTRA, True, 1.0, 0.0, np.empty((0, 1)), np.empty((0, 1)),
+               np.empty((1, 1)))
     _report_paths(f8, f8, none_i, none_i, none_i, none_i, none_i, f8, 0.0, _NO_EXTRA, np.empty((0, 1, 1)))
     _complete_leaving(np.empty((0, 1)), np.empty((0, 1, 1)), none_i, none_f, none_f, none_f, np.empty((0, 1)), 1.0,
                       np.empty((0, 1)))
