@@ -35,6 +35,7 @@ import numpy as np
 from meshmpi import costs, fabric
 from meshmpi.layout import Dim, Layout, expect
 from meshmpi.mesh import evenly_spaced_runs
+from meshmpi.relocate import relocate
 
 from .ring import Ring, interleaved_ring, plain_ring
 
@@ -237,7 +238,8 @@ def _step_work(table, label_row, per_k, rate, flops, cycles):
 def rotate_lines(mesh, arr, axis: str, ring: Ring, steps: np.ndarray, name: str) -> None:
     """Rotate each line's tiles along ``ring``: line l moves ``steps[l]`` positions backward
     (data at ring position x+s ends at x), taking the shorter direction (PAPER.md §2,
-    alignment). Done in place, one ring step per round, on the lines still moving."""
+    alignment), one ring step per round on the lines still moving. Each round is timed and
+    counted as it goes; the tiles move once, at the end (:func:`meshmpi.relocate.relocate`)."""
     n = ring.n
     steps = np.asarray(steps) % n
     backward = np.where(steps <= n // 2, steps, 0)
@@ -249,8 +251,10 @@ def rotate_lines(mesh, arr, axis: str, ring: Ring, steps: np.ndarray, name: str)
         pattern = fabric.permutation(f"{name}.align.{direction}", axis, dest,
                                      group=f"{name}.align.{axis}.{direction}")
         for round_ in range(int(counts.max())):
-            pattern.run(arr, arr, lines=np.flatnonzero(counts > round_))
+            pattern.start(arr, arr, lines=np.flatnonzero(counts > round_), land=False).wait()
             mesh.step(f"align {direction} {round_}")
+    lo, hi = mesh.axis_lines(axis)
+    relocate(mesh, arr, axis, ring.order[(ring.position[None, :] + steps[lo:hi, None]) % n])
 
 
 def _pick_chunk(data: np.ndarray, index: np.ndarray, axis: int, parts: int) -> np.ndarray:

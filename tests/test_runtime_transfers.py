@@ -11,6 +11,7 @@ import pytest
 
 from meshmpi import HazardError
 from meshmpi.host import gather_block_arrays, gather_tiles, scatter_tiles
+from meshmpi.relocate import relocate
 from meshes import ring_dest, ring_order
 
 pytestmark = pytest.mark.mpi
@@ -255,6 +256,26 @@ def test_a_transfer_that_does_not_land_is_timed_and_counted_alike(new_mesh, worl
     assert landed.keys() == kept.keys()
     for name in landed:
         assert np.array_equal(landed[name], kept[name]), name
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_relocate_moves_each_tile_to_where_its_line_permutation_sends_it(new_mesh, world, grid, axis):
+    """After transfers that did not land, the tiles move once: on every line, each position
+    gets the tile its permutation names, however far it comes from (across every rank of
+    the axis, forwarded neighbour by neighbour); rotations, the identity and random ones."""
+    rows, cols, rank_grid = GRIDS[grid]
+    mesh = new_mesh(rows, cols, rank_grid=rank_grid(world.size))
+    n, lines = (cols, rows) if axis == "x" else (rows, cols)
+    rng = np.random.default_rng(11)
+    source = np.stack([np.roll(np.arange(n), line) if line % 3 == 0 else
+                       np.arange(n) if line % 3 == 1 else rng.permutation(n) for line in range(lines)])
+    a_full, _, a, _ = fresh_buffers(mesh, np.float64, seed=7)
+    lo, hi = mesh.axis_lines(axis)
+    relocate(mesh, a, axis, source[lo:hi])
+    want = np.take_along_axis(a_full, source[:, :, None, None], axis=1) if axis == "x" else \
+        np.take_along_axis(a_full, source.T[:, :, None, None], axis=0)
+    assert np.array_equal(gather_tiles(mesh, a), want)
 
 
 @pytest.mark.parametrize("axis", ["x", "y"])
