@@ -928,9 +928,24 @@ def warm_up() -> None:
           np.empty((0, 1)))
     _complete(np.empty((0, 1)), none_f, np.empty((0, 1)), none_i, np.empty((0, 1)))
     _raise_at(f8, True, none_i, np.empty((0, 1)), _ALL_LINES)
-    anywhere = np.broadcast_to(True, (1, 1))
-    _charge(f8, True, f8, i8, anywhere, i8, f8)
-    _charge(f8, True, f8, i8, np.zeros((1, 1), bool), np.broadcast_to(np.int64(1), (1, 1)), np.broadcast_to(1.0, (1, 1)))
+    _charge(f8, True, f8, i8, np.broadcast_to(True, (1, 1)), i8, f8)
+    # The same loops on the views a run also passes them: along x, [position, line] views of
+    # [line, position] blocks ("F"); masks and per-core values broadcast from a line ("A").
+    _load_layouts(_start_own, dict.fromkeys((0, 2, 3, 4, 5), "F"))
+    _load_layouts(_report_paths, dict.fromkeys((0, 1, 7), "F"))
+    _load_layouts(worms._walk, dict.fromkeys((0, 1, 2, 3), "F"))
+    _load_layouts(_charge, {4: "A"})
+    _load_layouts(_charge, {5: "A", 6: "A"})
+    tiles, index = {layout: numba.types.Array(numba.float32, 3, layout) for layout in "ACF"}, numba.int64[::1]
+    for out, data in ("AA", "AC", "CC", "FC", "FF"):    # float32 tiles, as the numeric kernels move
+        _copy_tiles.compile((tiles[out], tiles[data], index, index))
+
+
+def _load_layouts(loop, layouts: dict) -> None:
+    """Load ``loop``'s compiled code for its first signature with the arguments at the positions
+    ``layouts`` names laid out as it says (numba's "C", "F" or "A")."""
+    first = loop.signatures[0]
+    loop.compile(tuple(t.copy(layout=layouts[i]) if i in layouts else t for i, t in enumerate(first)))
 
 
 def _tile_rows(tiles: np.ndarray) -> np.ndarray | None:
