@@ -31,9 +31,11 @@ from __future__ import annotations
 import functools
 import math
 
+import numba
 import numpy as np
 
 from meshmpi import costs
+from meshmpi.fabric import NO_EXTRA, start_own
 from meshmpi.mesh import block_offsets
 
 from .ring import interleaved_ring
@@ -93,24 +95,26 @@ def _combine(mesh, acc, incoming, op: str, axis: str, runs) -> None:
             acc.data[at] = _OPS[op](acc.data[at], incoming.data[at])
 
 
-def _chains(mesh, acc, axis, op, name, tag, stages, buffers, forwarding) -> None:
+def _chains(mesh, acc, axis, op, name, tag, stages, buffers, forwarding, schedule) -> None:
     """Run two chains stage by stage; ``stages[s]`` holds the left and the right chain's
-    (sources, destinations) of stage s, or None where that chain has finished."""
+    (sources, destinations) of stage s, or None where that chain has finished (``schedule``:
+    what they were made from). Streamed chains that stay inside this rank's block run in one
+    compiled pass (:class:`_BlockChains`)."""
     fabric, hw = mesh.fabric, mesh.hardware
     streaming = forwarding == "stream"
+    if streaming:
+        in_block = _BlockChains.of(mesh, acc, axis, tag, stages, schedule)
+        if in_block is not None:
+            in_block.run(mesh, acc, op)
+            return
     head = mesh.clock.copy() if streaming else None     # when each core's stream can leave
     involved = np.zeros(mesh.block_shape, bool)
-    for stage, sides in enumerate(stages):
+    for stage, (sides, patterns) in enumerate(zip(stages, _chain_patterns(fabric, axis, tag, stages))):
         started = []
-        for side, links, buf in zip(("left", "right"), sides, buffers):
-            if links is not None:
-                src, dst = links
-                # One schedule's colours serve every allreduce along this axis.
-                pattern = fabric.plan(f"allreduce.{tag}.{side}", axis, src, dst,
-                                      group=f"allreduce.{tag}.{side}.{axis}")
-                transfer = pattern.start(acc, buf, depart=head, payload=not streaming)
-                started.append((transfer, buf, mesh.positions_mask(axis, src), mesh.positions_mask(axis, dst),
-                                mesh.positions_runs(axis, dst)))
+        for pattern, buf in zip(patterns, [buf for links, buf in zip(sides, buffers) if links is not None]):
+            transfer = pattern.start(acc, buf, depart=head, payload=not streaming)
+            started.append((transfer, buf, mesh.positions_mask(axis, pattern.src),
+                            mesh.positions_mask(axis, pattern.dst), mesh.positions_runs(axis, pattern.dst)))
         heads_in = np.full(mesh.block_shape, -np.inf) if streaming else None
         for transfer, *_ in started:    # every delivery of the stage lands, then the adds
             transfer.wait(into=heads_in)
@@ -130,6 +134,166 @@ def _chains(mesh, acc, axis, op, name, tag, stages, buffers, forwarding) -> None
     if streaming:  # every core of the chains is busy until the tail of the stream has passed it
         done = head + costs.streamed_payload(hw, acc.tile_bytes, acc.tile_elements)
         np.maximum(mesh.clock, np.where(involved, done, -np.inf), out=mesh.clock)
+
+
+def _chain_patterns(fabric, axis: str, tag: str, stages) -> list:
+    """The patterns of each stage's chains, left then right (planned once, then looked up):
+    one schedule's colours serve every allreduce along this axis."""
+    return [[fabric.plan(f"allreduce.{tag}.{side}", axis, *links, group=f"allreduce.{tag}.{side}.{axis}")
+             for side, links in zip(("left", "right"), sides) if links is not None] for sides in stages]
+
+
+class _BlockChains:
+    """Streamed chains (``forwarding="stream"``) whose every stage stays inside this rank's
+    block, planned once per schedule and tile: all their stages in one compiled pass
+    (:func:`_run_block_chains`), with the times, sums, charges, counts and timeline rows of
+    :func:`_chains` run stage by stage."""
+
+    @classmethod
+    def of(cls, mesh, acc, axis: str, tag: str, stages, schedule) -> "_BlockChains | None":
+        """The plan for these chains, or None when there are none or when some stage's pattern
+        leaves the block (on any rank), has worms sharing links or runs on a remapped wafer."""
+        key = ("allreduce chains", axis, tag, schedule, acc.tile_bytes, acc.tile_elements)
+        plans = mesh.fabric.kernel_plans
+        if key not in plans:
+            patterns = _chain_patterns(mesh.fabric, axis, tag, stages)
+            flat = [p for stage in patterns for p in stage]
+            fits = bool(flat) and all(p.one_pass and not p.worm_rounds and p.physical is None and not p.links_shared
+                       and not p.relay for p in flat)
+            plans[key] = cls(mesh, acc, axis, tag, patterns) if fits else None
+        plan = plans[key]
+        if plan is not None and not all(p.live for p in plan.patterns):   # freed since: planned again
+            plan.patterns = [p for stage in _chain_patterns(mesh.fabric, axis, tag, stages) for p in stage]
+        return plan
+
+    def __init__(self, mesh, acc, axis: str, tag: str, patterns: list):
+        self.axis, self.labels = axis, [f"{tag} stage {stage}" for stage in range(len(patterns))]
+        flat = self.patterns = [p for stage in patterns for p in stage]
+        # each side's walk of its own worms (meshmpi.fabric.start_own), joined side after side
+        walks = [p.own_walk(acc.tile_bytes, False, False) for p in flat]
+        self.side_start = _starts(len(stage) for stage in patterns)
+        self.worm_start = _starts(walk[0].size for walk in walks)
+        self.delivery_start = _starts(walk[7].size for walk in walks)
+        self.walk = tuple(np.concatenate([walk[i] for walk in walks]).astype(dtype)
+                          for i, dtype in enumerate(_WALK_TYPES))
+        self.senders = np.concatenate([p.src[p.own_batch.index] - p.block_start for p in flat]).astype(np.int64)
+        hw = mesh.hardware
+        self.alpha, self.beta = mesh.fabric.alpha, float(costs.software_stage(hw))
+        self.elements = int(acc.tile_elements)
+        self.cycles = float(costs.compute(hw, np.int64(self.elements), 1))
+        self.streamed = costs.streamed_payload(hw, acc.tile_bytes, acc.tile_elements)
+        involved = np.zeros(mesh.fabric.block_length(axis), bool)
+        for p in flat:
+            involved[p.own_source_positions] = involved[p.own_batch.dests] = True
+        self.involved = involved[:, None] if axis == "y" else involved[None, :]
+        self._count(mesh, acc.tile_bytes, flat)
+
+    def _count(self, mesh, nbytes: int, flat: list) -> None:
+        """What the chains add to the counters (per position, once per run) and to the totals,
+        and per stage: (messages, bytes, FLOPs) and the longest transfer's hops."""
+        self.every_line = mesh.fabric.line_mask(self.axis, None)
+        lines = self.every_line.size
+        counts = [p.counts(nbytes) for p in flat]
+        self.count_rows = counts[0][0]
+        if any(not np.array_equal(rows, self.count_rows) for rows, _, _ in counts):
+            raise AssertionError("the chains' patterns count different counters")
+        self.per_position = np.sum([values for _, values, _ in counts], axis=0)
+        sums = [dict(pairs) for _, _, pairs in counts]
+        self.count_sums = [(name, sum(s[name] for s in sums)) for name in sums[0]]
+        received = np.diff(self.delivery_start) * lines
+        self.relays = int(received.sum())
+        per_side = np.array([[s["messages_sent"] * lines, s["bytes_sent"] * lines, r * self.elements]
+                             for s, r in zip(sums, received)], np.int64)
+        running = np.concatenate([np.zeros((1, 3), np.int64), np.cumsum(per_side, axis=0)])
+        self.added = running[self.side_start[1:]] - running[self.side_start[:-1]]
+        self.hops = np.array([max((p.max_hops for p in flat[a:b]), default=0)
+                              for a, b in zip(self.side_start[:-1], self.side_start[1:])], np.int64)
+
+    def run(self, mesh, acc, op: str) -> None:
+        """The chains on ``acc`` (reduced with ``op``), from the cores' clocks."""
+        axis = self.axis
+        head = mesh.clock.copy()
+        free = mesh.fabric.link_free(axis)
+        busy, flops, relays = mesh.charged_per_core(axis)
+        data = _NO_TILES if mesh.dry_run else acc.data.reshape(mesh.block_shape + (-1,))
+        if not mesh.dry_run and not np.shares_memory(data, acc.data):
+            raise AssertionError(f"{acc.name}: tiles not laid out in place")
+        _run_block_chains(head.T if axis == "x" else head, free[+1], free[-1], self.side_start, self.worm_start,
+                          self.delivery_start, *self.walk, self.senders, self.alpha, self.beta,
+                          data.swapaxes(0, 1) if axis == "x" else data, not mesh.dry_run, op == "max",
+                          busy, flops, relays, self.cycles, self.elements)
+        mesh.timeline.still_steps(self.labels, self.added, self.hops)
+        mesh.count_along(self.count_rows, axis, self.per_position, self.every_line, self.every_line.size,
+                         self.count_sums)
+        mesh.totals["flops"] += int(self.added[:, 2].sum())
+        mesh.totals["relays"] += self.relays
+        mesh.max_hops = max(mesh.max_hops, int(self.hops.max(initial=0)))
+        done = head + self.streamed   # every core of the chains is busy until the tail has passed it
+        np.maximum(mesh.clock, np.where(self.involved, done, -np.inf), out=mesh.clock)
+
+
+_NO_TILES = np.empty((0, 0, 0), np.float32)
+# what :meth:`meshmpi.fabric.LinePattern.own_walk` gives per worm (sign, first link, links,
+# relayed, source, occupancy, delivery) and per delivery (destination, tail, capacity)
+_WALK_TYPES = (np.int64, np.int64, np.int64, bool, np.int64, np.float64, np.int64, np.int64, np.float64, np.float64)
+
+
+def _starts(counts) -> np.ndarray:
+    """Where each of a run of parts starts in their concatenation, and the end."""
+    return np.cumsum([0, *counts]).astype(np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _run_block_chains(head, free_right, free_left, side_start, worm_start, delivery_start, sign, first, links,
+                      relayed, sources, occupancy, delivery, dests, tails, capacity, senders, alpha, beta, acc,
+                      numeric, take_max, busy, flops, relays, cycles, elements):
+    """Every stage of :class:`_BlockChains` ([position, line] arrays): each side's worms start
+    from the cores' stream heads ``head`` (:func:`meshmpi.fabric.start_own`, heads alone);
+    then, side by side, the receivers add what arrived (``acc``, numeric runs), their heads
+    move on to ``max(arrival, head) + beta`` and they are charged ``cycles``, ``elements``
+    FLOPs and one relay."""
+    lines = head.shape[1]
+    stages = side_start.size - 1
+    most = 0
+    for s in range(stages):
+        most = max(most, delivery_start[side_start[s + 1]] - delivery_start[side_start[s]])
+    landed = np.empty((most, lines))
+    arrival = np.empty(head.shape)
+    incoming = np.empty((most, lines, acc.shape[2]), acc.dtype)
+    done, last = np.empty((0, lines)), np.empty((1, lines))
+    for s in range(stages):
+        base = delivery_start[side_start[s]]
+        for t in range(side_start[s], side_start[s + 1]):
+            w0, w1, d0, d1 = worm_start[t], worm_start[t + 1], delivery_start[t], delivery_start[t + 1]
+            start_own(head, 0.0, free_right, free_left, free_right, free_left, False, sign[w0:w1], first[w0:w1],
+                      links[w0:w1], relayed[w0:w1], sources[w0:w1], occupancy[w0:w1], delivery[w0:w1],
+                      dests[d0:d1], tails[d0:d1], capacity[d0:d1], NO_EXTRA, True, alpha, 0.0,
+                      landed[d0 - base:d1 - base], done, last)
+        stop = delivery_start[side_start[s + 1]]
+        for k in range(base, stop):
+            for line in range(lines):
+                arrival[dests[k], line] = -np.inf
+        for k in range(base, stop):
+            d = dests[k]
+            for line in range(lines):
+                arrival[d, line] = max(arrival[d, line], landed[k - base, line])
+                if numeric:
+                    for e in range(acc.shape[2]):
+                        incoming[k - base, line, e] = acc[senders[k], line, e]
+        for k in range(base, stop):      # side by side, as the deliveries are ordered
+            d = dests[k]
+            for line in range(lines):
+                head[d, line] = max(arrival[d, line], head[d, line]) + beta
+                busy[d, line] += cycles
+                flops[d, line] += elements
+                relays[d, line] += 1
+                if numeric:
+                    for e in range(acc.shape[2]):
+                        x, y = acc[d, line, e], incoming[k - base, line, e]
+                        if take_max:
+                            acc[d, line, e] = x if x >= y or x != x else y
+                        else:
+                            acc[d, line, e] = x + y
 
 
 @functools.lru_cache(maxsize=1024)
@@ -177,8 +341,9 @@ def _tree(mesh, acc, axis, op, groups, name, spans, root_last=False, forwarding=
     in_groups, between_roots, centres = _tree_schedule(tuple(spans), groups, root_last)
     buffers = (mesh.alloc(f"{name}.recv.left", acc.tile_shape, acc.dtype),
                mesh.alloc(f"{name}.recv.right", acc.tile_shape, acc.dtype))
-    _chains(mesh, acc, axis, op, name, "group", in_groups, buffers, forwarding)
-    _chains(mesh, acc, axis, op, name, "roots", between_roots, buffers, forwarding)
+    schedule = (tuple(spans), groups, root_last)
+    _chains(mesh, acc, axis, op, name, "group", in_groups, buffers, forwarding, schedule)
+    _chains(mesh, acc, axis, op, name, "roots", between_roots, buffers, forwarding, schedule)
     for buf in buffers:
         buf.free()
     # Phase 3: each span's root multicasts the result back along its span.

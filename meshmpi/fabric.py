@@ -480,17 +480,13 @@ class LinePattern:
         fabric, own = self.fabric, self.own_batch
         every, free, clock = self._on_lines(clock, lines_idx)
         read = {sign: f.copy() for sign, f in free.items()} if self.links_shared else free
-        _, own_occupancy, tails, extra, capacity = self._crossing_times(nbytes, payload, in_place)
         start = fabric.transfer_start if payload else 0.0
         lines = clock.shape[1]
         landed = np.empty((own.index.size, lines))
         done = np.empty((self.own_worms.size if payload else 0, lines))
         last = np.empty((self.own_worms.size if self.worm_rounds else 1, lines))   # heads kept to forward
-        walk = own.worms
-        _start_own(clock, start, free[+1], free[-1], read[+1], read[-1], self.links_shared, walk.sign, walk.first,
-                   walk.links, walk.relayed, self.own_source_positions, own_occupancy, self.own_delivery, own.dests,
-                   tails[own], capacity[own], _NO_EXTRA if extra is None else extra, not self.relay, fabric.alpha,
-                   fabric.beta if self.relay else 0.0, landed, done, last)
+        start_own(clock, start, free[+1], free[-1], read[+1], read[-1], self.links_shared,
+                  *self.own_walk(nbytes, payload, in_place), landed, done, last)
         arrivals = [(own.dests, landed, own.run)]
         if self.worm_rounds:
             arrivals += self._cross(clock, free, nbytes, in_place, payload, carry, last, done)
@@ -498,6 +494,23 @@ class LinePattern:
             arrivals.append((self.own_senders, done, self.own_senders_run))
         self._write_back(every, free, lines_idx)
         return arrivals
+
+    def own_walk(self, nbytes: int, payload: bool, in_place: bool) -> tuple:
+        """What :func:`start_own` takes about this pattern's own worms for one tile size (made
+        once): per worm its walk (sign, first local link, local links, relayed), source
+        position, occupancy and delivery; per delivery its destination, tail and path
+        capacity; the posting delay of a receive in place; and the walk's constants."""
+        key = (nbytes, payload, in_place, "own")
+        walk = self._times.get(key)
+        if walk is None:
+            own = self.own_batch
+            _, occupancy, tails, extra, capacity = self._crossing_times(nbytes, payload, in_place)
+            walk = self._times[key] = (
+                own.worms.sign, own.worms.first, own.worms.links, own.worms.relayed, self.own_source_positions,
+                occupancy, self.own_delivery, own.dests, tails[own], capacity[own],
+                NO_EXTRA if extra is None else extra, not self.relay, self.fabric.alpha,
+                self.fabric.beta if self.relay else 0.0)
+        return walk
 
     def _cross(self, clock, free, nbytes: int, in_place: bool, payload: bool, carry: "_Payload", last, done) -> list:
         """The crossing part of :meth:`_start_one_pass`: one exchange with each neighbour of the
@@ -521,7 +534,7 @@ class LinePattern:
             for (_, _, batch, ahead, behind), leaving in zip(stage, self.leaving):
                 report = np.empty((batch.worms.which.size, batch.worms.width + 1, lines))
                 _report_paths(free[+1], free[-1], batch.worms.sign, batch.worms.first, batch.worms.links,
-                              batch.rows, batch.dests, clock, start, _NO_EXTRA if extra is None else extra, report)
+                              batch.rows, batch.dests, clock, start, NO_EXTRA if extra is None else extra, report)
                 reports.append((report, behind, np.empty((leaving.which.size, leaving.width + 1, lines)), ahead,
                                 _BACK_TAG))
         tiles, arrivals = carry.messages(0), []
@@ -598,9 +611,7 @@ class LinePattern:
     def _account(self, line_mask: np.ndarray, active: int, nbytes: int) -> None:
         """A start's counts on the ``active`` lines of ``line_mask``."""
         mesh = self.mesh
-        counts = self._counts.get(nbytes)
-        if counts is None:
-            counts = self._counts[nbytes] = self._counts_of(nbytes)
+        counts = self.counts(nbytes)
         mesh.count_along(counts[0], self.axis, counts[1], line_mask, active, counts[2])
         if self.physical is not None:       # a stretched link's extra physical hops
             mesh.count_cores("hops", self.physical.extra_hops * line_mask, self.axis)
@@ -608,9 +619,16 @@ class LinePattern:
         mesh.max_hops = max(mesh.max_hops, self.max_hops)
         mesh.timeline.note_transfer(self.max_hops)
 
-    def _counts_of(self, nbytes: int) -> tuple:
+    def counts(self, nbytes: int) -> tuple:
         """What one start of ``nbytes`` tiles adds to each counter on every line, per position
-        of this block: the counters' rows, their per-position values and those values' sums."""
+        of this block: the counters' rows, their per-position values and those values' sums
+        (made once per tile size)."""
+        counts = self._counts.get(nbytes)
+        if counts is None:
+            counts = self._counts[nbytes] = self._counts_of(nbytes)
+        return counts
+
+    def _counts_of(self, nbytes: int) -> tuple:
         per = {"messages_sent": self.messages_sent, "bytes_sent": self.messages_sent * nbytes,
                "bytes_recv": self.received * nbytes, "hops": self.hops_sent,
                "byte_hops": self.hops_sent * nbytes}                   # the fabric's energy
@@ -670,7 +688,7 @@ class _Payload:
 
 
 @numba.njit(cache=True, nogil=True)
-def _start_own(clock, start_cost, free_right, free_left, read_right, read_left, shared, sign, first, links,
+def start_own(clock, start_cost, free_right, free_left, read_right, read_left, shared, sign, first, links,
                relayed, sources, occupancy, delivery, dests, tails, capacity, extra, track, alpha, forwards, landed,
                done, last):
     """A start's own worms, in one pass (``clock`` [position, line]): each departs at its
@@ -753,7 +771,7 @@ def _complete_leaving(heads, report, links, occupancy, tails, capacity, departin
 
 
 _NO_NEED = np.empty((0, 0))
-_NO_EXTRA = np.empty((0, 1))
+NO_EXTRA = np.empty((0, 1))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -916,10 +934,10 @@ def warm_up() -> None:
     from .mesh import _charge
     f8, i8 = np.zeros((1, 1)), np.zeros((1, 1), np.int64)
     none_f, none_i, none_b = np.empty(0), np.empty(0, np.int64), np.empty(0, bool)
-    _start_own(f8, 0.0, f8, f8, f8, f8, False, none_i, none_i, none_i, none_b, none_i, none_f, none_i, none_i,
-               none_f, np.empty((0, 1)), _NO_EXTRA, True, 1.0, 0.0, np.empty((0, 1)), np.empty((0, 1)),
-               np.empty((1, 1)))
-    _report_paths(f8, f8, none_i, none_i, none_i, none_i, none_i, f8, 0.0, _NO_EXTRA, np.empty((0, 1, 1)))
+    start_own(f8, 0.0, f8, f8, f8, f8, False, none_i, none_i, none_i, none_b, none_i, none_f, none_i, none_i,
+              none_f, np.empty((0, 1)), NO_EXTRA, True, 1.0, 0.0, np.empty((0, 1)), np.empty((0, 1)),
+              np.empty((1, 1)))
+    _report_paths(f8, f8, none_i, none_i, none_i, none_i, none_i, f8, 0.0, NO_EXTRA, np.empty((0, 1, 1)))
     _complete_leaving(np.empty((0, 1)), np.empty((0, 1, 1)), none_i, none_f, none_f, none_f, np.empty((0, 1)), 1.0,
                       np.empty((0, 1)))
     worms._walk(f8, f8, f8, f8, False, i8, i8, False, none_i, none_i, none_i, none_b, np.empty((0, 1)), none_f,
@@ -931,7 +949,7 @@ def warm_up() -> None:
     _charge(f8, True, f8, i8, np.broadcast_to(True, (1, 1)), i8, f8)
     # The same loops on the views a run also passes them: along x, [position, line] views of
     # [line, position] blocks ("F"); masks and per-core values broadcast from a line ("A").
-    _load_layouts(_start_own, dict.fromkeys((0, 2, 3, 4, 5), "F"))
+    _load_layouts(start_own, dict.fromkeys((0, 2, 3, 4, 5), "F"))
     _load_layouts(_report_paths, dict.fromkeys((0, 1, 7), "F"))
     _load_layouts(worms._walk, dict.fromkeys((0, 1, 2, 3), "F"))
     _load_layouts(_charge, {4: "A"})
@@ -979,6 +997,7 @@ class Fabric:
         for mask in self._every_line.values():
             mask.flags.writeable = False
         self._retired: dict[tuple, LinePattern] = {}   # freed patterns by their deliveries
+        self.kernel_plans: dict = {}     # what kernels plan over several patterns, by their own keys
         # When each directed link out of each core is free again, stored positions first
         # ([position along the axis, line]) so that a pattern reads whole lines at a time.
         rows, cols = mesh.block_shape

@@ -373,6 +373,13 @@ class Mesh:
         self._counters["flops"] += flops
         self.totals["flops"] += int(flops.sum())
 
+    def charged_per_core(self, axis: str) -> tuple:
+        """Each core's busy cycles, FLOP count and relay count, as writable views with the
+        positions along ``axis`` first: for a compiled caller that charges cores exactly as
+        :meth:`compute` and :meth:`software_stage` do, in bulk (it adds to :attr:`totals`)."""
+        arrays = (self.busy, self._counters["flops"], self._counters["relays"])
+        return tuple(a.T if axis == "x" else a for a in arrays)
+
     def software_stage(self, where=None, advance_clock: bool = True) -> None:
         """One software step of a multi-stage collective (receive, combine, forward) on the
         masked cores: ``beta`` cycles each (unless the caller times it), counted as a relay

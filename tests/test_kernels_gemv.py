@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from kernels import gemv
+from kernels import allreduce as allreduce_module, gemv
 from kernels.allreduce import ALGOS, allreduce
 from kernels.run import GEMV_ALGOS, run_gemv
 from meshmpi import Mesh, load_hardware
@@ -86,6 +86,42 @@ def test_allreduce_matches_numpy(op, algo, rows, cols):
         want = np.broadcast_to(reduce(tiles, axis=numpy_axis, keepdims=True), tiles.shape)
         np.testing.assert_allclose(got, want, atol=1e-12)
     mesh.free()
+
+
+@pytest.mark.parametrize("axis", ["x", "y"])
+@pytest.mark.parametrize("op", ["sum", "max"])
+def test_chains_inside_a_block_run_in_one_pass_as_stage_by_stage(monkeypatch, op, axis):
+    """A K-tree's streamed chains that stay inside one block run in one compiled pass: the
+    same tiles (bit for bit, NaN included), clocks, busy cycles, counters, totals and timeline
+    rows as run stage by stage, from uneven clocks, on whole lines and on segments, twice."""
+    rng = np.random.default_rng(5)
+    tiles = rng.standard_normal((9, 10, 6)).astype(np.float32)
+    tiles[2, 3, 1] = np.nan
+    clocks = rng.uniform(0, 500, size=(9, 10))
+    seen = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(allreduce_module._BlockChains, "of", classmethod(lambda cls, *args: None))
+        mesh = Mesh(9, 10, load_hardware("wse2"), comm=MPI.COMM_SELF)
+        mesh.clock[...] = clocks
+        acc = host.scatter_tiles(mesh, "acc", tiles)
+        with mesh.phase("chains"):
+            allreduce(mesh, acc, axis, op, "ktree", groups=3, name="ar")
+            allreduce(mesh, acc, axis, op, "ktree", groups=2, name="ar", segments=[(0, 4), (5, 9)])
+            allreduce(mesh, acc, axis, op, "ktree", groups=3, name="ar")
+        phases, steps = mesh.timeline.collect()
+        for row in phases:
+            row.pop("wall_seconds")
+        seen.append((host.gather_tiles(mesh, acc), mesh.clock.copy(), mesh.busy.copy(), mesh.counters,
+                     dict(mesh.totals), phases, steps, mesh.max_hops))
+        mesh.free()
+    (tiles_1, clock_1, busy_1, counters_1, *rest_1), (tiles_2, clock_2, busy_2, counters_2, *rest_2) = seen
+    assert np.array_equal(tiles_1, tiles_2, equal_nan=True)
+    assert np.array_equal(clock_1, clock_2) and np.array_equal(busy_1, busy_2)
+    assert counters_1.keys() == counters_2.keys()
+    assert all(np.array_equal(counters_1[name], counters_2[name]) for name in counters_1)
+    assert rest_1 == rest_2
+    assert len(rest_1[2]) > 6          # the stages were recorded
 
 
 def allreduce_steps(mesh, algo_phase):
