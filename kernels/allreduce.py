@@ -95,45 +95,52 @@ def _combine(mesh, acc, incoming, op: str, axis: str, runs) -> None:
             acc.data[at] = _OPS[op](acc.data[at], incoming.data[at])
 
 
-def _chains(mesh, acc, axis, op, name, tag, stages, buffers, forwarding, schedule) -> None:
+def _chains(mesh, acc, axis, op, tag, stages, buffers, forwarding, schedule) -> None:
     """Run two chains stage by stage; ``stages[s]`` holds the left and the right chain's
     (sources, destinations) of stage s, or None where that chain has finished (``schedule``:
-    what they were made from). Streamed chains that stay inside this rank's block run in one
-    compiled pass (:class:`_BlockChains`)."""
-    fabric, hw = mesh.fabric, mesh.hardware
+    what they were made from). Runs of streamed stages that stay inside this rank's block go
+    in one compiled pass each (:class:`_BlockChains`)."""
     streaming = forwarding == "stream"
-    if streaming:
-        in_block = _BlockChains.of(mesh, acc, axis, tag, stages, schedule)
-        if in_block is not None:
-            in_block.run(mesh, acc, op)
-            return
     head = mesh.clock.copy() if streaming else None     # when each core's stream can leave
     involved = np.zeros(mesh.block_shape, bool)
-    for stage, (sides, patterns) in enumerate(zip(stages, _chain_patterns(fabric, axis, tag, stages))):
-        started = []
-        for pattern, buf in zip(patterns, [buf for links, buf in zip(sides, buffers) if links is not None]):
-            transfer = pattern.start(acc, buf, depart=head, payload=not streaming)
-            started.append((transfer, buf, mesh.positions_mask(axis, pattern.src),
-                            mesh.positions_mask(axis, pattern.dst), mesh.positions_runs(axis, pattern.dst)))
-        heads_in = np.full(mesh.block_shape, -np.inf) if streaming else None
-        for transfer, *_ in started:    # every delivery of the stage lands, then the adds
-            transfer.wait(into=heads_in)
-        for _, buf, senders, receivers, runs in started:
-            _combine(mesh, acc, buf, op, axis, runs)
-            if streaming:
-                for index in runs:        # the receivers' lines of this block, as views where it can
-                    at = (slice(None), index) if axis == "x" else (index,)
-                    head[at] = costs.streaming_stage_head(hw, heads_in[at], head[at])
-                mesh.compute(acc.tile_elements, where=receivers, advance_clock=False)
-                mesh.software_stage(receivers, advance_clock=False)
-                involved |= senders | receivers
-            else:
-                mesh.compute(acc.tile_elements, where=receivers)
-                mesh.software_stage(receivers)
-        mesh.step(f"{tag} stage {stage}")
+    for first, last, in_block in _chain_parts(mesh, acc, axis, tag, stages, schedule, streaming):
+        if in_block is not None:
+            in_block.run(mesh, acc, op, head)
+            involved |= in_block.involved
+            continue
+        for stage, patterns in zip(range(first, last), _chain_patterns(mesh.fabric, axis, tag, stages[first:last])):
+            buffers_used = [buf for links, buf in zip(stages[stage], buffers) if links is not None]
+            _stage(mesh, acc, axis, op, patterns, buffers_used, head, involved)
+            mesh.step(f"{tag} stage {stage}")
     if streaming:  # every core of the chains is busy until the tail of the stream has passed it
-        done = head + costs.streamed_payload(hw, acc.tile_bytes, acc.tile_elements)
+        done = head + costs.streamed_payload(mesh.hardware, acc.tile_bytes, acc.tile_elements)
         np.maximum(mesh.clock, np.where(involved, done, -np.inf), out=mesh.clock)
+
+
+def _stage(mesh, acc, axis, op, patterns, buffers, head, involved) -> None:
+    """One stage of the chains: each side's pattern delivers into its buffer, then the receivers
+    add what arrived; streamed (``head``), the heads move on and ``involved`` gains the
+    stage's cores, else each receiver's clock pays the stage."""
+    started = []
+    for pattern, buf in zip(patterns, buffers):
+        transfer = pattern.start(acc, buf, depart=head, payload=head is None)
+        started.append((transfer, buf, mesh.positions_mask(axis, pattern.src),
+                        mesh.positions_mask(axis, pattern.dst), mesh.positions_runs(axis, pattern.dst)))
+    heads_in = None if head is None else np.full(mesh.block_shape, -np.inf)
+    for transfer, *_ in started:    # every delivery of the stage lands, then the adds
+        transfer.wait(into=heads_in)
+    for _, buf, senders, receivers, runs in started:
+        _combine(mesh, acc, buf, op, axis, runs)
+        if head is not None:
+            for index in runs:        # the receivers' lines of this block, as views where it can
+                at = (slice(None), index) if axis == "x" else (index,)
+                head[at] = costs.streaming_stage_head(mesh.hardware, heads_in[at], head[at])
+            mesh.compute(acc.tile_elements, where=receivers, advance_clock=False)
+            mesh.software_stage(receivers, advance_clock=False)
+            involved |= senders | receivers
+        else:
+            mesh.compute(acc.tile_elements, where=receivers)
+            mesh.software_stage(receivers)
 
 
 def _chain_patterns(fabric, axis: str, tag: str, stages) -> list:
@@ -143,31 +150,43 @@ def _chain_patterns(fabric, axis: str, tag: str, stages) -> list:
              for side, links in zip(("left", "right"), sides) if links is not None] for sides in stages]
 
 
+def _chain_parts(mesh, acc, axis: str, tag: str, stages, schedule, streaming: bool) -> list:
+    """The chains' stages as parts ``(first, last, plan)``: a run of streamed stages whose
+    patterns stay inside this rank's block (on any rank), with unshared links on a wafer that
+    is not remapped, planned as one :class:`_BlockChains`; any other stage alone, with None
+    (run stage by stage). Made once per schedule and tile; patterns freed since are planned
+    again."""
+    if not streaming:
+        return [(0, len(stages), None)]
+    key = ("allreduce chains", axis, tag, schedule, acc.tile_bytes, acc.tile_elements)
+    parts = mesh.fabric.kernel_plans.get(key)
+    if parts is None:
+        patterns = _chain_patterns(mesh.fabric, axis, tag, stages)
+        inside = [bool(stage) and all(p.one_pass and not p.worm_rounds and p.physical is None
+                                      and not p.links_shared and not p.relay for p in stage) for stage in patterns]
+        parts, first = [], 0
+        while first < len(stages):
+            last = first + 1
+            while inside[first] and last < len(stages) and inside[last]:
+                last += 1
+            plan = _BlockChains(mesh, acc, axis, tag, patterns[first:last], first) if inside[first] else None
+            parts.append((first, last, plan))
+            first = last
+        mesh.fabric.kernel_plans[key] = parts
+    for first, last, plan in parts:
+        if plan is not None and not all(p.live for p in plan.patterns):
+            plan.patterns = [p for stage in _chain_patterns(mesh.fabric, axis, tag, stages[first:last]) for p in stage]
+    return parts
+
+
 class _BlockChains:
-    """Streamed chains (``forwarding="stream"``) whose every stage stays inside this rank's
-    block, planned once per schedule and tile: all their stages in one compiled pass
-    (:func:`_run_block_chains`), with the times, sums, charges, counts and timeline rows of
-    :func:`_chains` run stage by stage."""
+    """A run of streamed chain stages that all stay inside this rank's block, planned once per
+    schedule and tile: the stages in one compiled pass (:func:`_run_block_chains`), with the
+    times, sums, charges, counts and timeline rows of :func:`_stage` run stage by stage."""
 
-    @classmethod
-    def of(cls, mesh, acc, axis: str, tag: str, stages, schedule) -> "_BlockChains | None":
-        """The plan for these chains, or None when there are none or when some stage's pattern
-        leaves the block (on any rank), has worms sharing links or runs on a remapped wafer."""
-        key = ("allreduce chains", axis, tag, schedule, acc.tile_bytes, acc.tile_elements)
-        plans = mesh.fabric.kernel_plans
-        if key not in plans:
-            patterns = _chain_patterns(mesh.fabric, axis, tag, stages)
-            flat = [p for stage in patterns for p in stage]
-            fits = bool(flat) and all(p.one_pass and not p.worm_rounds and p.physical is None and not p.links_shared
-                       and not p.relay for p in flat)
-            plans[key] = cls(mesh, acc, axis, tag, patterns) if fits else None
-        plan = plans[key]
-        if plan is not None and not all(p.live for p in plan.patterns):   # freed since: planned again
-            plan.patterns = [p for stage in _chain_patterns(mesh.fabric, axis, tag, stages) for p in stage]
-        return plan
-
-    def __init__(self, mesh, acc, axis: str, tag: str, patterns: list):
-        self.axis, self.labels = axis, [f"{tag} stage {stage}" for stage in range(len(patterns))]
+    def __init__(self, mesh, acc, axis: str, tag: str, patterns: list, first: int):
+        self.axis = axis
+        self.labels = [f"{tag} stage {stage}" for stage in range(first, first + len(patterns))]
         flat = self.patterns = [p for stage in patterns for p in stage]
         # each side's walk of its own worms (meshmpi.fabric.start_own), joined side after side
         walks = [p.own_walk(acc.tile_bytes, False, False) for p in flat]
@@ -181,7 +200,6 @@ class _BlockChains:
         self.alpha, self.beta = mesh.fabric.alpha, float(costs.software_stage(hw))
         self.elements = int(acc.tile_elements)
         self.cycles = float(costs.compute(hw, np.int64(self.elements), 1))
-        self.streamed = costs.streamed_payload(hw, acc.tile_bytes, acc.tile_elements)
         involved = np.zeros(mesh.fabric.block_length(axis), bool)
         for p in flat:
             involved[p.own_source_positions] = involved[p.own_batch.dests] = True
@@ -209,10 +227,10 @@ class _BlockChains:
         self.hops = np.array([max((p.max_hops for p in flat[a:b]), default=0)
                               for a, b in zip(self.side_start[:-1], self.side_start[1:])], np.int64)
 
-    def run(self, mesh, acc, op: str) -> None:
-        """The chains on ``acc`` (reduced with ``op``), from the cores' clocks."""
+    def run(self, mesh, acc, op: str, head: np.ndarray) -> None:
+        """The stages on ``acc`` (reduced with ``op``) from the stream heads ``head`` (moved on
+        in place)."""
         axis = self.axis
-        head = mesh.clock.copy()
         free = mesh.fabric.link_free(axis)
         busy, flops, relays = mesh.charged_per_core(axis)
         data = _NO_TILES if mesh.dry_run else acc.data.reshape(mesh.block_shape + (-1,))
@@ -228,8 +246,6 @@ class _BlockChains:
         mesh.totals["flops"] += int(self.added[:, 2].sum())
         mesh.totals["relays"] += self.relays
         mesh.max_hops = max(mesh.max_hops, int(self.hops.max(initial=0)))
-        done = head + self.streamed   # every core of the chains is busy until the tail has passed it
-        np.maximum(mesh.clock, np.where(self.involved, done, -np.inf), out=mesh.clock)
 
 
 _NO_TILES = np.empty((0, 0, 0), np.float32)
@@ -342,8 +358,8 @@ def _tree(mesh, acc, axis, op, groups, name, spans, root_last=False, forwarding=
     buffers = (mesh.alloc(f"{name}.recv.left", acc.tile_shape, acc.dtype),
                mesh.alloc(f"{name}.recv.right", acc.tile_shape, acc.dtype))
     schedule = (tuple(spans), groups, root_last)
-    _chains(mesh, acc, axis, op, name, "group", in_groups, buffers, forwarding, schedule)
-    _chains(mesh, acc, axis, op, name, "roots", between_roots, buffers, forwarding, schedule)
+    _chains(mesh, acc, axis, op, "group", in_groups, buffers, forwarding, schedule)
+    _chains(mesh, acc, axis, op, "roots", between_roots, buffers, forwarding, schedule)
     for buf in buffers:
         buf.free()
     # Phase 3: each span's root multicasts the result back along its span.
