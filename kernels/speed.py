@@ -1,10 +1,11 @@
 """``python -m kernels bench speed``: how fast the emulator itself runs.
 
 - numeric MeshGEMM (default 2048³ on 16x16) on 1 and 2 ranks, one BLAS thread each, against
-  the least the ranks must compute: one rank's share of the batched tile products, timed in
-  the same run on one thread (the floor), that share with each step's copy of every A tile
-  (the least that emulating the ring's moves adds, B's tiles being read where they started:
-  the moves floor), and against ``numpy.matmul`` on as many threads;
+  the least the ranks must compute: each rank's share of the batched tile products, timed in
+  the same run on as many processes at once, one thread each (the floor), that share with
+  each step's copy of every A tile (the least that emulating the ring's moves adds, B's tiles
+  being read where they started: the moves floor), and against ``numpy.matmul`` on as many
+  threads;
 - dry runs of MeshGEMM 2K and MeshGEMV 16K at paper-scale meshes (default 360² and 720²) on
   1 and 2 ranks: the kernel's wall time and the speed-up of 2 ranks over 1.
 
@@ -77,32 +78,41 @@ for _ in range(3):
 print(json.dumps(min(times)))
 """
 
-# The least one rank must compute: its share of the block's batched tile products, one per step;
-# and, second, the same with the least an emulator of the shifts must also do: every A tile of
-# its share copied once per step (the ring's move along x), at this machine's memory speed; the
-# products read B's tiles where they started (``kernels.gemm._b_read_in_place``).
+# The least the ranks must compute, every rank at once as in the run they bound (they share the
+# machine's cores, caches and memory): each rank's share of the block's batched tile products,
+# one per step; and, second, the same with the least an emulator of the shifts must also do:
+# every A tile of its share copied once per step (the ring's move along x), at this machine's
+# memory speed; the products read B's tiles where they started (``kernels.gemm._b_read_in_place``).
+# Each figure is the slowest rank's, the best of ``repeats``.
 _FLOOR_TIMER = """
 import json, sys, time
 import numpy as np
-side, size, ranks, repeats = (int(v) for v in sys.argv[1:5])
+from mpi4py import MPI
+world = MPI.COMM_WORLD
+side, size, repeats = (int(v) for v in sys.argv[1:4])
 tile = size // side
-rng = np.random.default_rng(0)
-a = rng.standard_normal((-(-side // ranks), side, tile, tile)).astype(np.float32)
-b = rng.standard_normal((-(-side // ranks), side, tile, tile)).astype(np.float32)
+rng = np.random.default_rng(world.rank)
+a = rng.standard_normal((-(-side // world.size), side, tile, tile)).astype(np.float32)
+b = rng.standard_normal((-(-side // world.size), side, tile, tile)).astype(np.float32)
 c = np.zeros_like(a)
 a_next = np.empty_like(a)
 products, moves = [], []
+def slowest(t0):
+    return world.allreduce(time.perf_counter() - t0, op=MPI.MAX)
 for _ in range(repeats):
+    world.Barrier()
     t0 = time.perf_counter()
     for step in range(side):
         c += np.matmul(a, b)
-    products.append(time.perf_counter() - t0)
+    products.append(slowest(t0))
+    world.Barrier()
     t0 = time.perf_counter()
     for step in range(side):
         c += np.matmul(a, b)
         np.copyto(a_next, a)
-    moves.append(time.perf_counter() - t0)
-print(json.dumps([min(products), min(moves)]))
+    moves.append(slowest(t0))
+if world.rank == 0:
+    print(json.dumps([min(products), min(moves)]))
 """
 
 
@@ -118,11 +128,16 @@ def child_env(threads: int) -> dict:
     return env
 
 
+def _launcher(ranks: int) -> list[str]:
+    """``mpiexec -n ranks`` (the environment's own), or nothing for one rank."""
+    return [] if ranks == 1 else [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks)]
+
+
 def kernel_command(ranks: int, kernel: str, algo: str, side: int, size: int, dry_run: bool,
                    hardware: tuple = ()) -> list[str]:
     """``[mpiexec -n ranks] python -m kernels gemm|gemv ... --json`` (``hardware``: extra
     ``--hardware``/``--set`` options)."""
-    launcher = [] if ranks == 1 else [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks)]
+    launcher = _launcher(ranks)
     shape = ["--m", str(size), "--k", str(size), "--n", str(size)] if kernel == "gemm" else \
         ["--m", str(size), "--n", str(size)]
     return launcher + [sys.executable, "-m", "kernels", kernel, "--algo", algo, "--mesh", f"{side}x{side}",
@@ -163,7 +178,7 @@ def numeric_rows(mesh: int, size: int, repeats: int, bar, hardware: tuple = ()) 
                         for _ in range(repeats))
     for ranks in RANKS:
         cmd = kernel_command(ranks, "gemm", "meshgemm", mesh, size, dry_run=False, hardware=hardware)
-        floor_cmd = [sys.executable, "-c", _FLOOR_TIMER, str(mesh), str(size), str(ranks), "2"]
+        floor_cmd = _launcher(ranks) + [sys.executable, "-c", _FLOOR_TIMER, str(mesh), str(size), "2"]
         wall, floor, moves, report = float("inf"), float("inf"), float("inf"), None
         for _ in range(repeats):
             report = _child_json(cmd)
@@ -198,7 +213,7 @@ def dry_rows(sides, gemm_size: int, gemv_size: int, repeats: int, bar, hardware:
 def generate_command(ranks: int, model: str, mesh: str, dry_run: bool, new_tokens: int, prompt: int,
                      hardware: tuple = ()) -> list[str]:
     """``[mpiexec -n ranks] python -m llm generate ... --layers all --json --quiet``."""
-    launcher = [] if ranks == 1 else [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks)]
+    launcher = _launcher(ranks)
     shape = ["--prompt-len", str(prompt), "--dry-run"] if dry_run else \
         ["--prompt-ids", ",".join(str(1 + i) for i in range(prompt)), "--ignore-eos"]
     return launcher + [sys.executable, "-m", "llm", "generate", "--model", model, "--mesh", mesh, *shape,
