@@ -101,9 +101,13 @@ def _chains(mesh, acc, axis, op, tag, stages, buffers, forwarding, schedule) -> 
     what they were made from). Runs of streamed stages that stay inside this rank's block go
     in one compiled pass each (:class:`_BlockChains`)."""
     streaming = forwarding == "stream"
+    parts = _chain_parts(mesh, acc, axis, tag, stages, schedule, streaming)
+    if streaming and len(parts) == 1 and parts[0][2] is not None:
+        parts[0][2].run(mesh, acc, op)       # every stage in one pass, settling into the clocks
+        return
     head = mesh.clock.copy() if streaming else None     # when each core's stream can leave
     involved = np.zeros(mesh.block_shape, bool)
-    for first, last, in_block in _chain_parts(mesh, acc, axis, tag, stages, schedule, streaming):
+    for first, last, in_block in parts:
         if in_block is not None:
             in_block.run(mesh, acc, op, head)
             involved |= in_block.involved
@@ -204,6 +208,8 @@ class _BlockChains:
         for p in flat:
             involved[p.own_source_positions] = involved[p.own_batch.dests] = True
         self.involved = involved[:, None] if axis == "y" else involved[None, :]
+        self.involved_positions = np.flatnonzero(involved)
+        self.streamed = float(costs.streamed_payload(hw, acc.tile_bytes, acc.tile_elements))
         self._count(mesh, acc.tile_bytes, flat)
 
     def _count(self, mesh, nbytes: int, flat: list) -> None:
@@ -227,20 +233,23 @@ class _BlockChains:
         self.hops = np.array([max((p.max_hops for p in flat[a:b]), default=0)
                               for a, b in zip(self.side_start[:-1], self.side_start[1:])], np.int64)
 
-    def run(self, mesh, acc, op: str, head: np.ndarray) -> None:
-        """The stages on ``acc`` (reduced with ``op``) from the stream heads ``head`` (moved on
-        in place)."""
+    def run(self, mesh, acc, op: str, head: np.ndarray | None = None) -> None:
+        """The stages on ``acc`` (reduced with ``op``) from the stream heads ``head``, moved on
+        in place; None: from the cores' clocks, and every core of the chains is then busy until
+        the tail of the stream has passed it (all the chains' stages are these)."""
         axis = self.axis
         free = mesh.fabric.link_free(axis)
         busy, flops, relays = mesh.charged_per_core(axis)
         data = _NO_TILES if mesh.dry_run else acc.data.reshape(mesh.block_shape + (-1,))
-        if not mesh.dry_run and not np.shares_memory(data, acc.data):
+        if not mesh.dry_run and not np.may_share_memory(data, acc.data):
             raise AssertionError(f"{acc.name}: tiles not laid out in place")
-        _run_block_chains(head.T if axis == "x" else head, free[+1], free[-1], self.side_start, self.worm_start,
+        mesh.timeline.still_steps(self.labels, self.added, self.hops)    # before the clocks settle
+        heads = mesh.clock if head is None else head
+        _run_block_chains(heads.T if axis == "x" else heads, head is None, self.involved_positions, self.streamed,
+                          free[+1], free[-1], self.side_start, self.worm_start,
                           self.delivery_start, *self.walk, self.senders, self.alpha, self.beta,
                           data.swapaxes(0, 1) if axis == "x" else data, not mesh.dry_run, op == "max",
                           busy, flops, relays, self.cycles, self.elements)
-        mesh.timeline.still_steps(self.labels, self.added, self.hops)
         mesh.count_along(self.count_rows, axis, self.per_position, self.every_line, self.every_line.size,
                          self.count_sums)
         mesh.totals["flops"] += int(self.added[:, 2].sum())
@@ -260,15 +269,21 @@ def _starts(counts) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _run_block_chains(head, free_right, free_left, side_start, worm_start, delivery_start, sign, first, links,
-                      relayed, sources, occupancy, delivery, dests, tails, capacity, senders, alpha, beta, acc,
-                      numeric, take_max, busy, flops, relays, cycles, elements):
+def _run_block_chains(heads, settle, involved, streamed, free_right, free_left, side_start, worm_start,
+                      delivery_start, sign, first, links, relayed, sources, occupancy, delivery, dests, tails,
+                      capacity, senders, alpha, beta, acc, numeric, take_max, busy, flops, relays, cycles, elements):
     """Every stage of :class:`_BlockChains` ([position, line] arrays): each side's worms start
-    from the cores' stream heads ``head`` (:func:`meshmpi.fabric.start_own`, heads alone);
-    then, side by side, the receivers add what arrived (``acc``, numeric runs), their heads
-    move on to ``max(arrival, head) + beta`` and they are charged ``cycles``, ``elements``
-    FLOPs and one relay."""
-    lines = head.shape[1]
+    from the stream heads (:func:`meshmpi.fabric.start_own`, heads alone); then, side by
+    side, the receivers add what arrived (``acc``, numeric runs), their heads move on to
+    ``max(arrival, head) + beta`` and they are charged ``cycles``, ``elements`` FLOPs and one
+    relay. The heads start from ``heads`` on the ``involved`` positions and go back there; with
+    ``settle``, ``heads`` are the clocks, and each involved core's clock becomes instead
+    ``max(clock, head + streamed)``, busy until the stream's tail has passed."""
+    lines = heads.shape[1]
+    head = np.empty(heads.shape)
+    for p in involved:
+        for line in range(lines):
+            head[p, line] = heads[p, line]
     stages = side_start.size - 1
     most = 0
     for s in range(stages):
@@ -310,6 +325,9 @@ def _run_block_chains(head, free_right, free_left, side_start, worm_start, deliv
                             acc[d, line, e] = x if x >= y or x != x else y
                         else:
                             acc[d, line, e] = x + y
+    for p in involved:
+        for line in range(lines):
+            heads[p, line] = max(heads[p, line], head[p, line] + streamed) if settle else head[p, line]
 
 
 @functools.lru_cache(maxsize=1024)
