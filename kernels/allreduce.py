@@ -25,6 +25,10 @@ The ring's steps exchange different parts of the vector and stay store-and-forwa
 with its own chains (its own groups and root) and its own broadcast over the span; cores outside
 every span take no part. A span of one core has nothing to reduce. The spans share no link or
 router, so each costs what a line of its length costs; together they use the routes of one line.
+
+How it runs: streamed chain stages that stay inside a rank's block (all of them on one rank)
+go in one compiled pass per run of stages, with exactly the times, sums, charges, counts and
+timeline rows of running them stage by stage, as the stages that cross ranks still run.
 """
 from __future__ import annotations
 
