@@ -113,7 +113,7 @@ class LinePattern:
             self.physical = defects.PatternPaths(fabric.remap, self, self.block_start,
                                                  self.block_start + fabric.block_length(axis), lines)
             self.max_hops = self.physical.max_hops
-            self.one_pass = False
+            self.one_pass = self.one_pass_multicast = False
         mesh.routes.declare(axis, self.group, id(self), self.routes)
         self._counts = {}             # per tile size: what a start adds to the counters
         self._times = {}              # per tile size (and in place or not): its fixed times
@@ -250,6 +250,9 @@ class LinePattern:
         in_block = not self.worm_rounds and self.own_batch.index.size == self.own_worms.size
         one_crossing = len(self.worm_rounds) == 1 and not self.links_shared
         self.one_pass = not self.multicast and self.own_senders_in_order and (in_block or one_crossing)
+        # Multicasts inside their blocks (on any rank): walked and landed along their paths in
+        # one compiled pass (:meth:`_start_multicast`). Set again once a remapped wafer is known.
+        self.one_pass_multicast = self.multicast and not self.worm_rounds and not self.relay and not self.links_shared
         delivery = np.full(self.own_worms.size, -1, np.int64)
         delivery[self.own_batch.rows] = np.arange(self.own_batch.rows.size)
         self.own_delivery = delivery        # per own worm: its delivery in the own batch, or -1
@@ -341,6 +344,9 @@ class LinePattern:
             landings = [] if not land or mesh.dry_run else [self.block_landing] if not self.worm_rounds else \
                 [self.block_landing, self.pool_landing[:1] + (carry.pool(),) + self.pool_landing[1:]]
             return Transfer(self, src, dst, arrivals, landings, lines_idx)
+        if self.one_pass_multicast and lines_idx is None:
+            arrivals = self._start_multicast(mesh.clock if depart is None else depart, nbytes, src is dst, payload)
+            return Transfer(self, src, dst, arrivals, [self.block_landing] if land and not mesh.dry_run else [], None)
         send_clock = _pos_first(mesh.clock if depart is None else depart, axis)
         if lines_idx is not None:
             send_clock = send_clock[:, lines_idx]
@@ -511,6 +517,32 @@ class LinePattern:
                 NO_EXTRA if extra is None else extra, not self.relay, self.fabric.alpha,
                 self.fabric.beta if self.relay else 0.0)
         return walk
+
+    def _start_multicast(self, clock: np.ndarray, nbytes: int, in_place: bool, payload: bool) -> list:
+        """:meth:`_move_heads` for a pattern of :attr:`one_pass_multicast` on every line, from the
+        senders' clocks ``clock`` (block-shaped), in one compiled pass (:func:`_multicast_own`):
+        the same times, as (destinations, landings, run) and, with ``payload``, (senders,
+        completions, run)."""
+        key = (nbytes, payload, in_place, "multicast")
+        walk = self._times.get(key)
+        if walk is None:
+            own = self.own_batch
+            _, occupancy, tails, extra, capacity = self._crossing_times(nbytes, payload, in_place)
+            order = np.argsort(own.rows, kind="stable")           # each worm's deliveries together
+            starts = np.searchsorted(own.rows[order], np.arange(own.worms.which.size + 1)).astype(np.int64)
+            walk = self._times[key] = (
+                own.worms.sign, own.worms.first, own.worms.links, self.own_source_positions,
+                np.ascontiguousarray(occupancy, np.float64), order.astype(np.int64), starts, own.columns, own.dests,
+                np.ascontiguousarray(tails[own], np.float64), np.ascontiguousarray(capacity[own][:, 0], np.float64),
+                NO_EXTRA if extra is None else extra, self.own_sender_of.astype(np.int64), own.worms.width)
+        free = self.fabric.link_free(self.axis)
+        lines = free[+1].shape[1]
+        landed = np.empty((self.own_batch.index.size, lines))
+        latest = np.full((self.own_senders.size if payload else 0, lines), -np.inf)
+        _multicast_own(_pos_first(clock, self.axis), self.fabric.transfer_start if payload else 0.0, free[+1],
+                         free[-1], *walk, self.fabric.alpha, payload, landed, latest)
+        arrivals = [(self.own_batch.dests, landed, self.own_batch.run)]
+        return arrivals + [(self.own_senders, latest, self.own_senders_run)] if payload else arrivals
 
     def _cross(self, clock, free, nbytes: int, in_place: bool, payload: bool, carry: "_Payload", last, done) -> list:
         """The crossing part of :meth:`_start_one_pass`: one exchange with each neighbour of the
@@ -729,6 +761,47 @@ def start_own(clock, start_cost, free_right, free_left, read_right, read_left, s
 
 
 @numba.njit(cache=True, nogil=True)
+def _multicast_own(clock, start_cost, free_right, free_left, sign, first, links, sources, occupancy, order, starts,
+                   columns, dests, tails, capacity, extra, sender_of, width, alpha, payload, landed, latest):
+    """A multicast's own worms inside the block, in one pass (``clock`` [position, line]): each
+    departs at its sender's clock plus ``start_cost``, its head walks its links
+    (:func:`meshmpi.worms.walk_worm`, the head at each core kept), and each of its deliveries
+    (``order[starts[g]:starts[g + 1]]``, at path column ``columns[k]``) lands at
+    :func:`meshmpi.costs.landing` (posted at the receiver's clock plus ``start_cost`` and
+    ``extra``). With ``payload``, the worm's send completes at
+    :func:`meshmpi.costs.send_completion` with back-pressure the latest of its deliveries'
+    ``landed - capacity``, and its sender's completion ``latest[sender_of[g]]`` is the latest
+    of its worms'."""
+    lines = clock.shape[1]
+    delays = extra.shape[0] > 0
+    scratch = np.empty((5, lines))
+    head, last, need = np.empty(lines), np.empty(lines), np.empty(lines)
+    path = np.empty((width + 1, lines))
+    hops = np.ones((1, 1), np.int64)
+    for g in range(sign.size):
+        source = sources[g]
+        for line in range(lines):
+            head[line] = clock[source, line] + start_cost
+        right = sign[g] > 0
+        worms.walk_worm(head, last, path, sign[g], first[g], links[g], occupancy[g], 0.0,
+                        free_right if right else free_left, free_right if right else free_left, hops, False, False,
+                        alpha, 0.0, scratch)
+        need[:] = -np.inf
+        for i in range(starts[g], starts[g + 1]):
+            k = order[i]
+            d, c, tail, cap = dests[k], columns[k], tails[k], capacity[k]
+            wait = extra[d, 0] if delays else 0.0
+            for line in range(lines):
+                x = costs.landing(path[c, line], clock[d, line] + start_cost + wait, tail)
+                landed[k, line] = x
+                need[line] = max(need[line], x - cap)
+        if payload:
+            r = sender_of[g]
+            for line in range(lines):
+                latest[r, line] = max(latest[r, line], costs.send_completion(head[line], occupancy[g], need[line], 0.0))
+
+
+@numba.njit(cache=True, nogil=True)
 def _report_paths(free_right, free_left, sign, first, links, rows, dests, clock, start_cost, extra, report):
     """What the worms arriving in this block will meet, for their senders: per worm g, the free
     times of its local links in path order (``report[g, i]``) and the posting of its delivery
@@ -938,6 +1011,8 @@ def warm_up() -> None:
               none_f, np.empty((0, 1)), NO_EXTRA, True, 1.0, 0.0, np.empty((0, 1)), np.empty((0, 1)),
               np.empty((1, 1)))
     _report_paths(f8, f8, none_i, none_i, none_i, none_i, none_i, f8, 0.0, NO_EXTRA, np.empty((0, 1, 1)))
+    _multicast_own(f8, 0.0, f8, f8, none_i, none_i, none_i, none_i, none_f, none_i, np.zeros(1, np.int64), none_i,
+                   none_i, none_f, none_f, NO_EXTRA, none_i, 0, 1.0, True, np.empty((0, 1)), np.empty((0, 1)))
     _complete_leaving(np.empty((0, 1)), np.empty((0, 1, 1)), none_i, none_f, none_f, none_f, np.empty((0, 1)), 1.0,
                       np.empty((0, 1)))
     worms._walk(f8, f8, f8, f8, False, i8, i8, False, none_i, none_i, none_i, none_b, np.empty((0, 1)), none_f,
@@ -951,6 +1026,7 @@ def warm_up() -> None:
     # [line, position] blocks ("F"); masks and per-core values broadcast from a line ("A").
     _load_layouts(start_own, dict.fromkeys((0, 2, 3, 4, 5), "F"))
     _load_layouts(_report_paths, dict.fromkeys((0, 1, 7), "F"))
+    _load_layouts(_multicast_own, dict.fromkeys((0, 2, 3), "F"))
     _load_layouts(worms._walk, dict.fromkeys((0, 1, 2, 3), "F"))
     _load_layouts(_charge, {4: "A"})
     _load_layouts(_charge, {5: "A", 6: "A"})

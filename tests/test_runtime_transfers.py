@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 from meshmpi import HazardError
 from meshmpi.host import gather_block_arrays, gather_tiles, scatter_tiles
@@ -256,6 +257,38 @@ def test_a_transfer_that_does_not_land_is_timed_and_counted_alike(new_mesh, worl
     assert landed.keys() == kept.keys()
     for name in landed:
         assert np.array_equal(landed[name], kept[name]), name
+
+
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_a_multicast_inside_a_block_starts_in_one_pass_as_on_the_general_path(new_mesh, axis):
+    """Multicasts whose worms stay in one block walk and land in one compiled pass: the same
+    tiles, clocks, link free times and counters as the general path's batches, from uneven
+    clocks, in place and not, with the heads alone and from given departures."""
+    seen = []
+    for one_pass in (True, False):
+        mesh = new_mesh(7, 9, comm=MPI.COMM_SELF)
+        rng = np.random.default_rng(8)
+        mesh.clock[...] = rng.uniform(0, 300, mesh.block_shape)
+        a_full, b_full, a, b = fresh_buffers(mesh, np.float32, seed=4)
+        n = mesh.axis_length(axis)
+        with mesh.fabric.scope():
+            patterns = [mesh.fabric.multicasts("bcast", axis, [1, n - 2], [(0, 4), (4, n)]),
+                        mesh.fabric.multicast("one", axis, root=n // 2)]
+            for pattern in patterns:
+                assert pattern.one_pass_multicast
+                pattern.one_pass_multicast = one_pass
+            patterns[0].run(a)
+            patterns[1].run(a, b)
+            patterns[0].start(b, depart=mesh.clock + 40.0, payload=False).wait()
+            patterns[1].run(b)
+        free = {key: f.copy() for key, f in mesh.fabric.link_free(axis).items()}
+        seen.append((gather_tiles(mesh, a), gather_tiles(mesh, b), mesh.clock.copy(), mesh.busy.copy(),
+                     mesh.counters, free))
+    (a_1, b_1, clock_1, busy_1, counters_1, free_1), (a_2, b_2, clock_2, busy_2, counters_2, free_2) = seen
+    assert np.array_equal(a_1, a_2) and np.array_equal(b_1, b_2) and not np.array_equal(a_1, a_full)
+    assert np.array_equal(clock_1, clock_2) and np.array_equal(busy_1, busy_2)
+    assert all(np.array_equal(counters_1[name], counters_2[name]) for name in counters_1)
+    assert all(np.array_equal(free_1[sign], free_2[sign]) for sign in free_1)
 
 
 @pytest.mark.parametrize("grid", list(GRIDS))
