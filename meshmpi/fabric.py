@@ -540,7 +540,7 @@ class LinePattern:
         landed = np.empty((self.own_batch.index.size, lines))
         latest = np.full((self.own_senders.size if payload else 0, lines), -np.inf)
         _multicast_own(_pos_first(clock, self.axis), self.fabric.transfer_start if payload else 0.0, free[+1],
-                         free[-1], *walk, self.fabric.alpha, payload, landed, latest)
+                       free[-1], *walk, self.fabric.alpha, payload, landed, latest)
         arrivals = [(self.own_batch.dests, landed, self.own_batch.run)]
         return arrivals + [(self.own_senders, latest, self.own_senders_run)] if payload else arrivals
 
