@@ -525,16 +525,14 @@ class LinePattern:
         completions, run)."""
         key = (nbytes, payload, in_place, "multicast")
         walk = self._times.get(key)
-        if walk is None:
+        if walk is None:     # own_walk's, with each worm's deliveries together along its path
             own = self.own_batch
-            _, occupancy, tails, extra, capacity = self._crossing_times(nbytes, payload, in_place)
-            order = np.argsort(own.rows, kind="stable")           # each worm's deliveries together
-            starts = np.searchsorted(own.rows[order], np.arange(own.worms.which.size + 1)).astype(np.int64)
-            walk = self._times[key] = (
-                own.worms.sign, own.worms.first, own.worms.links, self.own_source_positions,
-                np.ascontiguousarray(occupancy, np.float64), order.astype(np.int64), starts, own.columns, own.dests,
-                np.ascontiguousarray(tails[own], np.float64), np.ascontiguousarray(capacity[own][:, 0], np.float64),
-                NO_EXTRA if extra is None else extra, self.own_sender_of.astype(np.int64), own.worms.width)
+            sign, first, links, _, sources, occupancy, _, dests, tails, capacity, extra, *_ = \
+                self.own_walk(nbytes, payload, in_place)
+            order = np.argsort(own.rows, kind="stable")
+            starts = np.searchsorted(own.rows[order], np.arange(own.worms.which.size + 1))
+            walk = self._times[key] = (sign, first, links, sources, occupancy, order, starts, own.columns, dests,
+                                       tails, capacity, extra, self.own_sender_of, own.worms.width)
         free = self.fabric.link_free(self.axis)
         lines = free[+1].shape[1]
         landed = np.empty((self.own_batch.index.size, lines))
@@ -789,7 +787,7 @@ def _multicast_own(clock, start_cost, free_right, free_left, sign, first, links,
         need[:] = -np.inf
         for i in range(starts[g], starts[g + 1]):
             k = order[i]
-            d, c, tail, cap = dests[k], columns[k], tails[k], capacity[k]
+            d, c, tail, cap = dests[k], columns[k], tails[k], capacity[k, 0]
             wait = extra[d, 0] if delays else 0.0
             for line in range(lines):
                 x = costs.landing(path[c, line], clock[d, line] + start_cost + wait, tail)
@@ -1012,7 +1010,8 @@ def warm_up() -> None:
               np.empty((1, 1)))
     _report_paths(f8, f8, none_i, none_i, none_i, none_i, none_i, f8, 0.0, NO_EXTRA, np.empty((0, 1, 1)))
     _multicast_own(f8, 0.0, f8, f8, none_i, none_i, none_i, none_i, none_f, none_i, np.zeros(1, np.int64), none_i,
-                   none_i, none_f, none_f, NO_EXTRA, none_i, 0, 1.0, True, np.empty((0, 1)), np.empty((0, 1)))
+                   none_i, none_f, np.empty((0, 1)), NO_EXTRA, none_i, 0, 1.0, True, np.empty((0, 1)),
+                   np.empty((0, 1)))
     _complete_leaving(np.empty((0, 1)), np.empty((0, 1, 1)), none_i, none_f, none_f, none_f, np.empty((0, 1)), 1.0,
                       np.empty((0, 1)))
     worms._walk(f8, f8, f8, f8, False, i8, i8, False, none_i, none_i, none_i, none_b, np.empty((0, 1)), none_f,
