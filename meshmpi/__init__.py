@@ -11,6 +11,7 @@ from .errors import (CheckError, CoreMemoryError, HazardError, LocalityError, Me
                      UsageError)
 from .hardware import Hardware, load_hardware
 from .mesh import Mesh, parse_grid
+from .threads import share_cores
 
 try:
     __version__ = version("meshmpi")
@@ -25,4 +26,4 @@ def mpi_library_version() -> str:
 
 __all__ = ["Mesh", "MeshArray", "Hardware", "load_hardware", "parse_grid", "MeshmpiError", "CheckError", "HazardError",
            "UsageError", "LocalityError", "CoreMemoryError", "RoutingError", "__version__",
-           "mpi_library_version"]
+           "mpi_library_version", "share_cores"]

@@ -16,6 +16,7 @@ from .errors import MeshmpiError, UsageError
 from .hardware import load_hardware
 from .mesh import Mesh, choose_rank_grid, parse_grid
 from .text import article, plural
+from .threads import share_cores
 
 
 def world_rank() -> int:
@@ -188,6 +189,7 @@ def run(main, argv=None) -> None:
     comm = MPI.COMM_WORLD
     try:
         check_launch()
+        share_cores()
         code = main(argv)
     except MeshmpiError as exc:
         if exc.collective:

@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from meshmpi import Mesh, load_hardware
+from meshmpi import Mesh, load_hardware, share_cores
 from meshmpi.host import gather_block_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 # Every mesh of the tests (and of the commands they start) checks for buffers used in flight.
 os.environ["MESHMPI_HAZARD_CHECKS"] = "1"
 HELPERS = Path(__file__).resolve().parent / "helpers"
+# As every command does: each rank's BLAS threads are its share of the node's cores.
+share_cores()
 
 
 @pytest.fixture
