@@ -239,7 +239,8 @@ def rotate_lines(mesh, arr, axis: str, ring: Ring, steps: np.ndarray, name: str)
     """Rotate each line's tiles along ``ring``: line l moves ``steps[l]`` positions backward
     (data at ring position x+s ends at x), taking the shorter direction (PAPER.md §2,
     alignment), one ring step per round on the lines still moving. Each round is timed and
-    counted as it goes; the tiles move once, at the end (:func:`meshmpi.relocate.relocate`)."""
+    counted (:meth:`meshmpi.fabric.LinePattern.repeat`); the tiles move once, at the end
+    (:func:`meshmpi.relocate.relocate`)."""
     n = ring.n
     steps = np.asarray(steps) % n
     backward = np.where(steps <= n // 2, steps, 0)
@@ -250,9 +251,7 @@ def rotate_lines(mesh, arr, axis: str, ring: Ring, steps: np.ndarray, name: str)
             continue
         pattern = fabric.permutation(f"{name}.align.{direction}", axis, dest,
                                      group=f"{name}.align.{axis}.{direction}")
-        for round_ in range(int(counts.max())):
-            pattern.start(arr, arr, lines=np.flatnonzero(counts > round_), land=False).wait()
-            mesh.step(f"align {direction} {round_}")
+        pattern.repeat(arr, counts, f"align {direction}")
     lo, hi = mesh.axis_lines(axis)
     relocate(mesh, arr, axis, ring.order[(ring.position[None, :] + steps[lo:hi, None]) % n])
 

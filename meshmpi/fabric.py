@@ -638,6 +638,42 @@ class LinePattern:
         """``start`` and ``wait`` at once."""
         self.start(src, dst, lines).wait()
 
+    def repeat(self, arr: MeshArray, times: np.ndarray, label: str) -> None:
+        """Run this pattern on ``arr`` in place ``times[l]`` times in a row on each global line
+        ``l`` (a rotation's rounds): round r, on the lines with ``times > r``, is a step labelled
+        ``f"{label} {r}"``, timed and counted as ``start(arr, arr, lines, land=False)`` and
+        ``wait`` would; no tile moves (the caller moves them once, as
+        :func:`meshmpi.relocate.relocate` does). A pattern inside its block runs every round in
+        one compiled pass (:func:`_repeat_own`), its lines ordered so that each round's are the
+        first ones."""
+        rounds = int(times.max(initial=0))
+        if not (self.one_pass and not self.worm_rounds):
+            for r in range(rounds):
+                self.start(arr, arr, lines=np.flatnonzero(times > r), land=False).wait()
+                self.mesh.step(f"{label} {r}")
+            return
+        if not self.live:
+            raise RuntimeError(f"pattern {self.name!r} was freed")
+        if arr.incoming is not None:
+            raise HazardError(f"pattern {self.name!r} started on buffer {arr.name!r} while pattern "
+                              f"{arr.incoming!r} was still delivering into it")
+        mesh, axis, nbytes = self.mesh, self.axis, arr.tile_bytes
+        lo, hi = mesh.axis_lines(axis)
+        local = np.asarray(times[lo:hi], np.int64)
+        order = np.argsort(-local, kind="stable")
+        active = (local[:, None] > np.arange(rounds)[None, :]).sum(axis=0)
+        free = self.fabric.link_free(axis)
+        clocks = np.empty(rounds)
+        _repeat_own(_pos_first(mesh.clock, axis), order, active, self.fabric.transfer_start, free[+1], free[-1],
+                    self.links_shared, *self.own_walk(nbytes, True, True), self.own_senders, clocks)
+        rows, per_position, sums = self.counts(nbytes)
+        per = dict(sums)
+        added = np.stack([per["messages_sent"] * active, per["bytes_sent"] * active, 0 * active], axis=1)
+        hops = np.where(active > 0, self.max_hops, 0)
+        mesh.timeline.still_steps([f"{label} {i}" for i in range(rounds)], added, hops, clocks=clocks)
+        mesh.count_lines(rows, axis, per_position, local, sums)
+        mesh.max_hops = max(mesh.max_hops, int(hops.max(initial=0)))
+
     def _account(self, line_mask: np.ndarray, active: int, nbytes: int) -> None:
         """A start's counts on the ``active`` lines of ``line_mask``."""
         mesh = self.mesh
@@ -756,6 +792,53 @@ def start_own(clock, start_cost, free_right, free_left, read_right, read_left, s
             landed[k, line] = x
             if completes:
                 done[g, line] = costs.send_completion(head[line], occupancy[g], x - cap if track else -np.inf, 0.0)
+
+
+@numba.njit(cache=True, nogil=True)
+def _repeat_own(clock, order, active, start_cost, free_right, free_left, shared, sign, first, links, relayed,
+                sources, occupancy, delivery, dests, tails, capacity, extra, track, alpha, forwards, senders, latest):
+    """:meth:`LinePattern.repeat` inside the block ([position, line] arrays), on the lines
+    taken in ``order`` (most rounds first): round r runs on the first ``active[r]`` of them,
+    as :func:`start_own` (tiles sent in place, their sends completed) then its wait
+    (receivers' clocks raised to their landings, senders' to their completions);
+    ``latest[r]``: the block's latest clock after round r."""
+    positions, lines = clock.shape
+    at, right, left = np.empty((positions, lines)), np.empty(free_right.shape), np.empty(free_left.shape)
+    for i in range(lines):
+        at[:, i], right[:, i], left[:, i] = clock[:, order[i]], free_right[:, order[i]], free_left[:, order[i]]
+    landed, done, last = np.empty((dests.size, lines)), np.empty((sign.size, lines)), np.empty((1, lines))
+    rounds = active.size
+    finished = -np.inf      # the latest clock of the lines with no round left
+    for i in range(active[0] if rounds else 0, lines):
+        finished = max(finished, at[:, i].max())
+    for r in range(rounds):
+        n = active[r]
+        now, now_right, now_left = at[:, :n], right[:, :n], left[:, :n]
+        if shared:      # the worms read the links as the round found them
+            start_own(now, start_cost, now_right, now_left, now_right.copy(), now_left.copy(), True, sign, first,
+                      links, relayed, sources, occupancy, delivery, dests, tails, capacity, extra, track, alpha,
+                      forwards, landed[:, :n], done[:, :n], last[:, :n])
+        else:
+            start_own(now, start_cost, now_right, now_left, now_right, now_left, False, sign, first, links, relayed,
+                      sources, occupancy, delivery, dests, tails, capacity, extra, track, alpha, forwards,
+                      landed[:, :n], done[:, :n], last[:, :n])
+        for k in range(dests.size):
+            d = dests[k]
+            for i in range(n):
+                at[d, i] = max(at[d, i], landed[k, i])
+        for g in range(senders.size):
+            s = senders[g]
+            for i in range(n):
+                at[s, i] = max(at[s, i], done[g, i])
+        going_on = active[r + 1] if r + 1 < rounds else 0
+        for i in range(going_on, n):
+            finished = max(finished, at[:, i].max())
+        most = finished
+        for i in range(going_on):
+            most = max(most, at[:, i].max())
+        latest[r] = most
+    for i in range(lines):
+        clock[:, order[i]], free_right[:, order[i]], free_left[:, order[i]] = at[:, i], right[:, i], left[:, i]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -1009,6 +1092,8 @@ def warm_up() -> None:
               none_f, np.empty((0, 1)), NO_EXTRA, True, 1.0, 0.0, np.empty((0, 1)), np.empty((0, 1)),
               np.empty((1, 1)))
     _report_paths(f8, f8, none_i, none_i, none_i, none_i, none_i, f8, 0.0, NO_EXTRA, np.empty((0, 1, 1)))
+    _repeat_own(f8, np.zeros(1, np.int64), none_i, 0.0, f8, f8, False, none_i, none_i, none_i, none_b, none_i, none_f,
+                none_i, none_i, none_f, np.empty((0, 1)), NO_EXTRA, True, 1.0, 0.0, none_i, none_f)
     _multicast_own(f8, 0.0, f8, f8, none_i, none_i, none_i, none_i, none_f, none_i, np.zeros(1, np.int64), none_i,
                    none_i, none_f, np.empty((0, 1)), NO_EXTRA, none_i, 0, 1.0, True, np.empty((0, 1)),
                    np.empty((0, 1)))
@@ -1025,6 +1110,7 @@ def warm_up() -> None:
     # [line, position] blocks ("F"); masks and per-core values broadcast from a line ("A").
     _load_layouts(start_own, dict.fromkeys((0, 2, 3, 4, 5), "F"))
     _load_layouts(_report_paths, dict.fromkeys((0, 1, 7), "F"))
+    _load_layouts(_repeat_own, dict.fromkeys((0, 4, 5), "F"))
     _load_layouts(_multicast_own, dict.fromkeys((0, 2, 3), "F"))
     _load_layouts(worms._walk, dict.fromkeys((0, 1, 2, 3), "F"))
     _load_layouts(_charge, {4: "A"})

@@ -281,11 +281,21 @@ class Mesh:
                 pending[key] = (rows, per_position, [0])
             pending[key][2][0] += 1
         elif lines:
-            pending = self._per_line[axis]
-            key = (rows.tobytes(), per_position.tobytes())
-            if key not in pending:
-                pending[key] = (rows, per_position.copy(), np.zeros(line_mask.size, np.int64))
-            pending[key][2][line_mask] += 1
+            self.count_lines(rows, axis, per_position, line_mask, sums)
+            return
+        totals = self.totals
+        for name, total in sums:
+            totals[name] += total * lines
+
+    def count_lines(self, rows: np.ndarray, axis: str, per_position: np.ndarray, times: np.ndarray, sums) -> None:
+        """:meth:`count_along` ``times[l]`` times on each of this block's lines ``l`` (a count
+        per line, or a mask)."""
+        pending = self._per_line[axis]
+        key = (rows.tobytes(), per_position.tobytes())
+        if key not in pending:
+            pending[key] = (rows, per_position.copy(), np.zeros(times.size, np.int64))
+        pending[key][2][:] += times
+        lines = int(np.count_nonzero(times)) if times.dtype == bool else int(times.sum())
         totals = self.totals
         for name, total in sums:
             totals[name] += total * lines

@@ -81,21 +81,23 @@ class Timeline:
         if self._open:
             self._close_step(label, *self._snapshot())
 
-    def still_steps(self, labels, added: np.ndarray, hops: np.ndarray) -> None:
-        """Close one step of the innermost open phase per label, for a stretch in which no
-        clock moves (a streamed chain's stages, timed on a schedule of their own), before the
-        caller adds the stretch to the mesh's totals: step i adds ``added[i]`` = (messages,
-        bytes, FLOPs) and its longest transfer crosses ``hops[i]`` links. The rows of a
-        :meth:`note_transfer` and a :meth:`step` per stage."""
+    def still_steps(self, labels, added: np.ndarray, hops: np.ndarray, clocks: np.ndarray | None = None) -> None:
+        """Close one step of the innermost open phase per label, for a stretch timed on a
+        schedule of its own (a streamed chain's stages, in which no clock moves; a rotation's
+        rounds, line by line), before the caller adds the stretch to the mesh's totals: step i
+        adds ``added[i]`` = (messages, bytes, FLOPs), its longest transfer crosses ``hops[i]``
+        links and it ends at this block's latest clock ``clocks[i]`` (None: the clocks as
+        they are). The rows of a :meth:`note_transfer` and a :meth:`step` per stage."""
         if not self._open:
             return
         phase = self.phases[self._open[-1]]
         phase["max_hops"] = max(phase["max_hops"], int(hops.max(initial=0)))
         clock, *counts = self._snapshot()
-        for label, step_added, longest in zip(labels, added.tolist(), hops.tolist()):
+        ends = [clock] * len(labels) if clocks is None else clocks.tolist()
+        for label, step_added, longest, end in zip(labels, added.tolist(), hops.tolist(), ends):
             counts = [c + a for c, a in zip(counts, step_added)]
             self._hops_since_step = max(self._hops_since_step, longest)
-            self._close_step(label, clock, *counts)
+            self._close_step(label, end, *counts)
 
     def _close_step(self, label: str, clock: float, messages: int, nbytes: int, flops: int) -> None:
         _, m0, b0, f0 = self._step_mark

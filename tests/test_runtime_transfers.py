@@ -291,6 +291,50 @@ def test_a_multicast_inside_a_block_starts_in_one_pass_as_on_the_general_path(ne
     assert all(np.array_equal(free_1[sign], free_2[sign]) for sign in free_1)
 
 
+@pytest.mark.parametrize("axis", ["x", "y"])
+@pytest.mark.parametrize("ring", ["interleaved", "interleaved back", "plain", "relayed"])
+def test_rounds_inside_a_block_run_in_one_pass_as_round_by_round(new_mesh, axis, ring):
+    """A pattern repeated a different number of times on each line (a rotation's rounds), inside
+    one block: the same clocks, link free times, counters, totals and timeline rows as
+    starting and waiting round by round on the lines still moving, from uneven clocks and
+    busy links; tiles stay where they are. Interleaved rings, a plain ring (its wrap route
+    shares links) and software relays."""
+    seen = []
+    for compiled in (True, False):
+        mesh = new_mesh(7, 9, comm=MPI.COMM_SELF)
+        rng = np.random.default_rng(12)
+        mesh.clock[...] = rng.uniform(0, 300, mesh.block_shape)
+        a_full, _, a, _ = fresh_buffers(mesh, np.float32, seed=5)
+        n, lines = mesh.axis_length(axis), mesh.axis_length("y" if axis == "x" else "x")
+        dest = {"interleaved": ring_dest(n), "interleaved back": ring_dest(n, -1),
+                "plain": (np.arange(n) + 1) % n, "relayed": ring_dest(n)}[ring]
+        times = rng.integers(0, n, lines)
+        times[1] = 0
+        with mesh.fabric.scope(), mesh.phase("rounds"):
+            mesh.fabric.shift("busy", axis, 1).run(a)            # links busy from before
+            pattern = mesh.fabric.permutation("rot", axis, dest, relay=ring == "relayed")
+            assert pattern.one_pass and not pattern.worm_rounds
+            if compiled:
+                pattern.repeat(a, times, "r")
+            else:
+                for r in range(times.max()):
+                    pattern.start(a, a, lines=np.flatnonzero(times > r), land=False).wait()
+                    mesh.step(f"r {r}")
+        phases, steps = mesh.timeline.collect()
+        for row in phases:
+            row.pop("wall_seconds")
+        free = {key: f.copy() for key, f in mesh.fabric.link_free(axis).items()}
+        seen.append((gather_tiles(mesh, a), mesh.clock.copy(), free, mesh.counters, dict(mesh.totals), phases, steps,
+                     mesh.max_hops))
+    (a_1, clock_1, free_1, counters_1, *rest_1), (a_2, clock_2, free_2, counters_2, *rest_2) = seen
+    assert np.array_equal(a_1, a_2)
+    assert np.array_equal(clock_1, clock_2)
+    assert all(np.array_equal(free_1[sign], free_2[sign]) for sign in free_1)
+    assert all(np.array_equal(counters_1[name], counters_2[name]) for name in counters_1)
+    assert rest_1 == rest_2
+    assert len(rest_1[2]) == times.max() > 2       # a step per round was recorded
+
+
 @pytest.mark.parametrize("grid", list(GRIDS))
 @pytest.mark.parametrize("axis", ["x", "y"])
 def test_relocate_moves_each_tile_to_where_its_line_permutation_sends_it(new_mesh, world, grid, axis):
