@@ -81,8 +81,9 @@ def test_non_uniform_charge_overflowing_on_one_rank_raises_everywhere(new_mesh, 
     need = int(full[first])
     assert f"core ({first[0]}, {first[1]})" in messages[0]
     assert "'spike'" in messages[0] and f"{need} B" in messages[0] and f"{need + 200} B" in messages[0]
-    got = gather_full(mesh, {"resident": mesh.memory.resident})
+    got = gather_full(mesh, {"resident": mesh.memory.resident, "peak": mesh.memory.peak})
     assert np.all(got["resident"] == 200)
+    assert np.all(got["peak"] == 200), "a refused charge never reaches the peak"
 
 
 def test_warn_policy_records_once_and_continues(new_mesh, world, gather_full):
