@@ -276,10 +276,20 @@ class _TensorFiles:
         (``widen=False``: as stored)."""
         file = self.where[name]
         entry, data_start = self.headers[file][0][name], self.headers[file][1]
-        # A map of the tensor alone, released with the array (never closed under a live view).
-        stored = np.memmap(self.directory / file, _RAW[entry["dtype"]], "r", data_start + entry["data_offsets"][0],
-                           tuple(entry["shape"]))
-        raw = np.asarray(stored[index[0]] if len(index) == 1 else take(stored, *index))
+        shape, offset = tuple(entry["shape"]), data_start + entry["data_offsets"][0]
+        rows = _run(np.asarray(index[0])) if len(index) == 2 else None
+        if isinstance(rows, slice):
+            # A run of rows: read in one call (no page faults on a map, which cost more than
+            # the copy), then the columns taken from it.
+            dtype = np.dtype(_RAW[entry["dtype"]])
+            row = int(np.prod(shape[1:])) * dtype.itemsize
+            block = np.fromfile(self.directory / file, dtype, (rows.stop - rows.start) * row // dtype.itemsize,
+                                offset=offset + rows.start * row).reshape((rows.stop - rows.start,) + shape[1:])
+            raw = np.asarray(take(block, np.arange(block.shape[0]), index[1]))
+        else:
+            # A map of the tensor alone, released with the array (never closed under a live view).
+            stored = np.memmap(self.directory / file, _RAW[entry["dtype"]], "r", offset, shape)
+            raw = np.asarray(stored[index[0]] if len(index) == 1 else take(stored, *index))
         self.bytes_read[name] += raw.nbytes
         return _widen(raw, entry["dtype"]) if widen else raw
 
