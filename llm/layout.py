@@ -140,14 +140,32 @@ def take_cols(w: np.ndarray, index: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class TileIndex:
+    """Where a block's tiles come from in a matrix: core (r, c) holds rows ``row_of[r, c]``
+    and columns ``col_of[r, c]`` (logical indices), as the distinct rows and columns read
+    and each tile element's place among them. Worked out once for every matrix of a layout."""
+    rows: np.ndarray
+    row_at: np.ndarray
+    cols: np.ndarray
+    col_at: np.ndarray
+
+    @classmethod
+    def of(cls, row_of: np.ndarray, col_of: np.ndarray) -> "TileIndex":
+        return cls(*_unique(row_of), *_unique(col_of))
+
+    def tiles(self, matrix: Gathered) -> np.ndarray:
+        """``[br, bc, th, tw]``: the block's tiles of ``matrix``, its rows and columns read once,
+        straight into the tiles."""
+        out = np.zeros(self.row_at.shape + self.col_at.shape[2:], np.float32)
+        matrix.tiles_into(self.rows, self.cols, self.row_at, self.col_at, out)
+        return out
+
+
 def block_tiles(matrix: Gathered, row_of: np.ndarray, col_of: np.ndarray) -> np.ndarray:
     """``[br, bc, th, tw]``: core (r, c) of a block holds ``matrix[row_of[r, c]][:, col_of[r, c]]``
-    (logical indices); the block's rows and columns are read once, straight into the tiles."""
-    rows, row_at = _unique(row_of)
-    cols, col_at = _unique(col_of)
-    out = np.zeros(row_of.shape[:2] + (row_of.shape[2], col_of.shape[2]), np.float32)
-    matrix.tiles_into(rows, cols, row_at, col_at, out)
-    return out
+    (:class:`TileIndex`)."""
+    return TileIndex.of(row_of, col_of).tiles(matrix)
 
 
 def _unique(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -65,7 +65,7 @@ from meshmpi.mesh import block_offsets
 from . import flops
 from .config import LlamaConfig
 from .errors import ModelError
-from .layout import Gathered, block_tiles, take_cols
+from .layout import Gathered, TileIndex, take_cols
 from .reference import rope_inv_freq
 
 # Modeled FLOPs per element of the local elementwise operators (calibration constants).
@@ -383,6 +383,7 @@ class _Prefill:
         self.real_rows, self.real_keys = tokens[self.rows][:, None], tokens[self.cols][None, :]
         self.real_hidden = RealWork.blocks(hidden, n, lay.hb)[self.cols][None, :]
         self.real_inter = RealWork.blocks(config.intermediate_size, n, lay.fb)[self.cols][None, :]
+        self._b_tile_index = {}
 
     # ------------------------------------------------------------------ host plane
     def scatter(self, name, tiles_fn, tile_shape):
@@ -419,15 +420,24 @@ class _Prefill:
         """A B operand pre-skewed on load, as ``kernel``'s B layout says
         (:meth:`kernels.gemm.GemmPlan.b_layout`); each rank reads only its cores' rows and
         columns of the :class:`Gathered` ``matrix_fn()``."""
-        layout = kernel.b_layout
-        block = None
-        if self.numeric:
-            past_end = [np.where(at < 0, dim.length, at)        # padding: past the matrix's end
-                        for dim in layout.dims for at in [dim.index(self.rows, self.cols)]]
-            block = block_tiles(matrix_fn(), *past_end)
+        layout, index = self._b_tiles(kernel)
+        block = index.tiles(matrix_fn()) if self.numeric else None
         arr = host.place_block(self.mesh, name, block, layout.tile_shape, np.float32, charge=charge, adopt=True)
         arr.layout = layout
         return arr
+
+    def _b_tiles(self, kernel) -> tuple:
+        """``kernel``'s B layout and, in a numeric run, where this block's tiles come from in
+        its matrices (the same for every layer's: worked out once)."""
+        got = self._b_tile_index.get(kernel)
+        if got is None:
+            layout, index = kernel.b_layout, None
+            if self.numeric:
+                past_end = [np.where(at < 0, dim.length, at)        # padding: past the matrix's end
+                            for dim in layout.dims for at in [dim.index(self.rows, self.cols)]]
+                index = TileIndex.of(*past_end)
+            got = self._b_tile_index[kernel] = (layout, index)
+        return got
 
     def flops_so_far(self) -> int:
         return int(self.mesh.sum_over_ranks(int(self.mesh.counters["flops"].sum())))
