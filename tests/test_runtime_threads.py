@@ -16,7 +16,9 @@ from meshmpi import share_cores
 from mpi4py import MPI
 cap = share_cores()
 blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-print(json.dumps([MPI.COMM_WORLD.Get_rank(), cap, blas]))
+reports = MPI.COMM_WORLD.gather([MPI.COMM_WORLD.Get_rank(), cap, blas])
+if reports is not None:
+    print(json.dumps(reports))
 """
 
 
@@ -24,7 +26,7 @@ def _reports(mpiexec_exe, python_exe, env, ranks):
     done = subprocess.run([mpiexec_exe, "-n", str(ranks), python_exe, "-c", REPORT], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return sorted(json.loads(line) for line in done.stdout.splitlines())
+    return sorted(json.loads(done.stdout))
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
