@@ -247,7 +247,7 @@ class _BlockChains:
         data = _NO_TILES if mesh.dry_run else acc.data.reshape(mesh.block_shape + (-1,))
         if not mesh.dry_run and not np.may_share_memory(data, acc.data):
             raise AssertionError(f"{acc.name}: tiles not laid out in place")
-        mesh.timeline.still_steps(self.labels, self.added, self.hops)    # before the clocks settle
+        mesh.timeline.record_steps(self.labels, self.added, self.hops)    # before the clocks settle
         heads = mesh.clock if head is None else head
         _run_block_chains(heads.T if axis == "x" else heads, head is None, self.involved_positions, self.streamed,
                           free[+1], free[-1], self.side_start, self.worm_start,

@@ -670,7 +670,7 @@ class LinePattern:
         per = dict(sums)
         added = np.stack([per["messages_sent"] * active, per["bytes_sent"] * active, 0 * active], axis=1)
         hops = np.where(active > 0, self.max_hops, 0)
-        mesh.timeline.still_steps([f"{label} {i}" for i in range(rounds)], added, hops, clocks=clocks)
+        mesh.timeline.record_steps([f"{label} {i}" for i in range(rounds)], added, hops, clocks=clocks)
         mesh.count_lines(rows, axis, per_position, local, sums)
         mesh.max_hops = max(mesh.max_hops, int(hops.max(initial=0)))
 

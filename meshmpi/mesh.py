@@ -295,7 +295,7 @@ class Mesh:
         if key not in pending:
             pending[key] = (rows, per_position.copy(), np.zeros(times.size, np.int64))
         pending[key][2][:] += times
-        lines = int(np.count_nonzero(times)) if times.dtype == bool else int(times.sum())
+        lines = int(times.sum())
         totals = self.totals
         for name, total in sums:
             totals[name] += total * lines

@@ -81,10 +81,10 @@ class Timeline:
         if self._open:
             self._close_step(label, *self._snapshot())
 
-    def still_steps(self, labels, added: np.ndarray, hops: np.ndarray, clocks: np.ndarray | None = None) -> None:
+    def record_steps(self, labels, added: np.ndarray, hops: np.ndarray, clocks: np.ndarray | None = None) -> None:
         """Close one step of the innermost open phase per label, for a stretch timed on a
         schedule of its own (a streamed chain's stages, in which no clock moves; a rotation's
-        rounds, line by line), before the caller adds the stretch to the mesh's totals: step i
+        rounds, timed in one compiled pass), before the caller adds the stretch to the mesh's totals: step i
         adds ``added[i]`` = (messages, bytes, FLOPs), its longest transfer crosses ``hops[i]``
         links and it ends at this block's latest clock ``clocks[i]`` (None: the clocks as
         they are). The rows of a :meth:`note_transfer` and a :meth:`step` per stage."""
