@@ -205,11 +205,11 @@ class RealWork:
         label = (np.arange(plan.chunks)[:, None] + plan.ring_x.position[cols][None, :]) % plan.chunks
         table = self.k[plan.chunk_rows(label)].astype(np.int64)              # [L, block cols]
         start = plan.ring_y.position[rows]
-        flops, cycles = np.empty_like(per_k), np.empty_like(rate)
+        busy, flop_count, _ = mesh.charged_per_core("y")      # block-shaped, as the clocks
 
-        def charge(step: int) -> None:
-            _step_work(table, (start - step) % plan.chunks, per_k, rate, flops, cycles)
-            mesh.compute(flops, cycles=cycles)
+        def charge(step: int) -> None:     # as mesh.compute(flops, cycles=...) would, in one pass
+            mesh.totals["flops"] += _step_work(table, (start - step) % plan.chunks, per_k, rate, mesh.clock, busy,
+                                               flop_count)
         return charge
 
 
@@ -218,20 +218,27 @@ def warm_up() -> None:
     per-step charge) before it is timed."""
     fabric.warm_up()
     one, whole = np.zeros((1, 1)), np.zeros((1, 1), np.int64)
-    _step_work(whole, np.zeros(1, np.int64), whole, one, whole, one)
+    _step_work(whole, np.zeros(1, np.int64), whole, one, one, one, whole)
 
 
 @numba.njit(cache=True, nogil=True)
-def _step_work(table, label_row, per_k, rate, flops, cycles):
-    """One step's work on each core (i, j): its K rows ``k = table[label_row[i], j]`` times its
-    FLOPs and cycles per K row."""
-    rows, cols = flops.shape
+def _step_work(table, label_row, per_k, rate, clock, busy, flop_count) -> int:
+    """One step's work charged to each core (i, j): its K rows ``k = table[label_row[i], j]``
+    times its FLOPs and cycles per K row, added to its FLOP count, busy time and clock; returns
+    the block's FLOPs."""
+    rows, cols = clock.shape
+    total = 0
     for i in range(rows):
         r = label_row[i]
         for j in range(cols):
             k = table[r, j]
-            flops[i, j] = per_k[i, j] * k
-            cycles[i, j] = rate[i, j] * k
+            flops = per_k[i, j] * k
+            cycles = rate[i, j] * k
+            clock[i, j] += cycles
+            busy[i, j] += cycles
+            flop_count[i, j] += flops
+            total += flops
+    return total
 
 
 # ---------------------------------------------------------------------------- wafer side

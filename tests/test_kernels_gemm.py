@@ -126,8 +126,14 @@ def test_real_work_charges_what_each_core_multiplies_at_each_step(monkeypatch, r
     work = gemm.RealWork(block(m, rows, plan.m_pad // rows), block(k, plan.chunks, plan.chunk),
                          block(n, cols, plan.n_pad // cols), np.ones(cols, np.int64))
     mesh = make_mesh(rows, cols)
-    real_compute = mesh.compute
-    monkeypatch.setattr(mesh, "compute", lambda f, **kw: (charged.append(np.array(f)), real_compute(f, **kw)))
+    real_step, counted = mesh.step, [np.zeros(mesh.block_shape, np.int64)]
+
+    def step(label=""):         # each compute-shift step's FLOPs: what it added to the counters
+        real_step(label)
+        if label.startswith("step "):
+            counted.append(mesh.counters["flops"].copy())
+            charged.append(counted[-1] - counted[-2])
+    monkeypatch.setattr(mesh, "step", step)
     if transposed:      # C = A B^T, A m x n, B k x n: the labelled chunks are B's rows
         a = host.scatter(mesh, "w.a", np.ones((m, n)), plan.t_a_layout())
         b = host.scatter(mesh, "w.b", np.ones((k, n)), plan.b_layout())
