@@ -160,18 +160,18 @@ def _chain_patterns(fabric, axis: str, tag: str, stages) -> list:
 
 def _chain_parts(mesh, acc, axis: str, tag: str, stages, schedule, streaming: bool) -> list:
     """The chains' stages as parts ``(first, last, plan)``: a run of streamed stages whose
-    patterns start in one pass and stay inside this rank's block (on any rank; not on a
-    remapped wafer), on unshared links, planned as one :class:`_BlockChains`; any other stage alone, with None
-    (run stage by stage). Made once per schedule and tile; patterns freed since are planned
-    again."""
+    patterns start in one pass inside this rank's block (on any rank; not on a remapped
+    wafer), on unshared links, planned as one :class:`_BlockChains`; any other stage alone,
+    with None (run stage by stage). Made once per schedule and tile; patterns freed since
+    are planned again."""
     if not streaming:
         return [(0, len(stages), None)]
     key = ("allreduce chains", axis, tag, schedule, acc.tile_bytes, acc.tile_elements)
     parts = mesh.fabric.kernel_plans.get(key)
     if parts is None:
         patterns = _chain_patterns(mesh.fabric, axis, tag, stages)
-        inside = [bool(stage) and all(p.one_pass and not p.worm_rounds and not p.links_shared and not p.relay
-                                      for p in stage) for stage in patterns]
+        inside = [bool(stage) and all(p.one_pass_inside and not p.links_shared and not p.relay for p in stage)
+                  for stage in patterns]
         parts, first = [], 0
         while first < len(stages):
             last = first + 1

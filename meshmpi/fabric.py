@@ -113,7 +113,7 @@ class LinePattern:
             self.physical = defects.PatternPaths(fabric.remap, self, self.block_start,
                                                  self.block_start + fabric.block_length(axis), lines)
             self.max_hops = self.physical.max_hops
-            self.one_pass = self.one_pass_multicast = False
+            self.one_pass = self.one_pass_inside = self.one_pass_multicast = False
         mesh.routes.declare(axis, self.group, id(self), self.routes)
         self._counts = {}             # per tile size: what a start adds to the counters
         self._times = {}              # per tile size (and in place or not): its fixed times
@@ -250,6 +250,7 @@ class LinePattern:
         in_block = not self.worm_rounds and self.own_batch.index.size == self.own_worms.size
         one_crossing = len(self.worm_rounds) == 1 and not self.links_shared
         self.one_pass = not self.multicast and self.own_senders_in_order and (in_block or one_crossing)
+        self.one_pass_inside = self.one_pass and in_block      # started entirely by start_own
         # Multicasts inside their blocks (on any rank): walked and landed along their paths in
         # one compiled pass (:meth:`_start_multicast`). Set again once a remapped wafer is known.
         self.one_pass_multicast = self.multicast and not self.worm_rounds and not self.relay and not self.links_shared
@@ -319,15 +320,10 @@ class LinePattern:
         :func:`meshmpi.costs.streaming_stage_head`). ``land=False`` times and counts the
         transfer as usual but leaves every buffer's tiles where they are: the caller keeps
         track of where they would be (a kernel that reads them in place)."""
-        if not self.live:
-            raise RuntimeError(f"pattern {self.name!r} was freed")
         dst = src if dst is None else dst
         if dst.tile_shape != src.tile_shape:
             raise ValueError(f"{self.name}: tile shapes differ ({src.tile_shape} vs {dst.tile_shape})")
-        for buffer in {id(src): src, id(dst): dst}.values():
-            if buffer.incoming is not None:
-                raise HazardError(f"pattern {self.name!r} started on buffer {buffer.name!r} while pattern "
-                                  f"{buffer.incoming!r} was still delivering into it")
+        self._check_startable(src, dst)
         mesh, axis = self.mesh, self.axis
         line_mask = self.fabric.line_mask(axis, lines)
         active = line_mask.size if lines is None else int(np.count_nonzero(line_mask))
@@ -360,6 +356,15 @@ class LinePattern:
         landings = [self.block_landing, self.pool_landing[:1] + (carry.pool(),) + self.pool_landing[1:]] \
             if land and not mesh.dry_run else []
         return Transfer(self, src, dst, arrivals + ([sends] if sends is not None else []), landings, lines_idx)
+
+    def _check_startable(self, *buffers: MeshArray) -> None:
+        """A start needs a live pattern and buffers no other transfer is delivering into."""
+        if not self.live:
+            raise RuntimeError(f"pattern {self.name!r} was freed")
+        for buffer in buffers:
+            if buffer.incoming is not None:
+                raise HazardError(f"pattern {self.name!r} started on buffer {buffer.name!r} while pattern "
+                                  f"{buffer.incoming!r} was still delivering into it")
 
     def _move_heads(self, send_clock: np.ndarray, nbytes: int, payload: bool, lines_idx, carry: "_Payload",
                     in_place: bool):
@@ -647,16 +652,12 @@ class LinePattern:
         one compiled pass (:func:`_repeat_own`), its lines ordered so that each round's are the
         first ones."""
         rounds = int(times.max(initial=0))
-        if not (self.one_pass and not self.worm_rounds):
+        if not self.one_pass_inside:
             for r in range(rounds):
                 self.start(arr, arr, lines=np.flatnonzero(times > r), land=False).wait()
                 self.mesh.step(f"{label} {r}")
             return
-        if not self.live:
-            raise RuntimeError(f"pattern {self.name!r} was freed")
-        if arr.incoming is not None:
-            raise HazardError(f"pattern {self.name!r} started on buffer {arr.name!r} while pattern "
-                              f"{arr.incoming!r} was still delivering into it")
+        self._check_startable(arr)
         mesh, axis, nbytes = self.mesh, self.axis, arr.tile_bytes
         lo, hi = mesh.axis_lines(axis)
         local = np.asarray(times[lo:hi], np.int64)

@@ -44,6 +44,14 @@ def fresh_buffers(mesh, dtype, seed):
     return a_full, b_full, a, b
 
 
+def one_block_mesh(new_mesh, seed):
+    """A 7 x 9 mesh on this rank alone, its clocks uneven, and fresh buffers (as
+    :func:`fresh_buffers`): for comparing two ways of timing the same transfers."""
+    mesh = new_mesh(7, 9, comm=MPI.COMM_SELF)
+    mesh.clock[...] = np.random.default_rng(seed).uniform(0, 300, mesh.block_shape)
+    return mesh, *fresh_buffers(mesh, np.float32, seed=seed)
+
+
 def check_pattern(mesh, make_pattern, deliveries, axis, dtype, seed, lines=None):
     """Run ``make_pattern()`` from a into b and compare the gathered b to the brute force.
 
@@ -266,10 +274,7 @@ def test_a_multicast_inside_a_block_starts_in_one_pass_as_on_the_general_path(ne
     clocks, in place and not, with the heads alone and from given departures."""
     seen = []
     for one_pass in (True, False):
-        mesh = new_mesh(7, 9, comm=MPI.COMM_SELF)
-        rng = np.random.default_rng(8)
-        mesh.clock[...] = rng.uniform(0, 300, mesh.block_shape)
-        a_full, b_full, a, b = fresh_buffers(mesh, np.float32, seed=4)
+        mesh, a_full, b_full, a, b = one_block_mesh(new_mesh, seed=4)
         n = mesh.axis_length(axis)
         with mesh.fabric.scope():
             patterns = [mesh.fabric.multicasts("bcast", axis, [1, n - 2], [(0, 4), (4, n)]),
@@ -301,10 +306,8 @@ def test_rounds_inside_a_block_run_in_one_pass_as_round_by_round(new_mesh, axis,
     shares links) and software relays."""
     seen = []
     for compiled in (True, False):
-        mesh = new_mesh(7, 9, comm=MPI.COMM_SELF)
+        mesh, _, _, a, _ = one_block_mesh(new_mesh, seed=5)
         rng = np.random.default_rng(12)
-        mesh.clock[...] = rng.uniform(0, 300, mesh.block_shape)
-        a_full, _, a, _ = fresh_buffers(mesh, np.float32, seed=5)
         n, lines = mesh.axis_length(axis), mesh.axis_length("y" if axis == "x" else "x")
         dest = {"interleaved": ring_dest(n), "interleaved back": ring_dest(n, -1),
                 "plain": (np.arange(n) + 1) % n, "relayed": ring_dest(n)}[ring]
@@ -313,7 +316,7 @@ def test_rounds_inside_a_block_run_in_one_pass_as_round_by_round(new_mesh, axis,
         with mesh.fabric.scope(), mesh.phase("rounds"):
             mesh.fabric.shift("busy", axis, 1).run(a)            # links busy from before
             pattern = mesh.fabric.permutation("rot", axis, dest, relay=ring == "relayed")
-            assert pattern.one_pass and not pattern.worm_rounds
+            assert pattern.one_pass_inside
             if compiled:
                 pattern.repeat(a, times, "r")
             else:
