@@ -281,11 +281,11 @@ class _TensorFiles:
         if isinstance(rows, slice):
             # A run of rows: read in one call (no page faults on a map, which cost more than
             # the copy), then the columns taken from it.
-            dtype = np.dtype(_RAW[entry["dtype"]])
-            row = int(np.prod(shape[1:])) * dtype.itemsize
-            block = np.fromfile(self.directory / file, dtype, (rows.stop - rows.start) * row // dtype.itemsize,
-                                offset=offset + rows.start * row).reshape((rows.stop - rows.start,) + shape[1:])
-            raw = np.asarray(take(block, np.arange(block.shape[0]), index[1]))
+            dtype, count = np.dtype(_RAW[entry["dtype"]]), rows.stop - rows.start
+            row = int(np.prod(shape[1:]))
+            block = np.fromfile(self.directory / file, dtype, count * row,
+                                offset=offset + rows.start * row * dtype.itemsize).reshape((count,) + shape[1:])
+            raw = np.asarray(block[:, _run(np.asarray(index[1]))])
         else:
             # A map of the tensor alone, released with the array (never closed under a live view).
             stored = np.memmap(self.directory / file, _RAW[entry["dtype"]], "r", offset, shape)
