@@ -488,8 +488,16 @@ class LinePattern:
         compiled pass (those landing here land and complete there), then, for worms that cross
         a block boundary, :meth:`_cross`. The same times as the general path, as (destinations,
         landings, run) and, with ``payload``, (senders, completions, run)."""
-        fabric, own = self.fabric, self.own_batch
         every, free, clock = self._on_lines(clock, lines_idx)
+        arrivals = self._one_pass(clock, free, nbytes, in_place, payload, carry)
+        self._write_back(every, free, lines_idx)
+        return arrivals
+
+    def _one_pass(self, clock: np.ndarray, free: dict, nbytes: int, in_place: bool, payload: bool,
+                  carry: "_Payload") -> list:
+        """:meth:`_start_one_pass` on its working arrays: the senders' clocks and the links'
+        free times ([position, line], the latter updated in place) of the lines it runs on."""
+        fabric, own = self.fabric, self.own_batch
         read = {sign: f.copy() for sign, f in free.items()} if self.links_shared else free
         start = fabric.transfer_start if payload else 0.0
         lines = clock.shape[1]
@@ -503,7 +511,6 @@ class LinePattern:
             arrivals += self._cross(clock, free, nbytes, in_place, payload, carry, last, done)
         if payload:
             arrivals.append((self.own_senders, done, self.own_senders_run))
-        self._write_back(every, free, lines_idx)
         return arrivals
 
     def own_walk(self, nbytes: int, payload: bool, in_place: bool) -> tuple:
@@ -648,11 +655,12 @@ class LinePattern:
         ``l`` (a rotation's rounds): round r, on the lines with ``times > r``, is a step labelled
         ``f"{label} {r}"``, timed and counted as ``start(arr, arr, lines, land=False)`` and
         ``wait`` would; no tile moves (the caller moves them once, as
-        :func:`meshmpi.relocate.relocate` does). A pattern inside its block runs every round in
-        one compiled pass (:func:`_repeat_own`), its lines ordered so that each round's are the
-        first ones."""
+        :func:`meshmpi.relocate.relocate` does). The lines are ordered so that each round's are
+        the first ones. A pattern inside its block runs every round in one compiled pass
+        (:func:`_repeat_own`); one whose worms cross into a neighbour's block, in one
+        :meth:`_one_pass` and one exchange a round (:meth:`_repeat_crossing`)."""
         rounds = int(times.max(initial=0))
-        if not self.one_pass_inside:
+        if not self.one_pass:
             for r in range(rounds):
                 self.start(arr, arr, lines=np.flatnonzero(times > r), land=False).wait()
                 self.mesh.step(f"{label} {r}")
@@ -665,8 +673,11 @@ class LinePattern:
         active = (local[:, None] > np.arange(rounds)[None, :]).sum(axis=0)
         free = self.fabric.link_free(axis)
         clocks = np.empty(rounds)
-        _repeat_own(_pos_first(mesh.clock, axis), order, active, self.fabric.transfer_start, free[+1], free[-1],
-                    self.links_shared, *self.own_walk(nbytes, True, True), self.own_senders, clocks)
+        if self.one_pass_inside:
+            _repeat_own(_pos_first(mesh.clock, axis), order, active, self.fabric.transfer_start, free[+1], free[-1],
+                        self.links_shared, *self.own_walk(nbytes, True, True), self.own_senders, clocks)
+        else:
+            self._repeat_crossing(free, order, active, nbytes, clocks)
         rows, per_position, sums = self.counts(nbytes)
         per = dict(sums)
         added = np.stack([per["messages_sent"] * active, per["bytes_sent"] * active, 0 * active], axis=1)
@@ -674,6 +685,31 @@ class LinePattern:
         mesh.timeline.record_steps([f"{label} {i}" for i in range(rounds)], added, hops, clocks=clocks)
         mesh.count_lines(rows, axis, per_position, local, sums)
         mesh.max_hops = max(mesh.max_hops, int(hops.max(initial=0)))
+
+    def _repeat_crossing(self, free: dict, order: np.ndarray, active: np.ndarray, nbytes: int,
+                         latest: np.ndarray) -> None:
+        """:meth:`repeat`'s rounds for a pattern of :attr:`one_pass` whose worms cross block
+        boundaries, on [line, position] copies of the clocks and the link free times ``free``
+        with the lines in ``order``: round r is :meth:`_one_pass` (one exchange with the
+        neighbours, whose lines are the same and in the same order) on the first ``active[r]``
+        lines, then its wait; ``latest[r]``: the block's latest clock after it."""
+        lines_first = _pos_first(self.mesh.clock, self.axis).T
+        clock = lines_first[order]
+        links = {sign: f.T[order] for sign, f in free.items()}
+        rounds = active.size
+        finished = clock[active[0] if rounds else 0:].max(initial=-np.inf)   # lines with no round left
+        for r in range(rounds):
+            n = active[r]
+            arrivals = self._one_pass(clock[:n].T, {sign: f[:n].T for sign, f in links.items()}, nbytes, True, True,
+                                      _Payload(self, None))
+            for dests, arrival, run in arrivals:
+                _raise_to(clock[:n], "x", dests, arrival, None, run)
+            going_on = active[r + 1] if r + 1 < rounds else 0
+            finished = max(finished, clock[going_on:n].max(initial=-np.inf))
+            latest[r] = max(finished, clock[:going_on].max(initial=-np.inf))
+        lines_first[order] = clock
+        for sign, f in free.items():
+            f.T[order] = links[sign]
 
     def _account(self, line_mask: np.ndarray, active: int, nbytes: int) -> None:
         """A start's counts on the ``active`` lines of ``line_mask``."""

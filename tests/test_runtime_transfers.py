@@ -338,6 +338,47 @@ def test_rounds_inside_a_block_run_in_one_pass_as_round_by_round(new_mesh, axis,
     assert len(rest_1[2]) == times.max() > 2       # a step per round was recorded
 
 
+@pytest.mark.parametrize("axis", ["x", "y"])
+@pytest.mark.parametrize("ring", ["interleaved", "interleaved back", "relayed"])
+def test_rounds_across_blocks_run_as_round_by_round(new_mesh, world, axis, ring, gather_full):
+    """The same rounds on a mesh split along their axis over every rank, whose worms cross
+    into the neighbours' blocks: :meth:`LinePattern.repeat` (one pass and one exchange a
+    round, on the lines still moving) gives the clocks, link free times, counters, totals and
+    timeline rows of starting and waiting round by round, from uneven clocks and busy links."""
+    seen = []
+    for repeated in (True, False):
+        mesh = new_mesh(7, 9, rank_grid=(1, world.size) if axis == "x" else (world.size, 1))
+        rng = np.random.default_rng(5)
+        full = rng.uniform(0, 300, (mesh.rows, mesh.cols))
+        mesh.clock[...] = full[np.ix_(mesh.global_rows(), mesh.global_cols())]
+        a = mesh.alloc("a", TILE)
+        n, lines = mesh.axis_length(axis), mesh.axis_length("y" if axis == "x" else "x")
+        dest = ring_dest(n, -1 if ring == "interleaved back" else 1)
+        times = rng.integers(0, n, lines)
+        times[1] = 0
+        with mesh.fabric.scope(), mesh.phase("rounds"):
+            mesh.fabric.shift("busy", axis, 1).run(a)            # links busy from before
+            pattern = mesh.fabric.permutation("rot", axis, dest, relay=ring == "relayed")
+            assert pattern.one_pass and pattern.one_pass_inside == (world.size == 1)
+            if repeated:
+                pattern.repeat(a, times, "r")
+            else:
+                for r in range(times.max()):
+                    pattern.start(a, a, lines=np.flatnonzero(times > r), land=False).wait()
+                    mesh.step(f"r {r}")
+        phases, steps = mesh.timeline.collect()
+        for row in phases:
+            row.pop("wall_seconds")
+        free = mesh.cart.allgather({key: f.copy() for key, f in mesh.fabric.link_free(axis).items()})
+        seen.append((gather_full(mesh, {"clock": mesh.clock, **mesh.counters}), free, mesh.totals, phases, steps,
+                     mesh.max_hops))
+    (full_1, free_1, *rest_1), (full_2, free_2, *rest_2) = seen
+    assert full_1.keys() == full_2.keys() and all(np.array_equal(full_1[k], full_2[k]) for k in full_1)
+    assert all(np.array_equal(f_1[sign], f_2[sign]) for f_1, f_2 in zip(free_1, free_2) for sign in f_1)
+    assert rest_1 == rest_2
+    assert len(rest_1[2]) == times.max() > 3       # a step per round was recorded
+
+
 @pytest.mark.parametrize("grid", list(GRIDS))
 @pytest.mark.parametrize("axis", ["x", "y"])
 def test_relocate_moves_each_tile_to_where_its_line_permutation_sends_it(new_mesh, world, grid, axis):
