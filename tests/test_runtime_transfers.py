@@ -296,6 +296,25 @@ def test_a_multicast_inside_a_block_starts_in_one_pass_as_on_the_general_path(ne
     assert all(np.array_equal(free_1[sign], free_2[sign]) for sign in free_1)
 
 
+def run_rounds(mesh, a, axis, dest, times, relay, repeated):
+    """Links made busy, then the rotation ``dest`` ``times[l]`` times on each line ``l``, by
+    :meth:`LinePattern.repeat` or by a start and a wait per round on the lines still moving.
+    Returns the pattern and the timeline's phases (wall times left out) and steps."""
+    with mesh.fabric.scope(), mesh.phase("rounds"):
+        mesh.fabric.shift("busy", axis, 1).run(a)
+        pattern = mesh.fabric.permutation("rot", axis, dest, relay=relay)
+        if repeated:
+            pattern.repeat(a, times, "r")
+        else:
+            for r in range(times.max()):
+                pattern.start(a, a, lines=np.flatnonzero(times > r), land=False).wait()
+                mesh.step(f"r {r}")
+    phases, steps = mesh.timeline.collect()
+    for row in phases:
+        row.pop("wall_seconds")
+    return pattern, phases, steps
+
+
 @pytest.mark.parametrize("axis", ["x", "y"])
 @pytest.mark.parametrize("ring", ["interleaved", "interleaved back", "plain", "relayed"])
 def test_rounds_inside_a_block_run_in_one_pass_as_round_by_round(new_mesh, axis, ring):
@@ -313,19 +332,8 @@ def test_rounds_inside_a_block_run_in_one_pass_as_round_by_round(new_mesh, axis,
                 "plain": (np.arange(n) + 1) % n, "relayed": ring_dest(n)}[ring]
         times = rng.integers(0, n, lines)
         times[1] = 0
-        with mesh.fabric.scope(), mesh.phase("rounds"):
-            mesh.fabric.shift("busy", axis, 1).run(a)            # links busy from before
-            pattern = mesh.fabric.permutation("rot", axis, dest, relay=ring == "relayed")
-            assert pattern.one_pass_inside
-            if compiled:
-                pattern.repeat(a, times, "r")
-            else:
-                for r in range(times.max()):
-                    pattern.start(a, a, lines=np.flatnonzero(times > r), land=False).wait()
-                    mesh.step(f"r {r}")
-        phases, steps = mesh.timeline.collect()
-        for row in phases:
-            row.pop("wall_seconds")
+        pattern, phases, steps = run_rounds(mesh, a, axis, dest, times, ring == "relayed", repeated=compiled)
+        assert pattern.one_pass_inside
         free = {key: f.copy() for key, f in mesh.fabric.link_free(axis).items()}
         seen.append((gather_tiles(mesh, a), mesh.clock.copy(), free, mesh.counters, dict(mesh.totals), phases, steps,
                      mesh.max_hops))
@@ -356,19 +364,8 @@ def test_rounds_across_blocks_run_as_round_by_round(new_mesh, world, axis, ring,
         dest = ring_dest(n, -1 if ring == "interleaved back" else 1)
         times = rng.integers(0, n, lines)
         times[1] = 0
-        with mesh.fabric.scope(), mesh.phase("rounds"):
-            mesh.fabric.shift("busy", axis, 1).run(a)            # links busy from before
-            pattern = mesh.fabric.permutation("rot", axis, dest, relay=ring == "relayed")
-            assert pattern.one_pass and pattern.one_pass_inside == (world.size == 1)
-            if repeated:
-                pattern.repeat(a, times, "r")
-            else:
-                for r in range(times.max()):
-                    pattern.start(a, a, lines=np.flatnonzero(times > r), land=False).wait()
-                    mesh.step(f"r {r}")
-        phases, steps = mesh.timeline.collect()
-        for row in phases:
-            row.pop("wall_seconds")
+        pattern, phases, steps = run_rounds(mesh, a, axis, dest, times, ring == "relayed", repeated)
+        assert pattern.one_pass and pattern.one_pass_inside == (world.size == 1)
         free = mesh.cart.allgather({key: f.copy() for key, f in mesh.fabric.link_free(axis).items()})
         seen.append((gather_full(mesh, {"clock": mesh.clock, **mesh.counters}), free, mesh.totals, phases, steps,
                      mesh.max_hops))
