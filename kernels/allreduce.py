@@ -243,7 +243,8 @@ class _BlockChains:
         the tail of the stream has passed it (all the chains' stages are these)."""
         axis = self.axis
         free = mesh.fabric.link_free(axis)
-        busy, flops, relays = mesh.charged_per_core(axis)
+        busy, flops, relays = (a.T for a in mesh.charged_per_core(axis)) if axis == "x" else \
+            mesh.charged_per_core(axis)
         data = _NO_TILES if mesh.dry_run else acc.data.reshape(mesh.block_shape + (-1,))
         if not mesh.dry_run and not np.may_share_memory(data, acc.data):
             raise AssertionError(f"{acc.name}: tiles not laid out in place")
@@ -253,7 +254,7 @@ class _BlockChains:
                           free[+1], free[-1], self.side_start, self.worm_start,
                           self.delivery_start, *self.walk, self.senders, self.alpha, self.beta,
                           data.swapaxes(0, 1) if axis == "x" else data, not mesh.dry_run, op == "max",
-                          busy, flops, relays, self.cycles, self.elements)
+                          busy, flops, relays, self.cycles, self.elements, axis == "x")
         mesh.count_along(self.count_rows, axis, self.per_position, self.every_line, self.every_line.size,
                          self.count_sums)
         mesh.totals["flops"] += int(self.added[:, 2].sum())
@@ -275,19 +276,29 @@ def _starts(counts) -> np.ndarray:
 @numba.njit(cache=True, nogil=True)
 def _run_block_chains(heads, settle, involved, streamed, free_right, free_left, side_start, worm_start,
                       delivery_start, sign, first, links, relayed, sources, occupancy, delivery, dests, tails,
-                      capacity, senders, alpha, beta, acc, numeric, take_max, busy, flops, relays, cycles, elements):
+                      capacity, senders, alpha, beta, acc, numeric, take_max, busy, flops, relays, cycles, elements,
+                      lines_major):
     """Every stage of :class:`_BlockChains` ([position, line] arrays): each side's worms start
     from the stream heads (:func:`meshmpi.fabric.start_own`, heads alone); then, side by
     side, the receivers add what arrived (``acc``, numeric runs), their heads move on to
     ``max(arrival, head) + beta`` and they are charged ``cycles``, ``elements`` FLOPs and one
     relay. The heads start from ``heads`` on the ``involved`` positions and go back there; with
     ``settle``, ``heads`` are the clocks, and each involved core's clock becomes instead
-    ``max(clock, head + streamed)``, busy until the stream's tail has passed."""
+    ``max(clock, head + streamed)``, busy until the stream's tail has passed. ``lines_major``:
+    ``heads`` lies line after line in memory (a view along x), and the charged arrays are
+    given [line, position], so both are read and charged a line at a time (the charges after
+    the stages; a core's are the same whatever the order)."""
     lines = heads.shape[1]
     head = np.empty(heads.shape)
-    for p in involved:
-        for line in range(lines):
-            head[p, line] = heads[p, line]
+    if lines_major:     # a few lines at a time, so that both layouts are read in whole cache lines
+        for line0 in range(0, lines, _LINES_AT_ONCE):
+            for p in involved:
+                for line in range(line0, min(line0 + _LINES_AT_ONCE, lines)):
+                    head[p, line] = heads[p, line]
+    else:
+        for p in involved:
+            for line in range(lines):
+                head[p, line] = heads[p, line]
     stages = side_start.size - 1
     most = 0
     for s in range(stages):
@@ -319,9 +330,10 @@ def _run_block_chains(heads, settle, involved, streamed, free_right, free_left, 
             d = dests[k]
             for line in range(lines):
                 head[d, line] = max(arrival[d, line], head[d, line]) + beta
-                busy[d, line] += cycles
-                flops[d, line] += elements
-                relays[d, line] += 1
+                if not lines_major:
+                    busy[d, line] += cycles
+                    flops[d, line] += elements
+                    relays[d, line] += 1
                 if numeric:
                     for e in range(acc.shape[2]):
                         x, y = acc[d, line, e], incoming[k - base, line, e]
@@ -329,9 +341,33 @@ def _run_block_chains(heads, settle, involved, streamed, free_right, free_left, 
                             acc[d, line, e] = x if x >= y or x != x else y
                         else:
                             acc[d, line, e] = x + y
-    for p in involved:
+    if lines_major:     # each receiver's charges, added one after another as above, a line at a time
+        positions = heads.shape[0]
+        received = np.zeros(positions, np.int64)
+        for k in range(dests.size):
+            received[dests[k]] += 1
+        adds = np.zeros((received.max() if positions else 0, positions))   # the r-th charge's cycles, or 0
+        for p in range(positions):
+            adds[:received[p], p] = cycles
         for line in range(lines):
-            heads[p, line] = max(heads[p, line], head[p, line] + streamed) if settle else head[p, line]
+            for r in range(adds.shape[0]):
+                for p in range(positions):
+                    busy[line, p] += adds[r, p]
+            for p in range(positions):
+                flops[line, p] += received[p] * elements
+                relays[line, p] += received[p]
+        for line0 in range(0, lines, _LINES_AT_ONCE):
+            for p in involved:
+                for line in range(line0, min(line0 + _LINES_AT_ONCE, lines)):
+                    heads[p, line] = max(heads[p, line], head[p, line] + streamed) if settle else head[p, line]
+    else:
+        for p in involved:
+            for line in range(lines):
+                heads[p, line] = max(heads[p, line], head[p, line] + streamed) if settle else head[p, line]
+
+
+_LINES_AT_ONCE = 16
+
 
 
 @functools.lru_cache(maxsize=1024)
