@@ -110,45 +110,64 @@ def _chains(mesh, acc, axis, op, tag, stages, buffers, forwarding, schedule) -> 
         parts[0][2].run(mesh, acc, op)       # every stage in one pass, settling into the clocks
         return
     head = mesh.clock.copy() if streaming else None     # when each core's stream can leave
-    involved = np.zeros(mesh.block_shape, bool)
+    involved = np.zeros(mesh.fabric.block_length(axis), bool)     # by position along the axis
     for first, last, in_block in parts:
         if in_block is not None:
             in_block.run(mesh, acc, op, head)
-            involved |= in_block.involved
+            involved[in_block.involved_positions] = True
             continue
         for stage, patterns in zip(range(first, last), _chain_patterns(mesh.fabric, axis, tag, stages[first:last])):
             buffers_used = [buf for links, buf in zip(stages[stage], buffers) if links is not None]
             _stage(mesh, acc, axis, op, patterns, buffers_used, head, involved)
             mesh.step(f"{tag} stage {stage}")
     if streaming:  # every core of the chains is busy until the tail of the stream has passed it
-        done = head + costs.streamed_payload(mesh.hardware, acc.tile_bytes, acc.tile_elements)
-        np.maximum(mesh.clock, np.where(involved, done, -np.inf), out=mesh.clock)
+        along_x = axis == "x"
+        _settle(mesh.clock.T if along_x else mesh.clock, head.T if along_x else head, np.flatnonzero(involved),
+                costs.streamed_payload(mesh.hardware, acc.tile_bytes, acc.tile_elements), along_x)
 
 
 def _stage(mesh, acc, axis, op, patterns, buffers, head, involved) -> None:
     """One stage of the chains: each side's pattern delivers into its buffer, then the receivers
-    add what arrived; streamed (``head``), the heads move on and ``involved`` gains the
-    stage's cores, else each receiver's clock pays the stage."""
+    add what arrived; streamed (``head``), the heads move on and ``involved`` (by position along
+    the axis) gains the stage's cores, else each receiver's clock pays the stage."""
     started = []
     for pattern, buf in zip(patterns, buffers):
         transfer = pattern.start(acc, buf, depart=head, payload=head is None)
-        started.append((transfer, buf, mesh.positions_mask(axis, pattern.src),
-                        mesh.positions_mask(axis, pattern.dst), mesh.positions_runs(axis, pattern.dst)))
-    heads_in = None if head is None else np.full(mesh.block_shape, -np.inf)
+        started.append((transfer, buf, pattern, mesh.positions_runs(axis, pattern.dst)))
+    heads_in = None
+    if head is not None:       # the heads arriving, at the receivers (the only cores they reach)
+        heads_in = np.empty(mesh.block_shape)
+        for *_, runs in started:
+            for index in runs:
+                heads_in[(slice(None), index) if axis == "x" else (index,)] = -np.inf
     for transfer, *_ in started:    # every delivery of the stage lands, then the adds
         transfer.wait(into=heads_in)
-    for _, buf, senders, receivers, runs in started:
+    for _, buf, pattern, runs in started:
         _combine(mesh, acc, buf, op, axis, runs)
         if head is not None:
             for index in runs:        # the receivers' lines of this block, as views where it can
                 at = (slice(None), index) if axis == "x" else (index,)
                 head[at] = costs.streaming_stage_head(mesh.hardware, heads_in[at], head[at])
-            mesh.compute(acc.tile_elements, where=receivers, advance_clock=False)
-            mesh.software_stage(receivers, advance_clock=False)
-            involved |= senders | receivers
+            mesh.charge_stage_along(axis, runs, acc.tile_elements)
+            for index in runs + mesh.positions_runs(axis, pattern.src):
+                involved[index] = True
         else:
+            receivers = mesh.positions_mask(axis, pattern.dst)
             mesh.compute(acc.tile_elements, where=receivers)
             mesh.software_stage(receivers)
+
+
+@numba.njit(cache=True, nogil=True)
+def _settle(clock, head, involved, streamed, lines_major):
+    """Each core at the ``involved`` positions ([position, line] arrays) busy until the tail of
+    the stream has passed it: its clock becomes ``max(clock, head + streamed)`` (a few lines at
+    a time when the arrays lie line after line in memory)."""
+    lines = clock.shape[1]
+    step = _LINES_AT_ONCE if lines_major else lines
+    for line0 in range(0, lines, step):
+        for p in involved:
+            for line in range(line0, min(line0 + step, lines)):
+                clock[p, line] = max(clock[p, line], head[p, line] + streamed)
 
 
 def _chain_patterns(fabric, axis: str, tag: str, stages) -> list:

@@ -406,6 +406,24 @@ class Mesh:
         self._counters["relays"] += mask
         self.totals["relays"] += int(np.count_nonzero(mask))
 
+    def charge_stage_along(self, axis: str, runs, flops: int) -> None:
+        """:meth:`compute` of ``flops`` (one vector operation) and :meth:`software_stage` on the
+        cores at the local positions ``runs`` along ``axis`` (:meth:`positions_runs`) of every
+        line, their clocks left to the caller: the same charges, without a block-sized mask."""
+        cycles = float(costs.compute(self.hardware, np.int64(flops), 1))
+        busy, flop_counter, relays = self.busy, self._counters["flops"], self._counters["relays"]
+        length, lines = self.block_shape[::-1] if axis == "x" else self.block_shape
+        cores = 0
+        for index in runs:
+            at = (slice(None), index) if axis == "x" else (index,)
+            if flops > 0:
+                busy[at] += cycles
+                flop_counter[at] += flops
+            relays[at] += 1
+            cores += lines * (len(range(*index.indices(length))) if isinstance(index, slice) else index.size)
+        self.totals["flops"] += max(flops, 0) * cores
+        self.totals["relays"] += cores
+
     def positions_mask(self, axis: str, positions) -> np.ndarray:
         """Block-shaped mask of the cores whose position along ``axis`` is in ``positions``
         (read-only: one array per position set, made once)."""
