@@ -702,8 +702,8 @@ class LinePattern:
             n = active[r]
             arrivals = self._one_pass(clock[:n].T, {sign: f[:n].T for sign, f in links.items()}, nbytes, True, True,
                                       _Payload(self, None))
-            for dests, arrival, run in arrivals:
-                _raise_to(clock[:n], "x", dests, arrival, None, run)
+            for dests, arrival, _ in arrivals:
+                _raise_at(clock, True, dests, arrival, _ALL_LINES)
             going_on = active[r + 1] if r + 1 < rounds else 0
             finished = max(finished, clock[going_on:n].max(initial=-np.inf))
             latest[r] = max(finished, clock[:going_on].max(initial=-np.inf))
@@ -1032,14 +1032,19 @@ def _raise_at(target, along_x, dests, arrival, lines):
     order when ``lines`` is empty)."""
     count, width = arrival.shape
     every = lines.size == 0
-    for d in range(count):
-        p = dests[d]
-        for j in range(width):
-            line = j if every else lines[j]
-            if along_x:
-                target[line, p] = max(target[line, p], arrival[d, j])
-            else:
-                target[p, line] = max(target[p, line], arrival[d, j])
+    step = _LINES_AT_ONCE if along_x else width   # along x, a few lines at a time: whole cache lines
+    for j0 in range(0, width, step):
+        for d in range(count):
+            p = dests[d]
+            for j in range(j0, min(j0 + step, width)):
+                line = j if every else lines[j]
+                if along_x:
+                    target[line, p] = max(target[line, p], arrival[d, j])
+                else:
+                    target[p, line] = max(target[p, line], arrival[d, j])
+
+
+_LINES_AT_ONCE = 16
 
 
 @dataclass(eq=False)     # hashed by identity: a pattern's per-batch times are keyed by it
