@@ -39,7 +39,7 @@ import numba
 import numpy as np
 
 from meshmpi import costs
-from meshmpi.fabric import NO_EXTRA, start_own
+from meshmpi.fabric import LINES_AT_ONCE, NO_EXTRA, start_own
 from meshmpi.mesh import block_offsets
 
 from .ring import interleaved_ring
@@ -163,7 +163,7 @@ def _settle(clock, head, involved, streamed, lines_major):
     the stream has passed it: its clock becomes ``max(clock, head + streamed)`` (a few lines at
     a time when the arrays lie line after line in memory)."""
     lines = clock.shape[1]
-    step = _LINES_AT_ONCE if lines_major else lines
+    step = LINES_AT_ONCE if lines_major else lines
     for line0 in range(0, lines, step):
         for p in involved:
             for line in range(line0, min(line0 + step, lines)):
@@ -230,7 +230,6 @@ class _BlockChains:
         involved = np.zeros(mesh.fabric.block_length(axis), bool)
         for p in flat:
             involved[p.own_source_positions] = involved[p.own_batch.dests] = True
-        self.involved = involved[:, None] if axis == "y" else involved[None, :]
         self.involved_positions = np.flatnonzero(involved)
         self.streamed = float(costs.streamed_payload(hw, acc.tile_bytes, acc.tile_elements))
         self._count(mesh, acc.tile_bytes, flat)
@@ -310,9 +309,9 @@ def _run_block_chains(heads, settle, involved, streamed, free_right, free_left, 
     lines = heads.shape[1]
     head = np.empty(heads.shape)
     if lines_major:     # a few lines at a time, so that both layouts are read in whole cache lines
-        for line0 in range(0, lines, _LINES_AT_ONCE):
+        for line0 in range(0, lines, LINES_AT_ONCE):
             for p in involved:
-                for line in range(line0, min(line0 + _LINES_AT_ONCE, lines)):
+                for line in range(line0, min(line0 + LINES_AT_ONCE, lines)):
                     head[p, line] = heads[p, line]
     else:
         for p in involved:
@@ -375,18 +374,14 @@ def _run_block_chains(heads, settle, involved, streamed, free_right, free_left, 
             for p in range(positions):
                 flops[line, p] += received[p] * elements
                 relays[line, p] += received[p]
-        for line0 in range(0, lines, _LINES_AT_ONCE):
+        for line0 in range(0, lines, LINES_AT_ONCE):
             for p in involved:
-                for line in range(line0, min(line0 + _LINES_AT_ONCE, lines)):
+                for line in range(line0, min(line0 + LINES_AT_ONCE, lines)):
                     heads[p, line] = max(heads[p, line], head[p, line] + streamed) if settle else head[p, line]
     else:
         for p in involved:
             for line in range(lines):
                 heads[p, line] = max(heads[p, line], head[p, line] + streamed) if settle else head[p, line]
-
-
-_LINES_AT_ONCE = 16
-
 
 
 @functools.lru_cache(maxsize=1024)

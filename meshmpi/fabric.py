@@ -1032,7 +1032,7 @@ def _raise_at(target, along_x, dests, arrival, lines):
     order when ``lines`` is empty)."""
     count, width = arrival.shape
     every = lines.size == 0
-    step = _LINES_AT_ONCE if along_x else width   # along x, a few lines at a time: whole cache lines
+    step = LINES_AT_ONCE if along_x else width   # along x, a few lines at a time: whole cache lines
     for j0 in range(0, width, step):
         for d in range(count):
             p = dests[d]
@@ -1044,7 +1044,7 @@ def _raise_at(target, along_x, dests, arrival, lines):
                     target[p, line] = max(target[p, line], arrival[d, j])
 
 
-_LINES_AT_ONCE = 16
+LINES_AT_ONCE = 16    # lines a compiled loop takes at once along x, where a line lies contiguous
 
 
 @dataclass(eq=False)     # hashed by identity: a pattern's per-batch times are keyed by it
