@@ -575,14 +575,17 @@ class LinePattern:
         if track:
             for (_, _, batch, ahead, behind), leaving in zip(stage, self.leaving):
                 report = np.empty((batch.worms.which.size, batch.worms.width + 1, lines))
-                _report_paths(free[+1], free[-1], batch.worms.sign, batch.worms.first, batch.worms.links,
-                              batch.rows, batch.dests, clock, start, NO_EXTRA if extra is None else extra, report)
+                if batch.worms.which.size:      # none arrive from beyond the mesh's edge
+                    _report_paths(free[+1], free[-1], batch.worms.sign, batch.worms.first, batch.worms.links,
+                                  batch.rows, batch.dests, clock, start, NO_EXTRA if extra is None else extra, report)
                 reports.append((report, behind, np.empty((leaving.which.size, leaving.width + 1, lines)), ahead,
                                 _BACK_TAG))
         tiles, arrivals = carry.messages(0), []
         self.mesh.links.exchange(messages + tiles + reports, _HEAD_TAG)
         carry.arrived(0, tiles)
         for (_, _, batch, _, _), (_, _, heads_in, _) in zip(stage, messages):
+            if not batch.worms.which.size:
+                continue
             head, _ = worms.advance(self.worms, batch.worms, heads_in, free, alpha, fabric.beta, occupancy[batch],
                                     keep_path=False)
             posted = clock[batch.dests] + start

@@ -52,7 +52,9 @@ class NeighbourLinks:
         for send, dest, recv, source, *own in messages:
             self.check(dest)
             self.check(source)
-            requests.append(self.cart.Irecv(recv, source, own[0] if own else tag))
+            if source != MPI.PROC_NULL:     # beyond the mesh's edge: nothing comes, nothing goes
+                requests.append(self.cart.Irecv(recv, source, own[0] if own else tag))
         for send, dest, recv, source, *own in messages:
-            requests.append(self.cart.Isend(send, dest, own[0] if own else tag))
+            if dest != MPI.PROC_NULL:
+                requests.append(self.cart.Isend(send, dest, own[0] if own else tag))
         MPI.Request.Waitall(requests)
