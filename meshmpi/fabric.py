@@ -575,7 +575,7 @@ class LinePattern:
         if track:
             for (_, _, batch, ahead, behind), leaving in zip(stage, self.leaving):
                 report = np.empty((batch.worms.which.size, batch.worms.width + 1, lines))
-                if batch.worms.which.size:      # none arrive from beyond the mesh's edge
+                if batch.worms.which.size:      # no worms (from beyond the mesh's edge, say): nothing to report
                     _report_paths(free[+1], free[-1], batch.worms.sign, batch.worms.first, batch.worms.links,
                                   batch.rows, batch.dests, clock, start, NO_EXTRA if extra is None else extra, report)
                 reports.append((report, behind, np.empty((leaving.which.size, leaving.width + 1, lines)), ahead,
