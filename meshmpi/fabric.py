@@ -116,6 +116,7 @@ class LinePattern:
             self.one_pass = self.one_pass_inside = self.one_pass_multicast = False
         mesh.routes.declare(axis, self.group, id(self), self.routes)
         self._counts = {}             # per tile size: what a start adds to the counters
+        self._split = False           # not planned yet (:meth:`_own_split`)
         self._times = {}              # per tile size (and in place or not): its fixed times
         self._aranges = {}
         self.live = True
@@ -423,15 +424,24 @@ class LinePattern:
 
         own = self.own_worms
         departing = send_clock[self.own_source_rows]           # the own worms' sources' clocks
-        last = advance(self.own_batch, departing)
+        split = self._own_split()
+        if split is None:
+            last = advance(self.own_batch, departing)
+        else:           # the worms whose heads the first round forwards first, the others while they travel
+            sent, sent_batch, staying, staying_batch = split
+            last = np.empty((own.size, lines))
+            last[sent] = advance(sent_batch, departing[sent])
         latest = {+1: last, -1: last}        # the heads each direction's next round forwards
-        exchange = self.mesh.links.exchange
+        links = self.mesh.links
         for k, stage in enumerate(self.worm_rounds):
             messages = [(np.ascontiguousarray(latest[direction][send_rows]), to,    # heads at the next block
                          np.empty((batch.worms.which.size, lines)), source)
                         for direction, send_rows, batch, to, source in stage]
             tiles = carry.messages(k)
-            exchange(messages + tiles, _HEAD_TAG)
+            requests = links.post(messages + tiles, _HEAD_TAG)
+            if k == 0 and split is not None:
+                last[staying] = advance(staying_batch, departing[staying])
+            links.wait(requests)
             carry.arrived(k, tiles)
             for (direction, _, batch, _, _), (_, _, got, _) in zip(stage, messages):
                 latest[direction] = advance(batch, got)
@@ -441,7 +451,7 @@ class LinePattern:
         for stage in reversed(self.back_rounds if track else ()):
             messages = [(np.ascontiguousarray(need[rows_out]), to, np.empty((rows_in.size, lines)), source)
                         for rows_out, rows_in, to, source in stage]
-            exchange(messages, _BACK_TAG)
+            links.exchange(messages, _BACK_TAG)
             for (_, rows_in, _, _), (_, _, got, _) in zip(stage, messages):
                 np.maximum(need[rows_in], got, out=got)
                 need[rows_in] = got
@@ -458,6 +468,20 @@ class LinePattern:
             worms.latest_into(latest, which, done)
         return arrivals, (senders, latest, self.own_senders_run)
 
+    def _own_split(self):
+        """For :meth:`_move_heads`: the rows of the own worms whose heads the first round
+        forwards and their batch, and those of the others and theirs (made once); None when
+        there is no round, or every own worm's head or none is forwarded."""
+        if self._split is False:
+            self._split = None
+            if self.worm_rounds:
+                sent = np.unique(np.concatenate([send_rows for _, send_rows, *_ in self.worm_rounds[0]]))
+                if 0 < sent.size < self.own_worms.size:
+                    staying = np.setdiff1d(np.arange(self.own_worms.size), sent)
+                    self._split = (sent, self._batch(self.own_worms[sent]), staying,
+                                   self._batch(self.own_worms[staying]))
+        return self._split
+
     def _crossing_times(self, nbytes: int, payload: bool, in_place: bool) -> tuple:
         """A crossing pattern's fixed times for one tile size (made once): by batch, its worms'
         link occupancy; the own worms' occupancy; by batch, its deliveries' tails; the posting
@@ -469,7 +493,9 @@ class LinePattern:
             occupancy = costs.serialisation(hw, nbytes, self.worms.load).astype(np.float64)
             tails = costs.serialisation(hw, nbytes if payload else 0, self.load)
             capacity = costs.path_capacity(hw, self.hops)
-            batches = [self.own_batch] + [batch for stage in self.worm_rounds for _, _, batch, _, _ in stage]
+            split = self._own_split()
+            batches = [self.own_batch] + [batch for stage in self.worm_rounds for _, _, batch, _, _ in stage] + \
+                ([] if split is None else [split[1], split[3]])
             by_batch = {batch: np.ascontiguousarray(occupancy[batch.worms.which]) for batch in batches}
             extra = None
             if in_place:

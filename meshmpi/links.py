@@ -48,6 +48,16 @@ class NeighbourLinks:
         """Several ``(send, dest, recv, source[, tag])`` exchanges with neighbours at once (all
         posted, then all awaited), so that independent directions and kinds of message cost one
         synchronisation, not one each."""
+        self.wait(self.post(messages, tag))
+
+    @staticmethod
+    def wait(requests: list) -> None:
+        """Wait for the messages :meth:`post` posted."""
+        MPI.Request.Waitall(requests)
+
+    def post(self, messages, tag: int = 0) -> list:
+        """:meth:`exchange`'s messages posted but not awaited (work that does not need them can
+        go on meanwhile): the requests to :meth:`wait` for."""
         requests = []
         for send, dest, recv, source, *own in messages:
             self.check(dest)
@@ -57,4 +67,4 @@ class NeighbourLinks:
         for send, dest, recv, source, *own in messages:
             if dest != MPI.PROC_NULL:
                 requests.append(self.cart.Isend(send, dest, own[0] if own else tag))
-        MPI.Request.Waitall(requests)
+        return requests
