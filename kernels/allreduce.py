@@ -122,8 +122,8 @@ def _chains(mesh, acc, axis, op, tag, stages, buffers, forwarding, schedule) -> 
             mesh.step(f"{tag} stage {stage}")
     if streaming:  # every core of the chains is busy until the tail of the stream has passed it
         along_x = axis == "x"
-        _settle(mesh.clock.T if along_x else mesh.clock, head.T if along_x else head, np.flatnonzero(involved),
-                costs.streamed_payload(mesh.hardware, acc.tile_bytes, acc.tile_elements), along_x)
+        _move_at(mesh.clock.T if along_x else mesh.clock, head.T if along_x else head, np.flatnonzero(involved),
+                 costs.streamed_payload(mesh.hardware, acc.tile_bytes, acc.tile_elements), True, along_x)
 
 
 def _stage(mesh, acc, axis, op, patterns, buffers, head, involved) -> None:
@@ -158,16 +158,17 @@ def _stage(mesh, acc, axis, op, patterns, buffers, head, involved) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def _settle(clock, head, involved, streamed, lines_major):
-    """Each core at the ``involved`` positions ([position, line] arrays) busy until the tail of
-    the stream has passed it: its clock becomes ``max(clock, head + streamed)`` (a few lines at
-    a time when the arrays lie line after line in memory)."""
-    lines = clock.shape[1]
+def _move_at(out, values, positions, add, keep_max, lines_major):
+    """``out`` at ``positions`` ([position, line] arrays) becomes ``values``, or with
+    ``keep_max`` ``max(out, values + add)`` (the chains' cores busy until the tail of the stream
+    has passed them, ``add`` after their heads); a few lines at a time when the arrays lie line
+    after line in memory, so that both are read in whole cache lines."""
+    lines = out.shape[1]
     step = LINES_AT_ONCE if lines_major else lines
     for line0 in range(0, lines, step):
-        for p in involved:
+        for p in positions:
             for line in range(line0, min(line0 + step, lines)):
-                clock[p, line] = max(clock[p, line], head[p, line] + streamed)
+                out[p, line] = max(out[p, line], values[p, line] + add) if keep_max else values[p, line]
 
 
 def _chain_patterns(fabric, axis: str, tag: str, stages) -> list:
@@ -308,15 +309,7 @@ def _run_block_chains(heads, settle, involved, streamed, free_right, free_left, 
     the stages; a core's are the same whatever the order)."""
     lines = heads.shape[1]
     head = np.empty(heads.shape)
-    if lines_major:     # a few lines at a time, so that both layouts are read in whole cache lines
-        for line0 in range(0, lines, LINES_AT_ONCE):
-            for p in involved:
-                for line in range(line0, min(line0 + LINES_AT_ONCE, lines)):
-                    head[p, line] = heads[p, line]
-    else:
-        for p in involved:
-            for line in range(lines):
-                head[p, line] = heads[p, line]
+    _move_at(head, heads, involved, 0.0, False, lines_major)
     stages = side_start.size - 1
     most = 0
     for s in range(stages):
@@ -374,14 +367,7 @@ def _run_block_chains(heads, settle, involved, streamed, free_right, free_left, 
             for p in range(positions):
                 flops[line, p] += received[p] * elements
                 relays[line, p] += received[p]
-        for line0 in range(0, lines, LINES_AT_ONCE):
-            for p in involved:
-                for line in range(line0, min(line0 + LINES_AT_ONCE, lines)):
-                    heads[p, line] = max(heads[p, line], head[p, line] + streamed) if settle else head[p, line]
-    else:
-        for p in involved:
-            for line in range(lines):
-                heads[p, line] = max(heads[p, line], head[p, line] + streamed) if settle else head[p, line]
+    _move_at(heads, head, involved, streamed, settle, lines_major)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -393,6 +393,7 @@ class LinePattern:
         exchange also forwards the source tiles of ``carry``."""
         fabric, w = self.fabric, self.worms
         snapshot = {sign: f.copy() for sign, f in free.items()} if self.links_shared else None
+        split = self._own_split()     # before the fixed times, which then cover its batches
         occupancy, own_occupancy, tails, extra, capacity = self._crossing_times(nbytes, payload, in_place)
         if self.physical is not None:
             physical = costs.path_capacity(self.mesh.hardware, self.physical.delivery_hops[:, lines_idx])
@@ -424,7 +425,6 @@ class LinePattern:
 
         own = self.own_worms
         departing = send_clock[self.own_source_rows]           # the own worms' sources' clocks
-        split = self._own_split()
         if split is None:
             last = advance(self.own_batch, departing)
         else:           # the worms whose heads the first round forwards first, the others while they travel
@@ -469,7 +469,7 @@ class LinePattern:
         return arrivals, (senders, latest, self.own_senders_run)
 
     def _own_split(self):
-        """For :meth:`_move_heads`: the rows of the own worms whose heads the first round
+        """For :meth:`_move_heads_on`: the rows of the own worms whose heads the first round
         forwards and their batch, and those of the others and theirs (made once); None when
         there is no round, or every own worm's head or none is forwarded."""
         if self._split is False:
@@ -493,9 +493,9 @@ class LinePattern:
             occupancy = costs.serialisation(hw, nbytes, self.worms.load).astype(np.float64)
             tails = costs.serialisation(hw, nbytes if payload else 0, self.load)
             capacity = costs.path_capacity(hw, self.hops)
-            split = self._own_split()
+            split = self._split if self._split else ()       # planned by the general path only
             batches = [self.own_batch] + [batch for stage in self.worm_rounds for _, _, batch, _, _ in stage] + \
-                ([] if split is None else [split[1], split[3]])
+                list(split[1::2])
             by_batch = {batch: np.ascontiguousarray(occupancy[batch.worms.which]) for batch in batches}
             extra = None
             if in_place:
