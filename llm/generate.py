@@ -71,6 +71,10 @@ def build_parser():
     g.add_argument("--layers", type=_layers_option, metavar="N|all",
                    help="layers to simulate, 'all' for every layer, region and hand-off; fewer are "
                         "extrapolated (default all; presets: 1)")
+    g.add_argument("--run-every-layer", action="store_true",
+                   help="dry runs: run every prefill layer (default: once the layers are in a steady state, "
+                        "where each moves every clock by the same cycles, the rest are advanced, with the "
+                        "same results)")
     g.add_argument("--decode-samples", type=int, default=16, metavar="K",
                    help="dry runs: simulate the decode steps at K context lengths spread over the output "
                         "and integrate the rest (default 16; every step when the output is shorter)")
@@ -254,7 +258,7 @@ def run_generate(args) -> dict:
 
     options = Options(kv=args.kv, allreduce=args.allreduce, groups=args.groups, forwarding=args.forwarding,
                       layers=sim_layers, decode_samples=args.decode_samples, progress=not args.quiet,
-                      strategy=args.strategy)
+                      strategy=args.strategy, every_layer=args.run_every_layer)
     session = Session(config, weights, lambda r, c: cli.mesh_from_args(args, r, c, hardware), (rows, cols),
                       args.max_new_tokens, side[0], options)
     session.prefill(ids if weights is not None else len(ids), keep_timeline=bool(args.trace))

@@ -61,6 +61,7 @@ from kernels.ring import interleaved_ring
 from meshmpi import costs, host
 from meshmpi.layout import blocked
 from meshmpi.mesh import block_offsets
+from meshmpi.steady import SteadyState
 
 from . import flops
 from .config import LlamaConfig
@@ -87,6 +88,7 @@ class PrefillResult:
     layers_per_region: int = 1          # layers a prefill region holds resident (weights + K|V)
     regions: int = 1                    # prefill regions the whole model needs (a pipeline)
     hand_off_cycles: float = 0.0        # one hand-off of the activations to the next region
+    layers_advanced: int = 0            # layers of a dry run advanced in a steady state, not run
 
     def cycles(self, layers: int) -> float:
         """The prefill of ``layers`` layers (the model's): as simulated when every layer ran, else
@@ -660,7 +662,7 @@ class _Prefill:
 
 
 def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = None,
-            forwarding: str = "stream", on_layer=None, runner=None) -> PrefillResult:
+            forwarding: str = "stream", on_layer=None, runner=None, every_layer: bool = False) -> PrefillResult:
     """Run the prompt through ``layers`` decoder layers (default all) and the final norm.
 
     ``tokens``: token ids (numeric run) or just the prompt length (dry run). ``weights`` may
@@ -668,7 +670,9 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
     (:mod:`kernels.allreduce`); ``on_layer()`` is called after each layer (progress). Returns a
     :class:`PrefillResult`; ``last_hidden`` and the caches
     are None in a dry run. The mesh must be square. ``runner``: the class that runs the layers
-    (default WaferLLM's; :mod:`llm.strategies` swaps its GEMMs).
+    (default WaferLLM's; :mod:`llm.strategies` swaps its GEMMs). A dry run advances the layers
+    once they are in a steady state (:mod:`meshmpi.steady`: the same results as running them);
+    ``every_layer`` runs every one.
     """
     n = _check_mesh(mesh)
     if isinstance(tokens, (int, np.integer)):
@@ -705,6 +709,7 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
     start = mesh.modeled_cycles()
     flops_before = run.flops_so_far()
     kept = []
+    steady = SteadyState(mesh, enabled=not every_layer)
     per_layer, per_region, in_region = 0.0, 1, 0
     # Layer 0 runs with its own weights resident; the region then holds as many layers as fit
     # beside the working buffers it needed (weights and the kept K|V of each layer).
@@ -716,8 +721,9 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
                     mesh.clock[...] = mesh.modeled_cycles() + hand_off
                 mesh.memory.charge("prefill.kv_cache", 0)
                 in_region = 0
-            with mesh.phase(f"prefill.layer{index}"):
-                kept.append(run.layer(index, x, cos, sin, resident[index]))
+            name = f"prefill.layer{index}"
+            with mesh.phase(name):
+                kept.append(steady.run(name, lambda: run.layer(index, x, cos, sin, resident[index])))
             if index == 0:
                 per_layer = mesh.modeled_cycles() - start
                 # weights per core may differ between cores (a compared strategy's 1-D shares):
@@ -739,11 +745,13 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
         last = host.gather(final)[length - 1].copy()
         k_cache, v_cache = (list(c) for c in zip(*(run.read_cache(layer) for layer in kept)))
     for arr in (final, x, cos, sin, final_w, *kept, *(w for layer in resident for w in layer.values())):
-        arr.free()
+        if arr is not None:     # an advanced layer's K|V: none
+            arr.free()
     for block in ("prefill.weights", "prefill.kv_cache"):
         mesh.memory.release(block)
     regions = -(-config.num_hidden_layers // per_region)
     return PrefillResult(last_hidden=last, k_cache=k_cache, v_cache=v_cache, modeled_cycles=total,
                          cycles_per_layer=per_layer, tokens=length, layers=count, flops_charged=charged,
                          layers_per_region=per_region, regions=regions, hand_off_cycles=hand_off,
-                         flops_real=prefill_flops(real_flops(config, length), count))
+                         flops_real=prefill_flops(real_flops(config, length), count),
+                         layers_advanced=steady.advanced)

@@ -47,6 +47,7 @@ class Options:
     decode_samples: int = 16
     progress: bool = False
     strategy: str = "waferllm"
+    every_layer: bool = False      # a dry prefill runs every layer, none advanced (meshmpi.steady)
 
 
 class Session:
@@ -80,7 +81,8 @@ class Session:
             with hint_on_failure(self.planner), progress.Progress(
                     self.sim_layers, f"prefill of {self.prompt} tokens", "layers", o.progress) as bar:
                 self.pre = prefill(pmesh, config, self.weights, ids, layers=self.sim_layers,
-                                   forwarding=o.forwarding, on_layer=bar.update, runner=prefill_runner(o.strategy))
+                                   forwarding=o.forwarding, on_layer=bar.update, runner=prefill_runner(o.strategy),
+                                   every_layer=o.every_layer)
             self.mesh = mesh = self.make_mesh(self.rows, self.cols)
             capacity = kv_rows(o.kv, self.prompt + self.new_tokens, self.rows)
             progress.stage(f"placing {self.sim_layers} decode layers on {self.rows}x{self.cols}", o.progress)
@@ -219,7 +221,8 @@ class Session:
             "decode_reduction_payloads": decoder.reduction_payloads,
             "decode_kv_layout": decoder.layout.summary(),
             "prefill_layers_per_region": pre.layers_per_region, "prefill_regions": pre.regions,
-            "layers_simulated": self.sim_layers, "layers_per_region": plan.layers_per_region,
+            "layers_simulated": self.sim_layers, "prefill_layers_advanced": pre.layers_advanced,
+            "layers_per_region": plan.layers_per_region,
             "regions": plan.regions, "last_region_layers": plan.last_region_layers,
             "cores_used": plan.regions * rows * cols,
             "wafers": plan.regions * rows * cols / (hardware.mesh_rows * hardware.mesh_cols),

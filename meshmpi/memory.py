@@ -36,6 +36,7 @@ class MemoryLedger:
         self.high_water = 0    # most bytes resident on any core of this block since the last mark
         self.warnings: list[str] = []
         self.bound = 0         # >= the bytes resident on the fullest core of the mesh, on every rank
+        self.tape: list | None = None     # charges and releases recorded for meshmpi.steady
 
     @property
     def resident(self) -> np.ndarray:
@@ -66,6 +67,8 @@ class MemoryLedger:
 
     def charge(self, name: str, bytes_per_core) -> None:
         """Make ``name`` hold ``bytes_per_core`` (a scalar or a block-shaped array) on every core."""
+        if self.tape is not None:
+            self.tape.append(("charge", (name, np.asarray(bytes_per_core).tobytes()), None, np.array(bytes_per_core)))
         uniform = np.ndim(bytes_per_core) == 0
         new = np.int64(bytes_per_core) if uniform else \
             np.array(np.broadcast_to(np.asarray(bytes_per_core, np.int64), self._varying.shape))
@@ -101,6 +104,8 @@ class MemoryLedger:
         return {name: int(b.max(initial=0)) for name, b in self.buffers.items()}
 
     def release(self, name: str) -> None:
+        if self.tape is not None:
+            self.tape.append(("release", (name,), None, None))
         old = self.buffers.pop(name, None)
         if old is not None:
             self._add(old, -1)

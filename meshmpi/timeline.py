@@ -27,8 +27,10 @@ class Timeline:
         self._outer_marks: list[tuple] = []  # the enclosing phase's step mark, per open phase
         self._step_mark = None
         self._hops_since_step = 0
-        self._hops_by_phase: dict[int, int] = {}
         self._next_label = ""
+        # The events of a stretch being recorded (kind, what they did, the clock and totals
+        # they were taken at, their own clocks) for :mod:`meshmpi.steady`; None: not recording.
+        self.tape: list | None = None
 
     def label_next(self, label: str) -> None:
         """Give the next phase begun this label (e.g. ``position 7``): what tells repeats of one
@@ -41,9 +43,15 @@ class Timeline:
         return clock, totals["messages_sent"], totals["bytes_sent"], totals["flops"]
 
     def begin(self, name: str) -> None:
-        clock, messages, nbytes, flops = self._snapshot()
-        parent = self._open[-1] if self._open else -1
         label, self._next_label = self._next_label, ""
+        self.begin_at(name, label, self._snapshot())
+
+    def begin_at(self, name: str, label: str, snapshot: tuple) -> None:
+        """:meth:`begin` at the clock and totals ``snapshot`` (:meth:`_snapshot`)."""
+        if self.tape is not None:
+            self.tape.append(("begin", (name, label), snapshot, None))
+        clock, messages, nbytes, flops = snapshot
+        parent = self._open[-1] if self._open else -1
         self.phases.append(dict(name=name, label=label, parent=parent, depth=len(self._open), start_cycles=clock,
                                 wall_start=time.perf_counter(), start_counts=(messages, nbytes, flops),
                                 max_hops=0))
@@ -54,9 +62,14 @@ class Timeline:
         self._hops_since_step = 0
 
     def end(self) -> None:
+        self.end_at(self._snapshot())
+
+    def end_at(self, snapshot: tuple) -> None:
+        if self.tape is not None:
+            self.tape.append(("end", (), snapshot, None))
         index = self._open.pop()
         phase = self.phases[index]
-        clock, messages, nbytes, flops = self._snapshot()
+        clock, messages, nbytes, flops = snapshot
         m0, b0, f0 = phase.pop("start_counts")
         memory = self.mesh.memory
         phase.update(end_cycles=clock, wall_seconds=time.perf_counter() - phase.pop("wall_start"),
@@ -71,6 +84,8 @@ class Timeline:
             outer["max_hops"] = max(outer["max_hops"], phase["max_hops"])
 
     def note_transfer(self, hops: int) -> None:
+        if self.tape is not None:
+            self.tape.append(("hops", (hops,), None, None))
         if self._open:
             phase = self.phases[self._open[-1]]
             phase["max_hops"] = max(phase["max_hops"], hops)
@@ -79,7 +94,12 @@ class Timeline:
     def step(self, label: str = "") -> None:
         """Close one step of the innermost open phase."""
         if self._open:
-            self._close_step(label, *self._snapshot())
+            self.step_at(label, self._snapshot())
+
+    def step_at(self, label: str, snapshot: tuple) -> None:
+        if self.tape is not None:
+            self.tape.append(("step", (label,), snapshot, None))
+        self._close_step(label, *snapshot)
 
     def record_steps(self, labels, added: np.ndarray, hops: np.ndarray, clocks: np.ndarray | None = None) -> None:
         """Close one step of the innermost open phase per label, for a stretch timed on a
@@ -88,11 +108,16 @@ class Timeline:
         adds ``added[i]`` = (messages, bytes, FLOPs), its longest transfer crosses ``hops[i]``
         links and it ends at this block's latest clock ``clocks[i]`` (None: the clocks as
         they are). The rows of a :meth:`note_transfer` and a :meth:`step` per stage."""
-        if not self._open:
-            return
+        if self._open:
+            self.record_steps_at(labels, added, hops, clocks, self._snapshot())
+
+    def record_steps_at(self, labels, added: np.ndarray, hops: np.ndarray, clocks, snapshot: tuple) -> None:
+        if self.tape is not None:
+            self.tape.append(("steps", (tuple(labels), added.tobytes(), hops.tobytes()), snapshot,
+                              (added.copy(), hops.copy(), None if clocks is None else np.array(clocks))))
         phase = self.phases[self._open[-1]]
         phase["max_hops"] = max(phase["max_hops"], int(hops.max(initial=0)))
-        clock, *counts = self._snapshot()
+        clock, *counts = snapshot
         ends = [clock] * len(labels) if clocks is None else clocks.tolist()
         for label, step_added, longest, end in zip(labels, added.tolist(), hops.tolist(), ends):
             counts = [c + a for c, a in zip(counts, step_added)]

@@ -1,0 +1,199 @@
+"""Advance a dry run over the repeats of one unit of work (a decoder layer) once they are steady.
+
+A unit that runs the same program every time is a max-plus map of the mesh's time state:
+every core's clock and every link's free time come out of ``max`` and ``+`` of the values
+the unit found and of fixed costs (the payloads' sizes, the cores' work), and nothing in a
+dry run depends on anything else. So if one repeat leaves the whole time state shifted by
+one number ``c`` from where the repeat before left it, S' = S + c, every later repeat
+shifts it by ``c`` again, since F(S + c) = F(S) + c, and adds the same counts (messages,
+bytes, FLOPs, busy cycles: they do not depend on time at all).
+
+From then on a repeat is advanced, not run: the events it recorded (phases, steps, memory
+charges and releases) are replayed under its own names, later by ``c`` per repeat, on the
+mesh's own timeline and memory ledger (a core that would run out of memory does so, as in
+a run); then the clocks and link free times move by ``c`` and the counters add what the
+last repeat run added. The steady state is checked, never assumed: the shift must hold on
+every core and link of every rank, the counts and the recorded events must equal those of
+the repeat before, and no repeat may have warned. Equal means up to float64 rounding
+(:data:`ROUNDING`): repeats that are the same in exact arithmetic differ in the last bits
+of their clocks, and an advanced run's cycles differ from a run of every repeat's in the
+same way (about 1e-15 of them). Anything that moves the clocks between repeats (a
+pipeline's hand-off to the next region) ends the steady state; the next repeats run until
+it holds again. A numeric run runs every repeat: its payloads must be computed.
+"""
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+
+class SteadyState:
+    """Runs the repeats of a unit of work (``run(prefix, unit)``) on ``mesh``, advancing them
+    once steady (see the module docstring). ``enabled`` False, or a numeric mesh, runs
+    every repeat. ``advanced`` counts the repeats advanced without running."""
+
+    def __init__(self, mesh, enabled: bool = True):
+        self.mesh = mesh
+        self.enabled = bool(enabled) and mesh.dry_run
+        self.advanced = 0
+        self._last = None      # the last repeat run: (prefix, events, counts)
+        self._steady = None    # what an advance replays: (prefix, events, shift, counts)
+        self._end = None       # the time state the last repeat left (clocks, links)
+        self._offset = None    # per advance: cycles and totals added to the recorded snapshots
+
+    def run(self, prefix: str, unit):
+        """Run ``unit()`` (a repeat whose buffers and phases are named ``prefix`` or
+        ``prefix.…``) and return its result, or advance over it and return None."""
+        if not self.enabled:
+            return unit()
+        if not self._where_left():
+            self._last = self._steady = None
+        if self._steady is not None:
+            self._advance(prefix)
+            return None
+        mesh = self.mesh
+        before = self._state()
+        warned = self._warnings()
+        events: list = []
+        mesh.timeline.tape = mesh.memory.tape = events
+        try:
+            result = unit()
+        finally:
+            mesh.timeline.tape = mesh.memory.tape = None
+        after = self._state()
+        shift = _uniform_shift(before, after)
+        counts = _counts_added(before, after)
+        structure = [(kind, _renamed(what, prefix, "")) for kind, what, _, _ in events]
+        last = self._last
+        steady = (shift is not None and warned == self._warnings() and last is not None and last[1] == structure
+                  and _same_counts(last[2], counts, float(np.abs(after["busy"]).max(initial=0.0))))
+        agreed = np.array([float(steady), shift or 0.0, -(shift or 0.0)])
+        mesh.cart.Allreduce(MPI.IN_PLACE, agreed, op=MPI.MIN)
+        if agreed[0] == 1.0 and agreed[1] == -agreed[2]:
+            self._steady = (prefix, events, shift, counts)
+            self._offset = (0.0, 0, 0, 0)
+        self._last = (prefix, structure, counts)
+        self._end = (after["clock"], after["links"])
+        return result
+
+    # ------------------------------------------------------------------ the time state
+    def _state(self) -> dict:
+        mesh = self.mesh
+        return dict(clock=mesh.clock.copy(), busy=mesh.busy.copy(),
+                    links=[f.copy() for axis in ("x", "y") for f in mesh.fabric.link_free(axis).values()],
+                    counters={name: c.copy() for name, c in mesh.counters.items()}, totals=dict(mesh.totals))
+
+    def _where_left(self) -> bool:
+        """Whether every clock and link free time is where the last repeat left it (agreed)."""
+        if self._end is None:
+            return True
+        mesh = self.mesh
+        clock, links = self._end
+        here = np.array_equal(mesh.clock, clock) and all(
+            np.array_equal(now, then) for now, then in zip(
+                (f for axis in ("x", "y") for f in mesh.fabric.link_free(axis).values()), links))
+        return bool(mesh.cart.allreduce(here, op=MPI.LAND))
+
+    def _warnings(self) -> int:
+        return len(self.mesh.memory.warnings) + len(self.mesh.routes.warnings)
+
+    # ------------------------------------------------------------------ advancing
+    def _advance(self, prefix: str) -> None:
+        """One repeat, advanced: the steady repeat's events replayed under ``prefix`` and
+        ``c`` later than the last, then the time state shifted and the counts added."""
+        mesh = self.mesh
+        recorded, events, shift, (busy, counters, totals) = self._steady
+        cycles, *counts = self._offset
+        added = (totals["messages_sent"], totals["bytes_sent"], totals["flops"])
+        self._offset = offset = (cycles + shift, *(c + a for c, a in zip(counts, added)))
+
+        def moved(snapshot):
+            return tuple(value + by for value, by in zip(snapshot, offset))
+
+        timeline, memory = mesh.timeline, mesh.memory
+        for kind, what, snapshot, extra in events:
+            if kind == "charge":
+                memory.charge(_renamed(what, recorded, prefix)[0], extra)
+            elif kind == "release":
+                memory.release(_renamed(what, recorded, prefix)[0])
+            elif kind == "begin":
+                name, label = _renamed(what, recorded, prefix)
+                timeline.begin_at(name, label, moved(snapshot))
+            elif kind == "end":
+                timeline.end_at(moved(snapshot))
+            elif kind == "step":
+                timeline.step_at(what[0], moved(snapshot))
+            elif kind == "steps":
+                added_steps, hops, clocks = extra
+                timeline.record_steps_at(what[0], added_steps, hops,
+                                         None if clocks is None else clocks + offset[0], moved(snapshot))
+            elif kind == "hops":
+                timeline.note_transfer(what[0])
+        mesh.clock += shift
+        for f in (f for axis in ("x", "y") for f in mesh.fabric.link_free(axis).values()):
+            f += shift
+        mesh.busy += busy
+        for name, c in mesh.counters.items():
+            c += counters[name]
+        for name, value in totals.items():
+            mesh.totals[name] += value
+        clock, links = self._end
+        clock += shift
+        for f in links:
+            f += shift
+        self.advanced += 1
+
+
+def _renamed(what: tuple, old: str, new: str) -> tuple:
+    """An event's name (its first field) with the prefix ``old`` made ``new``."""
+    if not what or not isinstance(what[0], str):
+        return what
+    name = what[0]
+    if name == old or name.startswith(old + "."):
+        name = new + name[len(old):]
+    return (name,) + what[1:]
+
+
+# Float64 rounding: a repeat's clocks and counts come out of thousands of additions, so two
+# repeats that are the same in exact arithmetic differ by a few units in the last place of the
+# values (2**-52 of them). Differences within 2**-40 (4096 such units) are taken as rounding;
+# a repeat that is not steady differs by a fraction of a cycle or more.
+ROUNDING = 2.0 ** -40
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    """``a`` and ``b`` equal up to :data:`ROUNDING` of their magnitude (infinities exactly)."""
+    finite = np.isfinite(b)
+    if not np.array_equal(finite, np.isfinite(a)) or not np.array_equal(a[~finite], b[~finite]):
+        return False
+    if not finite.any():
+        return True
+    scale = max(1.0, float(np.abs(b[finite]).max()))
+    return float(np.abs(a[finite] - b[finite]).max()) <= ROUNDING * scale
+
+
+def _uniform_shift(before: dict, after: dict) -> float | None:
+    """The one number ``c`` with ``before + c == after``, up to rounding, for every clock and
+    link free time (unused links stay at minus infinity), or None."""
+    clock = before["clock"]
+    if not clock.size:
+        return None
+    shift = float(after["clock"].flat[0] - clock.flat[0])
+    for then, now in zip([clock, *before["links"]], [after["clock"], *after["links"]]):
+        if not _close(then + shift, now):
+            return None
+    return shift
+
+
+def _counts_added(before: dict, after: dict) -> tuple:
+    """What a repeat added to the busy cycles, counters and totals."""
+    busy = after["busy"] - before["busy"]
+    counters = {name: after["counters"][name] - c for name, c in before["counters"].items()}
+    totals = {name: after["totals"][name] - v for name, v in before["totals"].items()}
+    return busy, counters, totals
+
+
+def _same_counts(a, b, busy_scale: float) -> bool:
+    """Two repeats' counts the same (busy cycles up to rounding of ``busy_scale``)."""
+    return (float(np.abs(a[0] - b[0]).max(initial=0.0)) <= ROUNDING * max(1.0, busy_scale) and a[2] == b[2]
+            and all(np.array_equal(a[1][name], b[1][name]) for name in a[1]))
