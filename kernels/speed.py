@@ -16,7 +16,8 @@
   per decoded token; the same model as a dry run on 360x360 with every layer simulated, and
   llama3-8b likewise on 420x420, each for the same prompt and one decode token: seconds to the
   first token (the prefill of every layer), for the decode token (every layer) and for the
-  whole run; each on 1 and 2 ranks.
+  whole run, the prefill's steady layers advanced (:mod:`meshmpi.steady`) and each layer run
+  (``--run-every-layer``); each on 1 and 2 ranks.
 
 Each figure is the best of a few runs, alternated with its comparison so that both see the
 same machine load; the 1-minute load average is recorded beside it, and so is this machine's
@@ -43,10 +44,13 @@ RANKS = (1, 2)
 SMOL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
             num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)
 PROMPT = 32
-# (what, model (None: the SmolLM2-shaped checkpoint), mesh, dry run, new tokens)
-LLM = (("numeric smollm2-135m", None, "39x39", False, 4),
-       ("dry smollm2-135m all layers", None, "360x360", True, 2),
-       ("dry llama3-8b all layers", "llama3-8b", "420x420", True, 2))
+# (what, model (None: the SmolLM2-shaped checkpoint), mesh, dry run, new tokens, more options)
+EVERY_LAYER = ("--run-every-layer",)
+LLM = (("numeric smollm2-135m", None, "39x39", False, 4, ()),
+       ("dry smollm2-135m all layers", None, "360x360", True, 2, ()),
+       ("dry smollm2-135m all layers, each run", None, "360x360", True, 2, EVERY_LAYER),
+       ("dry llama3-8b all layers", "llama3-8b", "420x420", True, 2, ()),
+       ("dry llama3-8b all layers, each run", "llama3-8b", "420x420", True, 2, EVERY_LAYER))
 
 _NUMPY_TIMER = """
 import json, sys, time
@@ -165,7 +169,8 @@ def _row(what, side, size, ranks, seconds, report, cmd, **extra) -> dict:
             "moves_floor_seconds": extra.get("moves"),
             "ratio_to_moves_floor": seconds / extra["moves"] if extra.get("moves") else None,
             "numpy_seconds": extra.get("numpy"), "speedup_over_1_rank": extra.get("speedup"),
-            "modeled_cycles": report["modeled_cycles"], "load_average_1min": round(os.getloadavg()[0], 2),
+            "modeled_cycles": report["modeled_cycles"], "layers_advanced": report.get("prefill_layers_advanced"),
+            "load_average_1min": round(os.getloadavg()[0], 2),
             "cpus": os.cpu_count(), "reference_seconds": extra.get("reference"), "command": _shown(cmd)}
 
 
@@ -229,13 +234,13 @@ def write_smol(directory: Path, config: dict = SMOL) -> str:
 
 def llm_rows(runs, smol: str, prompt: int, bar, hardware: tuple = ()):
     """Each of ``runs`` (see :data:`LLM`) on 1 and 2 ranks: a numeric run gives the seconds to
-    the first token and per decoded token, a dry run its whole wall time (rows yielded as each
-    run ends)."""
-    for what, model, mesh, dry_run, new_tokens in runs:
+    the first token and per decoded token, a dry run its whole wall time too (rows yielded as
+    each run ends)."""
+    for what, model, mesh, dry_run, new_tokens, options in runs:
         side = int(mesh.split("x")[0])
         one = {}
         for ranks in RANKS:
-            cmd = generate_command(ranks, model or smol, mesh, dry_run, new_tokens, prompt, hardware)
+            cmd = generate_command(ranks, model or smol, mesh, dry_run, new_tokens, prompt, hardware + options)
             report = _child_json(cmd)
             reference = reference_seconds()
             bar.update()

@@ -34,7 +34,7 @@ def test_llm_rows_time_whole_models_on_one_and_two_ranks(tmp_path):
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=256, tie_word_embeddings=True)
     model = speed.write_smol(tmp_path / "small", small)
-    runs = (("numeric small", None, "4x4", False, 3), ("dry tiny all layers", "tiny", "8x8", True, 2))
+    runs = (("numeric small", None, "4x4", False, 3, ()), ("dry tiny all layers", "tiny", "8x8", True, 2, ()))
     rows = list(speed.llm_rows(runs, model, 5, _Bar(), ("--set", "sram_bytes_per_core=1000000")))
     assert [(r["what"], r["ranks"]) for r in rows] == [
         ("numeric small, first token", 1), ("numeric small, per decoded token", 1),
