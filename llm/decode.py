@@ -24,6 +24,7 @@ from meshmpi import costs, energy, host
 from meshmpi.errors import UsageError
 from meshmpi.marks import Marks
 from meshmpi.mesh import block_offsets
+from meshmpi.steady import SteadyState
 
 from . import flops
 from .layout import DecodeLayout, Gathered, vector_block
@@ -129,13 +130,15 @@ class Decoder:
 
     def __init__(self, mesh, config, weights, policy: str = "shift", layers: int | None = None,
                  capacity_tokens: int = 64, allreduce_algo: str = "ktree", groups: int | None = None,
-                 plan_tokens: int | None = None, forwarding: str = "stream"):
+                 plan_tokens: int | None = None, forwarding: str = "stream", run_every_layer: bool = False):
         if policy not in POLICIES:
             raise UsageError(f"--kv must be one of {POLICIES}, not {policy!r}")
         self.mesh, self.config, self.policy = mesh, config, policy
         self.reduce = dict(algo=allreduce_algo, groups=groups, forwarding=forwarding)
         self.layout = lay = DecodeLayout.for_config(config, mesh.rows, mesh.cols)
         self.sim_layers = layers or config.num_hidden_layers
+        self.run_every_layer = run_every_layer     # else a dry step advances its steady layers
+        self.layers_advanced = 0                    # by the last step (meshmpi.steady)
         self.relayout_cycles = 0.0
         self.reduction_payloads = {}     # the last step's, elements per core (see _note_payload)
         eb = mesh.hardware.element_bytes
@@ -487,15 +490,16 @@ class Decoder:
             with mesh.phase("decode.kv_shift"):
                 newest_row = self._append()     # the new token attends to itself: its row first
             kv_shifted = marks.mark()
+            steady = SteadyState(mesh, enabled=not self.run_every_layer)
             for index in range(self.sim_layers):
                 if index in starts:
                     cycles.hand_offs += self.hand_off(x)
                 before = marks.mark()
-                with mesh.phase(f"decode.layer{index}"):
-                    q, k_new, v_new = self._layer(index, x, position)
-                    self._store_new(index, k_new, v_new, newest_row)
-                    self._attend(index, q, x, position)
+                name = f"decode.layer{index}"
+                with mesh.phase(name):
+                    steady.run(name, lambda: self._decoder_layer(index, x, position, newest_row))
                 layer_marks.append((before, marks.mark()))
+            self.layers_advanced = steady.advanced
             unsimulated = energy.combine()      # the hand-offs counted but not simulated
             if self.sim_layers in starts:               # the LM head's region holds no layer
                 cycles.hand_offs += self.hand_off(x)
@@ -525,6 +529,13 @@ class Decoder:
             result = host.gather(logits)
         logits.free()
         return result, cycles
+
+    def _decoder_layer(self, index: int, x, position: int, newest_row: int) -> None:
+        """Layer ``index`` of a step: its projections, the new token's K and V into the cache
+        row ``newest_row``, attention and the MLP, ``x`` updated in place."""
+        q, k_new, v_new = self._layer(index, x, position)
+        self._store_new(index, k_new, v_new, newest_row)
+        self._attend(index, q, x, position)
 
     def _hidden(self, vector: np.ndarray | None):
         """A hidden vector on the mesh, row-indexed (the layout the first GEMV reads)."""

@@ -258,7 +258,7 @@ def run_generate(args) -> dict:
 
     options = Options(kv=args.kv, allreduce=args.allreduce, groups=args.groups, forwarding=args.forwarding,
                       layers=sim_layers, decode_samples=args.decode_samples, progress=not args.quiet,
-                      strategy=args.strategy, every_layer=args.run_every_layer)
+                      strategy=args.strategy, run_every_layer=args.run_every_layer)
     session = Session(config, weights, lambda r, c: cli.mesh_from_args(args, r, c, hardware), (rows, cols),
                       args.max_new_tokens, side[0], options)
     session.prefill(ids if weights is not None else len(ids), keep_timeline=bool(args.trace))

@@ -662,7 +662,7 @@ class _Prefill:
 
 
 def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = None,
-            forwarding: str = "stream", on_layer=None, runner=None, every_layer: bool = False) -> PrefillResult:
+            forwarding: str = "stream", on_layer=None, runner=None, run_every_layer: bool = False) -> PrefillResult:
     """Run the prompt through ``layers`` decoder layers (default all) and the final norm.
 
     ``tokens``: token ids (numeric run) or just the prompt length (dry run). ``weights`` may
@@ -672,7 +672,7 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
     are None in a dry run. The mesh must be square. ``runner``: the class that runs the layers
     (default WaferLLM's; :mod:`llm.strategies` swaps its GEMMs). A dry run advances the layers
     once they are in a steady state (:mod:`meshmpi.steady`: the same results as running them);
-    ``every_layer`` runs every one.
+    ``run_every_layer`` runs every one.
     """
     n = _check_mesh(mesh)
     if isinstance(tokens, (int, np.integer)):
@@ -709,7 +709,7 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
     start = mesh.modeled_cycles()
     flops_before = run.flops_so_far()
     kept = []
-    steady = SteadyState(mesh, enabled=not every_layer)
+    steady = SteadyState(mesh, enabled=not run_every_layer)
     per_layer, per_region, in_region = 0.0, 1, 0
     # Layer 0 runs with its own weights resident; the region then holds as many layers as fit
     # beside the working buffers it needed (weights and the kept K|V of each layer).

@@ -47,7 +47,7 @@ class Options:
     decode_samples: int = 16
     progress: bool = False
     strategy: str = "waferllm"
-    every_layer: bool = False      # a dry prefill runs every layer, none advanced (meshmpi.steady)
+    run_every_layer: bool = False      # a dry run's steady layers run too, none advanced (meshmpi.steady)
 
 
 class Session:
@@ -82,13 +82,13 @@ class Session:
                     self.sim_layers, f"prefill of {self.prompt} tokens", "layers", o.progress) as bar:
                 self.pre = prefill(pmesh, config, self.weights, ids, layers=self.sim_layers,
                                    forwarding=o.forwarding, on_layer=bar.update, runner=prefill_runner(o.strategy),
-                                   every_layer=o.every_layer)
+                                   run_every_layer=o.run_every_layer)
             self.mesh = mesh = self.make_mesh(self.rows, self.cols)
             capacity = kv_rows(o.kv, self.prompt + self.new_tokens, self.rows)
             progress.stage(f"placing {self.sim_layers} decode layers on {self.rows}x{self.cols}", o.progress)
             with hint_on_failure(self.planner):
                 self.decoder = decoder_class(o.strategy)(mesh, config, self.weights, o.kv, self.sim_layers, capacity, o.allreduce,
-                                       o.groups, forwarding=o.forwarding)
+                                       o.groups, forwarding=o.forwarding, run_every_layer=o.run_every_layer)
             self.decoder.load_prompt_cache(self.pre.k_cache, self.pre.v_cache, self.prompt,
                                            prefill_side=self.side, prefill_mesh=pmesh)
             # the simulated prefill layers' events, scaled to the model's; the re-layout's
@@ -222,6 +222,7 @@ class Session:
             "decode_kv_layout": decoder.layout.summary(),
             "prefill_layers_per_region": pre.layers_per_region, "prefill_regions": pre.regions,
             "layers_simulated": self.sim_layers, "prefill_layers_advanced": pre.layers_advanced,
+            "decode_layers_advanced": decoder.layers_advanced,
             "layers_per_region": plan.layers_per_region,
             "regions": plan.regions, "last_region_layers": plan.last_region_layers,
             "cores_used": plan.regions * rows * cols,

@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from llm.config import LlamaConfig
 from llm.prefill import prefill
+from llm.session import Options, Session
 from meshmpi import Mesh, load_hardware
 from meshmpi.steady import SteadyState
 
@@ -60,6 +61,22 @@ def assert_same_run(advanced: dict, every: dict) -> None:
                     assert mine[field] == value, (rows, field, theirs)
 
 
+def assert_same_value(mine, theirs, where: str) -> None:
+    """A report's value: floats to rounding, anything else equal (dicts and lists by item)."""
+    if isinstance(theirs, dict):
+        assert mine.keys() == theirs.keys(), where
+        for key in theirs:
+            assert_same_value(mine[key], theirs[key], f"{where}.{key}")
+    elif isinstance(theirs, list):
+        assert len(mine) == len(theirs), where
+        for i, (a, b) in enumerate(zip(mine, theirs)):
+            assert_same_value(a, b, f"{where}[{i}]")
+    elif isinstance(theirs, float):
+        assert mine == pytest.approx(theirs, rel=ROUNDING, abs=0), where
+    else:
+        assert mine == theirs, where
+
+
 def agreed(value) -> bool:
     """The same truth on every rank, so that no rank leaves a collective early."""
     return MPI.COMM_WORLD.allreduce(bool(value), op=MPI.LAND)
@@ -68,7 +85,7 @@ def agreed(value) -> bool:
 def run_prefill(config, n, tokens, every_layer, hardware=None, comm=None):
     mesh = Mesh(n, n, hardware or load_hardware("wse2"), comm=comm, dry_run=True)
     try:
-        result = prefill(mesh, config, None, tokens, every_layer=every_layer)
+        result = prefill(mesh, config, None, tokens, run_every_layer=every_layer)
         return result, left_by(mesh), sorted(mesh.memory.buffers)
     finally:
         mesh.free()
@@ -114,10 +131,39 @@ def test_prefill_regions_advanced_after_each_hand_off():
 def probe_peak(config, n, tokens) -> int:
     mesh = Mesh(n, n, load_hardware("wse2"), dry_run=True)
     try:
-        prefill(mesh, config, None, tokens, every_layer=True)
+        prefill(mesh, config, None, tokens, run_every_layer=True)
         return int(mesh.max_over_ranks(int(mesh.memory.peak.max())))
     finally:
         mesh.free()
+
+
+def run_request(config, side, prompt, new_tokens, run_every_layer, comm=None):
+    """A dry request, prefill and decode on a ``side``² region: its report and timelines."""
+    hw = load_hardware("wse2")
+    session = Session(config, None, lambda r, c: Mesh(r, c, hw, comm=comm, dry_run=True), (side, side), new_tokens,
+                      options=Options(run_every_layer=run_every_layer, decode_samples=3))
+    try:
+        session.prefill(prompt, keep_timeline=True)
+        session.decode(choose=None)
+        report = session.report()
+        return report, session.prefill_timeline, left_by(session.mesh)
+    finally:
+        session.close()
+
+
+def test_request_advanced_as_run():
+    """Prefill and decode steps (each advances its own steady layers) against a request that
+    runs every layer: the same report, both regions' timelines the same."""
+    advanced, prefill_rows, left = run_request(GQA, 8, 9, 6, run_every_layer=False)
+    every, prefill_rows_every, left_every = run_request(GQA, 8, 9, 6, run_every_layer=True)
+    assert advanced["prefill_layers_advanced"] > 0 and advanced["decode_layers_advanced"] > 0
+    assert every["prefill_layers_advanced"] == every["decode_layers_advanced"] == 0
+    for key, value in every.items():
+        if "wall" not in key and not key.endswith("layers_advanced"):
+            assert_same_value(advanced[key], value, key)
+    assert_same_run(left, left_every)
+    assert_same_run(dict(left_every, phases=prefill_rows[0], steps=prefill_rows[1]),
+                    dict(left_every, phases=prefill_rows_every[0], steps=prefill_rows_every[1]))
 
 
 def repeat_units(mesh, unit, times, enabled, between=None) -> SteadyState:
