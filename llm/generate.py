@@ -72,9 +72,9 @@ def build_parser():
                    help="layers to simulate, 'all' for every layer, region and hand-off; fewer are "
                         "extrapolated (default all; presets: 1)")
     g.add_argument("--run-every-layer", action="store_true",
-                   help="dry runs: run every prefill layer (default: once the layers are in a steady state, "
-                        "where each moves every clock by the same cycles, the rest are advanced, with the "
-                        "same results)")
+                   help="dry runs: run every layer of the prefill and of each decode step (default: once "
+                        "the layers are in a steady state, each moving every clock by the same cycles, the "
+                        "rest are advanced, with the same results)")
     g.add_argument("--decode-samples", type=int, default=16, metavar="K",
                    help="dry runs: simulate the decode steps at K context lengths spread over the output "
                         "and integrate the rest (default 16; every step when the output is shorter)")
