@@ -386,7 +386,9 @@ def _format(r: dict, streamed: bool = False) -> str:
               f"  prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new",
               f"  modeled prefill   {r['modeled_prefill_seconds'] * 1e3:.4f} ms",
               f"  prefill FLOPs     {r['prefill_flops_charged']:,} charged, {r['prefill_flops_real']:,} real "
-              f"({r['prefill_flops_charged'] / r['prefill_flops_real']:.3f}x; {plural(r['layers_simulated'], 'layer')} simulated)",
+              f"({r['prefill_flops_charged'] / r['prefill_flops_real']:.3f}x; {plural(r['layers_simulated'], 'layer')} simulated"
+              + (f", {r['prefill_layers_advanced']} of them advanced in a steady state"
+                 if r["prefill_layers_advanced"] else "") + ")",
               "  modeled decode    " + (f"{rate:,.0f} tokens/s per request "
                                          f"({r['modeled_cycles_per_layer']:,.0f} cycles per layer)" if rate else "n/a (one token)"),
               f"  modeled e2e       {r['modeled_e2e_tokens_per_s']:,.1f} tokens/s over {r['modeled_e2e_seconds'] * 1e3:.4f} ms "
