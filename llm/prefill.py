@@ -719,6 +719,7 @@ def prefill(mesh, config: LlamaConfig, weights, tokens, layers: int | None = Non
             if index and index % per_region == 0:      # the next region of the pipeline
                 with mesh.phase("prefill.hand_off"):
                     mesh.clock[...] = mesh.modeled_cycles() + hand_off
+                    mesh.fabric.forget_idle_links()
                 mesh.memory.charge("prefill.kv_cache", 0)
                 in_region = 0
             name = f"prefill.layer{index}"

@@ -1257,6 +1257,17 @@ class Fabric:
         [position along the axis, line]: entry (p, l) is the link leaving core p of line l."""
         return self._link_free[axis]
 
+    def forget_idle_links(self) -> None:
+        """Links free since before every core's clock (of the whole mesh) can no longer hold a
+        worm up: a head enters a link no earlier than its sender's clock, and clocks only grow.
+        Their free times become minus infinity, as on a fresh mesh: the same times from here on,
+        and a time state that a steady run can recognise (:mod:`meshmpi.steady`)."""
+        mesh = self.mesh
+        floor = -mesh.max_over_ranks(-float(mesh.clock.min()) if mesh.clock.size else -np.inf)
+        for links in self._link_free.values():
+            for free in links.values():
+                free[free <= floor] = -np.inf
+
     def line_mask(self, axis: str, lines) -> np.ndarray:
         """Boolean mask over this block's lines (rows for ``x``, columns for ``y``)."""
         if lines is None:

@@ -17,10 +17,16 @@ the whole mesh) must hold on every core and link, the counts and the recorded ev
 equal those of the repeat before, and no repeat may have warned. Equal means up to float64
 rounding (:data:`ROUNDING`): repeats that are the same in exact arithmetic differ in the
 last bits of their clocks, and an advanced run's cycles differ from those of a run of every
-repeat in the same way (by 3e-14 of them over llama3-8b's 32 layers); every count is equal,
-and no number depends on the split over ranks. Anything that moves the clocks between
-repeats (a pipeline's hand-off to the next region) ends the steady state; the next repeats
-run until it holds again. A numeric run runs every repeat: its payloads must be computed.
+repeat in the same way (by 1.4e-13 of them on llama3-8b's 32 layers); every count is equal,
+and no number depends on the split over ranks.
+
+Anything that moves the clocks between repeats (a pipeline's hand-off to the next region)
+ends the steady state and starts a segment of repeats. The segment that last ran is kept:
+the time state it started from, each repeat it ran (its events, the time state it left, its
+counts) and its steady repeat. A segment that starts from that time state shifted by one
+number (a hand-off leaves every clock equal and every link idle, as the first region found
+them) replays the kept one, shifted by that number, for the same reason; any other segment
+runs until it is steady. A numeric run runs every repeat: its payloads must be computed.
 """
 from __future__ import annotations
 
@@ -37,18 +43,27 @@ class SteadyState:
         self.mesh = mesh
         self.enabled = bool(enabled) and mesh.dry_run
         self.advanced = 0
-        self._last = None      # the last repeat run: (prefix, events, counts)
+        self._last = None      # the last repeat run: (prefix, structure, counts)
         self._steady = None    # what an advance replays: (prefix, events, shift, counts)
         self._end = None       # the time state the last repeat left (clocks, links)
         self._offset = None    # per advance: cycles and totals added to the recorded snapshots
+        # The repeats since the clocks last moved between two of them make a segment. The last
+        # segment that ran is kept: the time state and totals it started from, each repeat it
+        # ran and its steady repeat. A segment that starts where it did, shifted, replays it.
+        self._kept = None
+        self._recording = False
+        self._replay, self._replay_offset, self._replay_steady = [], None, None
 
     def run(self, prefix: str, unit):
         """Run ``unit()`` (a repeat whose buffers and phases are named ``prefix`` or
         ``prefix.…``) and return its result, or advance over it and return None."""
         if not self.enabled:
             return unit()
-        if not self._where_left():
-            self._last = self._steady = None
+        if self._end is None or not self._where_left():
+            self._new_segment()
+        if self._replay:
+            self._replay_next(prefix)
+            return None
         if self._steady is not None:
             self._advance(prefix)
             return None
@@ -70,51 +85,116 @@ class SteadyState:
         counts = _counts_added(before, after)
         structure = [(kind, _renamed(what, prefix, "")) for kind, what, _, _ in events]
         last = self._last
-        steady = (warned == self._warnings() and last is not None and last[1] == structure
+        quiet = warned == self._warnings()
+        steady = (quiet and last is not None and last[1] == structure
                   and _shifted_by(before, after, shift, ROUNDING * scale)
                   and _same_counts(last[2], counts, ROUNDING * busy_scale))
+        if self._recording:
+            if quiet:
+                self._kept["runs"].append((prefix, events, (after["clock"], after["links"]), counts, structure))
+            else:        # a repeat that warned is not replayed
+                self._recording = False
+                self._kept["runs"].clear()
         if mesh.cart.allreduce(steady, op=MPI.LAND):
             self._steady = (prefix, events, shift, counts)
             self._offset = (0.0, 0, 0, 0)
+            if self._recording:
+                self._kept["steady"] = self._steady
         self._last = (prefix, structure, counts)
-        self._end = (after["clock"], after["links"])
+        self._end = (after["clock"].copy(), [f.copy() for f in after["links"]])
         return result
 
     # ------------------------------------------------------------------ the time state
     def _state(self) -> dict:
         mesh = self.mesh
-        return dict(clock=mesh.clock.copy(), busy=mesh.busy.copy(),
-                    links=[f.copy() for axis in ("x", "y") for f in mesh.fabric.link_free(axis).values()],
+        return dict(clock=mesh.clock.copy(), busy=mesh.busy.copy(), links=[f.copy() for f in self._links()],
                     counters={name: c.copy() for name, c in mesh.counters.items()}, totals=dict(mesh.totals))
+
+    def _links(self) -> list:
+        """The mesh's link free time arrays, in a fixed order."""
+        return [f for axis in ("x", "y") for f in self.mesh.fabric.link_free(axis).values()]
 
     def _where_left(self) -> bool:
         """Whether every clock and link free time is where the last repeat left it (agreed)."""
-        if self._end is None:
-            return True
         mesh = self.mesh
         clock, links = self._end
         here = np.array_equal(mesh.clock, clock) and all(
-            np.array_equal(now, then) for now, then in zip(
-                (f for axis in ("x", "y") for f in mesh.fabric.link_free(axis).values()), links))
+            np.array_equal(now, then) for now, then in zip(self._links(), links))
         return bool(mesh.cart.allreduce(here, op=MPI.LAND))
 
     def _warnings(self) -> int:
         return len(self.mesh.memory.warnings) + len(self.mesh.routes.warnings)
+
+    # ------------------------------------------------------------------ segments
+    def _new_segment(self) -> None:
+        """The clocks moved between repeats (or none ran yet): the steady state ends. If the
+        time state is the kept segment's start shifted by one number (agreed over the mesh),
+        this segment replays the kept one's repeats, then advances as it did; else it runs and
+        is kept."""
+        mesh = self.mesh
+        self._last = self._steady = None
+        now = dict(clock=mesh.clock.copy(), links=[f.copy() for f in self._links()])
+        kept = self._kept
+        if kept is not None and kept["runs"]:
+            maxima = np.array([(now["clock"] - kept["clock"]).max(initial=-np.inf),
+                               np.abs(now["clock"]).max(initial=1.0)])
+            mesh.cart.Allreduce(MPI.IN_PLACE, maxima, op=MPI.MAX)
+            shift, scale = (float(v) for v in maxima)
+            if mesh.cart.allreduce(_shifted_by(kept, now, shift, ROUNDING * scale), op=MPI.LAND):
+                self._replay = list(kept["runs"])
+                self._replay_offset = (shift, *(mesh.totals[name] - kept["totals"][name] for name in _SNAPSHOT))
+                self._replay_steady = kept["steady"]
+                self._recording = False
+                return
+        self._replay = []
+        self._kept = dict(now, totals=dict(mesh.totals), runs=[], steady=None)
+        self._recording = True
+
+    def _replay_next(self, prefix: str) -> None:
+        """The next repeat of the kept segment, replayed shifted: its events, the time state it
+        left, its counts."""
+        mesh = self.mesh
+        recorded, events, (clock, links), counts, structure = self._replay.pop(0)
+        offset = self._replay_offset
+        self._play(events, recorded, prefix, offset)
+        np.add(clock, offset[0], out=mesh.clock)
+        for live, then in zip(self._links(), links):
+            np.add(then, offset[0], out=live)
+        self._add_counts(counts)
+        self._end = (mesh.clock.copy(), [f.copy() for f in self._links()])
+        self._last = (prefix, structure, counts)
+        self.advanced += 1
+        if not self._replay and self._replay_steady is not None:
+            self._steady, self._offset = self._replay_steady, offset
 
     # ------------------------------------------------------------------ advancing
     def _advance(self, prefix: str) -> None:
         """One repeat, advanced: the steady repeat's events replayed under ``prefix`` and
         ``c`` later than the last, then the time state shifted and the counts added."""
         mesh = self.mesh
-        recorded, events, shift, (busy, counters, totals) = self._steady
-        cycles, *counts = self._offset
-        added = (totals["messages_sent"], totals["bytes_sent"], totals["flops"])
-        self._offset = offset = (cycles + shift, *(c + a for c, a in zip(counts, added)))
+        recorded, events, shift, counts = self._steady
+        cycles, *moved = self._offset
+        added = [counts[2][name] for name in _SNAPSHOT]
+        self._offset = offset = (cycles + shift, *(c + a for c, a in zip(moved, added)))
+        self._play(events, recorded, prefix, offset)
+        mesh.clock += shift
+        for f in self._links():
+            f += shift
+        self._add_counts(counts)
+        clock, links = self._end
+        clock += shift
+        for f in links:
+            f += shift
+        self.advanced += 1
+
+    def _play(self, events: list, recorded: str, prefix: str, offset: tuple) -> None:
+        """Recorded ``events`` again, named ``prefix`` for ``recorded``, their snapshots'
+        clock and totals moved by ``offset``, on the mesh's own timeline and memory ledger."""
+        timeline, memory = self.mesh.timeline, self.mesh.memory
 
         def moved(snapshot):
             return tuple(value + by for value, by in zip(snapshot, offset))
 
-        timeline, memory = mesh.timeline, mesh.memory
         for kind, what, snapshot, extra in events:
             if kind == "charge":
                 memory.charge(_renamed(what, recorded, prefix)[0], extra)
@@ -133,19 +213,19 @@ class SteadyState:
                                          None if clocks is None else clocks + offset[0], moved(snapshot))
             elif kind == "hops":
                 timeline.note_transfer(what[0])
-        mesh.clock += shift
-        for f in (f for axis in ("x", "y") for f in mesh.fabric.link_free(axis).values()):
-            f += shift
+
+    def _add_counts(self, counts: tuple) -> None:
+        mesh = self.mesh
+        busy, counters, totals = counts
         mesh.busy += busy
         for name, c in mesh.counters.items():
             c += counters[name]
         for name, value in totals.items():
             mesh.totals[name] += value
-        clock, links = self._end
-        clock += shift
-        for f in links:
-            f += shift
-        self.advanced += 1
+
+
+# The totals a timeline snapshot holds after its clock (:meth:`meshmpi.timeline.Timeline._snapshot`)
+_SNAPSHOT = ("messages_sent", "bytes_sent", "flops")
 
 
 def _renamed(what: tuple, old: str, new: str) -> tuple:

@@ -75,7 +75,7 @@ SUBSTITUTE = {
     "mpiexec -n 2 python -m llm generate --model llama3-8b --dry-run --prompt-len 32 --max-new-tokens 2 --mesh 420x420 "
     "--layers all":
         ("mpiexec -n 2 python -m llm generate --model tiny --dry-run --prompt-len 8 --max-new-tokens 2 --mesh 8x8 "
-         "--layers all", "every layer of the built-in model; llama3-8b's on 420² takes about 20 s"),
+         "--layers all", "every layer of the built-in model; llama3-8b's on 420² takes about 12 s"),
     "mpiexec -n 2 python -m llm bench --out results":
         ("mpiexec -n 2 python -m llm bench --models llama3-8b --meshes 16 --prompt-len 8 --new-tokens 2 "
          "--out results", "one preset on one small region (a table entry: it does not fit)"),
