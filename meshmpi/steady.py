@@ -85,7 +85,7 @@ class SteadyState:
         counts = _counts_added(before, after)
         structure = [(kind, _renamed(what, prefix, "")) for kind, what, _, _ in events]
         last = self._last
-        quiet = warned == self._warnings()
+        quiet = mesh.cart.allreduce(warned == self._warnings(), op=MPI.LAND)    # a warning may be one rank's
         steady = (quiet and last is not None and last[1] == structure
                   and _shifted_by(before, after, shift, ROUNDING * scale)
                   and _same_counts(last[2], counts, ROUNDING * busy_scale))

@@ -19,6 +19,7 @@ from mpi4py import MPI
 from llm.config import LlamaConfig
 from llm.prefill import prefill
 from llm.session import Options, Session
+from llm.strategies import prefill_runner
 from meshmpi import Mesh, load_hardware
 from meshmpi.steady import SteadyState
 
@@ -35,7 +36,7 @@ def left_by(mesh) -> dict:
     phases, steps = mesh.timeline.collect()
     return dict(clock=mesh.clock.copy(), links=links, busy=mesh.busy.copy(),
                 counters={k: v.copy() for k, v in mesh.counters.items()}, totals=dict(mesh.totals),
-                peak=mesh.memory.peak.copy(), phases=phases, steps=steps)
+                peak=mesh.memory.peak.copy(), phases=phases, steps=steps, warnings=list(mesh.memory.warnings))
 
 
 def assert_same_run(advanced: dict, every: dict) -> None:
@@ -82,10 +83,10 @@ def agreed(value) -> bool:
     return MPI.COMM_WORLD.allreduce(bool(value), op=MPI.LAND)
 
 
-def run_prefill(config, n, tokens, every_layer, hardware=None, comm=None):
-    mesh = Mesh(n, n, hardware or load_hardware("wse2"), comm=comm, dry_run=True)
+def run_prefill(config, n, tokens, every_layer, hardware=None, comm=None, strategy="waferllm", memory="strict"):
+    mesh = Mesh(n, n, hardware or load_hardware("wse2"), comm=comm, dry_run=True, memory=memory)
     try:
-        result = prefill(mesh, config, None, tokens, run_every_layer=every_layer)
+        result = prefill(mesh, config, None, tokens, run_every_layer=every_layer, runner=prefill_runner(strategy))
         return result, left_by(mesh), sorted(mesh.memory.buffers)
     finally:
         mesh.free()
@@ -125,6 +126,19 @@ def test_prefill_regions_replay_the_first():
     assert_same_run(left, left_every)
     # the first region runs its first two layers (one from the fresh mesh, one to see the shift)
     assert advanced.layers_advanced == GQA.num_hidden_layers - 2
+
+
+def test_layers_that_warn_are_run():
+    """Ladder's fetched operands overflow a small region's cores in every layer (memory
+    "warn"): a layer that warns is neither advanced nor replayed, over several regions too."""
+    small = dataclasses.replace(load_hardware("wse2"), sram_bytes_per_core=int(probe_peak(GQA, 5, 7) * 0.6))
+    runs = [run_prefill(GQA, 5, 7, every_layer=every, hardware=small, strategy="ladder", memory="warn")
+            for every in (False, True)]
+    (advanced, left, _), (every, left_every, _) = runs
+    assert every.regions >= 2 and left["warnings"] == left_every["warnings"] != []
+    assert advanced.layers_advanced == 0
+    assert advanced.modeled_cycles == every.modeled_cycles
+    assert_same_run(left, left_every)
 
 
 def probe_peak(config, n, tokens) -> int:
