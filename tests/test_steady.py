@@ -131,7 +131,7 @@ def test_prefill_regions_replay_the_first():
 def test_layers_that_warn_are_run():
     """Ladder's fetched operands overflow a small region's cores in every layer (memory
     "warn"): a layer that warns is neither advanced nor replayed, over several regions too."""
-    small = dataclasses.replace(load_hardware("wse2"), sram_bytes_per_core=int(probe_peak(GQA, 5, 7) * 0.6))
+    small = dataclasses.replace(load_hardware("wse2"), sram_bytes_per_core=int(probe_peak(GQA, 5, 7) * 0.3))
     runs = [run_prefill(GQA, 5, 7, every_layer=every, hardware=small, strategy="ladder", memory="warn")
             for every in (False, True)]
     (advanced, left, _), (every, left_every, _) = runs
