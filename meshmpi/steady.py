@@ -33,6 +33,8 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from .timeline import SNAPSHOT_TOTALS
+
 
 class SteadyState:
     """Runs the repeats of a unit of work (``run(prefix, unit)``) on ``mesh``, advancing them
@@ -78,10 +80,9 @@ class SteadyState:
             mesh.timeline.tape = mesh.memory.tape = None
         after = self._state()
         # one shift and one rounding scale for the whole mesh, whatever its split over ranks
-        maxima = np.array([(after["clock"] - before["clock"]).max(initial=-np.inf),
-                           np.abs(after["clock"]).max(initial=1.0), np.abs(after["busy"]).max(initial=1.0)])
-        mesh.cart.Allreduce(MPI.IN_PLACE, maxima, op=MPI.MAX)
-        shift, scale, busy_scale = (float(v) for v in maxima)
+        shift, scale, busy_scale = _agreed_max(mesh, (after["clock"] - before["clock"]).max(initial=-np.inf),
+                                               np.abs(after["clock"]).max(initial=1.0),
+                                               np.abs(after["busy"]).max(initial=1.0))
         counts = _counts_added(before, after)
         structure = [(kind, _renamed(what, prefix, "")) for kind, what, _, _ in events]
         last = self._last
@@ -136,13 +137,11 @@ class SteadyState:
         now = dict(clock=mesh.clock.copy(), links=[f.copy() for f in self._links()])
         kept = self._kept
         if kept is not None and kept["runs"]:
-            maxima = np.array([(now["clock"] - kept["clock"]).max(initial=-np.inf),
-                               np.abs(now["clock"]).max(initial=1.0)])
-            mesh.cart.Allreduce(MPI.IN_PLACE, maxima, op=MPI.MAX)
-            shift, scale = (float(v) for v in maxima)
+            shift, scale = _agreed_max(mesh, (now["clock"] - kept["clock"]).max(initial=-np.inf),
+                                       np.abs(now["clock"]).max(initial=1.0))
             if mesh.cart.allreduce(_shifted_by(kept, now, shift, ROUNDING * scale), op=MPI.LAND):
                 self._replay = list(kept["runs"])
-                self._replay_offset = (shift, *(mesh.totals[name] - kept["totals"][name] for name in _SNAPSHOT))
+                self._replay_offset = (shift, *(mesh.totals[name] - kept["totals"][name] for name in SNAPSHOT_TOTALS))
                 self._replay_steady = kept["steady"]
                 self._recording = False
                 return
@@ -157,9 +156,7 @@ class SteadyState:
         recorded, events, (clock, links), counts, structure = self._replay.pop(0)
         offset = self._replay_offset
         self._play(events, recorded, prefix, offset)
-        np.add(clock, offset[0], out=mesh.clock)
-        for live, then in zip(self._links(), links):
-            np.add(then, offset[0], out=live)
+        _move((mesh.clock, self._links()), offset[0], start=(clock, links))
         self._add_counts(counts)
         self._end = (mesh.clock.copy(), [f.copy() for f in self._links()])
         self._last = (prefix, structure, counts)
@@ -174,17 +171,12 @@ class SteadyState:
         mesh = self.mesh
         recorded, events, shift, counts = self._steady
         cycles, *moved = self._offset
-        added = [counts[2][name] for name in _SNAPSHOT]
+        added = [counts[2][name] for name in SNAPSHOT_TOTALS]
         self._offset = offset = (cycles + shift, *(c + a for c, a in zip(moved, added)))
         self._play(events, recorded, prefix, offset)
-        mesh.clock += shift
-        for f in self._links():
-            f += shift
+        _move((mesh.clock, self._links()), shift)
+        _move(self._end, shift)
         self._add_counts(counts)
-        clock, links = self._end
-        clock += shift
-        for f in links:
-            f += shift
         self.advanced += 1
 
     def _play(self, events: list, recorded: str, prefix: str, offset: tuple) -> None:
@@ -224,8 +216,21 @@ class SteadyState:
             mesh.totals[name] += value
 
 
-# The totals a timeline snapshot holds after its clock (:meth:`meshmpi.timeline.Timeline._snapshot`)
-_SNAPSHOT = ("messages_sent", "bytes_sent", "flops")
+def _agreed_max(mesh, *values) -> tuple:
+    """Each of ``values`` at its largest over the ranks."""
+    maxima = np.array(values, np.float64)
+    mesh.cart.Allreduce(MPI.IN_PLACE, maxima, op=MPI.MAX)
+    return tuple(float(v) for v in maxima)
+
+
+def _move(time_state: tuple, by: float, start: tuple | None = None) -> None:
+    """The time state (clocks, link free times) ``time_state`` becomes ``start`` (default:
+    itself) plus ``by``, in place."""
+    clock, links = time_state
+    then_clock, then_links = start if start is not None else time_state
+    np.add(then_clock, by, out=clock)
+    for live, then in zip(links, then_links):
+        np.add(then, by, out=live)
 
 
 def _renamed(what: tuple, old: str, new: str) -> tuple:

@@ -15,6 +15,7 @@ PHASE_FIELDS = ("start_cycles", "end_cycles", "wall_seconds", "messages", "bytes
                 "resident_bytes", "peak_bytes")
 _INTEGER_FIELDS = ("messages", "bytes", "flops", "max_hops", "resident_bytes", "peak_bytes")
 STEP_FIELDS = ("end_cycles", "messages", "bytes", "flops", "max_hops")
+SNAPSHOT_TOTALS = ("messages_sent", "bytes_sent", "flops")    # the totals a snapshot holds after its clock
 
 
 class Timeline:
@@ -38,9 +39,10 @@ class Timeline:
         self._next_label = label
 
     def _snapshot(self) -> tuple:
+        """The block's latest clock, then its :data:`SNAPSHOT_TOTALS`."""
         totals = self.mesh.totals
         clock = float(self.mesh.clock.max()) if self.mesh.clock.size else 0.0
-        return clock, totals["messages_sent"], totals["bytes_sent"], totals["flops"]
+        return (clock, *(totals[name] for name in SNAPSHOT_TOTALS))
 
     def begin(self, name: str) -> None:
         label, self._next_label = self._next_label, ""
